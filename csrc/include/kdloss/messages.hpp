@@ -1,0 +1,25 @@
+#pragma once
+
+// Formatting for error messages, shared by the C++ API and the Python bindings so that both say the
+// same thing.
+
+#include <charconv>
+#include <cmath>
+#include <cstddef>
+#include <string>
+
+namespace kdloss::detail {
+
+// The shortest text that reads back as the same double ("0.3", "-1", "inf", "nan").
+inline std::string format_number(double value) {
+    if (std::isnan(value)) return "nan";  // whatever its sign bit says
+    char buffer[32];
+    const auto result = std::to_chars(buffer, buffer + sizeof buffer, value);
+    return std::string(buffer, result.ptr);
+}
+
+inline std::string format_shape(std::size_t rows, std::size_t cols) {
+    return "(" + std::to_string(rows) + ", " + std::to_string(cols) + ")";
+}
+
+}  // namespace kdloss::detail

@@ -1,0 +1,9 @@
+#pragma once
+
+#include <pybind11/pybind11.h>
+
+namespace kdloss::python {
+
+void register_distillation_loss(pybind11::module_& module);
+
+}  // namespace kdloss::python

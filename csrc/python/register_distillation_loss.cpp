@@ -1,0 +1,142 @@
+// kdloss._core.DistillationLoss: validates NumPy arguments, takes their buffers in place, allocates the
+// outputs, and runs the core with the GIL released. No math here.
+
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "kdloss/distillation_loss.hpp"
+#include "numpy_views.hpp"
+#include "register.hpp"
+
+namespace kdloss::python {
+
+namespace {
+
+// Immutable once built, so concurrent calls from several threads need no lock, and the Python class
+// changes a parameter by building a new one.
+class BoundDistillationLoss {
+public:
+    BoundDistillationLoss(double temperature, double alpha, const std::string& reduction, std::int64_t ignore_index)
+        : double_loss_(temperature, alpha, parse_reduction(reduction), ignore_index),
+          float_loss_(temperature, alpha, parse_reduction(reduction), ignore_index) {}
+
+    double temperature() const { return double_loss_.temperature(); }
+    double alpha() const { return double_loss_.alpha(); }
+    std::string reduction() const { return reduction_name(double_loss_.reduction()); }
+    std::int64_t ignore_index() const { return double_loss_.ignore_index(); }
+
+    // Returns (loss, gradient or None): the loss is a float, or for reduction "none" an array of the
+    // logits' leading shape.
+    py::tuple evaluate(const py::array& student, const py::array& teacher, const py::object& labels,
+                       const py::object& out, bool want_gradient) const {
+        if (student.dtype().equal(py::dtype::of<double>()))
+            return evaluate_as(double_loss_, student, teacher, labels, out, want_gradient);
+        if (student.dtype().equal(py::dtype::of<float>()))
+            return evaluate_as(float_loss_, student, teacher, labels, out, want_gradient);
+        throw py::type_error("student_logits must be a float32 or float64 array, got dtype " +
+                             std::string(py::str(student.dtype())));
+    }
+
+private:
+    template <class T>
+    static py::tuple evaluate_as(const DistillationLoss<T>& loss, const py::array& student, const py::array& teacher,
+                                 const py::object& labels_object, const py::object& out_object, bool want_gradient) {
+        const auto dtype = py::dtype::of<T>();
+        if (!teacher.dtype().equal(dtype))
+            throw py::type_error("teacher_logits must have the dtype of student_logits (" + std::string(py::str(dtype)) +
+                                 "), got " + std::string(py::str(teacher.dtype())));
+        if (!same_shape(student, teacher))
+            throw py::value_error("teacher_logits must have the shape of student_logits " + shape_text(student) +
+                                  ", got " + shape_text(teacher));
+        const MatrixView<const T> student_view = logits_view<T>(student, "student_logits");
+        const MatrixView<const T> teacher_view = logits_view<T>(teacher, "teacher_logits");
+
+        Labels<T> labels;
+        std::optional<py::array> labels_holder;
+        if (!labels_object.is_none()) {
+            if (!py::isinstance<py::array>(labels_object)) throw py::type_error("true_labels must be a numpy.ndarray");
+            const auto& labels_array = labels_holder.emplace(py::reinterpret_borrow<py::array>(labels_object));
+            if (labels_array.dtype().equal(py::dtype::of<std::int64_t>())) {
+                labels = class_indices_view(labels_array, student);
+            } else if (labels_array.dtype().equal(dtype)) {
+                if (!same_shape(labels_array, student))
+                    throw py::value_error("true_labels as target distributions must have the shape of student_logits " +
+                                          shape_text(student) + ", got " + shape_text(labels_array));
+                labels = logits_view<T>(labels_array, "true_labels");
+            } else {
+                throw py::type_error("true_labels must be int64 class indices or " + std::string(py::str(dtype)) +
+                                     " target distributions, got dtype " + std::string(py::str(labels_array.dtype())));
+            }
+        }
+
+        std::optional<py::array_t<T>> gradient_array;
+        if (!out_object.is_none()) {
+            if (!want_gradient) throw py::value_error("out is only used by the gradient methods");
+            if (!py::isinstance<py::array>(out_object)) throw py::type_error("out must be a numpy.ndarray");
+            const auto out = py::reinterpret_borrow<py::array>(out_object);
+            if (!out.dtype().equal(dtype))
+                throw py::type_error("out must have the compute dtype " + std::string(py::str(dtype)) + ", got " +
+                                     std::string(py::str(out.dtype())));
+            if (!same_shape(out, student))
+                throw py::value_error("out must have the shape of student_logits " + shape_text(student) + ", got " +
+                                      shape_text(out));
+            if (!has_flag(out, py::array::c_style)) throw py::value_error("out must be C-contiguous");
+            if (!out.writeable()) throw py::value_error("out must be writeable");
+            if (!has_flag(out, py::detail::npy_api::NPY_ARRAY_ALIGNED_)) throw py::value_error("out must be aligned");
+            if (overlaps(out, student) || overlaps(out, teacher) ||
+                (labels_holder && overlaps(out, *labels_holder)))
+                throw py::value_error("out must not share memory with the inputs");
+            gradient_array.emplace(py::reinterpret_borrow<py::array_t<T>>(out));
+        } else if (want_gradient) {
+            std::vector<py::ssize_t> shape(student.shape(), student.shape() + student.ndim());
+            gradient_array.emplace(shape);
+        }
+
+        const bool per_row = loss.reduction() == Reduction::none;
+        std::optional<py::array_t<T>> row_losses;
+        if (per_row) {
+            std::vector<py::ssize_t> leading(student.shape(), student.shape() + student.ndim() - 1);
+            row_losses.emplace(leading);
+        }
+
+        MatrixView<T> gradient_view;
+        if (gradient_array) gradient_view = {gradient_array->mutable_data(), student_view.rows, student_view.cols};
+        T* row_loss_data = row_losses ? row_losses->mutable_data() : nullptr;
+
+        double value;
+        {
+            py::gil_scoped_release release;
+            value = loss.evaluate(student_view, teacher_view, labels, row_loss_data,
+                                  gradient_array ? &gradient_view : nullptr);
+        }
+        py::object loss_result = row_losses ? py::object(*row_losses) : py::object(py::float_(value));
+        py::object gradient_result = gradient_array ? py::object(*gradient_array) : py::object(py::none());
+        return py::make_tuple(std::move(loss_result), std::move(gradient_result));
+    }
+
+    DistillationLoss<double> double_loss_;
+    DistillationLoss<float> float_loss_;
+};
+
+}  // namespace
+
+void register_distillation_loss(py::module_& module) {
+    py::class_<BoundDistillationLoss>(module, "DistillationLoss",
+                                      "Native engine behind kdloss.DistillationLoss (private; use the Python class).")
+        .def(py::init<double, double, const std::string&, std::int64_t>(), py::arg("temperature"), py::arg("alpha"),
+             py::arg("reduction"), py::arg("ignore_index"))
+        .def_property_readonly("temperature", &BoundDistillationLoss::temperature)
+        .def_property_readonly("alpha", &BoundDistillationLoss::alpha)
+        .def_property_readonly("reduction", &BoundDistillationLoss::reduction)
+        .def_property_readonly("ignore_index", &BoundDistillationLoss::ignore_index)
+        .def("evaluate", &BoundDistillationLoss::evaluate, py::arg("student_logits"), py::arg("teacher_logits"),
+             py::arg("true_labels"), py::arg("out"), py::arg("want_gradient"));
+}
+
+}  // namespace kdloss::python

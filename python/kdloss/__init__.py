@@ -1,0 +1,8 @@
+"""kdloss: the knowledge-distillation loss of Hinton et al. (2015) and its exact gradient, computed natively."""
+
+from __future__ import annotations
+
+from ._core import __version__
+from ._loss import DistillationLoss
+
+__all__ = ["DistillationLoss", "__version__"]

@@ -1,0 +1,71 @@
+"""Turning user inputs into arrays the native core reads in place.
+
+This is the one place where kdloss may copy an input: when its dtype is not the compute dtype or its rows
+are not contiguous. float32/float64 inputs with contiguous rows pass through untouched.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+_COMPUTE_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+_INT64 = np.dtype(np.int64)
+_INT64_MAX = np.iinfo(np.int64).max
+
+
+def _has_usable_rows(array: np.ndarray) -> bool:
+    """Rows the core can read in place: aligned, unit stride along the last axis, whole-element row stride."""
+    if array.flags.c_contiguous:
+        return array.flags.aligned
+    itemsize = array.itemsize
+    return (
+        array.flags.aligned
+        and (array.shape[-1] <= 1 or array.strides[-1] == itemsize)
+        and all(stride % itemsize == 0 for stride in array.strides[:-1])
+    )
+
+
+def _as_real_array(value: Any, name: str) -> np.ndarray:
+    array = value if type(value) is np.ndarray else np.asarray(value)
+    if array.dtype.kind not in "fiu":
+        raise TypeError(f"{name} must hold real numbers (a float or integer dtype), got dtype {array.dtype}")
+    return array
+
+
+def _in_dtype(array: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    if array.dtype == dtype and _has_usable_rows(array):
+        return array
+    return np.ascontiguousarray(array, dtype=dtype)
+
+
+def logits_pair(student_logits: Any, teacher_logits: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Both logits arrays in the compute dtype, ``np.result_type(student, teacher, np.float32)``."""
+    student = _as_real_array(student_logits, "student_logits")
+    teacher = _as_real_array(teacher_logits, "teacher_logits")
+    dtype = np.result_type(student, teacher, np.float32)
+    if dtype not in _COMPUTE_DTYPES:
+        raise TypeError(
+            f"student_logits and teacher_logits must compute in float32 or float64, but dtypes "
+            f"{student.dtype} and {teacher.dtype} promote to {dtype}"
+        )
+    return _in_dtype(student, dtype), _in_dtype(teacher, dtype)
+
+
+def true_labels(labels: Any, dtype: np.dtype) -> np.ndarray | None:
+    """Integer labels as int64 class indices; floating labels as target distributions in ``dtype``."""
+    if labels is None:
+        return None
+    array = labels if type(labels) is np.ndarray else np.asarray(labels)
+    kind = array.dtype.kind
+    if kind in "iu":
+        if kind == "u" and array.size and array.max() > _INT64_MAX:
+            raise ValueError(f"true_labels holds a class index too large for int64: {array.max()}")
+        return _in_dtype(array, _INT64)
+    if kind == "f":
+        return _in_dtype(array, dtype)
+    raise TypeError(
+        "true_labels must be integer class indices or floating-point target distributions, "
+        f"got dtype {array.dtype}"
+    )

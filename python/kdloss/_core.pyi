@@ -1,0 +1,22 @@
+import numpy as np
+
+__version__: str
+
+class DistillationLoss:
+    def __init__(self, temperature: float, alpha: float, reduction: str, ignore_index: int) -> None: ...
+    @property
+    def temperature(self) -> float: ...
+    @property
+    def alpha(self) -> float: ...
+    @property
+    def reduction(self) -> str: ...
+    @property
+    def ignore_index(self) -> int: ...
+    def evaluate(
+        self,
+        student_logits: np.ndarray,
+        teacher_logits: np.ndarray,
+        true_labels: np.ndarray | None,
+        out: np.ndarray | None,
+        want_gradient: bool,
+    ) -> tuple[float | np.ndarray, np.ndarray | None]: ...

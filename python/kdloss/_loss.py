@@ -1,0 +1,253 @@
+"""The public ``DistillationLoss`` class."""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any, Union
+
+import numpy as np
+import numpy.typing as npt
+
+from . import _arrays, _core
+
+__all__ = ["DistillationLoss"]
+
+Loss = Union[float, np.ndarray]
+"""A Python float for reductions "mean" and "sum"; an array of the logits' leading shape for "none"."""
+
+
+def _real(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    return float(value)
+
+
+def _reduction(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"reduction must be one of 'mean', 'sum', 'none', got {value!r}")
+    return value
+
+
+def _ignore_index(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"ignore_index must be an integer, got {value!r}")
+    value = int(value)
+    if not -(2**63) <= value < 2**63:
+        raise ValueError(f"ignore_index must fit in int64, got {value}")
+    return value
+
+
+def _rebuild(temperature: float, alpha: float, reduction: str, ignore_index: int) -> DistillationLoss:
+    return DistillationLoss(temperature, alpha, reduction=reduction, ignore_index=ignore_index)
+
+
+class DistillationLoss:
+    r"""Knowledge-distillation loss (Hinton et al., 2015) and its exact gradient, computed natively.
+
+    For student logits :math:`s`, teacher logits :math:`t`, temperature :math:`T` and optional labels
+    :math:`y`, each row contributes
+
+    .. math::
+
+        \ell = \alpha\,\mathrm{CE}(\mathrm{softmax}(s), y)
+               + (1-\alpha)\,T^2\,\mathrm{KL}(\mathrm{softmax}(t/T)\,\|\,\mathrm{softmax}(s/T))
+
+    and, without labels, only the :math:`T^2\,\mathrm{KL}` term. Rows are combined by ``reduction``.
+
+    Parameters
+    ----------
+    temperature : float, default 3.0
+        Softmax temperature, finite and > 0. Higher values soften both distributions.
+    alpha : float, default 0.3
+        Weight of the hard (cross-entropy) term when labels are given, in [0, 1]. Unused without labels.
+    reduction : {"mean", "sum", "none"}, default "mean"
+        "mean" averages over the counted (not ignored) rows, "sum" adds them, "none" returns one loss per
+        row; the gradient of "none" is that of the sum.
+    ignore_index : int, default -100
+        Rows whose class-index label equals this are left out entirely: no loss, a zero gradient row, and
+        not counted by "mean".
+
+    Raises
+    ------
+    ValueError
+        If ``temperature`` is not finite and > 0, ``alpha`` is not in [0, 1], or ``reduction`` is unknown.
+    TypeError
+        If a parameter is not a number (or, for ``reduction``, a string).
+
+    Notes
+    -----
+    Logits are ``(B, C)`` or a single row ``(C,)``. The compute dtype is
+    ``np.result_type(student, teacher, np.float32)``, float32 or float64; inputs already in it with
+    contiguous rows are read in place, others are converted once. ``-inf`` logits act as masks; ``NaN`` and
+    ``+inf`` propagate as NaN, and so does a row whose logits are all ``-inf`` (it has no softmax).
+    The object is immutable apart from its ``temperature`` and ``alpha`` setters and may be shared by threads.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from kdloss import DistillationLoss
+    >>> kd = DistillationLoss(temperature=3.0, alpha=0.5)
+    >>> s, t = np.array([[1.0, 2.0, 0.5]]), np.array([[1.5, 1.8, 0.6]])
+    >>> round(kd.compute_loss(s, t, np.array([1])), 8)
+    0.25465032
+    """
+
+    __slots__ = ("_engine",)
+
+    def __init__(
+        self,
+        temperature: float = 3.0,
+        alpha: float = 0.3,
+        *,
+        reduction: str = "mean",
+        ignore_index: int = -100,
+    ) -> None:
+        self._engine = _core.DistillationLoss(
+            _real("temperature", temperature),
+            _real("alpha", alpha),
+            _reduction(reduction),
+            _ignore_index(ignore_index),
+        )
+
+    # Setters build a new engine rather than mutate the current one, so a call running in another thread
+    # keeps the parameters it started with.
+    def _replace(self, **changes: Any) -> None:
+        params = {
+            "temperature": self.temperature,
+            "alpha": self.alpha,
+            "reduction": self.reduction,
+            "ignore_index": self.ignore_index,
+        }
+        params.update(changes)
+        self._engine = _core.DistillationLoss(**params)
+
+    @property
+    def temperature(self) -> float:
+        """Softmax temperature ``T`` (finite, > 0)."""
+        return self._engine.temperature
+
+    @temperature.setter
+    def temperature(self, value: float) -> None:
+        self._replace(temperature=_real("temperature", value))
+
+    @property
+    def alpha(self) -> float:
+        """Weight of the hard-label term, in [0, 1]."""
+        return self._engine.alpha
+
+    @alpha.setter
+    def alpha(self, value: float) -> None:
+        self._replace(alpha=_real("alpha", value))
+
+    @property
+    def reduction(self) -> str:
+        """How row losses combine: "mean", "sum" or "none"."""
+        return self._engine.reduction
+
+    @property
+    def ignore_index(self) -> int:
+        """Class-index label value whose rows are ignored."""
+        return self._engine.ignore_index
+
+    def _evaluate(
+        self,
+        student_logits: npt.ArrayLike,
+        teacher_logits: npt.ArrayLike,
+        true_labels: npt.ArrayLike | None,
+        out: np.ndarray | None,
+        want_gradient: bool,
+    ) -> tuple[Loss, np.ndarray | None]:
+        student, teacher = _arrays.logits_pair(student_logits, teacher_logits)
+        labels = _arrays.true_labels(true_labels, student.dtype)
+        if out is not None and not isinstance(out, np.ndarray):
+            raise TypeError(f"out must be a numpy.ndarray, got {type(out).__name__}")
+        return self._engine.evaluate(student, teacher, labels, out, want_gradient)
+
+    def compute_loss(
+        self,
+        student_logits: npt.ArrayLike,
+        teacher_logits: npt.ArrayLike,
+        true_labels: npt.ArrayLike | None = None,
+    ) -> Loss:
+        """Distillation loss of a batch.
+
+        Parameters
+        ----------
+        student_logits : array_like, shape (B, C) or (C,)
+            Raw student outputs.
+        teacher_logits : array_like, same shape as `student_logits`
+            Raw teacher outputs.
+        true_labels : array_like, optional
+            Integer class indices of shape (B,) (a scalar for one row), each in [0, C) or equal to
+            `ignore_index`; or floating target distributions (one-hot or soft, non-negative, finite) of
+            the logits' shape. ``None`` computes the soft (teacher) term alone.
+
+        Returns
+        -------
+        float or numpy.ndarray
+            The reduced loss; for ``reduction="none"`` an array of the compute dtype with one loss per
+            row (shape (B,), or () for one row).
+
+        Raises
+        ------
+        ValueError
+            On mismatched shapes, no classes, or a label that is out of range, negative or not finite.
+        TypeError
+            On bool, complex, object or string arrays, or logits that do not promote to float32/float64.
+        """
+        return self._evaluate(student_logits, teacher_logits, true_labels, None, False)[0]
+
+    __call__ = compute_loss
+
+    def compute_gradient(
+        self,
+        student_logits: npt.ArrayLike,
+        teacher_logits: npt.ArrayLike,
+        true_labels: npt.ArrayLike | None = None,
+        *,
+        out: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """Exact gradient of the reduced loss with respect to the student logits.
+
+        Parameters
+        ----------
+        student_logits, teacher_logits, true_labels
+            As in :meth:`compute_loss`.
+        out : numpy.ndarray, optional
+            A writeable C-contiguous array of the student's shape and the compute dtype to write into.
+            It is checked before anything is written; on any error it is left unchanged.
+
+        Returns
+        -------
+        numpy.ndarray
+            The gradient, shaped like the student logits (``out`` itself when given). For
+            ``reduction="none"`` it is the gradient of the sum of the row losses.
+        """
+        return self._evaluate(student_logits, teacher_logits, true_labels, out, True)[1]
+
+    def loss_and_gradient(
+        self,
+        student_logits: npt.ArrayLike,
+        teacher_logits: npt.ArrayLike,
+        true_labels: npt.ArrayLike | None = None,
+        *,
+        out: np.ndarray | None = None,
+    ) -> tuple[Loss, np.ndarray]:
+        """Loss and gradient in one pass over the data; see :meth:`compute_loss` and :meth:`compute_gradient`."""
+        return self._evaluate(student_logits, teacher_logits, true_labels, out, True)
+
+    def __repr__(self) -> str:
+        return (
+            f"DistillationLoss(temperature={self.temperature!r}, alpha={self.alpha!r}, "
+            f"reduction={self.reduction!r}, ignore_index={self.ignore_index!r})"
+        )
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, DistillationLoss):
+            return NotImplemented
+        return self.__reduce__()[1] == other.__reduce__()[1]
+
+    __hash__ = None  # type: ignore[assignment]  # mutable through the setters
+
+    def __reduce__(self) -> tuple[Any, tuple[float, float, str, int]]:
+        return (_rebuild, (self.temperature, self.alpha, self.reduction, self.ignore_index))
