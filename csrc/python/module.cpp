@@ -8,5 +8,6 @@
 PYBIND11_MODULE(_core, module, pybind11::mod_gil_not_used()) {
     module.doc() = "Native kernels of kdloss (private: use the kdloss package).";
     module.attr("__version__") = KDLOSS_VERSION_STRING;
+    kdloss::python::register_build_info(module);
     kdloss::python::register_distillation_loss(module);
 }

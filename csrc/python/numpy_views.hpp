@@ -40,6 +40,7 @@ inline bool has_flag(const py::array& array, int flag) {
 // Rows of contiguous elements: the last axis has unit stride and the row stride is a whole number of
 // elements. Anything else would need a copy, which the Python layer makes visibly before calling.
 inline void require_row_layout(const py::array& array, const char* name) {
+    if (array.size() == 0) return;  // nothing is read; NumPy may give such arrays any strides
     const auto itemsize = array.itemsize();
     const bool aligned = has_flag(array, py::detail::npy_api::NPY_ARRAY_ALIGNED_);
     const bool unit_columns = array.ndim() == 0 || array.shape(array.ndim() - 1) <= 1 ||
@@ -60,7 +61,8 @@ MatrixView<const T> logits_view(const py::array& array, const char* name) {
     const auto cols = static_cast<std::size_t>(array.shape(array.ndim() - 1));
     if (array.ndim() == 1) return {data, 1, cols};
     const auto rows = static_cast<std::size_t>(array.shape(0));
-    const auto row_stride = rows > 1 ? array.strides(0) / array.itemsize() : static_cast<py::ssize_t>(cols);
+    const bool strided = rows > 1 && cols > 0;
+    const auto row_stride = strided ? array.strides(0) / array.itemsize() : static_cast<py::ssize_t>(cols);
     return {data, rows, cols, row_stride};
 }
 

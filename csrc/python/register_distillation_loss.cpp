@@ -10,6 +10,7 @@
 #include <utility>
 #include <vector>
 
+#include "dispatch.hpp"
 #include "kdloss/distillation_loss.hpp"
 #include "numpy_views.hpp"
 #include "register.hpp"
@@ -22,14 +23,16 @@ namespace {
 // changes a parameter by building a new one.
 class BoundDistillationLoss {
 public:
-    BoundDistillationLoss(double temperature, double alpha, const std::string& reduction, std::int64_t ignore_index)
-        : double_loss_(temperature, alpha, parse_reduction(reduction), ignore_index),
-          float_loss_(temperature, alpha, parse_reduction(reduction), ignore_index) {}
+    BoundDistillationLoss(double temperature, double alpha, const std::string& reduction, std::int64_t ignore_index,
+                          std::size_t num_threads)
+        : double_loss_(temperature, alpha, parse_reduction(reduction), ignore_index, num_threads),
+          float_loss_(temperature, alpha, parse_reduction(reduction), ignore_index, num_threads) {}
 
     double temperature() const { return double_loss_.temperature(); }
     double alpha() const { return double_loss_.alpha(); }
     std::string reduction() const { return reduction_name(double_loss_.reduction()); }
     std::int64_t ignore_index() const { return double_loss_.ignore_index(); }
+    std::size_t num_threads() const { return double_loss_.num_threads(); }
 
     // Returns (loss, gradient or None): the loss is a float, or for reduction "none" an array of the
     // logits' leading shape.
@@ -112,8 +115,8 @@ private:
         double value;
         {
             py::gil_scoped_release release;
-            value = loss.evaluate(student_view, teacher_view, labels, row_loss_data,
-                                  gradient_array ? &gradient_view : nullptr);
+            value = loss.evaluate_with(active_kernels().rows<T>(), student_view, teacher_view, labels, row_loss_data,
+                                       gradient_array ? &gradient_view : nullptr);
         }
         py::object loss_result = row_losses ? py::object(*row_losses) : py::object(py::float_(value));
         py::object gradient_result = gradient_array ? py::object(*gradient_array) : py::object(py::none());
@@ -129,12 +132,13 @@ private:
 void register_distillation_loss(py::module_& module) {
     py::class_<BoundDistillationLoss>(module, "DistillationLoss",
                                       "Native engine behind kdloss.DistillationLoss (private; use the Python class).")
-        .def(py::init<double, double, const std::string&, std::int64_t>(), py::arg("temperature"), py::arg("alpha"),
-             py::arg("reduction"), py::arg("ignore_index"))
+        .def(py::init<double, double, const std::string&, std::int64_t, std::size_t>(), py::arg("temperature"),
+             py::arg("alpha"), py::arg("reduction"), py::arg("ignore_index"), py::arg("num_threads"))
         .def_property_readonly("temperature", &BoundDistillationLoss::temperature)
         .def_property_readonly("alpha", &BoundDistillationLoss::alpha)
         .def_property_readonly("reduction", &BoundDistillationLoss::reduction)
         .def_property_readonly("ignore_index", &BoundDistillationLoss::ignore_index)
+        .def_property_readonly("num_threads", &BoundDistillationLoss::num_threads)
         .def("evaluate", &BoundDistillationLoss::evaluate, py::arg("student_logits"), py::arg("teacher_logits"),
              py::arg("true_labels"), py::arg("out"), py::arg("want_gradient"));
 }

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ._core import __version__
+from ._core import __version__, build_info
 from ._loss import DistillationLoss
 
-__all__ = ["DistillationLoss", "__version__"]
+__all__ = ["DistillationLoss", "__version__", "build_info"]

@@ -37,7 +37,7 @@ def _as_real_array(value: Any, name: str) -> np.ndarray:
 def _in_dtype(array: np.ndarray, dtype: np.dtype) -> np.ndarray:
     if array.dtype == dtype and _has_usable_rows(array):
         return array
-    return np.ascontiguousarray(array, dtype=dtype)
+    return np.require(array, dtype=dtype, requirements=["C", "A"])
 
 
 def logits_pair(student_logits: Any, teacher_logits: Any) -> tuple[np.ndarray, np.ndarray]:

@@ -37,8 +37,23 @@ def _ignore_index(value: Any) -> int:
     return value
 
 
-def _rebuild(temperature: float, alpha: float, reduction: str, ignore_index: int) -> DistillationLoss:
-    return DistillationLoss(temperature, alpha, reduction=reduction, ignore_index=ignore_index)
+def _num_threads(value: Any) -> int:
+    """0 asks the native side for every hardware thread."""
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"num_threads must be a positive integer or None, got {value!r}")
+    if value < 1:
+        raise ValueError(f"num_threads must be >= 1 (or None for all cores), got {value}")
+    return int(value)
+
+
+def _rebuild(
+    temperature: float, alpha: float, reduction: str, ignore_index: int, num_threads: int
+) -> DistillationLoss:
+    return DistillationLoss(
+        temperature, alpha, reduction=reduction, ignore_index=ignore_index, num_threads=num_threads
+    )
 
 
 class DistillationLoss:
@@ -66,6 +81,9 @@ class DistillationLoss:
     ignore_index : int, default -100
         Rows whose class-index label equals this are left out entirely: no loss, a zero gradient row, and
         not counted by "mean".
+    num_threads : int or None, default None
+        Rows are split across up to this many threads of a shared pool (None: all cores; 1: the calling
+        thread only). Results are bitwise identical whatever the count.
 
     Raises
     ------
@@ -101,12 +119,14 @@ class DistillationLoss:
         *,
         reduction: str = "mean",
         ignore_index: int = -100,
+        num_threads: int | None = None,
     ) -> None:
         self._engine = _core.DistillationLoss(
             _real("temperature", temperature),
             _real("alpha", alpha),
             _reduction(reduction),
             _ignore_index(ignore_index),
+            _num_threads(num_threads),
         )
 
     # Setters build a new engine rather than mutate the current one, so a call running in another thread
@@ -117,6 +137,7 @@ class DistillationLoss:
             "alpha": self.alpha,
             "reduction": self.reduction,
             "ignore_index": self.ignore_index,
+            "num_threads": self.num_threads,
         }
         params.update(changes)
         self._engine = _core.DistillationLoss(**params)
@@ -149,6 +170,11 @@ class DistillationLoss:
         """Class-index label value whose rows are ignored."""
         return self._engine.ignore_index
 
+    @property
+    def num_threads(self) -> int:
+        """Most threads one call uses."""
+        return self._engine.num_threads
+
     def _evaluate(
         self,
         student_logits: npt.ArrayLike,
@@ -157,10 +183,17 @@ class DistillationLoss:
         out: np.ndarray | None,
         want_gradient: bool,
     ) -> tuple[Loss, np.ndarray | None]:
+        if out is not None:
+            if not isinstance(out, np.ndarray):
+                raise TypeError(f"out must be a numpy.ndarray, got {type(out).__name__}")
+            # Checked against the caller's arrays too: a converted copy no longer shows the overlap.
+            if any(
+                isinstance(given, np.ndarray) and np.may_share_memory(out, given)
+                for given in (student_logits, teacher_logits, true_labels)
+            ):
+                raise ValueError("out must not share memory with the inputs")
         student, teacher = _arrays.logits_pair(student_logits, teacher_logits)
         labels = _arrays.true_labels(true_labels, student.dtype)
-        if out is not None and not isinstance(out, np.ndarray):
-            raise TypeError(f"out must be a numpy.ndarray, got {type(out).__name__}")
         return self._engine.evaluate(student, teacher, labels, out, want_gradient)
 
     def compute_loss(
@@ -233,13 +266,33 @@ class DistillationLoss:
         *,
         out: np.ndarray | None = None,
     ) -> tuple[Loss, np.ndarray]:
-        """Loss and gradient in one pass over the data; see :meth:`compute_loss` and :meth:`compute_gradient`."""
+        """Loss and its exact gradient, computed together in one pass over the data.
+
+        Parameters
+        ----------
+        student_logits, teacher_logits, true_labels
+            As in :meth:`compute_loss`.
+        out : numpy.ndarray, optional
+            As in :meth:`compute_gradient`.
+
+        Returns
+        -------
+        loss : float or numpy.ndarray
+            As returned by :meth:`compute_loss`.
+        gradient : numpy.ndarray
+            As returned by :meth:`compute_gradient`.
+
+        Raises
+        ------
+        ValueError, TypeError
+            As in :meth:`compute_loss` and :meth:`compute_gradient`.
+        """
         return self._evaluate(student_logits, teacher_logits, true_labels, out, True)
 
     def __repr__(self) -> str:
         return (
             f"DistillationLoss(temperature={self.temperature!r}, alpha={self.alpha!r}, "
-            f"reduction={self.reduction!r}, ignore_index={self.ignore_index!r})"
+            f"reduction={self.reduction!r}, ignore_index={self.ignore_index!r}, num_threads={self.num_threads!r})"
         )
 
     def __eq__(self, other: object) -> bool:
@@ -249,5 +302,5 @@ class DistillationLoss:
 
     __hash__ = None  # type: ignore[assignment]  # mutable through the setters
 
-    def __reduce__(self) -> tuple[Any, tuple[float, float, str, int]]:
-        return (_rebuild, (self.temperature, self.alpha, self.reduction, self.ignore_index))
+    def __reduce__(self) -> tuple[Any, tuple[float, float, str, int, int]]:
+        return (_rebuild, (self.temperature, self.alpha, self.reduction, self.ignore_index, self.num_threads))

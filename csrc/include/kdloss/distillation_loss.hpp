@@ -14,8 +14,10 @@
 #include <type_traits>
 #include <vector>
 
+#include "kdloss/detail/batch_problem.hpp"
+#include "kdloss/detail/rows_kernel.hpp"
+#include "kdloss/detail/thread_pool.hpp"
 #include "kdloss/messages.hpp"
-#include "kdloss/row_kernel.hpp"
 #include "kdloss/views.hpp"
 
 namespace kdloss {
@@ -47,17 +49,21 @@ class DistillationLoss {
 public:
     static constexpr std::int64_t default_ignore_index = -100;
 
+    // num_threads: rows are split across up to this many threads of a shared pool; 1 runs on the calling
+    // thread only, 0 uses every hardware thread. Results are bitwise identical whatever the count.
     explicit DistillationLoss(double temperature = 3.0, double alpha = 0.3, Reduction reduction = Reduction::mean,
-                              std::int64_t ignore_index = default_ignore_index)
+                              std::int64_t ignore_index = default_ignore_index, std::size_t num_threads = 1)
         : temperature_(checked_temperature(temperature)),
           alpha_(checked_alpha(alpha)),
           reduction_(reduction),
-          ignore_index_(ignore_index) {}
+          ignore_index_(ignore_index),
+          num_threads_(num_threads == 0 ? detail::ThreadPool::hardware_threads() : num_threads) {}
 
     double temperature() const noexcept { return temperature_; }
     double alpha() const noexcept { return alpha_; }
     Reduction reduction() const noexcept { return reduction_; }
     std::int64_t ignore_index() const noexcept { return ignore_index_; }
+    std::size_t num_threads() const noexcept { return num_threads_; }
     void set_temperature(double temperature) { temperature_ = checked_temperature(temperature); }
     void set_alpha(double alpha) { alpha_ = checked_alpha(alpha); }
 
@@ -83,51 +89,74 @@ public:
     // anything is written, so on an exception the outputs are untouched.
     double evaluate(MatrixView<const T> student_logits, MatrixView<const T> teacher_logits,
                     const Labels<T>& true_labels, T* row_losses, const MatrixView<T>* gradient) const {
+        return evaluate_with(detail::run_rows<T>, student_logits, teacher_logits, true_labels, row_losses, gradient);
+    }
+
+    // evaluate() with the row kernel given: the Python module passes the copy compiled for the CPU it runs
+    // on. C++ hosts call evaluate(), which uses the kernel compiled with their own flags.
+    double evaluate_with(detail::RowsKernel<T> kernel, MatrixView<const T> student_logits,
+                         MatrixView<const T> teacher_logits, const Labels<T>& true_labels, T* row_losses,
+                         const MatrixView<T>* gradient) const {
         check_shapes(student_logits, teacher_logits, true_labels, gradient);
-        const std::size_t rows = student_logits.rows, classes = student_logits.cols;
-        const std::size_t counted_rows = count_rows_and_check_labels(true_labels, rows, classes);
+        const std::size_t rows = student_logits.rows;
+        const std::size_t counted_rows = count_rows_and_check_labels(true_labels, rows, student_logits.cols);
 
         const bool labelled = true_labels.kind != Labels<T>::Kind::none;
-        detail::RowWeights weights;
-        weights.temperature = temperature_;
-        weights.inverse_temperature = 1.0 / temperature_;
-        weights.soft_weight = labelled ? 1.0 - alpha_ : 1.0;
-        weights.hard_weight = labelled ? alpha_ : 0.0;
-        weights.gradient_scale =
+        detail::BatchProblem<T> problem;
+        problem.rows = rows;
+        problem.classes = student_logits.cols;
+        problem.student = student_logits.data;
+        problem.student_stride = student_logits.row_stride;
+        problem.teacher = teacher_logits.data;
+        problem.teacher_stride = teacher_logits.row_stride;
+        if (true_labels.kind == Labels<T>::Kind::class_indices) {
+            problem.label_kind = detail::LabelKind::class_indices;
+            problem.class_indices = true_labels.indices.data;
+            problem.class_index_stride = true_labels.indices.stride;
+        } else if (true_labels.kind == Labels<T>::Kind::distributions) {
+            problem.label_kind = detail::LabelKind::distributions;
+            problem.targets = true_labels.distributions.data;
+            problem.target_stride = true_labels.distributions.row_stride;
+        }
+        problem.ignore_index = ignore_index_;
+        problem.temperature = temperature_;
+        problem.soft_weight = labelled ? 1.0 - alpha_ : 1.0;
+        problem.hard_weight = labelled ? alpha_ : 0.0;
+        problem.gradient_scale =
             reduction_ == Reduction::mean && counted_rows > 0 ? 1.0 / static_cast<double>(counted_rows) : 1.0;
+        if (gradient != nullptr) {
+            problem.gradient = gradient->data;
+            problem.gradient_stride = gradient->row_stride;
+        }
+        if (rows == 0) return 0.0;
 
-        std::vector<T> scratch_storage(rows > 0 ? 3 * classes : 0);
-        const detail::RowScratch<T> scratch{scratch_storage.data(), scratch_storage.data() + classes,
-                                            scratch_storage.data() + 2 * classes};
+        // Tasks of a fixed number of rows, so that a task is worth a thread's wake-up; each row's result is
+        // the same whichever task or thread computes it.
+        const std::size_t rows_per_task = std::max<std::size_t>(1, min_elements_per_task / problem.classes);
+        const std::size_t tasks = (rows + rows_per_task - 1) / rows_per_task;
+        const std::size_t threads = std::min(num_threads_, tasks);
+        const std::size_t scratch_per_thread = detail::scratch_elements(problem.classes);
+        std::vector<double> row_loss_buffer(rows);
+        std::vector<T> scratch(threads * scratch_per_thread);
+        problem.row_losses = row_loss_buffer.data();
+        detail::ThreadPool::run(tasks, threads, [&](std::size_t task, std::size_t worker) {
+            const std::size_t begin = task * rows_per_task;
+            kernel(problem, begin, std::min(rows, begin + rows_per_task), scratch.data() + worker * scratch_per_thread);
+        });
 
-        // Row losses are summed in row order, whatever computes them, so the result is reproducible.
+        // Row losses are added in row order, whichever threads computed them, so results are reproducible.
         double total = 0.0;
         for (std::size_t i = 0; i < rows; ++i) {
-            T* gradient_row = gradient != nullptr ? gradient->row(i) : nullptr;
-            detail::RowTarget<T> target;
-            if (true_labels.kind == Labels<T>::Kind::class_indices) {
-                const std::int64_t label = true_labels.indices[i];
-                if (label == ignore_index_) {
-                    if (row_losses != nullptr) row_losses[i] = T(0);
-                    if (gradient_row != nullptr) std::fill(gradient_row, gradient_row + classes, T(0));
-                    continue;
-                }
-                target.kind = detail::RowTarget<T>::Kind::class_index;
-                target.class_index = label;
-            } else if (true_labels.kind == Labels<T>::Kind::distributions) {
-                target.kind = detail::RowTarget<T>::Kind::distribution;
-                target.distribution = true_labels.distributions.row(i);
-            }
-            const double row_loss = detail::distill_row(student_logits.row(i), teacher_logits.row(i), classes,
-                                                        target, weights, scratch, gradient_row);
-            if (row_losses != nullptr) row_losses[i] = static_cast<T>(row_loss);
-            total += row_loss;
+            total += row_loss_buffer[i];
+            if (row_losses != nullptr) row_losses[i] = static_cast<T>(row_loss_buffer[i]);
         }
         if (reduction_ == Reduction::mean) return counted_rows > 0 ? total / static_cast<double>(counted_rows) : 0.0;
         return total;
     }
 
 private:
+    static constexpr std::size_t min_elements_per_task = 32768;
+
     static double checked_temperature(double temperature) {
         if (!(std::isfinite(temperature) && temperature > 0.0))
             throw std::invalid_argument("temperature must be finite and > 0, got " + detail::format_number(temperature));
@@ -197,6 +226,7 @@ private:
     double alpha_;
     Reduction reduction_;
     std::int64_t ignore_index_;
+    std::size_t num_threads_;
 };
 
 }  // namespace kdloss

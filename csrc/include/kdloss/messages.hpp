@@ -18,8 +18,15 @@ inline std::string format_number(double value) {
     return std::string(buffer, result.ptr);
 }
 
+// Appended piece by piece: `"(" + std::to_string(...)` trips a known false -Wrestrict warning of GCC 12
+// at -O2 and above in C++20, which a host building with -Wall -Werror would see.
 inline std::string format_shape(std::size_t rows, std::size_t cols) {
-    return "(" + std::to_string(rows) + ", " + std::to_string(cols) + ")";
+    std::string text = "(";
+    text += std::to_string(rows);
+    text += ", ";
+    text += std::to_string(cols);
+    text += ')';
+    return text;
 }
 
 }  // namespace kdloss::detail

@@ -2,6 +2,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <type_traits>
 
 namespace kdloss {
 
@@ -20,6 +21,11 @@ struct MatrixView {
         : data(data_), rows(rows_), cols(cols_), row_stride(static_cast<std::ptrdiff_t>(cols_)) {}
     constexpr MatrixView(T* data_, std::size_t rows_, std::size_t cols_, std::ptrdiff_t row_stride_) noexcept
         : data(data_), rows(rows_), cols(cols_), row_stride(row_stride_) {}
+
+    // A view of mutable elements is also a view of const ones, as T* converts to const T* (like std::span).
+    template <class U, class = std::enable_if_t<!std::is_const_v<U> && std::is_same_v<const U, T>>>
+    constexpr MatrixView(const MatrixView<U>& other) noexcept
+        : data(other.data), rows(other.rows), cols(other.cols), row_stride(other.row_stride) {}
 
     T* row(std::size_t i) const noexcept { return data + static_cast<std::ptrdiff_t>(i) * row_stride; }
 };
@@ -48,6 +54,8 @@ struct Labels {
     constexpr Labels() noexcept = default;
     constexpr Labels(ClassIndices indices_) noexcept : kind(Kind::class_indices), indices(indices_) {}
     constexpr Labels(MatrixView<const T> distributions_) noexcept
+        : kind(Kind::distributions), distributions(distributions_) {}
+    constexpr Labels(MatrixView<T> distributions_) noexcept
         : kind(Kind::distributions), distributions(distributions_) {}
 };
 

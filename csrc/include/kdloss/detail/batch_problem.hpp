@@ -1,0 +1,46 @@
+#pragma once
+
+// One validated call, as plain data: what the kernels read and where they write. Built by
+// DistillationLoss<T> after every check has passed, so the kernels never fail.
+
+#include <cstddef>
+#include <cstdint>
+
+namespace kdloss::detail {
+
+enum class LabelKind { none, class_indices, distributions };
+
+template <class T>
+struct BatchProblem {
+    std::size_t rows = 0;
+    std::size_t classes = 0;
+    const T* student = nullptr;
+    std::ptrdiff_t student_stride = 0;
+    const T* teacher = nullptr;
+    std::ptrdiff_t teacher_stride = 0;
+
+    LabelKind label_kind = LabelKind::none;
+    const std::int64_t* class_indices = nullptr;
+    std::ptrdiff_t class_index_stride = 1;
+    std::int64_t ignore_index = -100;
+    const T* targets = nullptr;
+    std::ptrdiff_t target_stride = 0;
+
+    double temperature = 1.0;
+    double soft_weight = 1.0;     // (1 - alpha) with labels, 1 without; 0 drops the soft term entirely
+    double hard_weight = 0.0;     // alpha with labels, 0 without; 0 drops the hard term entirely
+    double gradient_scale = 1.0;  // 1 / (counted rows) for "mean", 1 otherwise
+
+    double* row_losses = nullptr;  // one per row, always written (0 for ignored rows)
+    T* gradient = nullptr;         // null: loss only
+    std::ptrdiff_t gradient_stride = 0;
+};
+
+// Elements of per-thread scratch that the kernels need for a row of `classes` classes.
+inline std::size_t scratch_elements(std::size_t classes) noexcept { return 3 * classes + 64; }
+
+// Computes rows [begin, end) of `problem`; `scratch` holds scratch_elements(classes) elements.
+template <class T>
+using RowsKernel = void (*)(const BatchProblem<T>& problem, std::size_t begin, std::size_t end, T* scratch);
+
+}  // namespace kdloss::detail

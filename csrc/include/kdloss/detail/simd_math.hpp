@@ -1,0 +1,126 @@
+#pragma once
+
+// exp and log written as straight-line arithmetic, so that loops calling them auto-vectorise (libm's
+// calls do not, short of -ffast-math and a libmvec that manylinux does not promise).
+//
+// exp: Cody-Waite reduction x = k ln2 + r, |r| <= ln2/2, then the Taylor polynomial of e^r to degree 7
+// (float) or 13 (double), whose truncation error is below a tenth of an ulp; the result is within about
+// one ulp of the correctly rounded value, exactly 1 at 0, and +inf for the (here unused) last factor of
+// two below overflow. Results below the smallest normal number are flushed to 0: every
+// exponential here is of (x - max) / T <= 0 and is added to a sum that is at least 1, so the flushed
+// values could not change a single bit of a sum, and exact zeros are what the masks expect.
+//
+// log (double only; used on row sums, which are >= 1): x = 2^e m with m in [sqrt(1/2), sqrt(2)), then
+// log m = 2 atanh(f), f = (m - 1) / (m + 1), by its odd series to f^23; within about one ulp.
+
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+#include "kdloss/detail/kernel_namespace.hpp"
+
+namespace kdloss::detail {
+inline namespace KDLOSS_KERNEL_NAMESPACE {
+
+template <class To, class From>
+inline To bits_as(From value) noexcept {
+    static_assert(sizeof(To) == sizeof(From));
+    To result;
+    std::memcpy(&result, &value, sizeof result);
+    return result;
+}
+
+inline float fast_exp(float x) noexcept {
+    constexpr float log2e = 1.44269504088896341f;
+    constexpr float ln2_hi = 0.693359375f;       // few significant bits, so k * ln2_hi is exact
+    constexpr float ln2_lo = -2.12194440e-4f;
+    constexpr float round_magic = 12582912.0f;   // 1.5 * 2^23: adding it rounds to an integer held in the low bits
+    constexpr float lowest = -87.33654f;  // below this e^x is not a normal float
+    constexpr float highest = 88.0f;      // above, 2^k would overflow; e^x is then within 2x of FLT_MAX anyway
+
+    const float clamped = x < lowest ? lowest : (x > highest ? highest : x);
+    const float shifted = clamped * log2e + round_magic;
+    const float k = shifted - round_magic;
+    const float r = (clamped - k * ln2_hi) - k * ln2_lo;
+    float p = 1.0f / 5040.0f;
+    p = p * r + 1.0f / 720.0f;
+    p = p * r + 1.0f / 120.0f;
+    p = p * r + 1.0f / 24.0f;
+    p = p * r + 1.0f / 6.0f;
+    p = p * r + 0.5f;
+    p = p * r + 1.0f;
+    p = p * r + 1.0f;
+    // The integer k sits in the low mantissa bits of `shifted`; moving it into the exponent field scales by 2^k.
+    const std::uint32_t k_bits = bits_as<std::uint32_t>(shifted) - bits_as<std::uint32_t>(round_magic);
+    const float scale = bits_as<float>((k_bits + 127u) << 23);
+    const float result = p * scale;
+    // Comparisons are false for NaN, which therefore falls through as NaN.
+    return x < lowest ? 0.0f : (x > highest ? std::numeric_limits<float>::infinity() : result);
+}
+
+inline double fast_exp(double x) noexcept {
+    constexpr double log2e = 1.4426950408889634074;
+    constexpr double ln2_hi = 6.93147180369123816490e-01;
+    constexpr double ln2_lo = 1.90821492927058770002e-10;
+    constexpr double round_magic = 6755399441055744.0;  // 1.5 * 2^52
+    constexpr double lowest = -708.3964185322641;  // below this e^x is not a normal double
+    constexpr double highest = 709.0;              // above, 2^k would overflow; e^x is within 2x of DBL_MAX
+
+    const double clamped = x < lowest ? lowest : (x > highest ? highest : x);
+    const double shifted = clamped * log2e + round_magic;
+    const double k = shifted - round_magic;
+    const double r = (clamped - k * ln2_hi) - k * ln2_lo;
+    double p = 1.0 / 6227020800.0;
+    p = p * r + 1.0 / 479001600.0;
+    p = p * r + 1.0 / 39916800.0;
+    p = p * r + 1.0 / 3628800.0;
+    p = p * r + 1.0 / 362880.0;
+    p = p * r + 1.0 / 40320.0;
+    p = p * r + 1.0 / 5040.0;
+    p = p * r + 1.0 / 720.0;
+    p = p * r + 1.0 / 120.0;
+    p = p * r + 1.0 / 24.0;
+    p = p * r + 1.0 / 6.0;
+    p = p * r + 0.5;
+    p = p * r + 1.0;
+    p = p * r + 1.0;
+    const std::uint64_t k_bits = bits_as<std::uint64_t>(shifted) - bits_as<std::uint64_t>(round_magic);
+    const double scale = bits_as<double>((k_bits + 1023u) << 52);
+    const double result = p * scale;
+    return x < lowest ? 0.0 : (x > highest ? std::numeric_limits<double>::infinity() : result);
+}
+
+inline double fast_log(double x) noexcept {
+    constexpr double ln2_hi = 6.93147180369123816490e-01;
+    constexpr double ln2_lo = 1.90821492927058770002e-10;
+    constexpr std::uint64_t mantissa_mask = (std::uint64_t{1} << 52) - 1;
+    constexpr std::uint64_t exponent_one = std::uint64_t{1023} << 52;
+    constexpr double sqrt2 = 1.4142135623730951;
+
+    const std::uint64_t bits = bits_as<std::uint64_t>(x);
+    double exponent = static_cast<double>(static_cast<std::int64_t>(bits >> 52) - 1023);
+    double m = bits_as<double>((bits & mantissa_mask) | exponent_one);  // in [1, 2)
+    const bool high = m > sqrt2;
+    m = high ? m * 0.5 : m;
+    exponent = high ? exponent + 1.0 : exponent;
+    const double f = (m - 1.0) / (m + 1.0);
+    const double s = f * f;
+    double p = 1.0 / 23.0;
+    p = p * s + 1.0 / 21.0;
+    p = p * s + 1.0 / 19.0;
+    p = p * s + 1.0 / 17.0;
+    p = p * s + 1.0 / 15.0;
+    p = p * s + 1.0 / 13.0;
+    p = p * s + 1.0 / 11.0;
+    p = p * s + 1.0 / 9.0;
+    p = p * s + 1.0 / 7.0;
+    p = p * s + 1.0 / 5.0;
+    p = p * s + 1.0 / 3.0;
+    const double log_m = 2.0 * f + 2.0 * f * s * p;
+    const double result = exponent * ln2_hi + (log_m + exponent * ln2_lo);
+    // Only sums >= 1 come here; NaN and +inf pass through unchanged.
+    return x != x || x > std::numeric_limits<double>::max() ? x : result;
+}
+
+}  // namespace KDLOSS_KERNEL_NAMESPACE
+}  // namespace kdloss::detail

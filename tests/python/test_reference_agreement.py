@@ -1,0 +1,365 @@
+"""Library vs. the independent float64 reference, over reductions, dtypes, label
+forms, shapes and extreme inputs, at the specification's tolerances."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from helpers import (
+    assert_grad_close,
+    assert_loss_close,
+    check_against_reference,
+    check_types,
+)
+from kdloss import DistillationLoss
+from reference import reference
+
+REDUCTIONS = ["mean", "sum", "none"]
+DTYPES = [np.float32, np.float64]
+LABEL_FORMS = ["none", "index", "index_ignore", "onehot", "soft"]
+
+
+def make_labels(rng, form, B, C, dtype, ignore_index=-100):
+    if form == "none":
+        return None
+    if form in ("index", "index_ignore"):
+        y = rng.integers(0, C, size=B)
+        if form == "index_ignore" and B:
+            y[rng.random(B) < 0.4] = ignore_index
+            y[0] = ignore_index
+        return y
+    if form == "onehot":
+        y = np.zeros((B, C), dtype=dtype)
+        y[np.arange(B), rng.integers(0, C, size=B)] = 1
+        return y
+    # soft targets: non-negative, not necessarily normalised
+    y = rng.random((B, C)).astype(dtype)
+    y[:, rng.random(C) < 0.3] = 0
+    return y
+
+
+def logits(rng, shape, dtype, scale=3.0):
+    return (rng.standard_normal(shape) * scale).astype(dtype)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("form", LABEL_FORMS)
+@pytest.mark.parametrize("temperature,alpha", [(3.0, 0.3), (1.0, 0.5), (0.25, 0.9), (7.5, 0.05)])
+def test_agreement_2d(rng, reduction, dtype, form, temperature, alpha):
+    B, C = 17, 33
+    s = logits(rng, (B, C), dtype)
+    t = logits(rng, (B, C), dtype)
+    y = make_labels(rng, form, B, C, dtype)
+    kd = DistillationLoss(temperature, alpha, reduction=reduction)
+    check_against_reference(kd, s, t, y)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("form", ["index", "onehot", "soft"])
+@pytest.mark.parametrize("alpha", [0.0, 1.0])
+def test_agreement_alpha_endpoints(rng, reduction, dtype, form, alpha):
+    B, C = 9, 12
+    s = logits(rng, (B, C), dtype)
+    t = logits(rng, (B, C), dtype)
+    y = make_labels(rng, form, B, C, dtype)
+    kd = DistillationLoss(2.0, alpha, reduction=reduction)
+    ref, loss, grad = check_against_reference(kd, s, t, y)
+    # alpha = 0 is the pure soft loss; alpha = 1 the pure hard loss
+    if alpha == 0.0:
+        pure = reference(s, t, None, temperature=2.0, alpha=0.0, reduction=reduction)
+        assert_loss_close(loss, pure.loss, dtype)
+        assert_grad_close(grad, pure.grad, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_alpha_does_not_matter_without_labels(rng, dtype, reduction):
+    s = logits(rng, (6, 10), dtype)
+    t = logits(rng, (6, 10), dtype)
+    losses = [DistillationLoss(2.0, a, reduction=reduction).compute_loss(s, t) for a in (0.0, 0.3, 1.0)]
+    grads = [DistillationLoss(2.0, a, reduction=reduction).compute_gradient(s, t) for a in (0.0, 0.3, 1.0)]
+    for other in losses[1:]:
+        np.testing.assert_array_equal(other, losses[0])
+    for other in grads[1:]:
+        np.testing.assert_array_equal(other, grads[0])
+    ref = reference(s, t, None, temperature=2.0, alpha=0.7, reduction=reduction)
+    assert_loss_close(losses[0], ref.loss, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_onehot_equals_index_labels(rng, dtype):
+    B, C = 11, 8
+    s = logits(rng, (B, C), dtype)
+    t = logits(rng, (B, C), dtype)
+    idx = rng.integers(0, C, size=B)
+    onehot = np.eye(C, dtype=dtype)[idx]
+    for reduction in REDUCTIONS:
+        kd = DistillationLoss(2.0, 0.4, reduction=reduction)
+        tol = 1e-6 if dtype == np.float32 else 1e-14
+        np.testing.assert_allclose(kd.compute_loss(s, t, idx), kd.compute_loss(s, t, onehot), rtol=tol)
+        g1, g2 = kd.compute_gradient(s, t, idx), kd.compute_gradient(s, t, onehot)
+        np.testing.assert_allclose(g1, g2, rtol=0, atol=tol * np.abs(g1).max())
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("form", ["none", "index", "ignored", "soft", "onehot"])
+def test_agreement_1d(rng, reduction, dtype, form):
+    C = 21
+    s = logits(rng, (C,), dtype)
+    t = logits(rng, (C,), dtype)
+    if form == "none":
+        y = None
+    elif form == "index":
+        y = np.int64(rng.integers(0, C))
+    elif form == "ignored":
+        y = -100
+    elif form == "onehot":
+        y = np.eye(C, dtype=dtype)[5]
+    else:
+        y = rng.random(C).astype(dtype)
+    kd = DistillationLoss(2.5, 0.35, reduction=reduction)
+    ref, loss, grad = check_against_reference(kd, s, t, y)
+    assert grad.shape == (C,)
+    if reduction == "none":
+        assert loss.shape == ()
+    # a 1-D input is exactly one row of a 2-D input
+    y2 = None if y is None else (np.array([y]) if np.ndim(y) == 0 else y[None, :])
+    loss2 = kd.compute_loss(s[None, :], t[None, :], y2)
+    grad2 = kd.compute_gradient(s[None, :], t[None, :], y2)
+    np.testing.assert_array_equal(np.reshape(loss2, ()), np.reshape(loss, ()))
+    np.testing.assert_array_equal(grad2[0], grad)
+    if form == "ignored":
+        assert float(np.reshape(loss, ())) == 0.0
+        assert not grad.any()
+
+
+@pytest.mark.parametrize("label", [3, np.int8(3), np.uint16(3), np.array(3, dtype=np.int32)])
+def test_1d_scalar_label_kinds(rng, label):
+    C = 6
+    s, t = logits(rng, (C,), np.float64), logits(rng, (C,), np.float64)
+    kd = DistillationLoss(2.0, 0.5)
+    ref = reference(s, t, 3, temperature=2.0, alpha=0.5)
+    assert_loss_close(kd.compute_loss(s, t, label), ref.loss, np.float64)
+    assert_grad_close(kd.compute_gradient(s, t, label), ref.grad, np.float64)
+
+
+@pytest.mark.parametrize("label_dtype", [np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint64])
+def test_integer_label_dtypes(rng, label_dtype):
+    B, C = 7, 9
+    s, t = logits(rng, (B, C), np.float64), logits(rng, (B, C), np.float64)
+    y = rng.integers(0, C, size=B).astype(label_dtype)
+    kd = DistillationLoss(1.5, 0.6, reduction="sum")
+    check_against_reference(kd, s, t, y)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("form", ["none", "index", "soft"])
+def test_empty_batch(reduction, dtype, form):
+    C = 5
+    s = np.zeros((0, C), dtype=dtype)
+    t = np.zeros((0, C), dtype=dtype)
+    y = {"none": None, "index": np.zeros(0, dtype=np.int64), "soft": np.zeros((0, C), dtype=dtype)}[form]
+    kd = DistillationLoss(3.0, 0.3, reduction=reduction)
+    loss = kd.compute_loss(s, t, y)
+    grad = kd.compute_gradient(s, t, y)
+    check_types(loss, grad, s, np.dtype(dtype), reduction)
+    if reduction == "none":
+        assert loss.shape == (0,)
+    else:
+        assert loss == 0.0
+    assert grad.shape == (0, C)
+    l2, g2 = kd.loss_and_gradient(s, t, y)
+    assert g2.shape == (0, C)
+    np.testing.assert_array_equal(l2, loss)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("ignore_index", [-100, -1, 0, 4])
+def test_ignore_index(rng, reduction, dtype, ignore_index):
+    B, C = 12, 6
+    s = logits(rng, (B, C), dtype)
+    t = logits(rng, (B, C), dtype)
+    y = rng.integers(0, C, size=B)
+    y[y == ignore_index] = (ignore_index + 1) % C if 0 <= ignore_index < C else y[y == ignore_index]
+    ignored = np.zeros(B, dtype=bool)
+    ignored[[0, 3, 4, 10]] = True
+    y[ignored] = ignore_index
+    kd = DistillationLoss(2.0, 0.3, reduction=reduction, ignore_index=ignore_index)
+    assert kd.ignore_index == ignore_index
+    ref, loss, grad = check_against_reference(kd, s, t, y)
+    assert not grad[ignored].any(), "ignored rows must have a zero gradient"
+    assert grad[~ignored].any()
+    if reduction == "none":
+        assert not np.asarray(loss)[ignored].any()
+    # the same loss as simply dropping the ignored rows (so "mean" divides by the kept count)
+    kept = DistillationLoss(2.0, 0.3, reduction=reduction, ignore_index=ignore_index)
+    loss_kept = kept.compute_loss(s[~ignored], t[~ignored], y[~ignored])
+    grad_kept = kept.compute_gradient(s[~ignored], t[~ignored], y[~ignored])
+    if reduction == "none":
+        assert_loss_close(np.asarray(loss)[~ignored], loss_kept, dtype)
+    else:
+        assert_loss_close(loss, loss_kept, dtype)
+    assert_grad_close(grad[~ignored], grad_kept, dtype)
+
+
+def test_ignore_index_rows_do_not_propagate_nonfinite(rng):
+    # "Rows labelled ignore_index are left out entirely": garbage there is irrelevant.
+    s = logits(rng, (4, 5), np.float64)
+    t = logits(rng, (4, 5), np.float64)
+    s[1, 2] = np.nan
+    t[1, 0] = np.inf
+    y = np.array([0, -100, 3, 1])
+    for reduction in REDUCTIONS:
+        kd = DistillationLoss(2.0, 0.3, reduction=reduction)
+        ref, loss, grad = check_against_reference(kd, s, t, y)
+        assert np.all(np.isfinite(loss)) and np.all(np.isfinite(grad))
+        assert not grad[1].any()
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(5, 7), (7,)])
+def test_all_rows_ignored(rng, reduction, dtype, shape):
+    s = logits(rng, shape, dtype)
+    t = logits(rng, shape, dtype)
+    y = np.full(shape[:-1], -100, dtype=np.int64) if len(shape) == 2 else -100
+    kd = DistillationLoss(2.0, 0.3, reduction=reduction)
+    loss = kd.compute_loss(s, t, y)
+    grad = kd.compute_gradient(s, t, y)
+    check_types(loss, grad, s, np.dtype(dtype), reduction)
+    if reduction == "none":
+        np.testing.assert_array_equal(loss, np.zeros(shape[:-1], dtype=dtype))
+    else:
+        assert loss == 0.0 and not np.isnan(loss)
+    np.testing.assert_array_equal(grad, np.zeros(shape, dtype=dtype))
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("temperature", [1.0, 3.0, 20.0])
+@pytest.mark.parametrize("form", ["none", "index", "soft"])
+def test_huge_logits(rng, reduction, dtype, temperature, form):
+    B, C = 6, 300
+    s = rng.uniform(-1e4, 1e4, (B, C)).astype(dtype)
+    t = rng.uniform(-1e4, 1e4, (B, C)).astype(dtype)
+    y = make_labels(rng, form, B, C, dtype)
+    kd = DistillationLoss(temperature, 0.4, reduction=reduction)
+    ref, loss, grad = check_against_reference(kd, s, t, y)
+    assert np.all(np.isfinite(loss)) and np.all(np.isfinite(grad))
+
+
+@pytest.mark.parametrize(
+    "dtype,offset",
+    [(np.float32, 1e4), (np.float32, -1e4), (np.float64, 1e4), (np.float64, -1e4), (np.float64, 3e5)],
+)
+def test_large_constant_offset(rng, dtype, offset):
+    # log-softmax is shift invariant: a naive exp() would overflow/underflow here.
+    B, C = 5, 40
+    s = (offset + rng.standard_normal((B, C)) * 2).astype(dtype)
+    t = (offset + rng.standard_normal((B, C)) * 2).astype(dtype)
+    y = rng.integers(0, C, size=B)
+    for reduction in REDUCTIONS:
+        kd = DistillationLoss(2.0, 0.3, reduction=reduction)
+        ref, loss, grad = check_against_reference(kd, s, t, y, conditioned=True)
+        assert np.all(np.isfinite(loss)) and np.all(np.isfinite(grad))
+
+
+@pytest.mark.parametrize("form", ["none", "index", "soft"])
+@pytest.mark.parametrize("kind", ["normal", "huge"])
+def test_float32_very_wide_rows(form, kind):
+    # float32 must stay within 1e-5 for C up to 200000 (row sums accumulated accurately)
+    rng = np.random.default_rng(20240 + len(form) + len(kind))
+    B, C = 3, 200_000
+    if kind == "normal":
+        s = (rng.standard_normal((B, C)) * 3).astype(np.float32)
+        t = (rng.standard_normal((B, C)) * 3).astype(np.float32)
+    else:
+        s = rng.uniform(-1e4, 1e4, (B, C)).astype(np.float32)
+        t = rng.uniform(-1e4, 1e4, (B, C)).astype(np.float32)
+    y = make_labels(rng, form, B, C, np.float32)
+    for reduction in REDUCTIONS:
+        for temperature in (1.0, 4.0):
+            kd = DistillationLoss(temperature, 0.3, reduction=reduction)
+            check_against_reference(kd, s, t, y)
+
+
+def test_float32_wide_rows_accumulation():
+    # 200000 similar terms per row with an O(1) loss: naive float32 accumulation of
+    # the row sums drifts by ~sqrt(C)*eps ~ 3e-5 relative, beyond the 1e-5 allowed.
+    rng = np.random.default_rng(7)
+    B, C = 2, 200_000
+    s = rng.standard_normal((B, C)).astype(np.float32)
+    t = rng.standard_normal((B, C)).astype(np.float32)
+    y = rng.integers(0, C, size=B)
+    for labels in (y, None):
+        for reduction in ("sum", "none"):
+            kd = DistillationLoss(1.0, 0.5, reduction=reduction)
+            check_against_reference(kd, s, t, labels)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_float64_wide_rows(reduction):
+    rng = np.random.default_rng(11)
+    B, C = 2, 100_000
+    s = rng.standard_normal((B, C)) * 3
+    t = rng.standard_normal((B, C)) * 3
+    y = rng.integers(0, C, size=B)
+    check_against_reference(DistillationLoss(2.0, 0.3, reduction=reduction), s, t, y)
+
+
+@pytest.mark.parametrize("C", [1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 32, 33, 63, 64, 65, 127, 129, 1000])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_many_row_widths(rng, C, dtype):
+    # Widths around SIMD lane multiples exercise vectorised loop tails.
+    B = 4
+    s = logits(rng, (B, C), dtype)
+    t = logits(rng, (B, C), dtype)
+    y = rng.integers(0, C, size=B)
+    check_against_reference(DistillationLoss(1.7, 0.45, reduction="none"), s, t, y)
+    check_against_reference(DistillationLoss(1.7, 0.45, reduction="mean"), s, t, None)
+
+
+def test_single_class(rng):
+    # C = 1: softmax is 1, every loss and gradient is exactly 0.
+    s = logits(rng, (4, 1), np.float64)
+    t = logits(rng, (4, 1), np.float64)
+    for reduction in REDUCTIONS:
+        kd = DistillationLoss(3.0, 0.3, reduction=reduction)
+        ref, loss, grad = check_against_reference(kd, s, t, np.zeros(4, dtype=np.int64))
+        np.testing.assert_array_equal(grad, 0.0)
+        np.testing.assert_array_equal(loss, 0.0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_identical_student_and_teacher_gives_zero_soft_loss(rng, dtype):
+    s = logits(rng, (5, 13), dtype)
+    kd = DistillationLoss(2.0, 0.3, reduction="none")
+    loss = kd.compute_loss(s, s.copy())
+    grad = kd.compute_gradient(s, s.copy())
+    atol = 1e-5 if dtype == np.float32 else 1e-13
+    np.testing.assert_allclose(loss, 0.0, atol=atol)
+    np.testing.assert_allclose(grad, 0.0, atol=atol)
+
+
+def test_mean_is_sum_over_count(rng):
+    B, C = 10, 6
+    s, t = logits(rng, (B, C), np.float64), logits(rng, (B, C), np.float64)
+    y = rng.integers(0, C, size=B)
+    y[[2, 5, 6]] = -100
+    mean = DistillationLoss(2.0, 0.3, reduction="mean")
+    total = DistillationLoss(2.0, 0.3, reduction="sum")
+    none = DistillationLoss(2.0, 0.3, reduction="none")
+    assert mean.compute_loss(s, t, y) == pytest.approx(total.compute_loss(s, t, y) / 7, rel=1e-14)
+    assert total.compute_loss(s, t, y) == pytest.approx(float(np.sum(none.compute_loss(s, t, y))), rel=1e-14)
+    np.testing.assert_allclose(
+        mean.compute_gradient(s, t, y), total.compute_gradient(s, t, y) / 7, rtol=1e-14, atol=1e-17
+    )
+    np.testing.assert_allclose(
+        none.compute_gradient(s, t, y), total.compute_gradient(s, t, y), rtol=1e-14, atol=1e-17
+    )
