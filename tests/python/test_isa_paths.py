@@ -1,0 +1,51 @@
+"""Every compiled SIMD path this CPU can run agrees with the reference, not only the one chosen at import.
+
+Each path is forced with KDLOSS_FORCE_ISA in a fresh interpreter (the choice is made once, at import) that
+reruns the reference-agreement, finite-difference and non-finite suites.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import kdloss
+
+HERE = Path(__file__).parent
+SUITES = ["test_reference_agreement.py", "test_gradient_fd.py", "test_masks_nonfinite.py"]
+
+
+def _run(env_isa: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, KDLOSS_FORCE_ISA=env_isa)
+    return subprocess.run(
+        [sys.executable, *args], cwd=HERE, env=env, capture_output=True, text=True, timeout=600
+    )
+
+
+@pytest.mark.parametrize("isa", kdloss.build_info()["cpu_isas"])
+def test_forced_isa_matches_reference(isa: str) -> None:
+    probe = _run(isa, "-c", "import kdloss; print(kdloss.build_info()['active_isa'])")
+    assert probe.returncode == 0, probe.stderr
+    assert probe.stdout.strip() == isa
+    result = _run(isa, "-m", "pytest", "-q", "-p", "no:cacheprovider", *SUITES)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+
+
+def test_unknown_isa_fails_the_import_clearly() -> None:
+    result = _run("sse9", "-c", "import kdloss")
+    assert result.returncode != 0
+    assert "KDLOSS_FORCE_ISA=sse9" in result.stderr
+    assert "baseline" in result.stderr
+
+
+def test_build_info_reports_the_kernels() -> None:
+    info = kdloss.build_info()
+    assert info["version"] == kdloss.__version__
+    assert "baseline" in info["compiled_isas"]
+    assert set(info["cpu_isas"]) <= set(info["compiled_isas"])
+    assert info["active_isa"] == info["cpu_isas"][-1]
+    assert info["hardware_threads"] >= 1
