@@ -36,8 +36,16 @@ struct BatchProblem {
     std::ptrdiff_t gradient_stride = 0;
 };
 
-// Elements of per-thread scratch that the kernels need for a row of `classes` classes.
-inline std::size_t scratch_elements(std::size_t classes) noexcept { return 3 * classes + 64; }
+// The kernels' vector lanes (lane_math.hpp), and the row length up to which rows are processed a block of
+// `lanes` rows at a time (row_kernel.hpp).
+constexpr std::size_t lanes = 16;
+constexpr std::size_t block_max_classes = 32;
+
+// Elements of per-thread scratch the kernels need for rows of `classes` classes. Long rows: three rows of
+// exponentials. Blocks: student, teacher, targets, three exponentials and the gradient, lanes x classes each.
+inline std::size_t scratch_elements(std::size_t classes) noexcept {
+    return classes <= block_max_classes ? 7 * lanes * classes : 3 * classes;
+}
 
 // Computes rows [begin, end) of `problem`; `scratch` holds scratch_elements(classes) elements.
 template <class T>

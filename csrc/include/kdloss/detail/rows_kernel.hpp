@@ -13,26 +13,54 @@
 namespace kdloss::detail {
 inline namespace KDLOSS_KERNEL_NAMESPACE {
 
+template <class T, class Terms>
+void zero_ignored_row(const BatchProblem<T>& problem, std::size_t i) noexcept {
+    problem.row_losses[i] = 0.0;
+    if constexpr (Terms::gradient) {
+        T* gradient = problem.gradient + static_cast<std::ptrdiff_t>(i) * problem.gradient_stride;
+        for (std::size_t c = 0; c < problem.classes; ++c) gradient[c] = T(0);
+    }
+}
+
+template <class T>
+bool is_ignored(const BatchProblem<T>& problem, std::size_t i) noexcept {
+    return problem.label_kind == LabelKind::class_indices &&
+           problem.class_indices[static_cast<std::ptrdiff_t>(i) * problem.class_index_stride] == problem.ignore_index;
+}
+
 template <class T, class Terms, int HardPower>
 void run_rows_with(const BatchProblem<T>& problem, std::size_t begin, std::size_t end, T* scratch) noexcept {
-    const std::size_t n = problem.classes;
-    for (std::size_t i = begin; i < end; ++i) {
-        const auto row = static_cast<std::ptrdiff_t>(i);
-        T* gradient = Terms::gradient ? problem.gradient + row * problem.gradient_stride : nullptr;
-        std::int64_t class_index = 0;
-        if (problem.label_kind == LabelKind::class_indices) {
-            class_index = problem.class_indices[row * problem.class_index_stride];
-            if (class_index == problem.ignore_index) {
-                problem.row_losses[i] = 0.0;
-                if constexpr (Terms::gradient)
-                    for (std::size_t c = 0; c < n; ++c) gradient[c] = T(0);
+    if (problem.classes <= block_max_classes) {
+        // Short rows: gather up to `lanes` counted rows at a time into one block.
+        std::size_t block_rows[lanes];
+        std::size_t count = 0;
+        for (std::size_t i = begin; i < end; ++i) {
+            if (is_ignored(problem, i)) {
+                zero_ignored_row<T, Terms>(problem, i);
                 continue;
             }
+            block_rows[count++] = i;
+            if (count == lanes) {
+                distill_block<T, Terms, HardPower>(problem, block_rows, count, scratch);
+                count = 0;
+            }
         }
+        if (count > 0) distill_block<T, Terms, HardPower>(problem, block_rows, count, scratch);
+        return;
+    }
+    for (std::size_t i = begin; i < end; ++i) {
+        if (is_ignored(problem, i)) {
+            zero_ignored_row<T, Terms>(problem, i);
+            continue;
+        }
+        const auto row = static_cast<std::ptrdiff_t>(i);
+        const std::int64_t class_index =
+            problem.label_kind == LabelKind::class_indices ? problem.class_indices[row * problem.class_index_stride] : 0;
+        T* gradient = Terms::gradient ? problem.gradient + row * problem.gradient_stride : nullptr;
         const T* target = Terms::distribution ? problem.targets + row * problem.target_stride : nullptr;
         problem.row_losses[i] = distill_row<T, Terms, HardPower>(problem, problem.student + row * problem.student_stride,
-                                                      problem.teacher + row * problem.teacher_stride, class_index,
-                                                      target, scratch, gradient);
+                                                                 problem.teacher + row * problem.teacher_stride,
+                                                                 class_index, target, scratch, gradient);
     }
 }
 

@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 
 #include "kdloss/detail/kernel_namespace.hpp"
 
@@ -30,6 +31,16 @@ inline To bits_as(From value) noexcept {
     return result;
 }
 
+// condition ? if_true : if_false, as bit masks rather than a branch. The compiler then never needs a
+// conditional store to vectorise the loop around it, which instruction sets without masked stores (SSE2,
+// NEON) cannot do.
+template <class T>
+inline T select(bool condition, T if_true, T if_false) noexcept {
+    using Bits = std::conditional_t<sizeof(T) == 4, std::uint32_t, std::uint64_t>;
+    const Bits mask = Bits(0) - static_cast<Bits>(condition);
+    return bits_as<T>((bits_as<Bits>(if_true) & mask) | (bits_as<Bits>(if_false) & ~mask));
+}
+
 inline float fast_exp(float x) noexcept {
     constexpr float log2e = 1.44269504088896341f;
     constexpr float ln2_hi = 0.693359375f;       // few significant bits, so k * ln2_hi is exact
@@ -38,7 +49,7 @@ inline float fast_exp(float x) noexcept {
     constexpr float lowest = -87.33654f;  // below this e^x is not a normal float
     constexpr float highest = 88.0f;      // above, 2^k would overflow; e^x is then within 2x of FLT_MAX anyway
 
-    const float clamped = x < lowest ? lowest : (x > highest ? highest : x);
+    const float clamped = select(x < lowest, lowest, select(x > highest, highest, x));
     const float shifted = clamped * log2e + round_magic;
     const float k = shifted - round_magic;
     const float r = (clamped - k * ln2_hi) - k * ln2_lo;
@@ -55,7 +66,7 @@ inline float fast_exp(float x) noexcept {
     const float scale = bits_as<float>((k_bits + 127u) << 23);
     const float result = p * scale;
     // Comparisons are false for NaN, which therefore falls through as NaN.
-    return x < lowest ? 0.0f : (x > highest ? std::numeric_limits<float>::infinity() : result);
+    return select(x < lowest, 0.0f, select(x > highest, std::numeric_limits<float>::infinity(), result));
 }
 
 inline double fast_exp(double x) noexcept {
@@ -66,7 +77,7 @@ inline double fast_exp(double x) noexcept {
     constexpr double lowest = -708.3964185322641;  // below this e^x is not a normal double
     constexpr double highest = 709.0;              // above, 2^k would overflow; e^x is within 2x of DBL_MAX
 
-    const double clamped = x < lowest ? lowest : (x > highest ? highest : x);
+    const double clamped = select(x < lowest, lowest, select(x > highest, highest, x));
     const double shifted = clamped * log2e + round_magic;
     const double k = shifted - round_magic;
     const double r = (clamped - k * ln2_hi) - k * ln2_lo;
@@ -87,7 +98,7 @@ inline double fast_exp(double x) noexcept {
     const std::uint64_t k_bits = bits_as<std::uint64_t>(shifted) - bits_as<std::uint64_t>(round_magic);
     const double scale = bits_as<double>((k_bits + 1023u) << 52);
     const double result = p * scale;
-    return x < lowest ? 0.0 : (x > highest ? std::numeric_limits<double>::infinity() : result);
+    return select(x < lowest, 0.0, select(x > highest, std::numeric_limits<double>::infinity(), result));
 }
 
 inline double fast_log(double x) noexcept {
@@ -101,8 +112,8 @@ inline double fast_log(double x) noexcept {
     double exponent = static_cast<double>(static_cast<std::int64_t>(bits >> 52) - 1023);
     double m = bits_as<double>((bits & mantissa_mask) | exponent_one);  // in [1, 2)
     const bool high = m > sqrt2;
-    m = high ? m * 0.5 : m;
-    exponent = high ? exponent + 1.0 : exponent;
+    m = select(high, m * 0.5, m);
+    exponent = select(high, exponent + 1.0, exponent);
     const double f = (m - 1.0) / (m + 1.0);
     const double s = f * f;
     double p = 1.0 / 23.0;
@@ -119,7 +130,7 @@ inline double fast_log(double x) noexcept {
     const double log_m = 2.0 * f + 2.0 * f * s * p;
     const double result = exponent * ln2_hi + (log_m + exponent * ln2_lo);
     // Only sums >= 1 come here; NaN and +inf pass through unchanged.
-    return x != x || x > std::numeric_limits<double>::max() ? x : result;
+    return select(x != x || x > std::numeric_limits<double>::max(), x, result);
 }
 
 }  // namespace KDLOSS_KERNEL_NAMESPACE

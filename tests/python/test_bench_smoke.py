@@ -1,0 +1,42 @@
+"""Smoke test of ``benchmarks/bench.py``: it runs and prints its table.
+
+Only that: no timing is asserted here, ever (timing never lives in the unit tests). The benchmark is run as a
+subprocess on the tiny shape only, in its ``--quick`` mode, without the memory subprocesses. Skipped when the
+``benchmarks/`` folder is not next to ``tests/`` (e.g. when the tests run against an installed wheel).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench.py"
+TIMEOUT_S = 14
+HEADER_COLUMNS = ("shape", "dtype", "kdloss 1T", "kdloss 2T", "NumPy", "PyTorch", "bound", "torch/1T", "1T/bound")
+
+
+@pytest.mark.skipif(not BENCH.is_file(), reason="benchmarks/bench.py is not next to the tests")
+def test_bench_quick_run_prints_table(tmp_path: Path) -> None:
+    json_path = tmp_path / "results.json"
+    command = [
+        sys.executable,
+        str(BENCH),
+        "--quick",
+        "--no-memory",
+        "--shapes",
+        "32x100",
+        "--dtypes",
+        "float32",
+        "--json",
+        str(json_path),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT_S, cwd=tmp_path)
+    assert done.returncode == 0, f"stdout:\n{done.stdout}\nstderr:\n{done.stderr}"
+    assert any(all(column in line for column in HEADER_COLUMNS) for line in done.stdout.splitlines()), done.stdout
+    assert any(line.startswith("32x100 ") and "float32" in line for line in done.stdout.splitlines()), done.stdout
+    report = json.loads(json_path.read_text())
+    assert [cell["shape"] for cell in report["results"]] == [[32, 100]]
