@@ -12,6 +12,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <limits>
 
 #include "kdloss/detail/batch_problem.hpp"
 #include "kdloss/detail/kernel_namespace.hpp"
@@ -26,34 +27,66 @@ double distill_row(const BatchProblem<T>& problem, const T* student, const T* te
                    const T* target, T* scratch, T* gradient) noexcept {
     const std::size_t n = problem.classes;
     const double temperature = problem.temperature;
+    const std::size_t stride = n + lanes;  // each scratch row has room for a padded last block
     T* student_soft = scratch;
-    T* teacher_soft = scratch + n;
-    T* student_hard = scratch + 2 * n;
+    T* teacher_soft = scratch + stride;
+    T* student_hard = scratch + 2 * stride;
 
     const LaneMaxima<T> lane_max = lane_maxima<T, Terms::soft>(student, teacher, n);
     const T row_student_max = lane_max.student.max();
-    const LaneSums lane_sums = exponentials<T, typename Terms::without_gradient, HardPower>(student, teacher, target, Lanes<T>(row_student_max),
-                                                                  Lanes<T>(lane_max.teacher.max()),
-                                                                  static_cast<T>(1.0 / temperature), student_soft,
-                                                                  teacher_soft, student_hard, n);
-    const double z_student = lane_sums.student_soft.sum(), z_teacher = lane_sums.teacher_soft.sum(),
-                 z_hard = lane_sums.student_hard.sum(), target_mass = lane_sums.target_mass.sum();
-    const double target_logit =
-        Terms::hard && !Terms::distribution
-            ? static_cast<double>(student[class_index]) - static_cast<double>(row_student_max)
-            : 0.0;
-    const double loss = loss_from_sums<Terms>(
-        z_student, z_teacher, z_hard, lane_sums.teacher_cross.sum(), target_mass, lane_sums.target_cross.sum(),
-        target_logit, temperature, problem.soft_weight, problem.hard_weight, [](double x) { return std::log(x); });
+    const Lanes<T> student_max(row_student_max), teacher_max(lane_max.teacher.max());
+    const T inverse_temperature = static_cast<T>(1.0 / temperature);
+
+    // Whole blocks straight from the row; the last, partial block from a copy padded with classes that add
+    // nothing to any sum (logits -inf, targets 0), so it too runs as one vector block instead of a scalar loop.
+    const std::size_t whole = n - n % lanes, rest = n - whole;
+    using SumTerms = typename Terms::without_gradient;
+    LaneSums lane_sums;
+    exponentials<T, SumTerms, HardPower>(student, teacher, target, student_max, teacher_max, inverse_temperature,
+                                         student_soft, teacher_soft, student_hard, whole, lane_sums);
+    Lanes<T> padded_student(-std::numeric_limits<T>::infinity()), padded_teacher(-std::numeric_limits<T>::infinity()),
+        padded_target(T(0));
+    if (rest > 0) {
+        for (std::size_t c = 0; c < rest; ++c) {
+            padded_student[c] = student[whole + c];
+            padded_teacher[c] = teacher[whole + c];
+            if constexpr (Terms::distribution) padded_target[c] = target[whole + c];
+        }
+        exponentials<T, SumTerms, HardPower>(padded_student.value, padded_teacher.value, padded_target.value,
+                                             student_max, teacher_max, inverse_temperature, student_soft + whole,
+                                             teacher_soft + whole, student_hard + whole, lanes, lane_sums);
+    }
+
+    double z_student = 1.0, z_teacher = 1.0, teacher_cross = 0.0, z_hard = 1.0, target_mass = 1.0,
+           target_cross = 0.0, target_logit = 0.0;
+    if constexpr (Terms::soft) {
+        z_student = lane_sums.student_soft.sum();
+        z_teacher = lane_sums.teacher_soft.sum();
+        teacher_cross = lane_sums.teacher_cross.sum();
+    }
+    if constexpr (Terms::hard) z_hard = lane_sums.student_hard.sum();
+    if constexpr (Terms::distribution) {
+        target_mass = lane_sums.target_mass.sum();
+        target_cross = lane_sums.target_cross.sum();
+    } else if constexpr (Terms::hard) {
+        target_logit = static_cast<double>(student[class_index]) - static_cast<double>(row_student_max);
+    }
+    const double loss = loss_from_sums<Terms>(z_student, z_teacher, z_hard, teacher_cross, target_mass, target_cross,
+                                              target_logit, temperature, problem.soft_weight, problem.hard_weight);
 
     if constexpr (Terms::gradient) {
         GradientCoefficients<T> coefficients;
         const double soft_scale = problem.gradient_scale * problem.soft_weight * temperature;
         const double hard_scale = problem.gradient_scale * problem.hard_weight;
         for (std::size_t lane = 0; lane < lanes; ++lane)
-            coefficients.set(lane, z_student, z_teacher, z_hard, Terms::distribution ? target_mass : 1.0, soft_scale,
-                             hard_scale);
-        write_gradient<T, Terms>(gradient, student_soft, teacher_soft, student_hard, target, coefficients, n);
+            coefficients.set(lane, z_student, z_teacher, z_hard, target_mass, soft_scale, hard_scale);
+        write_gradient<T, Terms>(gradient, student_soft, teacher_soft, student_hard, target, coefficients, whole);
+        if (rest > 0) {
+            Lanes<T> padded_gradient;
+            write_gradient<T, Terms>(padded_gradient.value, student_soft + whole, teacher_soft + whole,
+                                     student_hard + whole, padded_target.value, coefficients, lanes);
+            for (std::size_t c = 0; c < rest; ++c) gradient[whole + c] = padded_gradient[c];
+        }
         if constexpr (Terms::hard && !Terms::distribution) gradient[class_index] -= static_cast<T>(hard_scale);
     }
     return loss;
@@ -90,9 +123,10 @@ void distill_block(const BatchProblem<T>& problem, const std::size_t* rows, std:
     const LaneMaxima<T> lane_max = lane_maxima<T, Terms::soft>(student, teacher, m);
     const Lanes<T>& student_max = lane_max.student;
     const double temperature = problem.temperature;
-    const LaneSums sums = exponentials<T, typename Terms::without_gradient, HardPower>(student, teacher, target, student_max, lane_max.teacher,
-                                                             static_cast<T>(1.0 / temperature), student_soft,
-                                                             teacher_soft, student_hard, m);
+    LaneSums sums;
+    exponentials<T, typename Terms::without_gradient, HardPower>(student, teacher, target, student_max,
+                                                                 lane_max.teacher, static_cast<T>(1.0 / temperature),
+                                                                 student_soft, teacher_soft, student_hard, m, sums);
     Lanes<double> target_logit(0.0), loss(0.0);
     if constexpr (Terms::hard && !Terms::distribution)
         for (std::size_t lane = 0; lane < lanes; ++lane)
@@ -101,8 +135,7 @@ void distill_block(const BatchProblem<T>& problem, const std::size_t* rows, std:
     for (std::size_t lane = 0; lane < lanes; ++lane)
         loss[lane] = loss_from_sums<Terms>(sums.student_soft[lane], sums.teacher_soft[lane], sums.student_hard[lane],
                                            sums.teacher_cross[lane], sums.target_mass[lane], sums.target_cross[lane],
-                                           target_logit[lane], temperature, problem.soft_weight, problem.hard_weight,
-                                           [](double x) { return fast_log(x); });
+                                           target_logit[lane], temperature, problem.soft_weight, problem.hard_weight);
     for (std::size_t lane = 0; lane < count; ++lane) problem.row_losses[rows[lane]] = loss[lane];
 
     if constexpr (Terms::gradient) {
