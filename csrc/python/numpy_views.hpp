@@ -17,14 +17,13 @@ namespace kdloss::python {
 
 namespace py = pybind11;
 
-inline std::string shape_text(const py::array& array) {
+inline std::string shape_text(const py::ssize_t* shape, py::ssize_t ndim) {
     std::string text = "(";
-    for (py::ssize_t axis = 0; axis < array.ndim(); ++axis) {
-        if (axis > 0) text += ", ";
-        text += std::to_string(array.shape(axis));
-    }
-    return text + (array.ndim() == 1 ? ",)" : ")");
+    for (py::ssize_t axis = 0; axis < ndim; ++axis) text += (axis > 0 ? ", " : "") + std::to_string(shape[axis]);
+    return text + (ndim == 1 ? ",)" : ")");
 }
+
+inline std::string shape_text(const py::array& array) { return shape_text(array.shape(), array.ndim()); }
 
 inline bool same_shape(const py::array& a, const py::array& b) {
     if (a.ndim() != b.ndim()) return false;
@@ -37,47 +36,80 @@ inline bool has_flag(const py::array& array, int flag) {
     return (array.flags() & flag) != 0;
 }
 
-// Rows of contiguous elements: the last axis has unit stride and the row stride is a whole number of
-// elements. Anything else would need a copy, which the Python layer makes visibly before calling.
-inline void require_row_layout(const py::array& array, const char* name) {
-    if (array.size() == 0) return;  // nothing is read; NumPy may give such arrays any strides
-    const auto itemsize = array.itemsize();
-    const bool aligned = has_flag(array, py::detail::npy_api::NPY_ARRAY_ALIGNED_);
-    const bool unit_columns = array.ndim() == 0 || array.shape(array.ndim() - 1) <= 1 ||
-                              array.strides(array.ndim() - 1) == itemsize;
-    const bool whole_rows = array.ndim() < 2 || array.strides(0) % itemsize == 0;
-    if (!(aligned && unit_columns && whole_rows))
-        throw py::value_error(std::string(name) +
-                              " must be aligned with contiguous rows (unit stride along the last axis)");
+// Whether the axes before `last_axis` collapse into one axis of rows, and that axis's stride in elements
+// (`fallback` when no such axis is longer than 1). A transposed or sliced leading axis does not collapse; a
+// broadcast one (stride 0) does. Axes of length 1 have no say in the layout.
+struct RowAxis {
+    bool collapses = true;
+    py::ssize_t stride = 0;
+};
+
+inline RowAxis collapsed_row_axis(const py::array& array, py::ssize_t last_axis, py::ssize_t fallback) {
+    bool found = false;
+    py::ssize_t stride = 0, span = 0;  // span: bytes covered by the axes after the current one
+    for (py::ssize_t axis = last_axis - 1; axis >= 0; --axis) {
+        if (array.shape(axis) == 1) continue;
+        if (found && array.strides(axis) != span) return {false, 0};
+        if (!found) stride = array.strides(axis);
+        found = true;
+        span = array.strides(axis) * array.shape(axis);
+    }
+    return {true, found ? stride / array.itemsize() : fallback};
 }
 
+// Rows of contiguous elements: the last axis has unit stride, the leading axes collapse into rows, and
+// the row stride is a whole number of elements. Anything else would need a copy, which the Python layer
+// makes visibly before calling.
+inline void require_row_layout(const py::array& array, const char* name) {
+    if (array.size() == 0 || array.ndim() == 0) return;  // nothing is read; NumPy may give such arrays any strides
+    const auto itemsize = array.itemsize();
+    const py::ssize_t last = array.ndim() - 1;
+    const bool aligned = has_flag(array, py::detail::npy_api::NPY_ARRAY_ALIGNED_);
+    const bool unit_columns = array.shape(last) <= 1 || array.strides(last) == itemsize;
+    bool whole_rows = true;
+    for (py::ssize_t axis = 0; axis < last; ++axis) whole_rows = whole_rows && array.strides(axis) % itemsize == 0;
+    if (!(aligned && unit_columns && whole_rows && collapsed_row_axis(array, last, 0).collapses))
+        throw py::value_error(std::string(name) +
+                              " must be aligned with contiguous rows (unit stride along the last axis, leading axes "
+                              "that collapse into one)");
+}
+
+// Logits of any rank >= 1: the last axis holds the classes, the leading axes are rows.
 template <class T>
 MatrixView<const T> logits_view(const py::array& array, const char* name) {
-    if (array.ndim() != 1 && array.ndim() != 2)
-        throw py::value_error(std::string(name) + " must be 1-D (C,) or 2-D (B, C), got shape " +
+    if (array.ndim() < 1)
+        throw py::value_error(std::string(name) + " must have at least one axis (..., C), got shape " +
                               shape_text(array));
     require_row_layout(array, name);
-    const auto* data = static_cast<const T*>(array.data());
-    const auto cols = static_cast<std::size_t>(array.shape(array.ndim() - 1));
-    if (array.ndim() == 1) return {data, 1, cols};
-    const auto rows = static_cast<std::size_t>(array.shape(0));
-    const bool strided = rows > 1 && cols > 0;
-    const auto row_stride = strided ? array.strides(0) / array.itemsize() : static_cast<py::ssize_t>(cols);
-    return {data, rows, cols, row_stride};
+    const py::ssize_t last = array.ndim() - 1;
+    const auto cols = static_cast<std::size_t>(array.shape(last));
+    std::size_t rows = 1;
+    for (py::ssize_t axis = 0; axis < last; ++axis) rows *= static_cast<std::size_t>(array.shape(axis));
+    const auto packed = static_cast<py::ssize_t>(cols);
+    const py::ssize_t stride = rows > 1 && cols > 0 ? collapsed_row_axis(array, last, packed).stride : packed;
+    return {static_cast<const T*>(array.data()), rows, cols, stride};
 }
 
-// Class indices have the logits' leading shape: (B,) for (B, C) logits, () for one row.
+// Class indices have the logits' leading shape: (B,) for (B, C) logits, () for one row, (B, S) for (B, S, C).
 inline ClassIndices class_indices_view(const py::array& labels, const py::array& logits) {
-    if (labels.ndim() != logits.ndim() - 1 || (labels.ndim() == 1 && labels.shape(0) != logits.shape(0)))
+    bool matches = labels.ndim() == logits.ndim() - 1;
+    for (py::ssize_t axis = 0; matches && axis < labels.ndim(); ++axis)
+        matches = labels.shape(axis) == logits.shape(axis);
+    if (!matches)
         throw py::value_error("true_labels as class indices must have shape " +
-                              (logits.ndim() == 1 ? std::string("()") : "(" + std::to_string(logits.shape(0)) + ",)") +
-                              ", got " + shape_text(labels));
-    if (!has_flag(labels, py::detail::npy_api::NPY_ARRAY_ALIGNED_) ||
-        (labels.ndim() == 1 && labels.strides(0) % labels.itemsize() != 0))
-        throw py::value_error("true_labels must be an aligned int64 array");
-    const auto* data = static_cast<const std::int64_t*>(labels.data());
-    if (labels.ndim() == 0) return {data, 1, 1};
-    return {data, static_cast<std::size_t>(labels.shape(0)), labels.strides(0) / labels.itemsize()};
+                              shape_text(logits.shape(), logits.ndim() - 1) + ", got " + shape_text(labels));
+    if (labels.ndim() > 0 && labels.size() > 0) {
+        const bool aligned = has_flag(labels, py::detail::npy_api::NPY_ARRAY_ALIGNED_);
+        bool whole = true;
+        for (py::ssize_t axis = 0; axis < labels.ndim(); ++axis)
+            whole = whole && labels.strides(axis) % labels.itemsize() == 0;
+        // The labels' axes must collapse like the logits' leading axes: treat them as rows of one element.
+        const RowAxis axis = collapsed_row_axis(labels, labels.ndim(), 1);
+        if (!(aligned && whole && axis.collapses))
+            throw py::value_error("true_labels must be an aligned int64 array whose axes collapse into one");
+        return {static_cast<const std::int64_t*>(labels.data()), static_cast<std::size_t>(labels.size()), axis.stride};
+    }
+    return {static_cast<const std::int64_t*>(labels.data()), static_cast<std::size_t>(labels.size()), 1};
 }
 
 // The byte range an array's elements span, for overlap checks.

@@ -34,14 +34,14 @@ public:
     std::int64_t ignore_index() const { return double_loss_.ignore_index(); }
     std::size_t num_threads() const { return double_loss_.num_threads(); }
 
-    // Returns (loss, gradient or None): the loss is a float, or for reduction "none" an array of the
-    // logits' leading shape.
+    // Returns (loss, gradient or None, counted rows): the loss is a float, or for reduction "none" an array
+    // of the logits' leading shape. normalizer: 0 for the reduction's own divisor.
     py::tuple evaluate(const py::array& student, const py::array& teacher, const py::object& labels,
-                       const py::object& out, bool want_gradient) const {
+                       const py::object& out, bool want_gradient, double normalizer) const {
         if (student.dtype().equal(py::dtype::of<double>()))
-            return evaluate_as(double_loss_, student, teacher, labels, out, want_gradient);
+            return evaluate_as(double_loss_, student, teacher, labels, out, want_gradient, normalizer);
         if (student.dtype().equal(py::dtype::of<float>()))
-            return evaluate_as(float_loss_, student, teacher, labels, out, want_gradient);
+            return evaluate_as(float_loss_, student, teacher, labels, out, want_gradient, normalizer);
         throw py::type_error("student_logits must be a float32 or float64 array, got dtype " +
                              std::string(py::str(student.dtype())));
     }
@@ -49,7 +49,8 @@ public:
 private:
     template <class T>
     static py::tuple evaluate_as(const DistillationLoss<T>& loss, const py::array& student, const py::array& teacher,
-                                 const py::object& labels_object, const py::object& out_object, bool want_gradient) {
+                                 const py::object& labels_object, const py::object& out_object, bool want_gradient,
+                                 double normalizer) {
         const auto dtype = py::dtype::of<T>();
         if (!teacher.dtype().equal(dtype))
             throw py::type_error("teacher_logits must have the dtype of student_logits (" + std::string(py::str(dtype)) +
@@ -113,14 +114,15 @@ private:
         T* row_loss_data = row_losses ? row_losses->mutable_data() : nullptr;
 
         double value;
+        std::size_t counted_rows = 0;
         {
             py::gil_scoped_release release;
             value = loss.evaluate_with(active_kernels().rows<T>(), student_view, teacher_view, labels, row_loss_data,
-                                       gradient_array ? &gradient_view : nullptr);
+                                       gradient_array ? &gradient_view : nullptr, normalizer, &counted_rows);
         }
         py::object loss_result = row_losses ? py::object(*row_losses) : py::object(py::float_(value));
         py::object gradient_result = gradient_array ? py::object(*gradient_array) : py::object(py::none());
-        return py::make_tuple(std::move(loss_result), std::move(gradient_result));
+        return py::make_tuple(std::move(loss_result), std::move(gradient_result), counted_rows);
     }
 
     DistillationLoss<double> double_loss_;
@@ -140,7 +142,7 @@ void register_distillation_loss(py::module_& module) {
         .def_property_readonly("ignore_index", &BoundDistillationLoss::ignore_index)
         .def_property_readonly("num_threads", &BoundDistillationLoss::num_threads)
         .def("evaluate", &BoundDistillationLoss::evaluate, py::arg("student_logits"), py::arg("teacher_logits"),
-             py::arg("true_labels"), py::arg("out"), py::arg("want_gradient"));
+             py::arg("true_labels"), py::arg("out"), py::arg("want_gradient"), py::arg("normalizer"));
 }
 
 }  // namespace kdloss::python

@@ -16,19 +16,38 @@ _INT64_MAX = np.iinfo(np.int64).max
 
 
 def _has_usable_rows(array: np.ndarray) -> bool:
-    """Rows the core can read in place: aligned, unit stride along the last axis, whole-element row stride."""
-    if array.flags.c_contiguous:
-        return array.flags.aligned
+    """Rows the core can read in place: aligned, unit stride along the last axis, and leading axes that
+    collapse into one axis of rows a whole number of elements apart (a C-contiguous array, or row slices of
+    one such as ``x[:, :500]``)."""
+    if not array.flags.aligned:
+        return False
+    if array.flags.c_contiguous or array.ndim == 0:
+        return True
     itemsize = array.itemsize
-    return (
-        array.flags.aligned
-        and (array.shape[-1] <= 1 or array.strides[-1] == itemsize)
-        and all(stride % itemsize == 0 for stride in array.strides[:-1])
-    )
+    if array.shape[-1] > 1 and array.strides[-1] != itemsize:
+        return False
+    span = None  # bytes spanned by the axes after the current one
+    for extent, stride in zip(reversed(array.shape[:-1]), reversed(array.strides[:-1])):
+        if extent == 1:
+            continue
+        if stride % itemsize or (span is not None and stride != span):
+            return False
+        span = stride * extent
+    return True
+
+
+def _as_array(value: Any) -> np.ndarray:
+    """A NumPy view of `value`: arrays as they are, DLPack producers (PyTorch, JAX, CuPy host arrays) without a
+    copy, anything else through np.asarray."""
+    if type(value) is np.ndarray:
+        return value
+    if hasattr(value, "__dlpack__") and not isinstance(value, np.generic):
+        return np.from_dlpack(value)
+    return np.asarray(value)
 
 
 def _as_real_array(value: Any, name: str) -> np.ndarray:
-    array = value if type(value) is np.ndarray else np.asarray(value)
+    array = _as_array(value)
     if array.dtype.kind not in "fiu":
         raise TypeError(f"{name} must hold real numbers (a float or integer dtype), got dtype {array.dtype}")
     return array
@@ -57,7 +76,7 @@ def true_labels(labels: Any, dtype: np.dtype) -> np.ndarray | None:
     """Integer labels as int64 class indices; floating labels as target distributions in ``dtype``."""
     if labels is None:
         return None
-    array = labels if type(labels) is np.ndarray else np.asarray(labels)
+    array = _as_array(labels)
     kind = array.dtype.kind
     if kind in "iu":
         if kind == "u" and array.size and array.max() > _INT64_MAX:

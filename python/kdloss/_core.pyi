@@ -25,4 +25,5 @@ class DistillationLoss:
         true_labels: np.ndarray | None,
         out: np.ndarray | None,
         want_gradient: bool,
-    ) -> tuple[float | np.ndarray, np.ndarray | None]: ...
+        normalizer: float,
+    ) -> tuple[float | np.ndarray, np.ndarray | None, int]: ...

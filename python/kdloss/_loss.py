@@ -48,6 +48,16 @@ def _num_threads(value: Any) -> int:
     return int(value)
 
 
+def _normalizer(value: Any) -> float:
+    """0.0 tells the native side to use the reduction's own divisor."""
+    if value is None:
+        return 0.0
+    number = _real("normalizer", value)
+    if not (0.0 < number < float("inf")):
+        raise ValueError(f"normalizer must be finite and > 0, got {value!r}")
+    return number
+
+
 def _rebuild(
     temperature: float, alpha: float, reduction: str, ignore_index: int, num_threads: int
 ) -> DistillationLoss:
@@ -94,9 +104,10 @@ class DistillationLoss:
 
     Notes
     -----
-    Logits are ``(B, C)`` or a single row ``(C,)``. The compute dtype is
-    ``np.result_type(student, teacher, np.float32)``, float32 or float64; inputs already in it with
-    contiguous rows are read in place, others are converted once. ``-inf`` logits act as masks; ``NaN`` and
+    Logits are ``(..., C)``: a batch ``(B, C)``, one row ``(C,)`` or sequences ``(B, S, C)``. The compute
+    dtype is ``np.result_type(student, teacher, np.float32)``, float32 or float64; inputs already in it
+    with contiguous rows are read in place (NumPy arrays, and any CPU array with ``__dlpack__``), others are
+    converted once. ``-inf`` logits act as masks; ``NaN`` and
     ``+inf`` propagate as NaN, and so does a row whose logits are all ``-inf`` (it has no softmax).
     The object is immutable apart from its ``temperature`` and ``alpha`` setters and may be shared by threads.
 
@@ -182,7 +193,8 @@ class DistillationLoss:
         true_labels: npt.ArrayLike | None,
         out: np.ndarray | None,
         want_gradient: bool,
-    ) -> tuple[Loss, np.ndarray | None]:
+        normalizer: float | None = None,
+    ) -> tuple[Loss, np.ndarray | None, int]:
         if out is not None:
             if not isinstance(out, np.ndarray):
                 raise TypeError(f"out must be a numpy.ndarray, got {type(out).__name__}")
@@ -194,32 +206,39 @@ class DistillationLoss:
                 raise ValueError("out must not share memory with the inputs")
         student, teacher = _arrays.logits_pair(student_logits, teacher_logits)
         labels = _arrays.true_labels(true_labels, student.dtype)
-        return self._engine.evaluate(student, teacher, labels, out, want_gradient)
+        return self._engine.evaluate(student, teacher, labels, out, want_gradient, _normalizer(normalizer))
 
     def compute_loss(
         self,
         student_logits: npt.ArrayLike,
         teacher_logits: npt.ArrayLike,
         true_labels: npt.ArrayLike | None = None,
+        *,
+        normalizer: float | None = None,
     ) -> Loss:
         """Distillation loss of a batch.
 
         Parameters
         ----------
-        student_logits : array_like, shape (B, C) or (C,)
-            Raw student outputs.
+        student_logits : array_like, shape (..., C)
+            Raw student outputs: (B, C), one row (C,), or e.g. sequence logits (B, S, C), whose leading
+            axes are all rows. Anything implementing ``__dlpack__`` on the CPU is read without a copy.
         teacher_logits : array_like, same shape as `student_logits`
             Raw teacher outputs.
         true_labels : array_like, optional
-            Integer class indices of shape (B,) (a scalar for one row), each in [0, C) or equal to
-            `ignore_index`; or floating target distributions (one-hot or soft, non-negative, finite) of
-            the logits' shape. ``None`` computes the soft (teacher) term alone.
+            Integer class indices of the logits' leading shape ((B,), a scalar for one row, (B, S) for
+            sequences), each in [0, C) or equal to `ignore_index`; or floating target distributions (one-hot
+            or soft, non-negative, finite) of the logits' shape. ``None`` computes the soft term alone.
+        normalizer : float, optional
+            Divide the sum of the row losses (and its gradient) by this instead of what `reduction` says,
+            e.g. the number of counted rows over all micro-batches and processes (see :meth:`sum_and_count`).
+            Needs reduction "mean" or "sum".
 
         Returns
         -------
         float or numpy.ndarray
             The reduced loss; for ``reduction="none"`` an array of the compute dtype with one loss per
-            row (shape (B,), or () for one row).
+            row, of the logits' leading shape.
 
         Raises
         ------
@@ -228,9 +247,43 @@ class DistillationLoss:
         TypeError
             On bool, complex, object or string arrays, or logits that do not promote to float32/float64.
         """
-        return self._evaluate(student_logits, teacher_logits, true_labels, None, False)[0]
+        return self._evaluate(student_logits, teacher_logits, true_labels, None, False, normalizer)[0]
 
     __call__ = compute_loss
+
+    def sum_and_count(
+        self,
+        student_logits: npt.ArrayLike,
+        teacher_logits: npt.ArrayLike,
+        true_labels: npt.ArrayLike | None = None,
+    ) -> tuple[float, int]:
+        """Sum of the row losses and the number of rows that count, from one call.
+
+        The pieces of an exact mean over micro-batches or processes: add the sums and the counts up, and
+        divide; or pass the total count as `normalizer` to get each piece's share of the loss and gradient.
+
+        Parameters
+        ----------
+        student_logits, teacher_logits, true_labels
+            As in :meth:`compute_loss`.
+
+        Returns
+        -------
+        loss_sum : float
+            Sum over rows of the row losses (ignored rows add 0).
+        count : int
+            Rows not labelled `ignore_index` (all rows without class-index labels).
+        """
+        engine = self._engine
+        if self.reduction == "none":  # a normalizer needs a reduced loss
+            engine = _core.DistillationLoss(
+                self.temperature, self.alpha, "sum", self.ignore_index, self.num_threads
+            )
+        student, teacher = _arrays.logits_pair(student_logits, teacher_logits)
+        labels = _arrays.true_labels(true_labels, student.dtype)
+        # Dividing by a normalizer of 1 turns either reduction into the plain sum, summed in double.
+        loss_sum, _, count = engine.evaluate(student, teacher, labels, None, False, 1.0)
+        return loss_sum, count
 
     def compute_gradient(
         self,
@@ -239,6 +292,7 @@ class DistillationLoss:
         true_labels: npt.ArrayLike | None = None,
         *,
         out: np.ndarray | None = None,
+        normalizer: float | None = None,
     ) -> np.ndarray:
         """Exact gradient of the reduced loss with respect to the student logits.
 
@@ -249,6 +303,8 @@ class DistillationLoss:
         out : numpy.ndarray, optional
             A writeable C-contiguous array of the student's shape and the compute dtype to write into.
             It is checked before anything is written; on any error it is left unchanged.
+        normalizer : float, optional
+            As in :meth:`compute_loss`.
 
         Returns
         -------
@@ -256,7 +312,7 @@ class DistillationLoss:
             The gradient, shaped like the student logits (``out`` itself when given). For
             ``reduction="none"`` it is the gradient of the sum of the row losses.
         """
-        return self._evaluate(student_logits, teacher_logits, true_labels, out, True)[1]
+        return self._evaluate(student_logits, teacher_logits, true_labels, out, True, normalizer)[1]
 
     def loss_and_gradient(
         self,
@@ -265,6 +321,7 @@ class DistillationLoss:
         true_labels: npt.ArrayLike | None = None,
         *,
         out: np.ndarray | None = None,
+        normalizer: float | None = None,
     ) -> tuple[Loss, np.ndarray]:
         """Loss and its exact gradient, computed together in one pass over the data.
 
@@ -274,6 +331,8 @@ class DistillationLoss:
             As in :meth:`compute_loss`.
         out : numpy.ndarray, optional
             As in :meth:`compute_gradient`.
+        normalizer : float, optional
+            As in :meth:`compute_loss`.
 
         Returns
         -------
@@ -287,7 +346,8 @@ class DistillationLoss:
         ValueError, TypeError
             As in :meth:`compute_loss` and :meth:`compute_gradient`.
         """
-        return self._evaluate(student_logits, teacher_logits, true_labels, out, True)
+        loss, gradient, _ = self._evaluate(student_logits, teacher_logits, true_labels, out, True, normalizer)
+        return loss, gradient
 
     def __repr__(self) -> str:
         return (

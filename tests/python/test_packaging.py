@@ -56,8 +56,10 @@ def test_signatures():
         assert list(p)[:4] == ["self", "student_logits", "teacher_logits", "true_labels"]
         assert p["true_labels"].default is None
         assert p["out"].kind is inspect.Parameter.KEYWORD_ONLY and p["out"].default is None
+        assert p["normalizer"].kind is inspect.Parameter.KEYWORD_ONLY and p["normalizer"].default is None
     p = inspect.signature(DistillationLoss.compute_loss).parameters
-    assert list(p) == ["self", "student_logits", "teacher_logits", "true_labels"]
+    assert list(p) == ["self", "student_logits", "teacher_logits", "true_labels", "normalizer"]
+    assert p["normalizer"].kind is inspect.Parameter.KEYWORD_ONLY
 
 
 @pytest.mark.parametrize("name", PUBLIC_METHODS)

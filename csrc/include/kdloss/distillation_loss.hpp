@@ -87,19 +87,32 @@ public:
     // The general entry point. Returns the reduced loss; writes each row's loss to row_losses[i] (ignored
     // rows: 0) and the gradient to *gradient when they are not null. Every argument is checked before
     // anything is written, so on an exception the outputs are untouched.
+    //
+    // For gradient accumulation and sharded batches: a `normalizer` > 0 replaces the reduction's divisor
+    // (loss and gradient are the sum over rows divided by it, e.g. the number of counted rows over all
+    // micro-batches and processes), and *counted_rows receives the number of rows that count (not ignored).
     double evaluate(MatrixView<const T> student_logits, MatrixView<const T> teacher_logits,
-                    const Labels<T>& true_labels, T* row_losses, const MatrixView<T>* gradient) const {
-        return evaluate_with(detail::run_rows<T>, student_logits, teacher_logits, true_labels, row_losses, gradient);
+                    const Labels<T>& true_labels, T* row_losses, const MatrixView<T>* gradient,
+                    double normalizer = 0.0, std::size_t* counted_rows = nullptr) const {
+        return evaluate_with(detail::run_rows<T>, student_logits, teacher_logits, true_labels, row_losses, gradient,
+                             normalizer, counted_rows);
     }
 
     // evaluate() with the row kernel given: the Python module passes the copy compiled for the CPU it runs
     // on. C++ hosts call evaluate(), which uses the kernel compiled with their own flags.
     double evaluate_with(detail::RowsKernel<T> kernel, MatrixView<const T> student_logits,
                          MatrixView<const T> teacher_logits, const Labels<T>& true_labels, T* row_losses,
-                         const MatrixView<T>* gradient) const {
+                         const MatrixView<T>* gradient, double normalizer = 0.0,
+                         std::size_t* counted_rows_out = nullptr) const {
+        check_normalizer(normalizer);
         check_shapes(student_logits, teacher_logits, true_labels, gradient);
         const std::size_t rows = student_logits.rows;
         const std::size_t counted_rows = count_rows_and_check_labels(true_labels, rows, student_logits.cols);
+        if (counted_rows_out != nullptr) *counted_rows_out = counted_rows;
+        // The sum over rows is divided by this (1: no division); 0 rows counted divide nothing.
+        const double divisor = normalizer > 0.0                                     ? normalizer
+                               : reduction_ == Reduction::mean && counted_rows > 0 ? static_cast<double>(counted_rows)
+                                                                                   : 1.0;
 
         const bool labelled = true_labels.kind != Labels<T>::Kind::none;
         detail::BatchProblem<T> problem;
@@ -122,8 +135,7 @@ public:
         problem.temperature = temperature_;
         problem.soft_weight = labelled ? 1.0 - alpha_ : 1.0;
         problem.hard_weight = labelled ? alpha_ : 0.0;
-        problem.gradient_scale =
-            reduction_ == Reduction::mean && counted_rows > 0 ? 1.0 / static_cast<double>(counted_rows) : 1.0;
+        problem.gradient_scale = 1.0 / divisor;
         if (gradient != nullptr) {
             problem.gradient = gradient->data;
             problem.gradient_stride = gradient->row_stride;
@@ -150,8 +162,7 @@ public:
             total += row_loss_buffer[i];
             if (row_losses != nullptr) row_losses[i] = static_cast<T>(row_loss_buffer[i]);
         }
-        if (reduction_ == Reduction::mean) return counted_rows > 0 ? total / static_cast<double>(counted_rows) : 0.0;
-        return total;
+        return total / divisor;
     }
 
 private:
@@ -161,6 +172,13 @@ private:
         if (!(std::isfinite(temperature) && temperature > 0.0))
             throw std::invalid_argument("temperature must be finite and > 0, got " + detail::format_number(temperature));
         return temperature;
+    }
+
+    void check_normalizer(double normalizer) const {
+        if (!(std::isfinite(normalizer) && normalizer >= 0.0))
+            throw std::invalid_argument("normalizer must be finite and > 0, got " + detail::format_number(normalizer));
+        if (normalizer > 0.0 && reduction_ == Reduction::none)
+            throw std::invalid_argument("normalizer needs reduction 'mean' or 'sum', not 'none'");
     }
 
     static double checked_alpha(double alpha) {
