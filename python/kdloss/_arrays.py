@@ -61,6 +61,18 @@ def _in_dtype(array: np.ndarray, dtype: np.dtype) -> np.ndarray:
 
 def logits_pair(student_logits: Any, teacher_logits: Any) -> tuple[np.ndarray, np.ndarray]:
     """Both logits arrays in the compute dtype, ``np.result_type(student, teacher, np.float32)``."""
+    # The common case, decided in a few attribute reads: small calls are dominated by this layer.
+    if (
+        type(student_logits) is np.ndarray
+        and type(teacher_logits) is np.ndarray
+        and student_logits.dtype is teacher_logits.dtype
+        and student_logits.dtype in _COMPUTE_DTYPES
+        and student_logits.flags.c_contiguous
+        and teacher_logits.flags.c_contiguous
+        and student_logits.flags.aligned
+        and teacher_logits.flags.aligned
+    ):
+        return student_logits, teacher_logits
     student = _as_real_array(student_logits, "student_logits")
     teacher = _as_real_array(teacher_logits, "teacher_logits")
     dtype = np.result_type(student, teacher, np.float32)
@@ -76,6 +88,8 @@ def true_labels(labels: Any, dtype: np.dtype) -> np.ndarray | None:
     """Integer labels as int64 class indices; floating labels as target distributions in ``dtype``."""
     if labels is None:
         return None
+    if type(labels) is np.ndarray and labels.dtype is _INT64 and labels.flags.c_contiguous and labels.flags.aligned:
+        return labels
     array = _as_array(labels)
     kind = array.dtype.kind
     if kind in "iu":

@@ -39,7 +39,7 @@ struct BatchProblem {
 // The kernels' vector lanes (lane_math.hpp), and the row length up to which rows are processed a block of
 // `lanes` rows at a time (row_kernel.hpp).
 constexpr std::size_t lanes = 16;
-constexpr std::size_t block_max_classes = 32;
+constexpr std::size_t block_max_classes = 100;
 
 // Elements of per-thread scratch the kernels need for rows of `classes` classes. Long rows: three rows of
 // exponentials, each with room for a padded last block. Blocks: student, teacher, targets, three
