@@ -65,12 +65,18 @@ std::vector<KernelTable> compiled_tables() {
 #ifdef KDLOSS_HAS_AVX512_KERNELS
     tables.push_back(avx512_kernel_table());
 #endif
+#ifdef KDLOSS_HAS_NATIVE_KERNELS
+    tables.push_back(native_kernel_table());
+#endif
     return tables;
 }
 
+// "native" was compiled for the building machine: it runs there, and is only ever chosen by name.
+bool is_native(const KernelTable& table) { return std::string(table.isa) == "native"; }
+
 bool cpu_runs(const KernelTable& table, const CpuFeatures& cpu) {
     const std::string isa = table.isa;
-    return isa == "baseline" || (isa == "avx2" && cpu.avx2) || (isa == "avx512" && cpu.avx512);
+    return isa == "baseline" || is_native(table) || (isa == "avx2" && cpu.avx2) || (isa == "avx512" && cpu.avx512);
 }
 
 const char* forced_isa() {
@@ -95,7 +101,7 @@ KernelTable choose_kernels() {
     }
     KernelTable best = tables.front();
     for (const KernelTable& table : tables)
-        if (cpu_runs(table, cpu)) best = table;
+        if (cpu_runs(table, cpu) && !is_native(table)) best = table;
     return best;
 }
 

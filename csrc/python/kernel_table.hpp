@@ -21,5 +21,6 @@ struct KernelTable {
 KernelTable baseline_kernel_table() noexcept;
 KernelTable avx2_kernel_table() noexcept;
 KernelTable avx512_kernel_table() noexcept;
+KernelTable native_kernel_table() noexcept;
 
 }  // namespace kdloss::python
