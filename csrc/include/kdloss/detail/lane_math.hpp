@@ -147,16 +147,16 @@ KDLOSS_NOINLINE void exponentials(const T* student, const T* teacher, const T* t
                                   T* teacher_soft, T* student_hard, std::size_t n, LaneSums& sums) noexcept {
     // Local copies cannot alias the scratch being written, which spares the loop a run-time alias check.
     const Lanes<T> student_max = student_maxima, teacher_max = teacher_maxima;
-    Lanes<T> z_student, z_teacher, z_hard, teacher_cross, target_mass, target_cross;
+    // The normalising sums are accumulated in double element by element: each is 1 (the maximum's term) plus
+    // the rest, and a float partial sum would round that rest to float's resolution at 1, which is all of a
+    // confident row's cross-entropy. The other sums have no such offset and use float partials.
+    Lanes<double> z_student, z_teacher, z_hard;
+    Lanes<T> teacher_cross, target_mass, target_cross;
     auto flush = [&]() {
         for (std::size_t lane = 0; lane < lanes; ++lane) {
-            sums.student_soft[lane] += z_student[lane];
-            sums.teacher_soft[lane] += z_teacher[lane];
-            sums.student_hard[lane] += z_hard[lane];
             sums.teacher_cross[lane] += teacher_cross[lane];
             sums.target_mass[lane] += target_mass[lane];
             sums.target_cross[lane] += target_cross[lane];
-            z_student[lane] = z_teacher[lane] = z_hard[lane] = T(0);
             teacher_cross[lane] = target_mass[lane] = target_cross[lane] = T(0);
         }
     };
@@ -190,6 +190,11 @@ KDLOSS_NOINLINE void exponentials(const T* student, const T* teacher, const T* t
         flush();
     } else {
         for_each_lane_flushing<16>(n, body, flush);
+    }
+    for (std::size_t lane = 0; lane < lanes; ++lane) {
+        sums.student_soft[lane] += z_student[lane];
+        sums.teacher_soft[lane] += z_teacher[lane];
+        sums.student_hard[lane] += z_hard[lane];
     }
 }
 
