@@ -378,3 +378,17 @@ def test_mean_is_sum_over_count(rng):
     np.testing.assert_allclose(
         none.compute_gradient(s, t, y), total.compute_gradient(s, t, y), rtol=1e-14, atol=1e-17
     )
+
+
+@pytest.mark.parametrize("classes", [10, 1000])
+def test_float32_keeps_a_confident_rows_cross_entropy(rng, classes):
+    # Confident, correct rows have a cross-entropy of about e^-10: log(1 + tiny). Summing the row's
+    # exponentials in float would round that tiny part to float's resolution at 1 (regression test).
+    s = rng.standard_normal((64, classes))
+    y = rng.integers(0, classes, size=64)
+    s[np.arange(64), y] += 10.0
+    t = s + 0.01 * rng.standard_normal(s.shape)
+    s32, t32 = s.astype(np.float32), t.astype(np.float32)
+    ref = reference(s32, t32, y, temperature=3.0, alpha=1.0)
+    loss = DistillationLoss(3.0, 1.0)(s32, t32, y)
+    assert loss == pytest.approx(ref.loss, rel=1e-6)
