@@ -17,7 +17,7 @@ What is timed, for every shape (B, C) and dtype (float32, float64), with class-i
 ``kdloss 2T``
     As ``kdloss 1T`` with ``num_threads=2``; ``n/a`` while the keyword does not exist.
 ``NumPy``
-    ``numpy_loss_and_gradient`` below: a vectorised NumPy forward + backward (log-softmax by max subtraction
+    ``numpy_loss_and_gradient`` (in ``kdloss._bench``): a vectorised NumPy forward + backward (log-softmax by max subtraction
     and log-sum-exp, in-place updates, row dot products with ``einsum``) computing the same loss and gradient.
 ``PyTorch``
     PyTorch eager on one thread (``torch.set_num_threads(1)``), when importable: ``s.grad = None``, then
@@ -28,8 +28,8 @@ What is timed, for every shape (B, C) and dtype (float32, float64), with class-i
     ``np.copyto(dst, src)`` of ``1.5*B*C`` elements of the dtype: it reads and writes ``3*B*C*itemsize``
     bytes, what a fused kernel must move (read student and teacher once, write the gradient once).
 ``empty call`` (tiny shapes only, B*C <= 10 000)
-    ``kd._engine.evaluate`` -- the native binding that ``loss_and_gradient`` calls -- on (0, C) inputs of the
-    dtype with (0,) int64 labels: the fixed cost of crossing into the extension.
+    ``kd.loss_and_gradient`` itself on (0, C) inputs of the dtype with (0,) int64 labels: the fixed cost of a
+    call, whatever its size.
 
 How it is timed: each candidate is first warmed up and calibrated (batches of 1, 2, 4, ... calls until a batch
 takes a few ms), then all candidates of one shape/dtype are sampled round-robin (rotating the order each
@@ -53,11 +53,9 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
-import itertools
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import time
@@ -66,10 +64,21 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
-TEMPERATURE = 3.0
-ALPHA = 0.3
+# The implementations, inputs and timer shared with ``python -m kdloss bench`` (installed with the package).
+from kdloss._bench import (
+    ALPHA,
+    DTYPES,
+    TEMPERATURE,
+    fmt_time,
+    make_inputs,
+    make_torch_step,
+    measure_interleaved,
+    numpy_loss_and_gradient,
+    parse_shape,
+)
+
 DEFAULT_SHAPES = ((256, 1000), (64, 32000), (8, 128256), (4096, 10), (32, 100))
-DEFAULT_DTYPES = ("float32", "float64")
+DEFAULT_DTYPES = DTYPES
 TINY_MAX_ELEMENTS = 10_000  # shapes up to this many elements also time the empty binding call
 DEFAULT_JSON = Path(__file__).resolve().parent / "results.json"
 NOISY_RELATIVE_IQR = 0.10  # rows where a candidate's samples spread more get a '!'
@@ -96,47 +105,6 @@ RATIO_COLUMNS = (
 # --------------------------------------------------------------------------------------------------------------
 
 
-def numpy_loss_and_gradient(
-    s: np.ndarray, t: np.ndarray, y: np.ndarray, temperature: float = TEMPERATURE, alpha: float = ALPHA
-) -> Tuple[float, np.ndarray]:
-    """The KD loss ("mean" over rows, class-index labels) and its gradient w.r.t. ``s``, vectorised NumPy.
-
-    Four B x C work arrays, reused in place; the last one becomes the gradient. With ``a = s/T - max``,
-    ``b = t/T - max`` and their exps ``es``, ``et`` (sums ``zs``, ``zt``), per row:
-    ``T^2 KL(p_T || q_T) = T^2 (sum(et * (b - a)) / zt - log zt + log zs)`` and, at temperature 1 (``T*a`` is
-    ``s - max s``), ``CE = log z1 - T*a[y]``. Gradient: ``(1-alpha) T (q_T - p_T) + alpha (p_1 - onehot(y))``,
-    divided by B. (No ignore_index handling: the benchmark's labels are all valid.)
-    """
-    rows, _ = s.shape
-    scalar = s.dtype.type
-    index = np.arange(rows)
-    a = np.multiply(s, scalar(1.0 / temperature))
-    a -= a.max(axis=1, keepdims=True)
-    es = np.exp(a)
-    zs = es.sum(axis=1)
-    b = np.multiply(t, scalar(1.0 / temperature))
-    b -= b.max(axis=1, keepdims=True)
-    et = np.exp(b)
-    zt = et.sum(axis=1)
-    cross = np.einsum("ij,ij->i", et, b) - np.einsum("ij,ij->i", et, a)
-    soft = (temperature * temperature) * (cross / zt - np.log(zt) + np.log(zs))
-    np.multiply(a, scalar(temperature), out=b)  # s - max(s): logits at temperature 1, shifted
-    picked = b[index, y]
-    np.exp(b, out=b)
-    z1 = b.sum(axis=1)
-    hard = np.log(z1) - picked
-    loss = float(((1.0 - alpha) * soft + alpha * hard).mean())
-    c_soft = (1.0 - alpha) * temperature / rows
-    c_hard = alpha / rows
-    es *= (c_soft / zs)[:, None]
-    et *= (c_soft / zt)[:, None]
-    es -= et
-    b *= (c_hard / z1)[:, None]
-    es += b
-    es[index, y] -= c_hard
-    return loss, es
-
-
 def make_kdloss(threads: Optional[int]) -> Tuple[Any, bool]:
     """``(DistillationLoss, num_threads_supported)``; without the keyword, threads=1 gets the default object."""
     import kdloss
@@ -149,125 +117,18 @@ def make_kdloss(threads: Optional[int]) -> Tuple[Any, bool]:
         return None, False
 
 
-def make_torch_step(torch: Any, s: np.ndarray, t: np.ndarray, y: np.ndarray) -> Tuple[Callable[[], Any], Any]:
-    """A forward+backward closure on a fresh leaf student tensor, and that tensor."""
-    functional = torch.nn.functional
-    student = torch.from_numpy(s.copy()).requires_grad_(True)
-    teacher = torch.from_numpy(t)
-    labels = torch.from_numpy(y)
-    temperature, alpha = TEMPERATURE, ALPHA
-    soft_weight = temperature * temperature * (1.0 - alpha)
-
-    def step() -> Any:
-        student.grad = None
-        loss = functional.kl_div(
-            functional.log_softmax(student / temperature, dim=1),
-            functional.log_softmax(teacher / temperature, dim=1),
-            reduction="batchmean",
-            log_target=True,
-        ) * soft_weight + alpha * functional.cross_entropy(student, labels)
-        loss.backward()
-        return loss
-
-    return step, student
-
-
 def make_empty_call(kd: Any, cols: int, dtype: np.dtype) -> Tuple[Optional[Callable[[], Any]], str]:
-    """A zero-row call of the native binding behind ``loss_and_gradient``, or ``(None, reason)``.
+    """The same public call, ``kd.loss_and_gradient``, on an empty batch: (0, C) logits, (0,) labels.
 
-    Mirrors ``DistillationLoss._evaluate`` in python/kdloss/_loss.py: ``self._engine.evaluate(student,
-    teacher, labels, out, want_gradient)``. Fresh (0, C) arrays are tried first; NumPy gives them zero strides,
-    which a binding may reject, so zero-row slices of a (1, C) array are the fallback (noted in the output).
+    Everything a call costs besides the rows themselves (argument checks, the binding, allocating the
+    outputs): the yardstick of the tiny-call target.
     """
-    engine = getattr(kd, "_engine", None)
-    evaluate = getattr(engine, "evaluate", None)
-    if evaluate is None:
-        return None, "kd._engine.evaluate not found: adapt make_empty_call to the new binding"
-    fresh = (np.empty((0, cols), dtype), np.empty((0, cols), dtype), np.empty((0,), np.int64))
-    sliced = (np.zeros((1, cols), dtype)[:0], np.zeros((1, cols), dtype)[:0], np.zeros((1,), np.int64)[:0])
-    errors = []
-    for label, (s0, t0, y0) in (("fresh (0, C) arrays", fresh), ("zero-row slices of (1, C) arrays", sliced)):
-        try:
-            evaluate(s0, t0, y0, None, True)
-        except (TypeError, ValueError) as error:
-            errors.append(f"{label}: {type(error).__name__}: {error}")
-            continue
+    s0, t0, y0 = np.empty((0, cols), dtype), np.empty((0, cols), dtype), np.empty((0,), np.int64)
 
-        def call(evaluate: Callable[..., Any] = evaluate, s0: Any = s0, t0: Any = t0, y0: Any = y0) -> Any:
-            return evaluate(s0, t0, y0, None, True)
+    def call() -> Any:
+        return kd.loss_and_gradient(s0, t0, y0)
 
-        note = label if not errors else f"{label} (fresh arrays rejected -- {errors[0]})"
-        return call, note
-    return None, "; ".join(errors)
-
-
-def make_inputs(rows: int, cols: int, dtype: str) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    rng = np.random.default_rng([rows, cols, DEFAULT_DTYPES.index(dtype) if dtype in DEFAULT_DTYPES else 9])
-    student = rng.standard_normal((rows, cols), dtype=np.dtype(dtype).type) * np.dtype(dtype).type(3.0)
-    teacher = rng.standard_normal((rows, cols), dtype=np.dtype(dtype).type) * np.dtype(dtype).type(3.0)
-    labels = rng.integers(0, cols, size=rows, dtype=np.int64)
-    return student, teacher, labels
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Timing
-# --------------------------------------------------------------------------------------------------------------
-
-
-def _time_batch(fn: Callable[[], Any], calls: int) -> float:
-    start = time.perf_counter_ns()
-    for _ in itertools.repeat(None, calls):
-        fn()
-    return (time.perf_counter_ns() - start) * 1e-9
-
-
-def _calibrate(fn: Callable[[], Any], min_batch_s: float) -> float:
-    """Warm-up and an estimate of the seconds per call: batches of 1, 2, 4, ... until one lasts min_batch_s."""
-    fn()
-    calls = 1
-    while True:
-        elapsed = _time_batch(fn, calls)
-        if elapsed >= min_batch_s or calls >= 1 << 22:
-            return elapsed / calls
-        calls *= 2
-
-
-def measure_interleaved(
-    candidates: Dict[str, Callable[[], Any]], budget_s: float, min_rounds: int, max_rounds: int, min_batch_s: float
-) -> Dict[str, Dict[str, Any]]:
-    """Median seconds per call of each candidate, all sampled round-robin in the same loop."""
-    estimates = {name: _calibrate(fn, min_batch_s) for name, fn in candidates.items()}
-    rounds = int(budget_s / max(estimates.values()))
-    rounds = max(min_rounds, min(max_rounds, rounds))
-    batch_s = budget_s / rounds
-    calls = {name: max(1, round(batch_s / estimate)) for name, estimate in estimates.items()}
-    samples: Dict[str, List[float]] = {name: [] for name in candidates}
-    names = list(candidates)
-    gc_was_enabled = gc.isenabled()
-    gc.collect()
-    gc.disable()
-    try:
-        for round_index in range(rounds):
-            shift = round_index % len(names)
-            for name in names[shift:] + names[:shift]:
-                samples[name].append(_time_batch(candidates[name], calls[name]) / calls[name])
-    finally:
-        if gc_was_enabled:
-            gc.enable()
-    result = {}
-    for name, values in samples.items():
-        ordered = sorted(values)
-        quartiles = statistics.quantiles(ordered, n=4) if len(ordered) >= 2 else [ordered[0]] * 3
-        result[name] = {
-            "median_s": statistics.median(ordered),
-            "min_s": ordered[0],
-            "q1_s": quartiles[0],
-            "q3_s": quartiles[2],
-            "rounds": rounds,
-            "calls_per_sample": calls[name],
-            "samples_s": values,
-        }
-    return result
+    return call, "kd.loss_and_gradient on a (0, C) batch"
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -397,16 +258,6 @@ def measure_memory(impl: str, shape: Tuple[int, int], dtype: str) -> Dict[str, A
 # --------------------------------------------------------------------------------------------------------------
 
 
-def fmt_time(seconds: Optional[float]) -> str:
-    if seconds is None:
-        return "n/a"
-    if seconds < 1e-4:
-        return f"{seconds * 1e6:.2f} us"
-    if seconds < 1e-3:
-        return f"{seconds * 1e6:.1f} us"
-    return f"{seconds * 1e3:.2f} ms"
-
-
 def fmt_ratio(value: Optional[float]) -> str:
     return "n/a" if value is None else f"{value:.2f}"
 
@@ -521,16 +372,6 @@ def _load_average() -> Optional[Tuple[float, float, float]]:
         return os.getloadavg()
     except (AttributeError, OSError):
         return None
-
-
-def parse_shape(text: str) -> Tuple[int, int]:
-    try:
-        rows, cols = (int(part) for part in text.lower().replace("*", "x").split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"shape must look like 256x1000, got {text!r}") from None
-    if rows < 1 or cols < 1:
-        raise argparse.ArgumentTypeError(f"shape must be positive, got {text!r}")
-    return rows, cols
 
 
 def _split(values: Optional[List[str]]) -> List[str]:
@@ -710,7 +551,7 @@ def run(args: argparse.Namespace) -> int:
         if "call_over_empty" in cell["ratios"]:
             medians = cell["median_s"]
             print(f"tiny call {cell['shape_text']} {cell['dtype']}: loss_and_gradient {fmt_time(medians['kdloss_1t'])}"
-                  f" vs empty binding call kd._engine.evaluate on B=0 {fmt_time(medians.get('empty_call'))}"
+                  f" vs the same call on B=0 {fmt_time(medians.get('empty_call'))}"
                   f" -> ratio {fmt_ratio(cell['ratios']['call_over_empty'])} (target <= 3)")
             if cell["empty_call_note"]:
                 print(f"  empty call inputs: {cell['empty_call_note']}")

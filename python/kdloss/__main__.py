@@ -111,6 +111,7 @@ def subcommands() -> dict[str, Subcommand]:
     return {
         "check": Subcommand(CHECK_HELP, _no_arguments, run_check),
         "demo": _from_module("._demo"),
+        "bench": _from_module("._bench"),
     }
 
 

@@ -5,18 +5,24 @@
 //
 // run(tasks, threads, task) executes task(i, worker) for i in [0, tasks) on the caller plus up to
 // threads - 1 workers; `worker` (< threads) indexes per-thread scratch. Which thread runs a task never
-// changes what the task computes, so results do not depend on the thread count. One parallel job runs at a
-// time: a caller that finds the pool busy (another Python thread, say) runs its tasks itself instead of
-// waiting. After fork() the child, which has no workers, starts a pool of its own.
+// changes what the task computes, so results do not depend on the thread count.
+//
+// Tasks are claimed from a shared counter, so a worker that wakes late simply finds nothing left, and the
+// caller returns as soon as every task is done rather than when every worker has woken: on a busy machine
+// a wake-up can take longer than the whole job. Workers spin briefly before sleeping, which makes
+// back-to-back calls (a training loop) cheap to wake. One parallel job runs at a time: a caller that finds
+// the pool busy (another Python thread, say) runs its tasks itself instead of waiting. After fork() the
+// child, which has no workers, starts a pool of its own.
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstddef>
 #include <functional>
+#include <memory>
 #include <mutex>
 #include <thread>
-#include <vector>
 
 #if defined(__unix__) || defined(__APPLE__)
 #include <unistd.h>
@@ -48,6 +54,24 @@ public:
     }
 
 private:
+    // One parallel call. Shared with the workers, so that one waking after the call has returned still
+    // holds a valid (finished) job and claims nothing from it.
+    struct Job {
+        const Task* task;
+        std::size_t count;
+        std::atomic<std::size_t> next{0};
+        std::atomic<std::size_t> done{0};
+
+        Job(const Task* task_, std::size_t count_) : task(task_), count(count_) {}
+
+        void work(std::size_t worker) {
+            for (std::size_t i = next.fetch_add(1); i < count; i = next.fetch_add(1)) {
+                (*task)(i, worker);
+                done.fetch_add(1, std::memory_order_release);
+            }
+        }
+    };
+
     ThreadPool() = default;
 
     // Never destroyed: workers may still be parked when the process exits, and joining them from a static
@@ -70,57 +94,50 @@ private:
     }
 
     void run_parallel(std::size_t tasks, std::size_t threads, const Task& task) {
+        const auto job = std::make_shared<Job>(&task, tasks);
         {
             std::lock_guard<std::mutex> lock(mutex_);
-            while (workers_.size() < threads - 1) {
-                const std::size_t worker = workers_.size() + 1;
-                workers_.emplace_back([this, worker] { work(worker); });
-                workers_.back().detach();
+            while (started_workers_ < threads - 1) {
+                const std::size_t worker = ++started_workers_;
+                std::thread([this, worker] { serve(worker); }).detach();
             }
-            task_ = &task;
-            task_count_ = tasks;
-            next_task_.store(0);
+            job_ = job;
             participants_ = threads - 1;
-            active_workers_ = participants_;
-            ++generation_;
+            generation_.fetch_add(1, std::memory_order_release);
         }
         wake_.notify_all();
-        drain(0);
-        std::unique_lock<std::mutex> lock(mutex_);
-        done_.wait(lock, [this] { return active_workers_ == 0; });
-        task_ = nullptr;
+        job->work(0);
+        // What is left was claimed by workers and is running: wait for it, which takes at most a task.
+        while (job->done.load(std::memory_order_acquire) < tasks) std::this_thread::yield();
     }
 
-    void drain(std::size_t worker) {
-        for (std::size_t i = next_task_.fetch_add(1); i < task_count_; i = next_task_.fetch_add(1)) (*task_)(i, worker);
-    }
-
-    void work(std::size_t worker) {
+    void serve(std::size_t worker) {
         std::size_t seen = 0;
         for (;;) {
+            // Spin for a while before sleeping: the next call of a training loop usually comes soon.
+            const auto spin_until = std::chrono::steady_clock::now() + std::chrono::microseconds(200);
+            while (generation_.load(std::memory_order_acquire) == seen &&
+                   std::chrono::steady_clock::now() < spin_until)
+                std::this_thread::yield();
+            std::shared_ptr<Job> job;
             {
                 std::unique_lock<std::mutex> lock(mutex_);
+                wake_.wait(lock, [&] { return generation_.load(std::memory_order_acquire) != seen; });
+                seen = generation_.load(std::memory_order_acquire);
                 // Workers beyond this job's thread count sit it out, so that `worker` stays below `threads`.
-                wake_.wait(lock, [&] { return generation_ != seen && task_ != nullptr && worker <= participants_; });
-                seen = generation_;
+                if (worker <= participants_) job = job_;
             }
-            drain(worker);
-            std::lock_guard<std::mutex> lock(mutex_);
-            if (--active_workers_ == 0) done_.notify_one();
+            if (job) job->work(worker);
         }
     }
 
     std::mutex job_mutex_;  // held by the one caller whose job is running
-    std::mutex mutex_;
+    std::mutex mutex_;      // guards what follows but generation_, which is also read while spinning
     std::condition_variable wake_;
-    std::condition_variable done_;
-    std::vector<std::thread> workers_;
-    const Task* task_ = nullptr;
-    std::size_t task_count_ = 0;
-    std::atomic<std::size_t> next_task_{0};
-    std::size_t participants_ = 0;    // workers 1..participants_ take part in the current job
-    std::size_t active_workers_ = 0;  // of those, the ones not yet done
-    std::size_t generation_ = 0;
+    std::size_t started_workers_ = 0;
+    std::shared_ptr<Job> job_;
+    std::size_t participants_ = 0;  // workers 1..participants_ take part in the current job
+    std::atomic<std::size_t> generation_{0};
 };
 
 }  // namespace kdloss::detail
