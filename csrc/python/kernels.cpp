@@ -3,7 +3,7 @@
 // matching compiler flags. Only the kernels may be compiled with wider instructions than the baseline, so
 // this file includes nothing that the rest of the module also instantiates.
 
-#include "kdloss/detail/rows_kernel.hpp"
+#include "kdloss/detail/run_rows.hpp"
 #include "kernel_table.hpp"
 
 #define KDLOSS_KERNEL_STRING_IMPL(name) #name

@@ -15,7 +15,7 @@
 #include <vector>
 
 #include "kdloss/detail/batch_problem.hpp"
-#include "kdloss/detail/rows_kernel.hpp"
+#include "kdloss/detail/run_rows.hpp"
 #include "kdloss/detail/thread_pool.hpp"
 #include "kdloss/messages.hpp"
 #include "kdloss/views.hpp"
