@@ -177,7 +177,8 @@ KDLOSS_NOINLINE void exponentials(const T* student, const T* teacher, const T* t
         if constexpr (Terms::hard) {
             const T e_hard = hard_exponential<HardPower>(ds, e_student);
             z_hard[lane] += e_hard;
-            student_hard[i] = e_hard;
+            // A power of the soft exponential is cheaper to recompute in the gradient pass than to store.
+            if constexpr (HardPower == 0) student_hard[i] = e_hard;
         }
         if constexpr (Terms::distribution) {
             target_mass[lane] += target[i];
@@ -233,14 +234,16 @@ struct GradientCoefficients {
     }
 };
 
-template <class T, class Terms>
+template <class T, class Terms, int HardPower>
 void write_gradient(T* gradient, const T* student_soft, const T* teacher_soft, const T* student_hard, const T* target,
                     const GradientCoefficients<T>& coefficients, std::size_t n) noexcept {
     const GradientCoefficients<T> k = coefficients;  // a local copy, as in exponentials()
     for_each_lane(n, [&](std::size_t i, std::size_t lane) {
         T g = T(0);
         if constexpr (Terms::soft) g += k.soft_q[lane] * student_soft[i] - k.soft_p[lane] * teacher_soft[i];
-        if constexpr (Terms::hard) g += k.hard_h[lane] * student_hard[i];
+        if constexpr (Terms::hard && HardPower == 0) g += k.hard_h[lane] * student_hard[i];
+        if constexpr (Terms::hard && HardPower != 0)
+            g += k.hard_h[lane] * hard_exponential<HardPower>(T(0), student_soft[i]);
         if constexpr (Terms::distribution) g -= k.hard_y[lane] * target[i];
         gradient[i] = g;
     });

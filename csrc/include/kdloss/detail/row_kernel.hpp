@@ -80,10 +80,10 @@ double distill_row(const BatchProblem<T>& problem, const T* student, const T* te
         const double hard_scale = problem.gradient_scale * problem.hard_weight;
         for (std::size_t lane = 0; lane < lanes; ++lane)
             coefficients.set(lane, z_student, z_teacher, z_hard, target_mass, soft_scale, hard_scale);
-        write_gradient<T, Terms>(gradient, student_soft, teacher_soft, student_hard, target, coefficients, whole);
+        write_gradient<T, Terms, HardPower>(gradient, student_soft, teacher_soft, student_hard, target, coefficients, whole);
         if (rest > 0) {
             Lanes<T> padded_gradient;
-            write_gradient<T, Terms>(padded_gradient.value, student_soft + whole, teacher_soft + whole,
+            write_gradient<T, Terms, HardPower>(padded_gradient.value, student_soft + whole, teacher_soft + whole,
                                      student_hard + whole, padded_target.value, coefficients, lanes);
             for (std::size_t c = 0; c < rest; ++c) gradient[whole + c] = padded_gradient[c];
         }
@@ -145,7 +145,7 @@ void distill_block(const BatchProblem<T>& problem, const std::size_t* rows, std:
         for (std::size_t lane = 0; lane < lanes; ++lane)
             coefficients.set(lane, sums.student_soft[lane], sums.teacher_soft[lane], sums.student_hard[lane],
                              Terms::distribution ? sums.target_mass[lane] : 1.0, soft_scale, hard_scale);
-        write_gradient<T, Terms>(gradient, student_soft, teacher_soft, student_hard, target, coefficients, m);
+        write_gradient<T, Terms, HardPower>(gradient, student_soft, teacher_soft, student_hard, target, coefficients, m);
         if constexpr (Terms::hard && !Terms::distribution)
             for (std::size_t lane = 0; lane < count; ++lane)
                 gradient[static_cast<std::size_t>(class_index[lane]) * lanes + lane] -= static_cast<T>(hard_scale);
