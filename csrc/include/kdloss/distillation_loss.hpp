@@ -146,7 +146,10 @@ public:
         // the same whichever task or thread computes it.
         const std::size_t rows_per_task = std::max<std::size_t>(1, min_elements_per_task / problem.classes);
         const std::size_t tasks = (rows + rows_per_task - 1) / rows_per_task;
-        const std::size_t threads = std::min(num_threads_, tasks);
+        // A thread is only worth waking for enough work: below ~65k elements a parallel call loses more to
+        // the wake-up than it gains.
+        const std::size_t worth_threads = std::max<std::size_t>(1, rows * problem.classes / min_elements_per_thread);
+        const std::size_t threads = std::min({num_threads_, tasks, worth_threads});
         const std::size_t scratch_per_thread = detail::scratch_elements(problem.classes);
         std::vector<double> row_loss_buffer(rows);
         std::vector<T> scratch(threads * scratch_per_thread);
@@ -167,6 +170,7 @@ public:
 
 private:
     static constexpr std::size_t min_elements_per_task = 32768;
+    static constexpr std::size_t min_elements_per_thread = 65536;
 
     static double checked_temperature(double temperature) {
         if (!(std::isfinite(temperature) && temperature > 0.0))
