@@ -195,17 +195,18 @@ class DistillationLoss:
         want_gradient: bool,
         normalizer: float | None = None,
     ) -> tuple[Loss, np.ndarray | None, int]:
+        student, teacher = _arrays.logits_pair(student_logits, teacher_logits)
+        labels = _arrays.true_labels(true_labels, student.dtype)
         if out is not None:
             if not isinstance(out, np.ndarray):
                 raise TypeError(f"out must be a numpy.ndarray, got {type(out).__name__}")
-            # Checked against the caller's arrays too: a converted copy no longer shows the overlap.
+            # The binding checks the arrays it is given; a converted copy no longer shows an overlap with
+            # the caller's array, so those are checked here.
             if any(
-                isinstance(given, np.ndarray) and np.may_share_memory(out, given)
-                for given in (student_logits, teacher_logits, true_labels)
+                used is not given and isinstance(given, np.ndarray) and np.may_share_memory(out, given)
+                for given, used in ((student_logits, student), (teacher_logits, teacher), (true_labels, labels))
             ):
                 raise ValueError("out must not share memory with the inputs")
-        student, teacher = _arrays.logits_pair(student_logits, teacher_logits)
-        labels = _arrays.true_labels(true_labels, student.dtype)
         return self._engine.evaluate(student, teacher, labels, out, want_gradient, _normalizer(normalizer))
 
     def compute_loss(

@@ -8,11 +8,11 @@
 #include <cstddef>
 #include <cstdint>
 #include <limits>
+#include <memory>
 #include <stdexcept>
 #include <string>
 #include <string_view>
 #include <type_traits>
-#include <vector>
 
 #include "kdloss/detail/batch_problem.hpp"
 #include "kdloss/detail/run_rows.hpp"
@@ -151,12 +151,14 @@ public:
         const std::size_t worth_threads = std::max<std::size_t>(1, rows * problem.classes / min_elements_per_thread);
         const std::size_t threads = std::min({num_threads_, tasks, worth_threads});
         const std::size_t scratch_per_thread = detail::scratch_elements(problem.classes);
-        std::vector<double> row_loss_buffer(rows);
-        std::vector<T> scratch(threads * scratch_per_thread);
-        problem.row_losses = row_loss_buffer.data();
+        // Left uninitialised: the kernels write every element before reading it, and zeroing tens of
+        // kilobytes of scratch would be a fifth of a small call.
+        const std::unique_ptr<double[]> row_loss_buffer(new double[rows]);
+        const std::unique_ptr<T[]> scratch(new T[threads * scratch_per_thread]);
+        problem.row_losses = row_loss_buffer.get();
         detail::ThreadPool::run(tasks, threads, [&](std::size_t task, std::size_t worker) {
             const std::size_t begin = task * rows_per_task;
-            kernel(problem, begin, std::min(rows, begin + rows_per_task), scratch.data() + worker * scratch_per_thread);
+            kernel(problem, begin, std::min(rows, begin + rows_per_task), scratch.get() + worker * scratch_per_thread);
         });
 
         // Row losses are added in row order, whichever threads computed them, so results are reproducible.

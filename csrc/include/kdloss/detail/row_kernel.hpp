@@ -9,7 +9,6 @@
 // vectors or to pay for three logarithms each, so a block of rows is transposed into scratch (one row per
 // lane), run through the same passes, and the gradient transposed back.
 
-#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <limits>
