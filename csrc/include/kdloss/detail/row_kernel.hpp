@@ -91,7 +91,7 @@ double distill_row(const BatchProblem<T>& problem, const T* student, const T* te
     return loss;
 }
 
-// The rows rows[0 .. count), count <= lanes, none of them ignored: a lane per row, padded with zero rows.
+// The rows rows[0 .. count), count <= lanes, none of them ignored: a lane per row.
 template <class T, class Terms, int HardPower>
 void distill_block(const BatchProblem<T>& problem, const std::size_t* rows, std::size_t count, T* scratch) noexcept {
     const std::size_t n = problem.classes;
@@ -104,19 +104,25 @@ void distill_block(const BatchProblem<T>& problem, const std::size_t* rows, std:
     T* student_hard = scratch + 5 * m;
     T* gradient = scratch + 6 * m;
 
+    // Lanes past `count` repeat the first row: real data, computed and then dropped, so that the copy
+    // below needs no condition.
     std::int64_t class_index[lanes] = {};
+    std::ptrdiff_t student_offset[lanes], teacher_offset[lanes], target_offset[lanes];
     for (std::size_t lane = 0; lane < lanes; ++lane) {
-        const bool real = lane < count;
-        const auto row = static_cast<std::ptrdiff_t>(real ? rows[lane] : 0);
-        for (std::size_t c = 0; c < n; ++c) {
-            const auto column = static_cast<std::ptrdiff_t>(c);
-            student[c * lanes + lane] = real ? problem.student[row * problem.student_stride + column] : T(0);
-            teacher[c * lanes + lane] = real ? problem.teacher[row * problem.teacher_stride + column] : T(0);
-            if constexpr (Terms::distribution)
-                target[c * lanes + lane] = real ? problem.targets[row * problem.target_stride + column] : T(0);
-        }
-        if (real && problem.label_kind == LabelKind::class_indices)
+        const auto row = static_cast<std::ptrdiff_t>(rows[lane < count ? lane : 0]);
+        student_offset[lane] = row * problem.student_stride;
+        teacher_offset[lane] = row * problem.teacher_stride;
+        target_offset[lane] = row * problem.target_stride;
+        if (problem.label_kind == LabelKind::class_indices)
             class_index[lane] = problem.class_indices[row * problem.class_index_stride];
+    }
+    for (std::size_t c = 0; c < n; ++c) {
+        const auto column = static_cast<std::ptrdiff_t>(c);
+        for (std::size_t lane = 0; lane < lanes; ++lane) {
+            student[c * lanes + lane] = problem.student[student_offset[lane] + column];
+            teacher[c * lanes + lane] = problem.teacher[teacher_offset[lane] + column];
+            if constexpr (Terms::distribution) target[c * lanes + lane] = problem.targets[target_offset[lane] + column];
+        }
     }
 
     const LaneMaxima<T> lane_max = lane_maxima<T, Terms::soft>(student, teacher, m);
