@@ -756,26 +756,23 @@ def plot_learning_curves(result: DemoResult, path: Path) -> bool:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _positive_int(text: str) -> int:
-    """Parse an integer >= 1 for argparse."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+def _integer_at_least(minimum: int, expected: str) -> Callable[[str], int]:
+    """An argparse type: an integer >= `minimum`, described as `expected` in the error."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+
+    return parse
 
 
-def _seed(text: str) -> int:
-    """Parse a non-negative integer seed for argparse."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
-    return value
+_positive_int = _integer_at_least(1, "a positive integer")
+_seed = _integer_at_least(0, "a non-negative integer")
 
 
 def _float(text: str) -> float:
