@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The C++ side of kdloss's CI, no Python needed:
 #   - the ctest suite (tests/cpp) built warning-free with -Wall -Wextra -Wpedantic -Werror, run plain
-#     (Release) and under AddressSanitizer + UndefinedBehaviorSanitizer (-fno-sanitize-recover=all);
+#     (Release) and under AddressSanitizer + UndefinedBehaviorSanitizer (-fno-sanitize-recover=all), and
+#     with g++ once more without GNU vector extensions (-DKDLOSS_NO_VECTOR_EXTENSIONS, MSVC's path);
 #   - the host program tests/cmake_consumer built against an install prefix (find_package) and via
 #     add_subdirectory, run, and its printed loss checked against the specification's check value.
 # The suite runs with g++, and with clang++ too when it is installed or Debian's clang can be installed
@@ -98,6 +99,10 @@ suite() {
         link="$sanitizers"
         type=""       # the flags above only
         headers=OFF   # the standalone-header tests check compilation, which the plain build has done
+    elif [ "$mode" = portable ]; then
+        # The kernels without GNU vector extensions: the plain C++ that MSVC compiles.
+        flags="-DKDLOSS_NO_VECTOR_EXTENSIONS $warnings"
+        headers=OFF
     fi
     step "$cxx $mode: configure" cmake -S "$root" -B "$build" -DCMAKE_BUILD_TYPE="$type" \
         -DCMAKE_CXX_COMPILER="$cxx" -DCMAKE_CXX_FLAGS="$flags" -DCMAKE_EXE_LINKER_FLAGS="$link" \
@@ -166,6 +171,7 @@ consumer() {
 for cxx in "${compilers[@]}"; do
     echo "$cxx: ctest suite"
     suite "$cxx" plain
+    if [ "$cxx" = g++ ]; then suite "$cxx" portable; fi
     if [ "$cxx" != clang++ ] || [ "$clang_sanitizers" = 1 ]; then
         suite "$cxx" sanitized
     fi

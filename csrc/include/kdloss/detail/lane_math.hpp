@@ -14,9 +14,9 @@
 // taken, so no epsilon is needed: exact zeros (from -inf logits or underflow) stay exact, and the products
 // 0 * (-inf) that the formulas meet at them are masked to the mathematically right 0.
 //
-// Loops run over contiguous data with the lane index innermost, no branch and no call the compiler cannot
-// inline, so they vectorise without the compiler having to reassociate a floating-point sum; which terms
-// exist is fixed at compile time (Terms).
+// Everything is computed a Pack (pack.hpp) of `lanes` values at a time, without branches, and every sum is
+// kept per lane, so no floating-point sum is ever reassociated and results do not depend on the vector width.
+// Which terms exist is fixed at compile time (Terms).
 
 #include <cmath>
 #include <cstddef>
@@ -25,15 +25,8 @@
 
 #include "kdloss/detail/batch_problem.hpp"
 #include "kdloss/detail/kernel_namespace.hpp"
+#include "kdloss/detail/pack.hpp"
 #include "kdloss/detail/simd_math.hpp"
-
-#if defined(__GNUC__) || defined(__clang__)
-#define KDLOSS_NOINLINE __attribute__((noinline))
-#elif defined(_MSC_VER)
-#define KDLOSS_NOINLINE __declspec(noinline)
-#else
-#define KDLOSS_NOINLINE
-#endif
 
 namespace kdloss::detail {
 inline namespace KDLOSS_KERNEL_NAMESPACE {
@@ -47,90 +40,53 @@ struct Terms {
     using without_gradient = Terms<Soft, Hard, Distribution, false>;
 };
 
+// The first `count` (< lanes) elements of p in a Pack whose other lanes hold `fill`.
 template <class T>
-struct alignas(64) Lanes {
-    T value[lanes];
-
-    explicit Lanes(T initial = T(0)) noexcept {
-        for (std::size_t lane = 0; lane < lanes; ++lane) value[lane] = initial;
-    }
-    T& operator[](std::size_t lane) noexcept { return value[lane]; }
-    const T& operator[](std::size_t lane) const noexcept { return value[lane]; }
-    // Lanes are combined pairwise in a fixed order: results never depend on the vector width in use, and a
-    // tree is four additions deep where a chain would be sixteen.
-    T sum() const noexcept {
-        T total = T(0);
-        for (std::size_t lane = 0; lane < lanes; ++lane) total += value[lane];
-        return total;
-    }
-    T max() const noexcept {
-        T result = value[0];
-        for (std::size_t lane = 1; lane < lanes; ++lane) result = value[lane] > result ? value[lane] : result;
-        return result;
-    }
-};
-
-// body(i, lane) for i = 0 .. n-1 with lane = i % lanes, a block of lanes at a time.
-template <class Body>
-inline void for_each_lane(std::size_t n, Body&& body) noexcept {
-    std::size_t i = 0;
-    for (; i + lanes <= n; i += lanes)
-        for (std::size_t lane = 0; lane < lanes; ++lane) body(i + lane, lane);
-    for (std::size_t lane = 0; i + lane < n; ++lane) body(i + lane, lane);
-}
-
-// for_each_lane, calling flush() after every BlocksPerFlush blocks and at the end: float partial sums of a
-// few hundred terms are exact to a few ulps, and flushing them into double totals keeps rows of any length
-// accurate at a fraction of the cost of widening every element.
-template <std::size_t BlocksPerFlush, class Body, class Flush>
-inline void for_each_lane_flushing(std::size_t n, Body&& body, Flush&& flush) noexcept {
-    std::size_t i = 0;
-    std::size_t blocks = 0;
-    for (; i + lanes <= n; i += lanes) {
-        for (std::size_t lane = 0; lane < lanes; ++lane) body(i + lane, lane);
-        if (++blocks == BlocksPerFlush) {
-            flush();
-            blocks = 0;
-        }
-    }
-    for (std::size_t lane = 0; i + lane < n; ++lane) body(i + lane, lane);
-    flush();
+Pack<T> load_partial(const T* p, std::size_t count, T fill) noexcept {
+    Pack<T> result(fill);
+    for (std::size_t lane = 0; lane < count; ++lane) result.set(lane, p[lane]);
+    return result;
 }
 
 // Per-lane maxima. They start at -inf, so an all -inf row yields -inf and then NaN: it has no softmax.
 template <class T>
 struct LaneMaxima {
-    Lanes<T> student, teacher;
+    Pack<T> student, teacher;
 };
 
 template <class T, bool WithTeacher>
 LaneMaxima<T> lane_maxima(const T* student, const T* teacher, std::size_t n) noexcept {
-    Lanes<T> student_max(-std::numeric_limits<T>::infinity());
-    Lanes<T> teacher_max(-std::numeric_limits<T>::infinity());
-    for_each_lane(n, [&](std::size_t i, std::size_t lane) {
-        student_max[lane] = select(student[i] > student_max[lane], student[i], student_max[lane]);
-        if constexpr (WithTeacher)
-            teacher_max[lane] = select(teacher[i] > teacher_max[lane], teacher[i], teacher_max[lane]);
-    });
+    constexpr T minus_infinity = -std::numeric_limits<T>::infinity();
+    Pack<T> student_max(minus_infinity), teacher_max(minus_infinity);
+    auto update = [&](Pack<T> s, Pack<T> t) {
+        student_max = select(s > student_max, s, student_max);
+        if constexpr (WithTeacher) teacher_max = select(t > teacher_max, t, teacher_max);
+    };
+    std::size_t i = 0;
+    for (; i + lanes <= n; i += lanes)
+        update(Pack<T>::load(student + i), WithTeacher ? Pack<T>::load(teacher + i) : Pack<T>());
+    if (i < n)
+        update(load_partial(student + i, n - i, minus_infinity),
+               WithTeacher ? load_partial(teacher + i, n - i, minus_infinity) : Pack<T>());
     return {student_max, teacher_max};
 }
 
 // Per-lane sums of the exponential pass, in double.
 struct LaneSums {
-    Lanes<double> student_soft;   // Z_s
-    Lanes<double> teacher_soft;   // Z_t
-    Lanes<double> student_hard;   // Z_h
-    Lanes<double> teacher_cross;  // sum_c exp(dt_c / T) (dt_c - ds_c)
-    Lanes<double> target_mass;    // sum_c y_c
-    Lanes<double> target_cross;   // sum_c y_c ds_c
+    Pack<double> student_soft;   // Z_s
+    Pack<double> teacher_soft;   // Z_t
+    Pack<double> student_hard;   // Z_h
+    Pack<double> teacher_cross;  // sum_c exp(dt_c / T) (dt_c - ds_c)
+    Pack<double> target_mass;    // sum_c y_c
+    Pack<double> target_cross;   // sum_c y_c ds_c
 };
 
 // e^(ds) for the hard term. With an integer temperature T <= 4 it is (e^(ds/T))^T, a multiply or two where
 // an exponential costs twenty operations; HardPower is that T, or 0 to evaluate the exponential.
-template <int HardPower, class T>
-inline T hard_exponential(T ds, T soft_exponential) noexcept {
+template <int HardPower, class V>
+KDLOSS_INLINE V hard_exponential(V ds, V soft_exponential) noexcept {
     static_assert(HardPower >= 0 && HardPower <= 4);
-    const T e = soft_exponential;
+    const V e = soft_exponential;
     if constexpr (HardPower == 0) return fast_exp(ds);
     if constexpr (HardPower == 1) return e;
     if constexpr (HardPower == 2) return e * e;
@@ -138,115 +94,129 @@ inline T hard_exponential(T ds, T soft_exponential) noexcept {
     if constexpr (HardPower == 4) return (e * e) * (e * e);
 }
 
-// Writes the exponentials to scratch and adds their per-lane sums to `sums`. Loss-only and loss-and-gradient calls
-// run this very function (callers pass Terms::without_gradient, and it is never inlined into them), so
-// both return bitwise the same loss.
+// Writes the exponentials to scratch and adds their per-lane sums to `sums`; n is a multiple of `lanes`.
+// Loss-only and loss-and-gradient calls run this very function (callers pass Terms::without_gradient, and
+// it is never inlined into them), so both return bitwise the same loss.
+//
+// Sums are kept in T over chunks of a few hundred terms, while they are exact to a few ulps, and added to
+// double totals after each chunk. A normalising sum Z is 1 (the maximum's term, ds = 0) plus the rest, and a
+// float sum would round that rest to float's resolution at 1, which is all of a confident row's
+// cross-entropy; so in float the maxima's terms are counted apart, exactly, and only the rest is summed.
 template <class T, class Terms, int HardPower>
-KDLOSS_NOINLINE void exponentials(const T* student, const T* teacher, const T* target, const Lanes<T>& student_maxima,
-                                  const Lanes<T>& teacher_maxima, T inverse_temperature, T* student_soft,
-                                  T* teacher_soft, T* student_hard, std::size_t n, LaneSums& sums) noexcept {
-    // Local copies cannot alias the scratch being written, which spares the loop a run-time alias check.
-    const Lanes<T> student_max = student_maxima, teacher_max = teacher_maxima;
-    // The normalising sums are accumulated in double element by element: each is 1 (the maximum's term) plus
-    // the rest, and a float partial sum would round that rest to float's resolution at 1, which is all of a
-    // confident row's cross-entropy. The other sums have no such offset and use float partials.
-    Lanes<double> z_student, z_teacher, z_hard;
-    Lanes<T> teacher_cross, target_mass, target_cross;
-    auto flush = [&]() {
-        for (std::size_t lane = 0; lane < lanes; ++lane) {
-            sums.teacher_cross[lane] += teacher_cross[lane];
-            sums.target_mass[lane] += target_mass[lane];
-            sums.target_cross[lane] += target_cross[lane];
-            teacher_cross[lane] = target_mass[lane] = target_cross[lane] = T(0);
+KDLOSS_NOINLINE void exponentials(const T* student, const T* teacher, const T* target, Pack<T> student_max,
+                                  Pack<T> teacher_max, T inverse_temperature, T* student_soft, T* teacher_soft,
+                                  T* student_hard, std::size_t n, LaneSums& sums) noexcept {
+    constexpr bool count_maxima = std::is_same_v<T, float>;
+    constexpr std::size_t chunk = lanes * (count_maxima ? 16 : 256);
+    Pack<double> z_student, z_teacher, z_hard, teacher_cross_total, target_mass_total, target_cross_total;
+    for (std::size_t begin = 0; begin < n; begin += chunk) {
+        const std::size_t end = n - begin < chunk ? n : begin + chunk;
+        Pack<T> rest_student, rest_teacher, rest_hard, maxima_student, maxima_teacher;
+        Pack<T> teacher_cross, target_mass, target_cross;
+        for (std::size_t i = begin; i < end; i += lanes) {
+            const Pack<T> ds = Pack<T>::load(student + i) - student_max;
+            const Mask<T> student_at_max = ds == Pack<T>();
+            Pack<T> e_student;
+            if constexpr (Terms::soft) {
+                const Pack<T> dt = Pack<T>::load(teacher + i) - teacher_max;
+                e_student = fast_exp(ds * inverse_temperature);
+                const Pack<T> e_teacher = fast_exp(dt * inverse_temperature);
+                if constexpr (count_maxima) {
+                    const Mask<T> teacher_at_max = dt == Pack<T>();
+                    rest_student += select(student_at_max, T(0), e_student);
+                    rest_teacher += select(teacher_at_max, T(0), e_teacher);
+                    maxima_teacher += select(teacher_at_max, T(1), T(0));
+                } else {
+                    rest_student += e_student;
+                    rest_teacher += e_teacher;
+                }
+                // A teacher probability of exactly 0 contributes 0, whatever the student says there.
+                teacher_cross += select(e_teacher == Pack<T>(), T(0), e_teacher * (dt - ds));
+                e_student.store(student_soft + i);
+                e_teacher.store(teacher_soft + i);
+            }
+            if constexpr (Terms::hard) {
+                const Pack<T> e_hard = hard_exponential<HardPower>(ds, e_student);
+                rest_hard += count_maxima ? select(student_at_max, T(0), e_hard) : e_hard;
+                // A power of the soft exponential is cheaper to recompute in the gradient pass than to store.
+                if constexpr (HardPower == 0) e_hard.store(student_hard + i);
+            }
+            if constexpr (count_maxima) maxima_student += select(student_at_max, T(1), T(0));
+            if constexpr (Terms::distribution) {
+                const Pack<T> y = Pack<T>::load(target + i);
+                target_mass += y;
+                // A class the target does not want costs nothing, even at a student -inf.
+                target_cross += select(y == Pack<T>(), T(0), y * ds);
+            }
         }
-    };
-    auto body = [&](std::size_t i, std::size_t lane) {
-        const T ds = student[i] - student_max[lane];
-        T e_student = T(0);
-        if constexpr (Terms::soft) {
-            const T dt = teacher[i] - teacher_max[lane];
-            e_student = fast_exp(ds * inverse_temperature);
-            const T e_teacher = fast_exp(dt * inverse_temperature);
-            z_student[lane] += e_student;
-            z_teacher[lane] += e_teacher;
-            // A teacher probability of exactly 0 contributes 0, whatever the student says there.
-            teacher_cross[lane] += select(e_teacher == T(0), T(0), e_teacher * (dt - ds));
-            student_soft[i] = e_student;
-            teacher_soft[i] = e_teacher;
-        }
-        if constexpr (Terms::hard) {
-            const T e_hard = hard_exponential<HardPower>(ds, e_student);
-            z_hard[lane] += e_hard;
-            // A power of the soft exponential is cheaper to recompute in the gradient pass than to store.
-            if constexpr (HardPower == 0) student_hard[i] = e_hard;
-        }
-        if constexpr (Terms::distribution) {
-            target_mass[lane] += target[i];
-            // A class the target does not want costs nothing, even at a student -inf.
-            target_cross[lane] += select(target[i] == T(0), T(0), target[i] * ds);
-        }
-    };
-    if constexpr (std::is_same_v<T, double>) {
-        for_each_lane(n, body);  // already double: nothing to widen
-        flush();
-    } else {
-        for_each_lane_flushing<16>(n, body, flush);
+        z_student += widen(maxima_student) + widen(rest_student);
+        z_teacher += widen(maxima_teacher) + widen(rest_teacher);
+        z_hard += widen(maxima_student) + widen(rest_hard);
+        teacher_cross_total += widen(teacher_cross);
+        target_mass_total += widen(target_mass);
+        target_cross_total += widen(target_cross);
     }
-    for (std::size_t lane = 0; lane < lanes; ++lane) {
-        sums.student_soft[lane] += z_student[lane];
-        sums.teacher_soft[lane] += z_teacher[lane];
-        sums.student_hard[lane] += z_hard[lane];
-    }
+    sums.student_soft += z_student;
+    sums.teacher_soft += z_teacher;
+    sums.student_hard += z_hard;
+    sums.teacher_cross += teacher_cross_total;
+    sums.target_mass += target_mass_total;
+    sums.target_cross += target_cross_total;
 }
 
-// A row's loss from its sums. `target_logit` is ds at the label for class-index labels. fast_log, not
-// std::log: it costs a few cycles, which matters for short rows, and it vectorises across a block's lanes.
-template <class Terms>
-inline double loss_from_sums(double student_soft, double teacher_soft, double student_hard, double teacher_cross,
-                             double target_mass, double target_cross, double target_logit, double temperature,
-                             double soft_weight, double hard_weight) noexcept {
-    double loss = 0.0;
+// A row's loss from its sums (V = double), or 16 rows' at once (V = Pack<double>). `target_logit` is ds at
+// the label for class-index labels. fast_log, not std::log: it costs a few cycles, which matters for short
+// rows, and it runs on all lanes of a block at once.
+template <class Terms, class V>
+inline V loss_from_sums(V student_soft, V teacher_soft, V student_hard, V teacher_cross, V target_mass,
+                        V target_cross, V target_logit, double temperature, double soft_weight,
+                        double hard_weight) noexcept {
+    V loss = 0.0;
     if constexpr (Terms::soft) {
-        const double kl =
-            teacher_cross / (teacher_soft * temperature) - fast_log(teacher_soft) + fast_log(student_soft);
-        loss += soft_weight * temperature * temperature * kl;
+        const V kl = teacher_cross / (teacher_soft * temperature) - fast_log(teacher_soft) + fast_log(student_soft);
+        loss = loss + soft_weight * temperature * temperature * kl;
     }
     if constexpr (Terms::hard) {
-        const double hard = Terms::distribution ? target_mass * fast_log(student_hard) - target_cross
-                                                : fast_log(student_hard) - target_logit;
-        loss += hard_weight * hard;
+        V hard;
+        if constexpr (Terms::distribution)
+            hard = target_mass * fast_log(student_hard) - target_cross;
+        else
+            hard = fast_log(student_hard) - target_logit;
+        loss = loss + hard_weight * hard;
     }
     return loss;
 }
 
-// Gradient coefficients of one lane: gradient = soft_q q - soft_p p + hard_h h - hard_y y, folding in the
-// normalising sums, the weights and the reduction's scale.
+// Gradient coefficients per lane: gradient = soft_q q - soft_p p + hard_h h - hard_y y, folding in the
+// normalising sums, the weights and the reduction's scale. From one row's sums (V = double: the same in
+// every lane) or from a block's (V = Pack<double>: a row per lane).
 template <class T>
 struct GradientCoefficients {
-    Lanes<T> soft_q, soft_p, hard_h, hard_y;
+    Pack<T> soft_q, soft_p, hard_h, hard_y;
 
-    void set(std::size_t lane, double student_soft, double teacher_soft, double student_hard, double target_mass,
-             double soft_scale, double hard_scale) noexcept {
-        soft_q[lane] = static_cast<T>(soft_scale / student_soft);
-        soft_p[lane] = static_cast<T>(soft_scale / teacher_soft);
-        hard_h[lane] = static_cast<T>(hard_scale * target_mass / student_hard);
-        hard_y[lane] = static_cast<T>(hard_scale);
-    }
+    template <class V>
+    GradientCoefficients(V student_soft, V teacher_soft, V student_hard, V target_mass, double soft_scale,
+                         double hard_scale) noexcept
+        : soft_q(narrow<T>(soft_scale / student_soft)),
+          soft_p(narrow<T>(soft_scale / teacher_soft)),
+          hard_h(narrow<T>(hard_scale * target_mass / student_hard)),
+          hard_y(static_cast<T>(hard_scale)) {}
 };
 
+// n is a multiple of `lanes`.
 template <class T, class Terms, int HardPower>
-void write_gradient(T* gradient, const T* student_soft, const T* teacher_soft, const T* student_hard, const T* target,
+KDLOSS_NOINLINE void write_gradient(T* gradient, const T* student_soft, const T* teacher_soft, const T* student_hard, const T* target,
                     const GradientCoefficients<T>& coefficients, std::size_t n) noexcept {
-    const GradientCoefficients<T> k = coefficients;  // a local copy, as in exponentials()
-    for_each_lane(n, [&](std::size_t i, std::size_t lane) {
-        T g = T(0);
-        if constexpr (Terms::soft) g += k.soft_q[lane] * student_soft[i] - k.soft_p[lane] * teacher_soft[i];
-        if constexpr (Terms::hard && HardPower == 0) g += k.hard_h[lane] * student_hard[i];
-        if constexpr (Terms::hard && HardPower != 0)
-            g += k.hard_h[lane] * hard_exponential<HardPower>(T(0), student_soft[i]);
-        if constexpr (Terms::distribution) g -= k.hard_y[lane] * target[i];
-        gradient[i] = g;
-    });
+    const GradientCoefficients<T> k = coefficients;  // a local copy, which the stores below cannot alias
+    for (std::size_t i = 0; i < n; i += lanes) {
+        Pack<T> g;
+        const Pack<T> q = Pack<T>::load(student_soft + i);
+        if constexpr (Terms::soft) g = k.soft_q * q - k.soft_p * Pack<T>::load(teacher_soft + i);
+        if constexpr (Terms::hard && HardPower == 0) g += k.hard_h * Pack<T>::load(student_hard + i);
+        if constexpr (Terms::hard && HardPower != 0) g += k.hard_h * hard_exponential<HardPower>(Pack<T>(), q);
+        if constexpr (Terms::distribution) g = g - k.hard_y * Pack<T>::load(target + i);
+        g.store(gradient + i);
+    }
 }
 
 }  // namespace KDLOSS_KERNEL_NAMESPACE

@@ -22,7 +22,7 @@ namespace kdloss::detail {
 inline namespace KDLOSS_KERNEL_NAMESPACE {
 
 template <class T, class Terms, int HardPower>
-double distill_row(const BatchProblem<T>& problem, const T* student, const T* teacher, std::int64_t class_index,
+KDLOSS_NOINLINE double distill_row(const BatchProblem<T>& problem, const T* student, const T* teacher, std::int64_t class_index,
                    const T* target, T* scratch, T* gradient) noexcept {
     const std::size_t n = problem.classes;
     const double temperature = problem.temperature;
@@ -33,7 +33,7 @@ double distill_row(const BatchProblem<T>& problem, const T* student, const T* te
 
     const LaneMaxima<T> lane_max = lane_maxima<T, Terms::soft>(student, teacher, n);
     const T row_student_max = lane_max.student.max();
-    const Lanes<T> student_max(row_student_max), teacher_max(lane_max.teacher.max());
+    const Pack<T> student_max(row_student_max), teacher_max(lane_max.teacher.max());
     const T inverse_temperature = static_cast<T>(1.0 / temperature);
 
     // Whole blocks straight from the row; the last, partial block from a copy padded with classes that add
@@ -43,15 +43,14 @@ double distill_row(const BatchProblem<T>& problem, const T* student, const T* te
     LaneSums lane_sums;
     exponentials<T, SumTerms, HardPower>(student, teacher, target, student_max, teacher_max, inverse_temperature,
                                          student_soft, teacher_soft, student_hard, whole, lane_sums);
-    Lanes<T> padded_student(-std::numeric_limits<T>::infinity()), padded_teacher(-std::numeric_limits<T>::infinity()),
-        padded_target(T(0));
+    T padded_student[lanes], padded_teacher[lanes], padded_target[lanes];
     if (rest > 0) {
-        for (std::size_t c = 0; c < rest; ++c) {
-            padded_student[c] = student[whole + c];
-            padded_teacher[c] = teacher[whole + c];
-            if constexpr (Terms::distribution) padded_target[c] = target[whole + c];
+        for (std::size_t c = 0; c < lanes; ++c) {
+            padded_student[c] = c < rest ? student[whole + c] : -std::numeric_limits<T>::infinity();
+            padded_teacher[c] = c < rest ? teacher[whole + c] : -std::numeric_limits<T>::infinity();
+            padded_target[c] = Terms::distribution && c < rest ? target[whole + c] : T(0);
         }
-        exponentials<T, SumTerms, HardPower>(padded_student.value, padded_teacher.value, padded_target.value,
+        exponentials<T, SumTerms, HardPower>(padded_student, padded_teacher, padded_target,
                                              student_max, teacher_max, inverse_temperature, student_soft + whole,
                                              teacher_soft + whole, student_hard + whole, lanes, lane_sums);
     }
@@ -74,16 +73,14 @@ double distill_row(const BatchProblem<T>& problem, const T* student, const T* te
                                               target_logit, temperature, problem.soft_weight, problem.hard_weight);
 
     if constexpr (Terms::gradient) {
-        GradientCoefficients<T> coefficients;
         const double soft_scale = problem.gradient_scale * problem.soft_weight * temperature;
         const double hard_scale = problem.gradient_scale * problem.hard_weight;
-        for (std::size_t lane = 0; lane < lanes; ++lane)
-            coefficients.set(lane, z_student, z_teacher, z_hard, target_mass, soft_scale, hard_scale);
+        const GradientCoefficients<T> coefficients(z_student, z_teacher, z_hard, target_mass, soft_scale, hard_scale);
         write_gradient<T, Terms, HardPower>(gradient, student_soft, teacher_soft, student_hard, target, coefficients, whole);
         if (rest > 0) {
-            Lanes<T> padded_gradient;
-            write_gradient<T, Terms, HardPower>(padded_gradient.value, student_soft + whole, teacher_soft + whole,
-                                     student_hard + whole, padded_target.value, coefficients, lanes);
+            T padded_gradient[lanes];
+            write_gradient<T, Terms, HardPower>(padded_gradient, student_soft + whole, teacher_soft + whole,
+                                                student_hard + whole, padded_target, coefficients, lanes);
             for (std::size_t c = 0; c < rest; ++c) gradient[whole + c] = padded_gradient[c];
         }
         if constexpr (Terms::hard && !Terms::distribution) gradient[class_index] -= static_cast<T>(hard_scale);
@@ -93,7 +90,7 @@ double distill_row(const BatchProblem<T>& problem, const T* student, const T* te
 
 // The rows rows[0 .. count), count <= lanes, none of them ignored: a lane per row.
 template <class T, class Terms, int HardPower>
-void distill_block(const BatchProblem<T>& problem, const std::size_t* rows, std::size_t count, T* scratch) noexcept {
+KDLOSS_NOINLINE void distill_block(const BatchProblem<T>& problem, const std::size_t* rows, std::size_t count, T* scratch) noexcept {
     const std::size_t n = problem.classes;
     const std::size_t m = lanes * n;
     T* student = scratch;
@@ -126,30 +123,29 @@ void distill_block(const BatchProblem<T>& problem, const std::size_t* rows, std:
     }
 
     const LaneMaxima<T> lane_max = lane_maxima<T, Terms::soft>(student, teacher, m);
-    const Lanes<T>& student_max = lane_max.student;
+    const Pack<T>& student_max = lane_max.student;
     const double temperature = problem.temperature;
     LaneSums sums;
     exponentials<T, typename Terms::without_gradient, HardPower>(student, teacher, target, student_max,
                                                                  lane_max.teacher, static_cast<T>(1.0 / temperature),
                                                                  student_soft, teacher_soft, student_hard, m, sums);
-    Lanes<double> target_logit(0.0), loss(0.0);
+    Pack<double> target_logit(0.0);
     if constexpr (Terms::hard && !Terms::distribution)
         for (std::size_t lane = 0; lane < lanes; ++lane)
-            target_logit[lane] = static_cast<double>(student[static_cast<std::size_t>(class_index[lane]) * lanes + lane]) -
-                                 static_cast<double>(student_max[lane]);
-    for (std::size_t lane = 0; lane < lanes; ++lane)
-        loss[lane] = loss_from_sums<Terms>(sums.student_soft[lane], sums.teacher_soft[lane], sums.student_hard[lane],
-                                           sums.teacher_cross[lane], sums.target_mass[lane], sums.target_cross[lane],
-                                           target_logit[lane], temperature, problem.soft_weight, problem.hard_weight);
+            target_logit.set(lane, static_cast<double>(student[static_cast<std::size_t>(class_index[lane]) * lanes + lane]) -
+                                       static_cast<double>(student_max[lane]));
+    const Pack<double> loss =
+        loss_from_sums<Terms>(sums.student_soft, sums.teacher_soft, sums.student_hard, sums.teacher_cross,
+                              sums.target_mass, sums.target_cross, target_logit, temperature, problem.soft_weight,
+                              problem.hard_weight);
     for (std::size_t lane = 0; lane < count; ++lane) problem.row_losses[rows[lane]] = loss[lane];
 
     if constexpr (Terms::gradient) {
-        GradientCoefficients<T> coefficients;
         const double soft_scale = problem.gradient_scale * problem.soft_weight * temperature;
         const double hard_scale = problem.gradient_scale * problem.hard_weight;
-        for (std::size_t lane = 0; lane < lanes; ++lane)
-            coefficients.set(lane, sums.student_soft[lane], sums.teacher_soft[lane], sums.student_hard[lane],
-                             Terms::distribution ? sums.target_mass[lane] : 1.0, soft_scale, hard_scale);
+        const GradientCoefficients<T> coefficients(sums.student_soft, sums.teacher_soft, sums.student_hard,
+                                                   Terms::distribution ? sums.target_mass : Pack<double>(1.0),
+                                                   soft_scale, hard_scale);
         write_gradient<T, Terms, HardPower>(gradient, student_soft, teacher_soft, student_hard, target, coefficients, m);
         if constexpr (Terms::hard && !Terms::distribution)
             for (std::size_t lane = 0; lane < count; ++lane)

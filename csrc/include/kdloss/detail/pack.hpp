@@ -1,0 +1,284 @@
+#pragma once
+
+// Pack<T>: `lanes` values of T that the kernels operate on together, held in vector registers.
+//
+// With g++ and clang a Pack is an array of GNU vectors (vector_size) as wide as the target's registers:
+// 16 floats are one zmm register with AVX-512, two ymm with AVX2, four xmm with SSE2 or NEON. (A single
+// 16-lane vector would be simpler, but g++ lowers a conditional on a vector wider than the hardware's into
+// scalar code.) The kernels were first written as loops over arrays of lanes for the auto-vectoriser; it did
+// vectorise them, but kept every accumulator in memory and re-checked pointer aliasing on every block, which
+// measured slower than the same arithmetic in registers. Other compilers (MSVC) get an array of scalars and
+// the same loops, which they may vectorise or not. Every operation is per lane, so both give the same bits.
+
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#include "kdloss/detail/batch_problem.hpp"
+#include "kdloss/detail/kernel_namespace.hpp"
+
+// The kernels' small functions must be inlined into their loops, whatever the compiler's size heuristics
+// think of a Pack's unrolled parts: a call per operation would spill every register. Their big functions
+// must not be, nor be cloned for constant arguments: each is then compiled once, and every row runs through
+// the same instructions whatever the call site, where two copies could differ in which a * b + c the
+// compiler fuses into an FMA, and so in the last bit of a result (a row's gradient must not depend on the
+// batch it came in; g++ -O3 did clone distill_block for full blocks, and did fuse differently).
+#if defined(__clang__)
+#define KDLOSS_INLINE inline __attribute__((always_inline))
+#define KDLOSS_NOINLINE __attribute__((noinline))
+#elif defined(__GNUC__)
+#define KDLOSS_INLINE inline __attribute__((always_inline))
+#define KDLOSS_NOINLINE __attribute__((noinline, noclone))
+#elif defined(_MSC_VER)
+#define KDLOSS_INLINE __forceinline
+#define KDLOSS_NOINLINE __declspec(noinline)
+#else
+#define KDLOSS_INLINE inline
+#define KDLOSS_NOINLINE
+#endif
+
+#if (defined(__GNUC__) || defined(__clang__)) && !defined(KDLOSS_NO_VECTOR_EXTENSIONS)
+#define KDLOSS_VECTOR_EXTENSIONS 1
+#else
+#define KDLOSS_VECTOR_EXTENSIONS 0
+#endif
+
+namespace kdloss::detail {
+inline namespace KDLOSS_KERNEL_NAMESPACE {
+
+// The unsigned integer of the same width as T, for bit manipulation.
+template <class T>
+using BitsOf = std::conditional_t<sizeof(T) == 4, std::uint32_t, std::uint64_t>;
+
+#if KDLOSS_VECTOR_EXTENSIONS
+#if defined(__AVX512F__)
+inline constexpr std::size_t vector_bytes = 64;
+#elif defined(__AVX__)
+inline constexpr std::size_t vector_bytes = 32;
+#else
+inline constexpr std::size_t vector_bytes = 16;  // SSE2, NEON
+#endif
+// One register's worth of T.
+template <class T>
+struct PartOf {
+    typedef T type __attribute__((vector_size(vector_bytes)));
+};
+#else
+inline constexpr std::size_t vector_bytes = sizeof(float);
+template <class T>
+struct PartOf {
+    using type = T;
+};
+#endif
+
+template <class T>
+inline constexpr std::size_t lanes_per_part = vector_bytes / sizeof(T) > 0 ? vector_bytes / sizeof(T) : 1;
+template <class T>
+inline constexpr std::size_t parts = lanes / lanes_per_part<T>;
+
+// The result of comparing two Packs lane by lane: integer vectors of all ones where the comparison holds
+// (bools without vector extensions).
+template <class T>
+struct Mask {
+    using Part = decltype(typename PartOf<T>::type{} < typename PartOf<T>::type{});
+    Part part[parts<T>];
+
+    friend KDLOSS_INLINE Mask operator|(const Mask& a, const Mask& b) noexcept {
+        Mask r;
+        for (std::size_t i = 0; i < parts<T>; ++i) r.part[i] = a.part[i] | b.part[i];
+        return r;
+    }
+};
+
+template <class T>
+struct Pack {
+    using Part = typename PartOf<T>::type;
+    Part part[parts<T>];
+
+    KDLOSS_INLINE Pack() noexcept : part() {}
+    // Implicit, so that constants mix with Packs in expressions: p * r + 0.5f.
+    KDLOSS_INLINE Pack(T x) noexcept {  // NOLINT(google-explicit-constructor)
+        for (std::size_t i = 0; i < parts<T>; ++i) part[i] = Part{} + x;
+    }
+
+    static KDLOSS_INLINE Pack load(const T* p) noexcept {
+        Pack result;
+        std::memcpy(&result.part, p, sizeof result.part);  // unaligned vector loads
+        return result;
+    }
+    KDLOSS_INLINE void store(T* p) const noexcept { std::memcpy(p, &part, sizeof part); }
+
+    T operator[](std::size_t lane) const noexcept {
+        T values[lanes];
+        std::memcpy(values, &part, sizeof values);
+        return values[lane];
+    }
+    void set(std::size_t lane, T x) noexcept {
+        T values[lanes];
+        std::memcpy(values, &part, sizeof values);
+        values[lane] = x;
+        std::memcpy(&part, values, sizeof values);
+    }
+
+#define KDLOSS_PACK_OP(op)                                                              \
+    friend KDLOSS_INLINE Pack operator op(const Pack& a, const Pack& b) noexcept {                    \
+        Pack r;                                                                         \
+        for (std::size_t i = 0; i < parts<T>; ++i) r.part[i] = a.part[i] op b.part[i]; \
+        return r;                                                                       \
+    }
+#define KDLOSS_PACK_COMPARE(op)                                                         \
+    friend KDLOSS_INLINE Mask<T> operator op(const Pack& a, const Pack& b) noexcept {                 \
+        Mask<T> r;                                                                      \
+        for (std::size_t i = 0; i < parts<T>; ++i) r.part[i] = a.part[i] op b.part[i]; \
+        return r;                                                                       \
+    }
+    KDLOSS_PACK_OP(+)
+    KDLOSS_PACK_OP(-)
+    KDLOSS_PACK_OP(*)
+    KDLOSS_PACK_OP(/)
+    KDLOSS_PACK_OP(&)
+    KDLOSS_PACK_OP(|)
+    KDLOSS_PACK_COMPARE(<)
+    KDLOSS_PACK_COMPARE(>)
+    KDLOSS_PACK_COMPARE(==)
+    KDLOSS_PACK_COMPARE(!=)
+#undef KDLOSS_PACK_OP
+#undef KDLOSS_PACK_COMPARE
+
+    KDLOSS_INLINE Pack& operator+=(const Pack& b) noexcept { return *this = *this + b; }
+    friend KDLOSS_INLINE Pack operator<<(const Pack& a, int shift) noexcept {
+        Pack r;
+        for (std::size_t i = 0; i < parts<T>; ++i) r.part[i] = a.part[i] << shift;
+        return r;
+    }
+    friend KDLOSS_INLINE Pack operator>>(const Pack& a, int shift) noexcept {
+        Pack r;
+        for (std::size_t i = 0; i < parts<T>; ++i) r.part[i] = a.part[i] >> shift;
+        return r;
+    }
+
+    // The lanes added pairwise in a fixed order (a tree four additions deep), so that a sum never depends
+    // on the vector width in use.
+    T sum() const noexcept {
+        T level[lanes];
+        std::memcpy(level, &part, sizeof level);
+        for (std::size_t width = lanes / 2; width > 0; width /= 2)
+            for (std::size_t i = 0; i < width; ++i) level[i] = level[i] + level[i + width];
+        return level[0];
+    }
+    T max() const noexcept {
+        T values[lanes];
+        std::memcpy(values, &part, sizeof values);
+        T result = values[0];
+        for (std::size_t lane = 1; lane < lanes; ++lane) result = values[lane] > result ? values[lane] : result;
+        return result;
+    }
+};
+
+template <class To, class From>
+inline To bits_as(From value) noexcept {
+    static_assert(sizeof(To) == sizeof(From));
+    To result;
+    std::memcpy(&result, &value, sizeof result);
+    return result;
+}
+
+// The bits of x as unsigned integers, and back: for scalars and for Packs alike, so that the maths in
+// simd_math.hpp is written once.
+template <class To, class From>
+KDLOSS_INLINE Pack<To> reinterpret(const Pack<From>& x) noexcept {
+    static_assert(sizeof(To) == sizeof(From));
+    Pack<To> result;
+    std::memcpy(&result.part, &x.part, sizeof result.part);
+    return result;
+}
+inline std::uint32_t to_bits(float x) noexcept { return bits_as<std::uint32_t>(x); }
+inline std::uint64_t to_bits(double x) noexcept { return bits_as<std::uint64_t>(x); }
+template <class T>
+KDLOSS_INLINE Pack<BitsOf<T>> to_bits(const Pack<T>& x) noexcept {
+    return reinterpret<BitsOf<T>>(x);
+}
+inline float from_bits(std::uint32_t bits) noexcept { return bits_as<float>(bits); }
+inline double from_bits(std::uint64_t bits) noexcept { return bits_as<double>(bits); }
+KDLOSS_INLINE Pack<float> from_bits(const Pack<std::uint32_t>& bits) noexcept { return reinterpret<float>(bits); }
+KDLOSS_INLINE Pack<double> from_bits(const Pack<std::uint64_t>& bits) noexcept { return reinterpret<double>(bits); }
+
+// condition ? if_true : if_false, without a branch: for scalars by bit masks, for Packs lane by lane.
+template <class T>
+inline T select(bool condition, T if_true, T if_false) noexcept {
+    const BitsOf<T> mask = BitsOf<T>(0) - static_cast<BitsOf<T>>(condition);
+    return from_bits((to_bits(if_true) & mask) | (to_bits(if_false) & ~mask));
+}
+template <class T>
+struct Identity {
+    using type = T;
+};
+// T is deduced from the mask alone, so either value may be a scalar constant. A vector conditional, which
+// the compiler turns into a blend, a masked operation or a max.
+template <class T>
+KDLOSS_INLINE Pack<T> select(const Mask<T>& condition, const typename Identity<Pack<T>>::type& if_true,
+                      const typename Identity<Pack<T>>::type& if_false) noexcept {
+    Pack<T> r;
+    for (std::size_t i = 0; i < parts<T>; ++i)
+        r.part[i] = condition.part[i] ? if_true.part[i] : if_false.part[i];
+    return r;
+}
+
+// The scalar type of a scalar or of a Pack.
+template <class V>
+struct ScalarOfT {
+    using type = V;
+};
+template <class T>
+struct ScalarOfT<Pack<T>> {
+    using type = T;
+};
+template <class V>
+using ScalarOf = typename ScalarOfT<V>::type;
+
+// The lanes of a float Pack as doubles.
+KDLOSS_INLINE Pack<double> widen(const Pack<float>& x) noexcept {
+    Pack<double> result;
+#if KDLOSS_VECTOR_EXTENSIONS
+    // Each float part is two double parts: convert its halves.
+    typedef float Half __attribute__((vector_size(vector_bytes / 2)));
+    for (std::size_t i = 0; i < parts<double>; ++i) {
+        Half half;
+        std::memcpy(&half, reinterpret_cast<const char*>(&x.part) + i * sizeof half, sizeof half);
+        result.part[i] = __builtin_convertvector(half, Pack<double>::Part);
+    }
+#else
+    for (std::size_t i = 0; i < lanes; ++i) result.part[i] = x.part[i];
+#endif
+    return result;
+}
+KDLOSS_INLINE Pack<double> widen(const Pack<double>& x) noexcept { return x; }
+
+// Doubles rounded to T, lane by lane; a scalar is broadcast.
+template <class T>
+KDLOSS_INLINE Pack<T> narrow(double x) noexcept {
+    return Pack<T>(static_cast<T>(x));
+}
+template <class T>
+KDLOSS_INLINE Pack<T> narrow(const Pack<double>& x) noexcept {
+    if constexpr (std::is_same_v<T, double>) {
+        return x;
+    } else {
+        Pack<float> result;
+#if KDLOSS_VECTOR_EXTENSIONS
+        // Each double part is half a float part.
+        typedef float Half __attribute__((vector_size(vector_bytes / 2)));
+        for (std::size_t i = 0; i < parts<double>; ++i) {
+            const Half half = __builtin_convertvector(x.part[i], Half);
+            std::memcpy(reinterpret_cast<char*>(&result.part) + i * sizeof half, &half, sizeof half);
+        }
+#else
+        for (std::size_t i = 0; i < lanes; ++i) result.part[i] = static_cast<float>(x.part[i]);
+#endif
+        return result;
+    }
+}
+
+}  // namespace KDLOSS_KERNEL_NAMESPACE
+}  // namespace kdloss::detail
