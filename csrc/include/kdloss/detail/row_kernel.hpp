@@ -17,6 +17,7 @@
 #include "kdloss/detail/kernel_namespace.hpp"
 #include "kdloss/detail/lane_math.hpp"
 #include "kdloss/detail/simd_math.hpp"
+#include "kdloss/detail/transpose.hpp"
 
 namespace kdloss::detail {
 inline namespace KDLOSS_KERNEL_NAMESPACE {
@@ -104,23 +105,20 @@ KDLOSS_NOINLINE void distill_block(const BatchProblem<T>& problem, const std::si
     // Lanes past `count` repeat the first row: real data, computed and then dropped, so that the copy
     // below needs no condition.
     std::int64_t class_index[lanes] = {};
-    std::ptrdiff_t student_offset[lanes], teacher_offset[lanes], target_offset[lanes];
+    const T* student_rows[lanes];
+    const T* teacher_rows[lanes];
+    const T* target_rows[lanes];
     for (std::size_t lane = 0; lane < lanes; ++lane) {
         const auto row = static_cast<std::ptrdiff_t>(rows[lane < count ? lane : 0]);
-        student_offset[lane] = row * problem.student_stride;
-        teacher_offset[lane] = row * problem.teacher_stride;
-        target_offset[lane] = row * problem.target_stride;
+        student_rows[lane] = problem.student + row * problem.student_stride;
+        teacher_rows[lane] = problem.teacher + row * problem.teacher_stride;
+        target_rows[lane] = Terms::distribution ? problem.targets + row * problem.target_stride : nullptr;
         if (problem.label_kind == LabelKind::class_indices)
             class_index[lane] = problem.class_indices[row * problem.class_index_stride];
     }
-    for (std::size_t c = 0; c < n; ++c) {
-        const auto column = static_cast<std::ptrdiff_t>(c);
-        for (std::size_t lane = 0; lane < lanes; ++lane) {
-            student[c * lanes + lane] = problem.student[student_offset[lane] + column];
-            teacher[c * lanes + lane] = problem.teacher[teacher_offset[lane] + column];
-            if constexpr (Terms::distribution) target[c * lanes + lane] = problem.targets[target_offset[lane] + column];
-        }
-    }
+    rows_to_lanes(student_rows, n, student);
+    rows_to_lanes(teacher_rows, n, teacher);
+    if constexpr (Terms::distribution) rows_to_lanes(target_rows, n, target);
 
     const LaneMaxima<T> lane_max = lane_maxima<T, Terms::soft>(student, teacher, m);
     const Pack<T>& student_max = lane_max.student;
@@ -129,16 +127,22 @@ KDLOSS_NOINLINE void distill_block(const BatchProblem<T>& problem, const std::si
     exponentials<T, typename Terms::without_gradient, HardPower>(student, teacher, target, student_max,
                                                                  lane_max.teacher, static_cast<T>(1.0 / temperature),
                                                                  student_soft, teacher_soft, student_hard, m, sums);
-    Pack<double> target_logit(0.0);
-    if constexpr (Terms::hard && !Terms::distribution)
+    double target_logits[lanes] = {};
+    if constexpr (Terms::hard && !Terms::distribution) {
+        T maxima[lanes];
+        student_max.store(maxima);
         for (std::size_t lane = 0; lane < lanes; ++lane)
-            target_logit.set(lane, static_cast<double>(student[static_cast<std::size_t>(class_index[lane]) * lanes + lane]) -
-                                       static_cast<double>(student_max[lane]));
+            target_logits[lane] = static_cast<double>(student[static_cast<std::size_t>(class_index[lane]) * lanes + lane]) -
+                                  static_cast<double>(maxima[lane]);
+    }
+    const Pack<double> target_logit = Pack<double>::load(target_logits);
     const Pack<double> loss =
         loss_from_sums<Terms>(sums.student_soft, sums.teacher_soft, sums.student_hard, sums.teacher_cross,
                               sums.target_mass, sums.target_cross, target_logit, temperature, problem.soft_weight,
                               problem.hard_weight);
-    for (std::size_t lane = 0; lane < count; ++lane) problem.row_losses[rows[lane]] = loss[lane];
+    double losses[lanes];
+    loss.store(losses);
+    for (std::size_t lane = 0; lane < count; ++lane) problem.row_losses[rows[lane]] = losses[lane];
 
     if constexpr (Terms::gradient) {
         const double soft_scale = problem.gradient_scale * problem.soft_weight * temperature;
@@ -150,10 +154,10 @@ KDLOSS_NOINLINE void distill_block(const BatchProblem<T>& problem, const std::si
         if constexpr (Terms::hard && !Terms::distribution)
             for (std::size_t lane = 0; lane < count; ++lane)
                 gradient[static_cast<std::size_t>(class_index[lane]) * lanes + lane] -= static_cast<T>(hard_scale);
-        for (std::size_t lane = 0; lane < count; ++lane) {
-            T* row_gradient = problem.gradient + static_cast<std::ptrdiff_t>(rows[lane]) * problem.gradient_stride;
-            for (std::size_t c = 0; c < n; ++c) row_gradient[c] = gradient[c * lanes + lane];
-        }
+        T* gradient_rows[lanes] = {};
+        for (std::size_t lane = 0; lane < count; ++lane)
+            gradient_rows[lane] = problem.gradient + static_cast<std::ptrdiff_t>(rows[lane]) * problem.gradient_stride;
+        lanes_to_rows(gradient, n, gradient_rows, count);
     }
 }
 
