@@ -122,10 +122,11 @@ KDLOSS_NOINLINE void exponentials(const T* student, const T* teacher, const T* t
                 e_student = fast_exp(ds * inverse_temperature);
                 const Pack<T> e_teacher = fast_exp(dt * inverse_temperature);
                 if constexpr (count_maxima) {
+                    // Written as selects between a sum and no sum, which compilers emit as one masked add.
                     const Mask<T> teacher_at_max = dt == Pack<T>();
-                    rest_student += select(student_at_max, T(0), e_student);
-                    rest_teacher += select(teacher_at_max, T(0), e_teacher);
-                    maxima_teacher += select(teacher_at_max, T(1), T(0));
+                    rest_student = select(student_at_max, rest_student, rest_student + e_student);
+                    rest_teacher = select(teacher_at_max, rest_teacher, rest_teacher + e_teacher);
+                    maxima_teacher = select(teacher_at_max, maxima_teacher + T(1), maxima_teacher);
                 } else {
                     rest_student += e_student;
                     rest_teacher += e_teacher;
@@ -137,11 +138,14 @@ KDLOSS_NOINLINE void exponentials(const T* student, const T* teacher, const T* t
             }
             if constexpr (Terms::hard) {
                 const Pack<T> e_hard = hard_exponential<HardPower>(ds, e_student);
-                rest_hard += count_maxima ? select(student_at_max, T(0), e_hard) : e_hard;
+                if constexpr (count_maxima)
+                    rest_hard = select(student_at_max, rest_hard, rest_hard + e_hard);
+                else
+                    rest_hard += e_hard;
                 // A power of the soft exponential is cheaper to recompute in the gradient pass than to store.
                 if constexpr (HardPower == 0) e_hard.store(student_hard + i);
             }
-            if constexpr (count_maxima) maxima_student += select(student_at_max, T(1), T(0));
+            if constexpr (count_maxima) maxima_student = select(student_at_max, maxima_student + T(1), maxima_student);
             if constexpr (Terms::distribution) {
                 const Pack<T> y = Pack<T>::load(target + i);
                 target_mass += y;

@@ -59,10 +59,12 @@ inline constexpr std::size_t vector_bytes = 32;
 #else
 inline constexpr std::size_t vector_bytes = 16;  // SSE2, NEON
 #endif
-// One register's worth of T.
+// One register's worth of T, and the same as it may lie in memory: at any address of a T, aliasing T.
+// (Loading a whole Pack by memcpy instead made g++ -mavx2 go through the stack in 16-byte pieces.)
 template <class T>
 struct PartOf {
     typedef T type __attribute__((vector_size(vector_bytes)));
+    typedef T unaligned __attribute__((vector_size(vector_bytes), aligned(alignof(T)), may_alias));
 };
 #else
 inline constexpr std::size_t vector_bytes = sizeof(float);
@@ -104,10 +106,23 @@ struct Pack {
 
     static KDLOSS_INLINE Pack load(const T* p) noexcept {
         Pack result;
-        std::memcpy(&result.part, p, sizeof result.part);  // unaligned vector loads
+#if KDLOSS_VECTOR_EXTENSIONS
+        using Unaligned = typename PartOf<T>::unaligned;
+        for (std::size_t i = 0; i < parts<T>; ++i)
+            result.part[i] = *reinterpret_cast<const Unaligned*>(p + i * lanes_per_part<T>);
+#else
+        std::memcpy(&result.part, p, sizeof result.part);
+#endif
         return result;
     }
-    KDLOSS_INLINE void store(T* p) const noexcept { std::memcpy(p, &part, sizeof part); }
+    KDLOSS_INLINE void store(T* p) const noexcept {
+#if KDLOSS_VECTOR_EXTENSIONS
+        using Unaligned = typename PartOf<T>::unaligned;
+        for (std::size_t i = 0; i < parts<T>; ++i) *reinterpret_cast<Unaligned*>(p + i * lanes_per_part<T>) = part[i];
+#else
+        std::memcpy(p, &part, sizeof part);
+#endif
+    }
 
     T operator[](std::size_t lane) const noexcept {
         T values[lanes];
