@@ -10,7 +10,7 @@
 // flushed to 0: each exponential here is added to a sum that is at least 1, so the flushed values could not change a
 // bit of it, and exact zeros are what the masks expect.
 //
-// log (double only; used on row sums, which are >= 1): x = 2^e m with m in [sqrt(1/2), sqrt(2)), then
+// log (double only; used on row sums, >= 1, and their ratios, > 0): x = 2^e m with m in [sqrt(1/2), sqrt(2)), then
 // log m = 2 atanh(f), f = (m - 1) / (m + 1), by its odd series to f^23; within about one ulp.
 
 #include <cstdint>
@@ -121,7 +121,7 @@ KDLOSS_INLINE V fast_log(V x) noexcept {
     p = p * s + 1.0 / 3.0;
     const V log_m = 2.0 * f + 2.0 * f * s * p;
     const V result = exponent * ln2_hi + (log_m + exponent * ln2_lo);
-    // Only sums >= 1 come here; NaN and +inf pass through unchanged.
+    // Only sums and their ratios come here, normal positive numbers; NaN and +inf pass through unchanged.
     return select((x != x) | (x > V(std::numeric_limits<double>::max())), x, result);
 }
 
