@@ -16,7 +16,7 @@ import pytest
 import kdloss
 
 HERE = Path(__file__).parent
-SUITES = ["test_reference_agreement.py", "test_gradient_fd.py", "test_masks_nonfinite.py"]
+SUITES = ["test_reference_agreement.py", "test_gradient_fd.py", "test_masks_nonfinite.py", "test_kernel_shapes.py"]
 
 
 def _run(env_isa: str, *args: str) -> subprocess.CompletedProcess[str]:

@@ -40,12 +40,12 @@ struct BatchProblem {
 // `lanes` rows at a time (row_kernel.hpp).
 constexpr std::size_t lanes = 16;
 constexpr std::size_t block_max_classes = 100;
+static_assert(block_max_classes >= lanes, "long rows must fill at least one Pack (lane_math.hpp)");
 
 // Elements of per-thread scratch the kernels need for rows of `classes` classes. Long rows: three rows of
-// exponentials, each with room for a padded last block. Blocks: student, teacher, targets, three
-// exponentials and the gradient, lanes x classes each.
+// exponentials. Blocks: student, teacher, targets, three exponentials and the gradient, lanes x classes each.
 inline std::size_t scratch_elements(std::size_t classes) noexcept {
-    return classes <= block_max_classes ? 7 * lanes * classes : 3 * (classes + lanes);
+    return classes <= block_max_classes ? 7 * lanes * classes : 3 * classes;
 }
 
 // Computes rows [begin, end) of `problem`; `scratch` holds scratch_elements(classes) elements.

@@ -40,15 +40,9 @@ struct Terms {
     using without_gradient = Terms<Soft, Hard, Distribution, false>;
 };
 
-// The first `count` (< lanes) elements of p in a Pack whose other lanes hold `fill`.
-template <class T>
-Pack<T> load_partial(const T* p, std::size_t count, T fill) noexcept {
-    Pack<T> result(fill);
-    for (std::size_t lane = 0; lane < count; ++lane) result.set(lane, p[lane]);
-    return result;
-}
-
-// Per-lane maxima. They start at -inf, so an all -inf row yields -inf and then NaN: it has no softmax.
+// Per-lane maxima of n >= lanes elements. A last partial block is read as the window of the last `lanes`
+// elements, which overlaps the block before: a maximum does not mind seeing an element twice. They start
+// at -inf, so an all -inf row yields -inf and then NaN: it has no softmax.
 template <class T>
 struct LaneMaxima {
     Pack<T> student, teacher;
@@ -58,16 +52,16 @@ template <class T, bool WithTeacher>
 LaneMaxima<T> lane_maxima(const T* student, const T* teacher, std::size_t n) noexcept {
     constexpr T minus_infinity = -std::numeric_limits<T>::infinity();
     Pack<T> student_max(minus_infinity), teacher_max(minus_infinity);
-    auto update = [&](Pack<T> s, Pack<T> t) {
+    auto update = [&](std::size_t i) KDLOSS_INLINE_LAMBDA {
+        const Pack<T> s = Pack<T>::load(student + i);
         student_max = select(s > student_max, s, student_max);
-        if constexpr (WithTeacher) teacher_max = select(t > teacher_max, t, teacher_max);
+        if constexpr (WithTeacher) {
+            const Pack<T> t = Pack<T>::load(teacher + i);
+            teacher_max = select(t > teacher_max, t, teacher_max);
+        }
     };
-    std::size_t i = 0;
-    for (; i + lanes <= n; i += lanes)
-        update(Pack<T>::load(student + i), WithTeacher ? Pack<T>::load(teacher + i) : Pack<T>());
-    if (i < n)
-        update(load_partial(student + i, n - i, minus_infinity),
-               WithTeacher ? load_partial(teacher + i, n - i, minus_infinity) : Pack<T>());
+    for (std::size_t i = 0; i + lanes <= n; i += lanes) update(i);
+    if (n % lanes != 0) update(n - lanes);
     return {student_max, teacher_max};
 }
 
@@ -94,9 +88,16 @@ KDLOSS_INLINE V hard_exponential(V ds, V soft_exponential) noexcept {
     if constexpr (HardPower == 4) return (e * e) * (e * e);
 }
 
-// Writes the exponentials to scratch and adds their per-lane sums to `sums`; n is a multiple of `lanes`.
+// Marks a block all of whose lanes are summed (see exponentials).
+struct EveryLaneSummed {};
+
+// Writes the exponentials of n >= lanes elements to scratch and adds their per-lane sums to `sums`.
 // Loss-only and loss-and-gradient calls run this very function (callers pass Terms::without_gradient, and
 // it is never inlined into them), so both return bitwise the same loss.
+//
+// A last partial block is computed as the window of the last `lanes` elements, which overlaps the block
+// before: its overlapping lanes store the same exponentials again, and are left out of the sums as if their
+// logits were -inf. Rows of any length then run as whole vectors, without a padded copy.
 //
 // Sums are kept in T over chunks of a few hundred terms, while they are exact to a few ulps, and added to
 // double totals after each chunk. A normalising sum Z is 1 (the maximum's term, ds = 0) plus the rest, and a
@@ -108,50 +109,72 @@ KDLOSS_NOINLINE void exponentials(const T* student, const T* teacher, const T* t
                                   T* student_hard, std::size_t n, LaneSums& sums) noexcept {
     constexpr bool count_maxima = std::is_same_v<T, float>;
     constexpr std::size_t chunk = lanes * (count_maxima ? 16 : 256);
+    constexpr T minus_infinity = -std::numeric_limits<T>::infinity();
     Pack<double> z_student, z_teacher, z_hard, teacher_cross_total, target_mass_total, target_cross_total;
-    for (std::size_t begin = 0; begin < n; begin += chunk) {
-        const std::size_t end = n - begin < chunk ? n : begin + chunk;
-        Pack<T> rest_student, rest_teacher, rest_hard, maxima_student, maxima_teacher;
-        Pack<T> teacher_cross, target_mass, target_cross;
-        for (std::size_t i = begin; i < end; i += lanes) {
-            const Pack<T> ds = Pack<T>::load(student + i) - student_max;
-            const Mask<T> student_at_max = ds == Pack<T>();
-            Pack<T> e_student;
-            if constexpr (Terms::soft) {
-                const Pack<T> dt = Pack<T>::load(teacher + i) - teacher_max;
-                e_student = fast_exp(ds * inverse_temperature);
-                const Pack<T> e_teacher = fast_exp(dt * inverse_temperature);
-                if constexpr (count_maxima) {
-                    // Written as selects between a sum and no sum, which compilers emit as one masked add.
-                    const Mask<T> teacher_at_max = dt == Pack<T>();
-                    rest_student = select(student_at_max, rest_student, rest_student + e_student);
-                    rest_teacher = select(teacher_at_max, rest_teacher, rest_teacher + e_teacher);
-                    maxima_teacher = select(teacher_at_max, maxima_teacher + T(1), maxima_teacher);
-                } else {
-                    rest_student += e_student;
-                    rest_teacher += e_teacher;
-                }
-                // A teacher probability of exactly 0 contributes 0, whatever the student says there.
-                teacher_cross += select(e_teacher == Pack<T>(), T(0), e_teacher * (dt - ds));
-                e_student.store(student_soft + i);
-                e_teacher.store(teacher_soft + i);
+    Pack<T> rest_student, rest_teacher, rest_hard, maxima_student, maxima_teacher;
+    Pack<T> teacher_cross, target_mass, target_cross;
+
+    // The block of `lanes` elements from i; `skipped` (a Mask, or EveryLaneSummed) marks lanes left out of
+    // the sums.
+    auto block = [&](std::size_t i, auto skipped) KDLOSS_INLINE_LAMBDA {
+        constexpr bool every_lane = std::is_same_v<decltype(skipped), EveryLaneSummed>;
+        auto summed = [&](const Pack<T>& value, T instead) KDLOSS_INLINE_LAMBDA {
+            if constexpr (every_lane) return value;
+            else return select(skipped, instead, value);
+        };
+        const Pack<T> ds = Pack<T>::load(student + i) - student_max;
+        const Pack<T> ds_summed = summed(ds, minus_infinity);
+        const Mask<T> student_at_max = ds_summed == Pack<T>();
+        Pack<T> e_student;
+        if constexpr (Terms::soft) {
+            const Pack<T> dt = Pack<T>::load(teacher + i) - teacher_max;
+            e_student = fast_exp(ds * inverse_temperature);
+            const Pack<T> e_teacher = fast_exp(dt * inverse_temperature);
+            e_student.store(student_soft + i);
+            e_teacher.store(teacher_soft + i);
+            const Pack<T> dt_summed = summed(dt, minus_infinity);
+            const Pack<T> e_student_summed = summed(e_student, T(0)), e_teacher_summed = summed(e_teacher, T(0));
+            if constexpr (count_maxima) {
+                // Written as selects between a sum and no sum, which compilers emit as one masked add.
+                const Mask<T> teacher_at_max = dt_summed == Pack<T>();
+                rest_student = select(student_at_max, rest_student, rest_student + e_student_summed);
+                rest_teacher = select(teacher_at_max, rest_teacher, rest_teacher + e_teacher_summed);
+                maxima_teacher = select(teacher_at_max, maxima_teacher + T(1), maxima_teacher);
+            } else {
+                rest_student += e_student_summed;
+                rest_teacher += e_teacher_summed;
             }
-            if constexpr (Terms::hard) {
-                const Pack<T> e_hard = hard_exponential<HardPower>(ds, e_student);
-                if constexpr (count_maxima)
-                    rest_hard = select(student_at_max, rest_hard, rest_hard + e_hard);
-                else
-                    rest_hard += e_hard;
-                // A power of the soft exponential is cheaper to recompute in the gradient pass than to store.
-                if constexpr (HardPower == 0) e_hard.store(student_hard + i);
-            }
-            if constexpr (count_maxima) maxima_student = select(student_at_max, maxima_student + T(1), maxima_student);
-            if constexpr (Terms::distribution) {
-                const Pack<T> y = Pack<T>::load(target + i);
-                target_mass += y;
-                // A class the target does not want costs nothing, even at a student -inf.
-                target_cross += select(y == Pack<T>(), T(0), y * ds);
-            }
+            // A teacher probability of exactly 0 contributes 0, whatever the student says there.
+            teacher_cross += select(e_teacher_summed == Pack<T>(), T(0), e_teacher_summed * (dt_summed - ds_summed));
+        }
+        if constexpr (Terms::hard) {
+            const Pack<T> e_hard = hard_exponential<HardPower>(ds, e_student);
+            // A power of the soft exponential is cheaper to recompute in the gradient pass than to store.
+            if constexpr (HardPower == 0) e_hard.store(student_hard + i);
+            const Pack<T> e_hard_summed = summed(e_hard, T(0));
+            if constexpr (count_maxima)
+                rest_hard = select(student_at_max, rest_hard, rest_hard + e_hard_summed);
+            else
+                rest_hard += e_hard_summed;
+        }
+        if constexpr (count_maxima) maxima_student = select(student_at_max, maxima_student + T(1), maxima_student);
+        if constexpr (Terms::distribution) {
+            const Pack<T> y = summed(Pack<T>::load(target + i), T(0));
+            target_mass += y;
+            // A class the target does not want costs nothing, even at a student -inf.
+            target_cross += select(y == Pack<T>(), T(0), y * ds_summed);
+        }
+    };
+
+    const std::size_t whole = n - n % lanes;
+    for (std::size_t begin = 0; begin < whole; begin += chunk) {
+        const std::size_t end = whole - begin < chunk ? whole : begin + chunk;
+        for (std::size_t i = begin; i < end; i += lanes) block(i, EveryLaneSummed{});
+        if (end == whole && whole != n) {
+            // The window's first lanes - (n - whole) lanes overlap the block before.
+            T lane_index[lanes];
+            for (std::size_t lane = 0; lane < lanes; ++lane) lane_index[lane] = static_cast<T>(lane);
+            block(n - lanes, Pack<T>::load(lane_index) < Pack<T>(static_cast<T>(lanes - (n - whole))));
         }
         z_student += widen(maxima_student) + widen(rest_student);
         z_teacher += widen(maxima_teacher) + widen(rest_teacher);
@@ -159,6 +182,8 @@ KDLOSS_NOINLINE void exponentials(const T* student, const T* teacher, const T* t
         teacher_cross_total += widen(teacher_cross);
         target_mass_total += widen(target_mass);
         target_cross_total += widen(target_cross);
+        rest_student = rest_teacher = rest_hard = maxima_student = maxima_teacher = Pack<T>();
+        teacher_cross = target_mass = target_cross = Pack<T>();
     }
     sums.student_soft += z_student;
     sums.teacher_soft += z_teacher;
@@ -209,12 +234,13 @@ struct GradientCoefficients {
           hard_y(static_cast<T>(hard_scale)) {}
 };
 
-// n is a multiple of `lanes`.
+// gradient[i] for i < n, n >= lanes. A last partial block is computed as the window of the last `lanes`
+// elements: its lanes that overlap the block before compute and store the same values again.
 template <class T, class Terms, int HardPower>
-KDLOSS_NOINLINE void write_gradient(T* gradient, const T* student_soft, const T* teacher_soft, const T* student_hard, const T* target,
-                    const GradientCoefficients<T>& coefficients, std::size_t n) noexcept {
+KDLOSS_NOINLINE void write_gradient(T* gradient, const T* student_soft, const T* teacher_soft, const T* student_hard,
+                                    const T* target, const GradientCoefficients<T>& coefficients, std::size_t n) noexcept {
     const GradientCoefficients<T> k = coefficients;  // a local copy, which the stores below cannot alias
-    for (std::size_t i = 0; i < n; i += lanes) {
+    auto block = [&](std::size_t i) KDLOSS_INLINE_LAMBDA {
         Pack<T> g;
         const Pack<T> q = Pack<T>::load(student_soft + i);
         if constexpr (Terms::soft) g = k.soft_q * q - k.soft_p * Pack<T>::load(teacher_soft + i);
@@ -222,7 +248,9 @@ KDLOSS_NOINLINE void write_gradient(T* gradient, const T* student_soft, const T*
         if constexpr (Terms::hard && HardPower != 0) g += k.hard_h * hard_exponential<HardPower>(Pack<T>(), q);
         if constexpr (Terms::distribution) g = g - k.hard_y * Pack<T>::load(target + i);
         g.store(gradient + i);
-    }
+    };
+    for (std::size_t i = 0; i + lanes <= n; i += lanes) block(i);
+    if (n % lanes != 0) block(n - lanes);
 }
 
 }  // namespace KDLOSS_KERNEL_NAMESPACE

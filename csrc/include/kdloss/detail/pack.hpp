@@ -24,17 +24,22 @@
 // the same instructions whatever the call site, where two copies could differ in which a * b + c the
 // compiler fuses into an FMA, and so in the last bit of a result (a row's gradient must not depend on the
 // batch it came in; g++ -O3 did clone distill_block for full blocks, and did fuse differently).
+// KDLOSS_INLINE_LAMBDA goes between a lambda's parameters and its body.
 #if defined(__clang__)
 #define KDLOSS_INLINE inline __attribute__((always_inline))
+#define KDLOSS_INLINE_LAMBDA __attribute__((always_inline))
 #define KDLOSS_NOINLINE __attribute__((noinline))
 #elif defined(__GNUC__)
 #define KDLOSS_INLINE inline __attribute__((always_inline))
+#define KDLOSS_INLINE_LAMBDA __attribute__((always_inline))
 #define KDLOSS_NOINLINE __attribute__((noinline, noclone))
 #elif defined(_MSC_VER)
 #define KDLOSS_INLINE __forceinline
+#define KDLOSS_INLINE_LAMBDA [[msvc::forceinline]]
 #define KDLOSS_NOINLINE __declspec(noinline)
 #else
 #define KDLOSS_INLINE inline
+#define KDLOSS_INLINE_LAMBDA
 #define KDLOSS_NOINLINE
 #endif
 

@@ -2,8 +2,9 @@
 
 // The two drivers of lane_math.hpp.
 //
-// distill_row: one long row, spread over the lanes. Two passes over the row and one over scratch: (1) the
-// maxima; (2) the exponentials, kept in per-thread scratch, with their sums; (3) the gradient, written once.
+// distill_row: one long row (more than block_max_classes >= lanes classes), spread over the lanes. Two
+// passes over the row and one over scratch: (1) the maxima; (2) the exponentials, kept in per-thread
+// scratch, with their sums; (3) the gradient, written once.
 //
 // distill_block: up to `lanes` short rows at once. Rows of ten or a hundred classes are too short to fill
 // vectors or to pay for three logarithms each, so a block of rows is transposed into scratch (one row per
@@ -23,38 +24,23 @@ namespace kdloss::detail {
 inline namespace KDLOSS_KERNEL_NAMESPACE {
 
 template <class T, class Terms, int HardPower>
-KDLOSS_NOINLINE double distill_row(const BatchProblem<T>& problem, const T* student, const T* teacher, std::int64_t class_index,
-                   const T* target, T* scratch, T* gradient) noexcept {
+KDLOSS_NOINLINE double distill_row(const BatchProblem<T>& problem, const T* student, const T* teacher,
+                                   std::int64_t class_index, const T* target, T* scratch, T* gradient) noexcept {
     const std::size_t n = problem.classes;
     const double temperature = problem.temperature;
-    const std::size_t stride = n + lanes;  // each scratch row has room for a padded last block
     T* student_soft = scratch;
-    T* teacher_soft = scratch + stride;
-    T* student_hard = scratch + 2 * stride;
+    T* teacher_soft = scratch + n;
+    T* student_hard = scratch + 2 * n;
 
     const LaneMaxima<T> lane_max = lane_maxima<T, Terms::soft>(student, teacher, n);
     const T row_student_max = lane_max.student.max();
     const Pack<T> student_max(row_student_max), teacher_max(lane_max.teacher.max());
     const T inverse_temperature = static_cast<T>(1.0 / temperature);
 
-    // Whole blocks straight from the row; the last, partial block from a copy padded with classes that add
-    // nothing to any sum (logits -inf, targets 0), so it too runs as one vector block instead of a scalar loop.
-    const std::size_t whole = n - n % lanes, rest = n - whole;
-    using SumTerms = typename Terms::without_gradient;
     LaneSums lane_sums;
-    exponentials<T, SumTerms, HardPower>(student, teacher, target, student_max, teacher_max, inverse_temperature,
-                                         student_soft, teacher_soft, student_hard, whole, lane_sums);
-    T padded_student[lanes], padded_teacher[lanes], padded_target[lanes];
-    if (rest > 0) {
-        for (std::size_t c = 0; c < lanes; ++c) {
-            padded_student[c] = c < rest ? student[whole + c] : -std::numeric_limits<T>::infinity();
-            padded_teacher[c] = c < rest ? teacher[whole + c] : -std::numeric_limits<T>::infinity();
-            padded_target[c] = Terms::distribution && c < rest ? target[whole + c] : T(0);
-        }
-        exponentials<T, SumTerms, HardPower>(padded_student, padded_teacher, padded_target,
-                                             student_max, teacher_max, inverse_temperature, student_soft + whole,
-                                             teacher_soft + whole, student_hard + whole, lanes, lane_sums);
-    }
+    exponentials<T, typename Terms::without_gradient, HardPower>(student, teacher, target, student_max, teacher_max,
+                                                                 inverse_temperature, student_soft, teacher_soft,
+                                                                 student_hard, n, lane_sums);
 
     double z_student = 1.0, z_teacher = 1.0, teacher_cross = 0.0, z_hard = 1.0, target_mass = 1.0,
            target_cross = 0.0, target_logit = 0.0;
@@ -77,13 +63,7 @@ KDLOSS_NOINLINE double distill_row(const BatchProblem<T>& problem, const T* stud
         const double soft_scale = problem.gradient_scale * problem.soft_weight * temperature;
         const double hard_scale = problem.gradient_scale * problem.hard_weight;
         const GradientCoefficients<T> coefficients(z_student, z_teacher, z_hard, target_mass, soft_scale, hard_scale);
-        write_gradient<T, Terms, HardPower>(gradient, student_soft, teacher_soft, student_hard, target, coefficients, whole);
-        if (rest > 0) {
-            T padded_gradient[lanes];
-            write_gradient<T, Terms, HardPower>(padded_gradient, student_soft + whole, teacher_soft + whole,
-                                                student_hard + whole, padded_target, coefficients, lanes);
-            for (std::size_t c = 0; c < rest; ++c) gradient[whole + c] = padded_gradient[c];
-        }
+        write_gradient<T, Terms, HardPower>(gradient, student_soft, teacher_soft, student_hard, target, coefficients, n);
         if constexpr (Terms::hard && !Terms::distribution) gradient[class_index] -= static_cast<T>(hard_scale);
     }
     return loss;

@@ -1,0 +1,88 @@
+"""Row lengths and batch sizes around the kernels' internal boundaries, against the reference.
+
+The kernels work on vectors of 16 lanes. Rows of up to 100 classes run 16 rows at a time (one per lane),
+transposed in tiles; longer rows run along the row, and a last partial vector is the window of the row's
+last 16 classes, which overlaps the vector before it and must not count those classes twice. These tests
+put the row's maximum, -inf masks, NaN and the label inside that overlap, for every tail length.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from helpers import assert_grad_close, assert_loss_close, check_against_reference
+from kdloss import DistillationLoss
+from reference import reference
+
+DTYPES = [np.float32, np.float64]
+SHORT_ROWS = list(range(1, 35)) + [47, 48, 49, 99, 100]  # one lane per row; tiles of 16 (and 4, 8) columns
+LONG_ROWS = list(range(101, 130)) + [1000, 1024, 4095]  # every tail length 0..15 of the last vector
+FORMS = ["none", "index", "soft"]
+
+
+def labels_for(rng, form, B, C, dtype):
+    if form == "none":
+        return None
+    if form == "index":
+        return rng.integers(0, C, size=B)
+    y = rng.random((B, C)).astype(dtype)
+    y[:, rng.random(C) < 0.3] = 0
+    return y
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("classes", SHORT_ROWS + LONG_ROWS)
+@pytest.mark.parametrize("form", FORMS)
+def test_every_row_length(rng, dtype, classes, form):
+    rows = 19  # a full block of 16 and a partial one
+    s = (rng.standard_normal((rows, classes)) * 3).astype(dtype)
+    t = (rng.standard_normal((rows, classes)) * 3).astype(dtype)
+    # Errors are measured against the size of the terms (conditioned): with two classes or one, a float32
+    # loss is a small difference of O(1) terms.
+    for kd in (DistillationLoss(3.0, 0.3, reduction="none"), DistillationLoss(2.5, 0.4)):
+        check_against_reference(kd, s, t, labels_for(rng, form, rows, classes, dtype), conditioned=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("classes", [c for c in LONG_ROWS if c % 16])
+def test_maxima_and_masks_in_the_overlap_of_the_last_vector(rng, dtype, classes):
+    rows = 4
+    overlap = range(classes - 16, classes - classes % 16)  # classes the last window shares with the vector before
+    s = (rng.standard_normal((rows, classes)) * 3).astype(dtype)
+    t = (rng.standard_normal((rows, classes)) * 3).astype(dtype)
+    first = overlap[0]
+    s[0, first] = t[0, first + 1] = 40.0  # each row's maximum, once (a double count would show in Z)
+    s[1, first], s[1, first + 2] = 40.0, 40.0  # a maximum twice, both in the overlap
+    t[2, first] = -np.inf  # a teacher mask in the overlap
+    t[3, overlap[-1]] = -np.inf
+    s[3, overlap[-1]] = -np.inf  # masked in both: drops out
+    y = np.array([first, first + 2, first + 1, 0])
+    for kd in (DistillationLoss(3.0, 0.3, reduction="none"), DistillationLoss(1.7, 0.5, reduction="sum")):
+        check_against_reference(kd, s, t, y)  # a class counted twice would be off by log 2, not by ulps
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("classes", [20, 117])
+def test_nan_in_the_overlap_or_the_tail_is_nan(rng, dtype, classes):
+    s = (rng.standard_normal((3, classes)) * 3).astype(dtype)
+    t = (rng.standard_normal((3, classes)) * 3).astype(dtype)
+    s[0, classes - 10] = np.nan
+    t[1, classes - 1] = np.nan
+    loss, grad = DistillationLoss(3.0, 0.3, reduction="none").loss_and_gradient(s, t, np.zeros(3, dtype=np.int64))
+    assert np.isnan(loss[0]) and np.isnan(loss[1]) and np.isfinite(loss[2])
+    assert np.isnan(grad[0]).all() and np.isnan(grad[1]).all() and np.isfinite(grad[2]).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 15, 16, 17, 31, 32, 33, 48])
+@pytest.mark.parametrize("classes", [10, 100])
+def test_blocks_of_rows(rng, dtype, rows, classes):
+    s = (rng.standard_normal((rows, classes)) * 3).astype(dtype)
+    t = (rng.standard_normal((rows, classes)) * 3).astype(dtype)
+    y = rng.integers(0, classes, size=rows)
+    kd = DistillationLoss(3.0, 0.3, reduction="none")
+    ref = reference(s, t, y, temperature=3.0, alpha=0.3, reduction="none")
+    loss, grad = kd.loss_and_gradient(s, t, y)
+    assert_loss_close(loss, ref.loss, dtype)
+    assert_grad_close(grad, ref.grad, dtype)
