@@ -6,7 +6,7 @@
 //   - by tiles: tiles of lanes x lanes values go through a local array with constant loop bounds, which
 //     compilers that vectorise at all turn into permutes;
 //   - by shuffles (g++ >= 12, clang): tiles of V x V values, V the values in one register, are loaded as
-//     V vectors and transposed by log2(V) rounds of interleaves, V shuffles each.
+//     V vectors and transposed by rounds of shuffles that each map onto one instruction of the target.
 // Columns past the last whole tile are moved element by element.
 
 #include <cstddef>
@@ -68,25 +68,65 @@ using Vector = typename PartOf<T>::type;
 template <class T>
 inline constexpr std::size_t tile_width = lanes_per_part<T>;
 
+// Unaligned vector loads and stores (a memcpy of a vector goes through the stack in 16-byte pieces with
+// g++ -mavx2).
+template <class T>
+KDLOSS_INLINE Vector<T> load_vector(const T* p) noexcept {
+    return *reinterpret_cast<const typename PartOf<T>::unaligned*>(p);
+}
+template <class T>
+KDLOSS_INLINE void store_vector(T* p, const Vector<T>& v) noexcept {
+    *reinterpret_cast<typename PartOf<T>::unaligned*>(p) = v;
+}
+
 // The first (High = false) or second half of a and b, interleaved: a0 b0 a1 b1 ...
 template <bool High, class V, std::size_t Width, std::size_t... I>
 KDLOSS_INLINE V interleave(V a, V b, std::index_sequence<I...>) noexcept {
     return __builtin_shufflevector(a, b, ((I % 2 ? Width : 0) + (High ? Width / 2 : 0) + I / 2)...);
 }
 
-// Transposes the tile whose rows are v[0 .. tile): after log2(tile) rounds of pairing row i with row
-// i + tile/2, row j holds what was column j.
+// Transposes the tile whose rows are v[0 .. tile_width): row j then holds what was column j.
 template <class T>
 KDLOSS_INLINE void transpose_tile(Vector<T> (&v)[tile_width<T>]) noexcept {
     constexpr std::size_t n = tile_width<T>;
-    using Indices = std::make_index_sequence<n>;
-    for (std::size_t width = 1; width < n; width *= 2) {
-        Vector<T> next[n];
-        for (std::size_t i = 0; i < n / 2; ++i) {
-            next[2 * i] = interleave<false, Vector<T>, n>(v[i], v[i + n / 2], Indices{});
-            next[2 * i + 1] = interleave<true, Vector<T>, n>(v[i], v[i + n / 2], Indices{});
+    using V = Vector<T>;
+    if constexpr (vector_bytes == 32 && n == 8) {
+        // AVX, 8 floats: shuffles stay within 16-byte halves except the last round's, as in its instructions
+        // (unpcklps/unpckhps, shufps, vperm2f128).
+        V t[8], u[8];
+        for (std::size_t k = 0; k < 4; ++k) {
+            t[2 * k] = __builtin_shufflevector(v[2 * k], v[2 * k + 1], 0, 8, 1, 9, 4, 12, 5, 13);
+            t[2 * k + 1] = __builtin_shufflevector(v[2 * k], v[2 * k + 1], 2, 10, 3, 11, 6, 14, 7, 15);
         }
-        for (std::size_t i = 0; i < n; ++i) v[i] = next[i];
+        for (std::size_t g = 0; g < 8; g += 4)
+            for (std::size_t k = 0; k < 2; ++k) {
+                u[g + 2 * k] = __builtin_shufflevector(t[g + k], t[g + k + 2], 0, 1, 8, 9, 4, 5, 12, 13);
+                u[g + 2 * k + 1] = __builtin_shufflevector(t[g + k], t[g + k + 2], 2, 3, 10, 11, 6, 7, 14, 15);
+            }
+        for (std::size_t j = 0; j < 4; ++j) {
+            v[j] = __builtin_shufflevector(u[j], u[j + 4], 0, 1, 2, 3, 8, 9, 10, 11);
+            v[j + 4] = __builtin_shufflevector(u[j], u[j + 4], 4, 5, 6, 7, 12, 13, 14, 15);
+        }
+    } else if constexpr (vector_bytes == 32 && n == 4) {
+        // AVX, 4 doubles: unpcklpd/unpckhpd, then vperm2f128.
+        const V t0 = __builtin_shufflevector(v[0], v[1], 0, 4, 2, 6), t1 = __builtin_shufflevector(v[0], v[1], 1, 5, 3, 7);
+        const V t2 = __builtin_shufflevector(v[2], v[3], 0, 4, 2, 6), t3 = __builtin_shufflevector(v[2], v[3], 1, 5, 3, 7);
+        v[0] = __builtin_shufflevector(t0, t2, 0, 1, 4, 5);
+        v[1] = __builtin_shufflevector(t1, t3, 0, 1, 4, 5);
+        v[2] = __builtin_shufflevector(t0, t2, 2, 3, 6, 7);
+        v[3] = __builtin_shufflevector(t1, t3, 2, 3, 6, 7);
+    } else {
+        // log2(n) rounds of pairing row i with row i + n/2 by interleaves: single instructions with
+        // AVX-512 (vpermt2ps/pd) and with SSE2 or NEON (unpck, zip).
+        using Indices = std::make_index_sequence<n>;
+        for (std::size_t width = 1; width < n; width *= 2) {
+            V next[n];
+            for (std::size_t i = 0; i < n / 2; ++i) {
+                next[2 * i] = interleave<false, V, n>(v[i], v[i + n / 2], Indices{});
+                next[2 * i + 1] = interleave<true, V, n>(v[i], v[i + n / 2], Indices{});
+            }
+            for (std::size_t i = 0; i < n; ++i) v[i] = next[i];
+        }
     }
 }
 
@@ -98,9 +138,9 @@ void rows_to_lanes_by_shuffles(const T* const (&rows)[lanes], std::size_t n, T* 
     for (; first + n_tile <= n; first += n_tile) {
         for (std::size_t group = 0; group < lanes; group += n_tile) {
             Vector<T> v[n_tile];
-            for (std::size_t i = 0; i < n_tile; ++i) std::memcpy(&v[i], rows[group + i] + first, sizeof v[i]);
+            for (std::size_t i = 0; i < n_tile; ++i) v[i] = load_vector(rows[group + i] + first);
             transpose_tile<T>(v);
-            for (std::size_t c = 0; c < n_tile; ++c) std::memcpy(out + (first + c) * lanes + group, &v[c], sizeof v[c]);
+            for (std::size_t c = 0; c < n_tile; ++c) store_vector(out + (first + c) * lanes + group, v[c]);
         }
     }
     for (std::size_t c = first; c < n; ++c)
@@ -115,10 +155,10 @@ void lanes_to_rows_by_shuffles(const T* in, std::size_t n, T* const (&rows)[lane
     for (; first + n_tile <= n; first += n_tile) {
         for (std::size_t group = 0; group < count; group += n_tile) {
             Vector<T> v[n_tile];
-            for (std::size_t c = 0; c < n_tile; ++c) std::memcpy(&v[c], in + (first + c) * lanes + group, sizeof v[c]);
+            for (std::size_t c = 0; c < n_tile; ++c) v[c] = load_vector(in + (first + c) * lanes + group);
             transpose_tile<T>(v);
             const std::size_t rows_here = count - group < n_tile ? count - group : n_tile;
-            for (std::size_t i = 0; i < rows_here; ++i) std::memcpy(rows[group + i] + first, &v[i], sizeof v[i]);
+            for (std::size_t i = 0; i < rows_here; ++i) store_vector(rows[group + i] + first, v[i]);
         }
     }
     for (std::size_t lane = 0; lane < count; ++lane)
@@ -127,26 +167,24 @@ void lanes_to_rows_by_shuffles(const T* in, std::size_t n, T* const (&rows)[lane
 
 #endif
 
-// Shuffles measured faster with AVX-512 (two-register permutes) and SSE2, slower with AVX2, whose
-// interleaves stay within 16-byte halves; g++ then needs several instructions per shuffle.
-inline constexpr bool transpose_by_shuffles = KDLOSS_VECTOR_SHUFFLES && vector_bytes != 32;
-
 // out[c * lanes + l] = rows[l][c] for c < n.
 template <class T>
 void rows_to_lanes(const T* const (&rows)[lanes], std::size_t n, T* out) noexcept {
 #if KDLOSS_VECTOR_SHUFFLES
-    if constexpr (transpose_by_shuffles) return rows_to_lanes_by_shuffles(rows, n, out);
-#endif
+    rows_to_lanes_by_shuffles(rows, n, out);
+#else
     rows_to_lanes_by_tiles(rows, n, out);
+#endif
 }
 
 // rows[l][c] = in[c * lanes + l] for c < n and the first `count` lanes.
 template <class T>
 void lanes_to_rows(const T* in, std::size_t n, T* const (&rows)[lanes], std::size_t count) noexcept {
 #if KDLOSS_VECTOR_SHUFFLES
-    if constexpr (transpose_by_shuffles) return lanes_to_rows_by_shuffles(in, n, rows, count);
-#endif
+    lanes_to_rows_by_shuffles(in, n, rows, count);
+#else
     lanes_to_rows_by_tiles(in, n, rows, count);
+#endif
 }
 
 
