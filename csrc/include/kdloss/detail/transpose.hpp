@@ -130,39 +130,56 @@ KDLOSS_INLINE void transpose_tile(Vector<T> (&v)[tile_width<T>]) noexcept {
     }
 }
 
-// out[c * lanes + l] = rows[l][c] for c < n.
+// The columns [first, first + tile_width) of the block's rows, into lane-major `out`.
+template <class T>
+KDLOSS_INLINE void rows_to_lanes_tile(const T* const (&rows)[lanes], std::size_t first, T* out) noexcept {
+    constexpr std::size_t n_tile = tile_width<T>;
+    for (std::size_t group = 0; group < lanes; group += n_tile) {
+        Vector<T> v[n_tile];
+        for (std::size_t i = 0; i < n_tile; ++i) v[i] = load_vector(rows[group + i] + first);
+        transpose_tile<T>(v);
+        for (std::size_t c = 0; c < n_tile; ++c) store_vector(out + (first + c) * lanes + group, v[c]);
+    }
+}
+
+// The columns [first, first + tile_width) of lane-major `in`, into the first `count` rows.
+template <class T>
+KDLOSS_INLINE void lanes_to_rows_tile(const T* in, std::size_t first, T* const (&rows)[lanes], std::size_t count) noexcept {
+    constexpr std::size_t n_tile = tile_width<T>;
+    for (std::size_t group = 0; group < count; group += n_tile) {
+        Vector<T> v[n_tile];
+        for (std::size_t c = 0; c < n_tile; ++c) v[c] = load_vector(in + (first + c) * lanes + group);
+        transpose_tile<T>(v);
+        const std::size_t rows_here = count - group < n_tile ? count - group : n_tile;
+        for (std::size_t i = 0; i < rows_here; ++i) store_vector(rows[group + i] + first, v[i]);
+    }
+}
+
+// As rows_to_lanes. Columns past the last whole tile are the tile of the last tile_width columns, which
+// overlaps the one before and moves some values twice; rows shorter than a tile go value by value.
 template <class T>
 void rows_to_lanes_by_shuffles(const T* const (&rows)[lanes], std::size_t n, T* out) noexcept {
     constexpr std::size_t n_tile = tile_width<T>;
-    std::size_t first = 0;
-    for (; first + n_tile <= n; first += n_tile) {
-        for (std::size_t group = 0; group < lanes; group += n_tile) {
-            Vector<T> v[n_tile];
-            for (std::size_t i = 0; i < n_tile; ++i) v[i] = load_vector(rows[group + i] + first);
-            transpose_tile<T>(v);
-            for (std::size_t c = 0; c < n_tile; ++c) store_vector(out + (first + c) * lanes + group, v[c]);
-        }
+    if (n < n_tile) {
+        for (std::size_t c = 0; c < n; ++c)
+            for (std::size_t lane = 0; lane < lanes; ++lane) out[c * lanes + lane] = rows[lane][c];
+        return;
     }
-    for (std::size_t c = first; c < n; ++c)
-        for (std::size_t lane = 0; lane < lanes; ++lane) out[c * lanes + lane] = rows[lane][c];
+    for (std::size_t first = 0; first + n_tile <= n; first += n_tile) rows_to_lanes_tile(rows, first, out);
+    if (n % n_tile != 0) rows_to_lanes_tile(rows, n - n_tile, out);
 }
 
-// rows[l][c] = in[c * lanes + l] for c < n and the first `count` lanes.
+// As lanes_to_rows, with the same overlapping last tile.
 template <class T>
 void lanes_to_rows_by_shuffles(const T* in, std::size_t n, T* const (&rows)[lanes], std::size_t count) noexcept {
     constexpr std::size_t n_tile = tile_width<T>;
-    std::size_t first = 0;
-    for (; first + n_tile <= n; first += n_tile) {
-        for (std::size_t group = 0; group < count; group += n_tile) {
-            Vector<T> v[n_tile];
-            for (std::size_t c = 0; c < n_tile; ++c) v[c] = load_vector(in + (first + c) * lanes + group);
-            transpose_tile<T>(v);
-            const std::size_t rows_here = count - group < n_tile ? count - group : n_tile;
-            for (std::size_t i = 0; i < rows_here; ++i) store_vector(rows[group + i] + first, v[i]);
-        }
+    if (n < n_tile) {
+        for (std::size_t lane = 0; lane < count; ++lane)
+            for (std::size_t c = 0; c < n; ++c) rows[lane][c] = in[c * lanes + lane];
+        return;
     }
-    for (std::size_t lane = 0; lane < count; ++lane)
-        for (std::size_t c = first; c < n; ++c) rows[lane][c] = in[c * lanes + lane];
+    for (std::size_t first = 0; first + n_tile <= n; first += n_tile) lanes_to_rows_tile(in, first, rows, count);
+    if (n % n_tile != 0) lanes_to_rows_tile(in, n - n_tile, rows, count);
 }
 
 #endif
