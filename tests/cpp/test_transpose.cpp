@@ -1,7 +1,8 @@
 // The block layout's transpositions (kdloss/detail/transpose.hpp), on their own: every row length around
-// the tile widths, every count of live rows, strided rows. Whichever way this build transposes (vector
+// the tile widths, every count of live rows, strided rows, and the row maxima found on the way. Whichever way this build transposes (vector
 // shuffles or tiles through an array), values must land exactly where they belong and nowhere else.
 
+#include <algorithm>
 #include <cstddef>
 #include <vector>
 
@@ -18,14 +19,15 @@ template <class T>
 void round_trip(std::size_t n, std::size_t count) {
     const std::size_t stride = n + 3;  // rows that are not contiguous with each other
     std::vector<T> source(lanes * stride);
-    for (std::size_t k = 0; k < source.size(); ++k) source[k] = static_cast<T>(k) + T(0.5);
+    for (std::size_t k = 0; k < source.size(); ++k) source[k] = static_cast<T>((k * 7919) % 1009) + T(0.5);
     const T* rows[lanes];
     for (std::size_t lane = 0; lane < lanes; ++lane) rows[lane] = source.data() + lane * stride;
 
     std::vector<T> block(lanes * n, T(-1));
-    rows_to_lanes(rows, n, block.data());
+    const kdloss::detail::Pack<T> maxima = rows_to_lanes(rows, n, block.data());
     for (std::size_t c = 0; c < n; ++c)
         for (std::size_t lane = 0; lane < lanes; ++lane) KD_CHECK_EQ(block[c * lanes + lane], rows[lane][c]);
+    for (std::size_t lane = 0; lane < lanes; ++lane) KD_CHECK_EQ(maxima[lane], *std::max_element(rows[lane], rows[lane] + n));
 
     const T untouched = T(-7);
     std::vector<T> destination(lanes * stride, untouched);

@@ -96,16 +96,14 @@ KDLOSS_NOINLINE void distill_block(const BatchProblem<T>& problem, const std::si
         if (problem.label_kind == LabelKind::class_indices)
             class_index[lane] = problem.class_indices[row * problem.class_index_stride];
     }
-    rows_to_lanes(student_rows, n, student);
-    rows_to_lanes(teacher_rows, n, teacher);
+    const Pack<T> student_max = rows_to_lanes(student_rows, n, student);
+    const Pack<T> teacher_max = rows_to_lanes(teacher_rows, n, teacher);
     if constexpr (Terms::distribution) rows_to_lanes(target_rows, n, target);
 
-    const LaneMaxima<T> lane_max = lane_maxima<T, Terms::soft>(student, teacher, m);
-    const Pack<T>& student_max = lane_max.student;
     const double temperature = problem.temperature;
     LaneSums sums;
     exponentials<T, typename Terms::without_gradient, HardPower>(student, teacher, target, student_max,
-                                                                 lane_max.teacher, static_cast<T>(1.0 / temperature),
+                                                                 teacher_max, static_cast<T>(1.0 / temperature),
                                                                  student_soft, teacher_soft, student_hard, m, sums);
     double target_logits[lanes] = {};
     if constexpr (Terms::hard && !Terms::distribution) {

@@ -11,6 +11,7 @@
 
 #include <cstddef>
 #include <cstring>
+#include <limits>
 #include <utility>
 
 #include "kdloss/detail/batch_problem.hpp"
@@ -31,9 +32,20 @@
 namespace kdloss::detail {
 inline namespace KDLOSS_KERNEL_NAMESPACE {
 
-// out[c * lanes + l] = rows[l][c] for c < n.
+// Each lane's maximum over n lane-major columns (as lane_maxima: a NaN is never the maximum).
 template <class T>
-void rows_to_lanes_by_tiles(const T* const (&rows)[lanes], std::size_t n, T* out) noexcept {
+Pack<T> lane_maxima_of(const T* block, std::size_t n) noexcept {
+    Pack<T> maxima(-std::numeric_limits<T>::infinity());
+    for (std::size_t c = 0; c < n; ++c) {
+        const Pack<T> column = Pack<T>::load(block + c * lanes);
+        maxima = select(column > maxima, column, maxima);
+    }
+    return maxima;
+}
+
+// out[c * lanes + l] = rows[l][c] for c < n; returns each row's maximum.
+template <class T>
+Pack<T> rows_to_lanes_by_tiles(const T* const (&rows)[lanes], std::size_t n, T* out) noexcept {
     std::size_t first = 0;
     for (; first + lanes <= n; first += lanes) {
         T tile[lanes][lanes];
@@ -44,6 +56,7 @@ void rows_to_lanes_by_tiles(const T* const (&rows)[lanes], std::size_t n, T* out
     }
     for (std::size_t c = first; c < n; ++c)
         for (std::size_t lane = 0; lane < lanes; ++lane) out[c * lanes + lane] = rows[lane][c];
+    return lane_maxima_of(out, n);
 }
 
 // rows[l][c] = in[c * lanes + l] for c < n and the first `count` lanes.
@@ -130,15 +143,21 @@ KDLOSS_INLINE void transpose_tile(Vector<T> (&v)[tile_width<T>]) noexcept {
     }
 }
 
-// The columns [first, first + tile_width) of the block's rows, into lane-major `out`.
+// The columns [first, first + tile_width) of the block's rows, into lane-major `out`; each row's maximum
+// so far, in `maxima`, is updated with them on the way.
 template <class T>
-KDLOSS_INLINE void rows_to_lanes_tile(const T* const (&rows)[lanes], std::size_t first, T* out) noexcept {
+KDLOSS_INLINE void rows_to_lanes_tile(const T* const (&rows)[lanes], std::size_t first, T* out,
+                                      Pack<T>& maxima) noexcept {
     constexpr std::size_t n_tile = tile_width<T>;
     for (std::size_t group = 0; group < lanes; group += n_tile) {
         Vector<T> v[n_tile];
         for (std::size_t i = 0; i < n_tile; ++i) v[i] = load_vector(rows[group + i] + first);
         transpose_tile<T>(v);
-        for (std::size_t c = 0; c < n_tile; ++c) store_vector(out + (first + c) * lanes + group, v[c]);
+        Vector<T>& maximum = maxima.part[group / n_tile];
+        for (std::size_t c = 0; c < n_tile; ++c) {
+            store_vector(out + (first + c) * lanes + group, v[c]);
+            maximum = v[c] > maximum ? v[c] : maximum;  // as lane_maxima: a NaN is never the maximum
+        }
     }
 }
 
@@ -158,15 +177,17 @@ KDLOSS_INLINE void lanes_to_rows_tile(const T* in, std::size_t first, T* const (
 // As rows_to_lanes. Columns past the last whole tile are the tile of the last tile_width columns, which
 // overlaps the one before and moves some values twice; rows shorter than a tile go value by value.
 template <class T>
-void rows_to_lanes_by_shuffles(const T* const (&rows)[lanes], std::size_t n, T* out) noexcept {
+Pack<T> rows_to_lanes_by_shuffles(const T* const (&rows)[lanes], std::size_t n, T* out) noexcept {
     constexpr std::size_t n_tile = tile_width<T>;
     if (n < n_tile) {
         for (std::size_t c = 0; c < n; ++c)
             for (std::size_t lane = 0; lane < lanes; ++lane) out[c * lanes + lane] = rows[lane][c];
-        return;
+        return lane_maxima_of(out, n);
     }
-    for (std::size_t first = 0; first + n_tile <= n; first += n_tile) rows_to_lanes_tile(rows, first, out);
-    if (n % n_tile != 0) rows_to_lanes_tile(rows, n - n_tile, out);
+    Pack<T> maxima(-std::numeric_limits<T>::infinity());
+    for (std::size_t first = 0; first + n_tile <= n; first += n_tile) rows_to_lanes_tile(rows, first, out, maxima);
+    if (n % n_tile != 0) rows_to_lanes_tile(rows, n - n_tile, out, maxima);
+    return maxima;
 }
 
 // As lanes_to_rows, with the same overlapping last tile.
@@ -184,13 +205,14 @@ void lanes_to_rows_by_shuffles(const T* in, std::size_t n, T* const (&rows)[lane
 
 #endif
 
-// out[c * lanes + l] = rows[l][c] for c < n.
+// out[c * lanes + l] = rows[l][c] for c < n; returns each row's maximum (lane l: row l's), which the
+// shuffles find on the way, saving the kernel a pass.
 template <class T>
-void rows_to_lanes(const T* const (&rows)[lanes], std::size_t n, T* out) noexcept {
+Pack<T> rows_to_lanes(const T* const (&rows)[lanes], std::size_t n, T* out) noexcept {
 #if KDLOSS_VECTOR_SHUFFLES
-    rows_to_lanes_by_shuffles(rows, n, out);
+    return rows_to_lanes_by_shuffles(rows, n, out);
 #else
-    rows_to_lanes_by_tiles(rows, n, out);
+    return rows_to_lanes_by_tiles(rows, n, out);
 #endif
 }
 
