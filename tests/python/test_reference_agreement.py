@@ -392,3 +392,17 @@ def test_float32_keeps_a_confident_rows_cross_entropy(rng, classes):
     ref = reference(s32, t32, y, temperature=3.0, alpha=1.0)
     loss = DistillationLoss(3.0, 1.0)(s32, t32, y)
     assert loss == pytest.approx(ref.loss, rel=1e-6)
+
+
+@pytest.mark.parametrize("classes", [10, 100, 1000, 20000])
+@pytest.mark.parametrize("temperature", [1.0, 3.0])
+def test_float32_soft_loss_of_a_close_teacher_is_good_to_float_resolution(rng, classes, temperature):
+    # Teacher within 1e-2 of the student: the soft loss (~1e-5) is a small difference of O(1) terms. float32
+    # exponentials bound its absolute error to a few float ulps (measured up to 4e-8 T^2). Summing Z_s and
+    # Z_t apart in float, each to float's resolution, made it 4x worse (regression test).
+    s = rng.standard_normal((64, classes)) * 3
+    t = s + rng.uniform(-1e-2, 1e-2, s.shape)
+    s32, t32 = s.astype(np.float32), t.astype(np.float32)
+    ref = reference(s32, t32, None, temperature=temperature, alpha=0.3, reduction="none")
+    loss = DistillationLoss(temperature, 0.3, reduction="none").compute_loss(s32, t32)
+    assert np.max(np.abs(loss - ref.loss)) <= 8e-8 * temperature**2

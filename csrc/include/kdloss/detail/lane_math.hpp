@@ -67,8 +67,8 @@ LaneMaxima<T> lane_maxima(const T* student, const T* teacher, std::size_t n) noe
 
 // Per-lane sums of the exponential pass, in double.
 struct LaneSums {
-    Pack<double> student_soft;   // Z_s
-    Pack<double> teacher_soft;   // Z_t
+    Pack<double> soft_difference;  // Z_s - Z_t
+    Pack<double> teacher_soft;     // Z_t
     Pack<double> student_hard;   // Z_h
     Pack<double> teacher_cross;  // sum_c exp(dt_c / T) (dt_c - ds_c)
     Pack<double> target_mass;    // sum_c y_c
@@ -100,9 +100,13 @@ struct EveryLaneSummed {};
 // logits were -inf. Rows of any length then run as whole vectors, without a padded copy.
 //
 // Sums are kept in T over chunks of a few hundred terms, while they are exact to a few ulps, and added to
-// double totals after each chunk. A normalising sum Z is 1 (the maximum's term, ds = 0) plus the rest, and a
-// float sum would round that rest to float's resolution at 1, which is all of a confident row's
-// cross-entropy; so in float the maxima's terms are counted apart, exactly, and only the rest is summed.
+// double totals after each chunk. Two things keep float sums exact where it matters:
+//   - A normalising sum Z is 1 (the maximum's term, ds = 0) plus the rest, and a float sum would round that
+//     rest to float's resolution at 1, which is all of a confident row's cross-entropy; so in float the
+//     maxima's terms are counted apart, exactly, and only the rest is summed.
+//   - The soft loss needs log Z_s - log Z_t, which is tiny when student and teacher agree; Z_s and Z_t each
+//     good to float's resolution would leave it only that good. So Z_s is summed as Z_s - Z_t, term by
+//     term: a sum of small differences, good to float's resolution of itself.
 template <class T, class Terms, int HardPower>
 KDLOSS_NOINLINE void exponentials(const T* student, const T* teacher, const T* target, Pack<T> student_max,
                                   Pack<T> teacher_max, T inverse_temperature, T* student_soft, T* teacher_soft,
@@ -110,8 +114,8 @@ KDLOSS_NOINLINE void exponentials(const T* student, const T* teacher, const T* t
     constexpr bool count_maxima = std::is_same_v<T, float>;
     constexpr std::size_t chunk = lanes * (count_maxima ? 16 : 256);
     constexpr T minus_infinity = -std::numeric_limits<T>::infinity();
-    Pack<double> z_student, z_teacher, z_hard, teacher_cross_total, target_mass_total, target_cross_total;
-    Pack<T> rest_student, rest_teacher, rest_hard, maxima_student, maxima_teacher;
+    Pack<double> soft_difference, z_teacher, z_hard, teacher_cross_total, target_mass_total, target_cross_total;
+    Pack<T> difference, rest_teacher, rest_hard, maxima_student, maxima_teacher;
     Pack<T> teacher_cross, target_mass, target_cross;
 
     // The block of `lanes` elements from i; `skipped` (a Mask, or EveryLaneSummed) marks lanes left out of
@@ -133,15 +137,14 @@ KDLOSS_NOINLINE void exponentials(const T* student, const T* teacher, const T* t
             e_student.store(student_soft + i);
             e_teacher.store(teacher_soft + i);
             const Pack<T> dt_summed = summed(dt, minus_infinity);
-            const Pack<T> e_student_summed = summed(e_student, T(0)), e_teacher_summed = summed(e_teacher, T(0));
+            const Pack<T> e_teacher_summed = summed(e_teacher, T(0));
+            difference += summed(e_student - e_teacher, T(0));
             if constexpr (count_maxima) {
                 // Written as selects between a sum and no sum, which compilers emit as one masked add.
                 const Mask<T> teacher_at_max = dt_summed == Pack<T>();
-                rest_student = select(student_at_max, rest_student, rest_student + e_student_summed);
                 rest_teacher = select(teacher_at_max, rest_teacher, rest_teacher + e_teacher_summed);
                 maxima_teacher = select(teacher_at_max, maxima_teacher + T(1), maxima_teacher);
             } else {
-                rest_student += e_student_summed;
                 rest_teacher += e_teacher_summed;
             }
             // A teacher probability of exactly 0 contributes 0, whatever the student says there.
@@ -176,16 +179,16 @@ KDLOSS_NOINLINE void exponentials(const T* student, const T* teacher, const T* t
             for (std::size_t lane = 0; lane < lanes; ++lane) lane_index[lane] = static_cast<T>(lane);
             block(n - lanes, Pack<T>::load(lane_index) < Pack<T>(static_cast<T>(lanes - (n - whole))));
         }
-        z_student += widen(maxima_student) + widen(rest_student);
+        soft_difference += widen(difference);
         z_teacher += widen(maxima_teacher) + widen(rest_teacher);
         z_hard += widen(maxima_student) + widen(rest_hard);
         teacher_cross_total += widen(teacher_cross);
         target_mass_total += widen(target_mass);
         target_cross_total += widen(target_cross);
-        rest_student = rest_teacher = rest_hard = maxima_student = maxima_teacher = Pack<T>();
+        difference = rest_teacher = rest_hard = maxima_student = maxima_teacher = Pack<T>();
         teacher_cross = target_mass = target_cross = Pack<T>();
     }
-    sums.student_soft += z_student;
+    sums.soft_difference += soft_difference;
     sums.teacher_soft += z_teacher;
     sums.student_hard += z_hard;
     sums.teacher_cross += teacher_cross_total;
@@ -197,14 +200,14 @@ KDLOSS_NOINLINE void exponentials(const T* student, const T* teacher, const T* t
 // the label for class-index labels. fast_log, not std::log: it costs a few cycles, which matters for short
 // rows, and it runs on all lanes of a block at once.
 template <class Terms, class V>
-inline V loss_from_sums(V student_soft, V teacher_soft, V student_hard, V teacher_cross, V target_mass,
+inline V loss_from_sums(V soft_difference, V teacher_soft, V student_hard, V teacher_cross, V target_mass,
                         V target_cross, V target_logit, double temperature, double soft_weight,
                         double hard_weight) noexcept {
     V loss = 0.0;
     if constexpr (Terms::soft) {
-        // log Z_s - log Z_t as one logarithm of the ratio: as exact (the division rounds the ratio by half an
-        // ulp, the subtraction the difference by as much) at two thirds of the cost of a row's logarithms.
-        const V kl = teacher_cross / (teacher_soft * temperature) + fast_log(student_soft / teacher_soft);
+        // log Z_s - log Z_t = log(1 + (Z_s - Z_t) / Z_t), one logarithm instead of two, and exact to the
+        // last bits of the difference however small it is.
+        const V kl = teacher_cross / (teacher_soft * temperature) + fast_log(1.0 + soft_difference / teacher_soft);
         loss = loss + soft_weight * temperature * temperature * kl;
     }
     if constexpr (Terms::hard) {

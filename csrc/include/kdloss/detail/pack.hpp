@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 
 #include "kdloss/detail/batch_problem.hpp"
 #include "kdloss/detail/kernel_namespace.hpp"
@@ -47,6 +48,18 @@
 #define KDLOSS_VECTOR_EXTENSIONS 1
 #else
 #define KDLOSS_VECTOR_EXTENSIONS 0
+#endif
+
+// __builtin_shufflevector: clang, and g++ from 12.
+#ifndef KDLOSS_VECTOR_SHUFFLES
+#if KDLOSS_VECTOR_EXTENSIONS && defined(__has_builtin)
+#if __has_builtin(__builtin_shufflevector)
+#define KDLOSS_VECTOR_SHUFFLES 1
+#endif
+#endif
+#endif
+#ifndef KDLOSS_VECTOR_SHUFFLES
+#define KDLOSS_VECTOR_SHUFFLES 0
 #endif
 
 namespace kdloss::detail {
@@ -257,17 +270,34 @@ struct ScalarOfT<Pack<T>> {
 template <class V>
 using ScalarOf = typename ScalarOfT<V>::type;
 
+#if KDLOSS_VECTOR_EXTENSIONS
+// Half a float part: its first (which = 0) or second half of lanes. (A memcpy of it went through the stack.)
+typedef float HalfPart __attribute__((vector_size(vector_bytes / 2)));
+#if KDLOSS_VECTOR_SHUFFLES
+template <std::size_t... I>
+KDLOSS_INLINE HalfPart half_of(const PartOf<float>::type& part, std::size_t which, std::index_sequence<I...>) noexcept {
+    constexpr std::size_t n = sizeof...(I);
+    return which == 0 ? __builtin_shufflevector(part, part, I...) : __builtin_shufflevector(part, part, (I + n)...);
+}
+KDLOSS_INLINE HalfPart half_of(const PartOf<float>::type& part, std::size_t which) noexcept {
+    return half_of(part, which, std::make_index_sequence<lanes_per_part<float> / 2>{});
+}
+#else
+KDLOSS_INLINE HalfPart half_of(const PartOf<float>::type& part, std::size_t which) noexcept {
+    HalfPart half;
+    std::memcpy(&half, reinterpret_cast<const char*>(&part) + which * sizeof half, sizeof half);
+    return half;
+}
+#endif
+#endif
+
 // The lanes of a float Pack as doubles.
 KDLOSS_INLINE Pack<double> widen(const Pack<float>& x) noexcept {
     Pack<double> result;
 #if KDLOSS_VECTOR_EXTENSIONS
     // Each float part is two double parts: convert its halves.
-    typedef float Half __attribute__((vector_size(vector_bytes / 2)));
-    for (std::size_t i = 0; i < parts<double>; ++i) {
-        Half half;
-        std::memcpy(&half, reinterpret_cast<const char*>(&x.part) + i * sizeof half, sizeof half);
-        result.part[i] = __builtin_convertvector(half, Pack<double>::Part);
-    }
+    for (std::size_t i = 0; i < parts<double>; ++i)
+        result.part[i] = __builtin_convertvector(half_of(x.part[i / 2], i % 2), Pack<double>::Part);
 #else
     for (std::size_t i = 0; i < lanes; ++i) result.part[i] = x.part[i];
 #endif
@@ -288,9 +318,8 @@ KDLOSS_INLINE Pack<T> narrow(const Pack<double>& x) noexcept {
         Pack<float> result;
 #if KDLOSS_VECTOR_EXTENSIONS
         // Each double part is half a float part.
-        typedef float Half __attribute__((vector_size(vector_bytes / 2)));
         for (std::size_t i = 0; i < parts<double>; ++i) {
-            const Half half = __builtin_convertvector(x.part[i], Half);
+            const HalfPart half = __builtin_convertvector(x.part[i], HalfPart);
             std::memcpy(reinterpret_cast<char*>(&result.part) + i * sizeof half, &half, sizeof half);
         }
 #else

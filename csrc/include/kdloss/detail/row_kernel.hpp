@@ -42,10 +42,10 @@ KDLOSS_NOINLINE double distill_row(const BatchProblem<T>& problem, const T* stud
                                                                  inverse_temperature, student_soft, teacher_soft,
                                                                  student_hard, n, lane_sums);
 
-    double z_student = 1.0, z_teacher = 1.0, teacher_cross = 0.0, z_hard = 1.0, target_mass = 1.0,
+    double soft_difference = 0.0, z_teacher = 1.0, teacher_cross = 0.0, z_hard = 1.0, target_mass = 1.0,
            target_cross = 0.0, target_logit = 0.0;
     if constexpr (Terms::soft) {
-        z_student = lane_sums.student_soft.sum();
+        soft_difference = lane_sums.soft_difference.sum();
         z_teacher = lane_sums.teacher_soft.sum();
         teacher_cross = lane_sums.teacher_cross.sum();
     }
@@ -56,13 +56,15 @@ KDLOSS_NOINLINE double distill_row(const BatchProblem<T>& problem, const T* stud
     } else if constexpr (Terms::hard) {
         target_logit = static_cast<double>(student[class_index]) - static_cast<double>(row_student_max);
     }
-    const double loss = loss_from_sums<Terms>(z_student, z_teacher, z_hard, teacher_cross, target_mass, target_cross,
-                                              target_logit, temperature, problem.soft_weight, problem.hard_weight);
+    const double loss = loss_from_sums<Terms>(soft_difference, z_teacher, z_hard, teacher_cross, target_mass,
+                                              target_cross, target_logit, temperature, problem.soft_weight,
+                                              problem.hard_weight);
 
     if constexpr (Terms::gradient) {
         const double soft_scale = problem.gradient_scale * problem.soft_weight * temperature;
         const double hard_scale = problem.gradient_scale * problem.hard_weight;
-        const GradientCoefficients<T> coefficients(z_student, z_teacher, z_hard, target_mass, soft_scale, hard_scale);
+        const GradientCoefficients<T> coefficients(z_teacher + soft_difference, z_teacher, z_hard, target_mass,
+                                                   soft_scale, hard_scale);
         write_gradient<T, Terms, HardPower>(gradient, student_soft, teacher_soft, student_hard, target, coefficients, n);
         if constexpr (Terms::hard && !Terms::distribution) gradient[class_index] -= static_cast<T>(hard_scale);
     }
@@ -115,7 +117,7 @@ KDLOSS_NOINLINE void distill_block(const BatchProblem<T>& problem, const std::si
     }
     const Pack<double> target_logit = Pack<double>::load(target_logits);
     const Pack<double> loss =
-        loss_from_sums<Terms>(sums.student_soft, sums.teacher_soft, sums.student_hard, sums.teacher_cross,
+        loss_from_sums<Terms>(sums.soft_difference, sums.teacher_soft, sums.student_hard, sums.teacher_cross,
                               sums.target_mass, sums.target_cross, target_logit, temperature, problem.soft_weight,
                               problem.hard_weight);
     double losses[lanes];
@@ -125,7 +127,8 @@ KDLOSS_NOINLINE void distill_block(const BatchProblem<T>& problem, const std::si
     if constexpr (Terms::gradient) {
         const double soft_scale = problem.gradient_scale * problem.soft_weight * temperature;
         const double hard_scale = problem.gradient_scale * problem.hard_weight;
-        const GradientCoefficients<T> coefficients(sums.student_soft, sums.teacher_soft, sums.student_hard,
+        const GradientCoefficients<T> coefficients(sums.teacher_soft + sums.soft_difference, sums.teacher_soft,
+                                                   sums.student_hard,
                                                    Terms::distribution ? sums.target_mass : Pack<double>(1.0),
                                                    soft_scale, hard_scale);
         write_gradient<T, Terms, HardPower>(gradient, student_soft, teacher_soft, student_hard, target, coefficients, m);

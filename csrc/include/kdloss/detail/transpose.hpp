@@ -18,17 +18,6 @@
 #include "kdloss/detail/kernel_namespace.hpp"
 #include "kdloss/detail/pack.hpp"
 
-#ifndef KDLOSS_VECTOR_SHUFFLES
-#if KDLOSS_VECTOR_EXTENSIONS && defined(__has_builtin)
-#if __has_builtin(__builtin_shufflevector)
-#define KDLOSS_VECTOR_SHUFFLES 1
-#endif
-#endif
-#endif
-#ifndef KDLOSS_VECTOR_SHUFFLES
-#define KDLOSS_VECTOR_SHUFFLES 0
-#endif
-
 namespace kdloss::detail {
 inline namespace KDLOSS_KERNEL_NAMESPACE {
 
