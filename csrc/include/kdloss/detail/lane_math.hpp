@@ -99,8 +99,8 @@ struct EveryLaneSummed {};
 // before: its overlapping lanes store the same exponentials again, and are left out of the sums as if their
 // logits were -inf. Rows of any length then run as whole vectors, without a padded copy.
 //
-// Sums are kept in T over chunks of a few hundred terms, while they are exact to a few ulps, and added to
-// double totals after each chunk. Two things keep float sums exact where it matters:
+// Sums are kept in T over chunks of 64 terms a lane, while they are exact to a few ulps, and added to double
+// totals after each chunk (flushing every 16 terms measured 10% slower, and no more exact). Two things keep float sums exact where it matters:
 //   - A normalising sum Z is 1 (the maximum's term, ds = 0) plus the rest, and a float sum would round that
 //     rest to float's resolution at 1, which is all of a confident row's cross-entropy; so in float the
 //     maxima's terms are counted apart, exactly, and only the rest is summed.
@@ -112,7 +112,7 @@ KDLOSS_NOINLINE void exponentials(const T* student, const T* teacher, const T* t
                                   Pack<T> teacher_max, T inverse_temperature, T* student_soft, T* teacher_soft,
                                   T* student_hard, std::size_t n, LaneSums& sums) noexcept {
     constexpr bool count_maxima = std::is_same_v<T, float>;
-    constexpr std::size_t chunk = lanes * (count_maxima ? 16 : 256);
+    constexpr std::size_t chunk = lanes * (count_maxima ? 64 : 256);  // 64 float terms a lane, then a flush
     constexpr T minus_infinity = -std::numeric_limits<T>::infinity();
     Pack<double> soft_difference, z_teacher, z_hard, teacher_cross_total, target_mass_total, target_cross_total;
     Pack<T> difference, rest_teacher, rest_hard, maxima_student, maxima_teacher;
