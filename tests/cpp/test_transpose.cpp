@@ -1,6 +1,7 @@
 // The block layout's transpositions (kdloss/detail/transpose.hpp), on their own: every row length around
-// the tile widths, every count of live rows, strided rows, and the row maxima found on the way. Whichever way this build transposes (vector
-// shuffles or tiles through an array), values must land exactly where they belong and nowhere else.
+// the tile widths, every count of live rows, strided rows, and the row maxima found on the way. Whichever
+// way this build transposes (vector shuffles or tiles through an array), values must land exactly where they
+// belong and nowhere else.
 
 #include <algorithm>
 #include <cstddef>
@@ -27,7 +28,8 @@ void round_trip(std::size_t n, std::size_t count) {
     const kdloss::detail::Pack<T> maxima = rows_to_lanes(rows, n, block.data());
     for (std::size_t c = 0; c < n; ++c)
         for (std::size_t lane = 0; lane < lanes; ++lane) KD_CHECK_EQ(block[c * lanes + lane], rows[lane][c]);
-    for (std::size_t lane = 0; lane < lanes; ++lane) KD_CHECK_EQ(maxima[lane], *std::max_element(rows[lane], rows[lane] + n));
+    for (std::size_t lane = 0; lane < lanes; ++lane)
+        KD_CHECK_EQ(maxima[lane], *std::max_element(rows[lane], rows[lane] + n));
 
     const T untouched = T(-7);
     std::vector<T> destination(lanes * stride, untouched);

@@ -100,7 +100,8 @@ struct EveryLaneSummed {};
 // logits were -inf. Rows of any length then run as whole vectors, without a padded copy.
 //
 // Sums are kept in T over chunks of 64 terms a lane, while they are exact to a few ulps, and added to double
-// totals after each chunk (flushing every 16 terms measured 10% slower, and no more exact). Two things keep float sums exact where it matters:
+// totals after each chunk (flushing every 16 terms measured 10% slower, and no more exact). Two things keep
+// float sums exact where it matters:
 //   - A normalising sum Z is 1 (the maximum's term, ds = 0) plus the rest, and a float sum would round that
 //     rest to float's resolution at 1, which is all of a confident row's cross-entropy; so in float the
 //     maxima's terms are counted apart, exactly, and only the rest is summed.
@@ -241,7 +242,8 @@ struct GradientCoefficients {
 // elements: its lanes that overlap the block before compute and store the same values again.
 template <class T, class Terms, int HardPower>
 KDLOSS_NOINLINE void write_gradient(T* gradient, const T* student_soft, const T* teacher_soft, const T* student_hard,
-                                    const T* target, const GradientCoefficients<T>& coefficients, std::size_t n) noexcept {
+                                    const T* target, const GradientCoefficients<T>& coefficients,
+                                    std::size_t n) noexcept {
     const GradientCoefficients<T> k = coefficients;  // a local copy, which the stores below cannot alias
     auto block = [&](std::size_t i) KDLOSS_INLINE_LAMBDA {
         Pack<T> g;

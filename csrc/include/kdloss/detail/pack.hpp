@@ -147,24 +147,18 @@ struct Pack {
         std::memcpy(values, &part, sizeof values);
         return values[lane];
     }
-    void set(std::size_t lane, T x) noexcept {
-        T values[lanes];
-        std::memcpy(values, &part, sizeof values);
-        values[lane] = x;
-        std::memcpy(&part, values, sizeof values);
-    }
 
-#define KDLOSS_PACK_OP(op)                                                              \
-    friend KDLOSS_INLINE Pack operator op(const Pack& a, const Pack& b) noexcept {                    \
-        Pack r;                                                                         \
-        for (std::size_t i = 0; i < parts<T>; ++i) r.part[i] = a.part[i] op b.part[i]; \
-        return r;                                                                       \
+#define KDLOSS_PACK_OP(op)                                                                         \
+    friend KDLOSS_INLINE Pack operator op(const Pack& a, const Pack& b) noexcept {                 \
+        Pack r;                                                                                    \
+        for (std::size_t i = 0; i < parts<T>; ++i) r.part[i] = a.part[i] op b.part[i];             \
+        return r;                                                                                  \
     }
-#define KDLOSS_PACK_COMPARE(op)                                                         \
-    friend KDLOSS_INLINE Mask<T> operator op(const Pack& a, const Pack& b) noexcept {                 \
-        Mask<T> r;                                                                      \
-        for (std::size_t i = 0; i < parts<T>; ++i) r.part[i] = a.part[i] op b.part[i]; \
-        return r;                                                                       \
+#define KDLOSS_PACK_COMPARE(op)                                                                    \
+    friend KDLOSS_INLINE Mask<T> operator op(const Pack& a, const Pack& b) noexcept {              \
+        Mask<T> r;                                                                                 \
+        for (std::size_t i = 0; i < parts<T>; ++i) r.part[i] = a.part[i] op b.part[i];             \
+        return r;                                                                                  \
     }
     KDLOSS_PACK_OP(+)
     KDLOSS_PACK_OP(-)

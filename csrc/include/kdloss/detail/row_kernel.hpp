@@ -65,7 +65,8 @@ KDLOSS_NOINLINE double distill_row(const BatchProblem<T>& problem, const T* stud
         const double hard_scale = problem.gradient_scale * problem.hard_weight;
         const GradientCoefficients<T> coefficients(z_teacher + soft_difference, z_teacher, z_hard, target_mass,
                                                    soft_scale, hard_scale);
-        write_gradient<T, Terms, HardPower>(gradient, student_soft, teacher_soft, student_hard, target, coefficients, n);
+        write_gradient<T, Terms, HardPower>(gradient, student_soft, teacher_soft, student_hard, target, coefficients,
+                                            n);
         if constexpr (Terms::hard && !Terms::distribution) gradient[class_index] -= static_cast<T>(hard_scale);
     }
     return loss;
@@ -73,7 +74,8 @@ KDLOSS_NOINLINE double distill_row(const BatchProblem<T>& problem, const T* stud
 
 // The rows rows[0 .. count), count <= lanes, none of them ignored: a lane per row.
 template <class T, class Terms, int HardPower>
-KDLOSS_NOINLINE void distill_block(const BatchProblem<T>& problem, const std::size_t* rows, std::size_t count, T* scratch) noexcept {
+KDLOSS_NOINLINE void distill_block(const BatchProblem<T>& problem, const std::size_t* rows, std::size_t count,
+                                   T* scratch) noexcept {
     const std::size_t n = problem.classes;
     const std::size_t m = lanes * n;
     T* student = scratch;
@@ -112,8 +114,9 @@ KDLOSS_NOINLINE void distill_block(const BatchProblem<T>& problem, const std::si
         T maxima[lanes];
         student_max.store(maxima);
         for (std::size_t lane = 0; lane < lanes; ++lane)
-            target_logits[lane] = static_cast<double>(student[static_cast<std::size_t>(class_index[lane]) * lanes + lane]) -
-                                  static_cast<double>(maxima[lane]);
+            target_logits[lane] =
+                static_cast<double>(student[static_cast<std::size_t>(class_index[lane]) * lanes + lane]) -
+                static_cast<double>(maxima[lane]);
     }
     const Pack<double> target_logit = Pack<double>::load(target_logits);
     const Pack<double> loss =
@@ -131,7 +134,8 @@ KDLOSS_NOINLINE void distill_block(const BatchProblem<T>& problem, const std::si
                                                    sums.student_hard,
                                                    Terms::distribution ? sums.target_mass : Pack<double>(1.0),
                                                    soft_scale, hard_scale);
-        write_gradient<T, Terms, HardPower>(gradient, student_soft, teacher_soft, student_hard, target, coefficients, m);
+        write_gradient<T, Terms, HardPower>(gradient, student_soft, teacher_soft, student_hard, target, coefficients,
+                                            m);
         if constexpr (Terms::hard && !Terms::distribution)
             for (std::size_t lane = 0; lane < count; ++lane)
                 gradient[static_cast<std::size_t>(class_index[lane]) * lanes + lane] -= static_cast<T>(hard_scale);

@@ -111,8 +111,10 @@ KDLOSS_INLINE void transpose_tile(Vector<T> (&v)[tile_width<T>]) noexcept {
         }
     } else if constexpr (vector_bytes == 32 && n == 4) {
         // AVX, 4 doubles: unpcklpd/unpckhpd, then vperm2f128.
-        const V t0 = __builtin_shufflevector(v[0], v[1], 0, 4, 2, 6), t1 = __builtin_shufflevector(v[0], v[1], 1, 5, 3, 7);
-        const V t2 = __builtin_shufflevector(v[2], v[3], 0, 4, 2, 6), t3 = __builtin_shufflevector(v[2], v[3], 1, 5, 3, 7);
+        const V t0 = __builtin_shufflevector(v[0], v[1], 0, 4, 2, 6);
+        const V t1 = __builtin_shufflevector(v[0], v[1], 1, 5, 3, 7);
+        const V t2 = __builtin_shufflevector(v[2], v[3], 0, 4, 2, 6);
+        const V t3 = __builtin_shufflevector(v[2], v[3], 1, 5, 3, 7);
         v[0] = __builtin_shufflevector(t0, t2, 0, 1, 4, 5);
         v[1] = __builtin_shufflevector(t1, t3, 0, 1, 4, 5);
         v[2] = __builtin_shufflevector(t0, t2, 2, 3, 6, 7);
@@ -152,7 +154,8 @@ KDLOSS_INLINE void rows_to_lanes_tile(const T* const (&rows)[lanes], std::size_t
 
 // The columns [first, first + tile_width) of lane-major `in`, into the first `count` rows.
 template <class T>
-KDLOSS_INLINE void lanes_to_rows_tile(const T* in, std::size_t first, T* const (&rows)[lanes], std::size_t count) noexcept {
+KDLOSS_INLINE void lanes_to_rows_tile(const T* in, std::size_t first, T* const (&rows)[lanes],
+                                      std::size_t count) noexcept {
     constexpr std::size_t n_tile = tile_width<T>;
     for (std::size_t group = 0; group < count; group += n_tile) {
         Vector<T> v[n_tile];
