@@ -7,6 +7,7 @@ the loss is instead normalised by the *global* count, obtained with an all_reduc
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 from datetime import timedelta
@@ -115,6 +116,10 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
         )
     finally:
         dist.destroy_process_group()
+    # With torch 2.13, a DDP process over gloo aborts now and then ("terminate called without an active
+    # exception", SIGABRT) while the interpreter shuts down, after all its work is done and saved; it does so
+    # without kdloss too (about 1 run in 10 here). Leave without that shutdown.
+    os._exit(0)
 
 
 def _free_port() -> int:

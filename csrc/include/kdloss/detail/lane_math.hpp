@@ -102,12 +102,13 @@ struct EveryLaneSummed {};
 // Sums are kept in T over chunks of 64 terms a lane, while they are exact to a few ulps, and added to double
 // totals after each chunk (flushing every 16 terms measured 10% slower, and no more exact). Two things keep
 // float sums exact where it matters:
-//   - A normalising sum Z is 1 (the maximum's term, ds = 0) plus the rest, and a float sum would round that
-//     rest to float's resolution at 1, which is all of a confident row's cross-entropy; so in float the
-//     maxima's terms are counted apart, exactly, and only the rest is summed.
+//   - The cross-entropy needs log Z_h, where Z_h is 1 (the maximum's term, ds = 0) plus the rest, and a
+//     float sum would round that rest to float's resolution at 1, which is all of a confident row's
+//     cross-entropy; so in float the maxima's terms are counted apart, exactly, and only the rest is summed.
 //   - The soft loss needs log Z_s - log Z_t, which is tiny when student and teacher agree; Z_s and Z_t each
 //     good to float's resolution would leave it only that good. So Z_s is summed as Z_s - Z_t, term by
-//     term: a sum of small differences, good to float's resolution of itself.
+//     term: a sum of small differences, good to float's resolution of itself. Z_t itself only ever divides
+//     (the difference, the cross term, the gradient), where its relative precision is all that counts.
 template <class T, class Terms, int HardPower>
 KDLOSS_NOINLINE void exponentials(const T* student, const T* teacher, const T* target, Pack<T> student_max,
                                   Pack<T> teacher_max, T inverse_temperature, T* student_soft, T* teacher_soft,
@@ -116,7 +117,7 @@ KDLOSS_NOINLINE void exponentials(const T* student, const T* teacher, const T* t
     constexpr std::size_t chunk = lanes * (count_maxima ? 64 : 256);  // 64 float terms a lane, then a flush
     constexpr T minus_infinity = -std::numeric_limits<T>::infinity();
     Pack<double> soft_difference, z_teacher, z_hard, teacher_cross_total, target_mass_total, target_cross_total;
-    Pack<T> difference, rest_teacher, rest_hard, maxima_student, maxima_teacher;
+    Pack<T> difference, z_teacher_part, rest_hard, maxima_student;
     Pack<T> teacher_cross, target_mass, target_cross;
 
     // The block of `lanes` elements from i; `skipped` (a Mask, or EveryLaneSummed) marks lanes left out of
@@ -140,14 +141,7 @@ KDLOSS_NOINLINE void exponentials(const T* student, const T* teacher, const T* t
             const Pack<T> dt_summed = summed(dt, minus_infinity);
             const Pack<T> e_teacher_summed = summed(e_teacher, T(0));
             difference += summed(e_student - e_teacher, T(0));
-            if constexpr (count_maxima) {
-                // Written as selects between a sum and no sum, which compilers emit as one masked add.
-                const Mask<T> teacher_at_max = dt_summed == Pack<T>();
-                rest_teacher = select(teacher_at_max, rest_teacher, rest_teacher + e_teacher_summed);
-                maxima_teacher = select(teacher_at_max, maxima_teacher + T(1), maxima_teacher);
-            } else {
-                rest_teacher += e_teacher_summed;
-            }
+            z_teacher_part += e_teacher_summed;
             // A teacher probability of exactly 0 contributes 0, whatever the student says there.
             teacher_cross += select(e_teacher_summed == Pack<T>(), T(0), e_teacher_summed * (dt_summed - ds_summed));
         }
@@ -181,12 +175,12 @@ KDLOSS_NOINLINE void exponentials(const T* student, const T* teacher, const T* t
             block(n - lanes, Pack<T>::load(lane_index) < Pack<T>(static_cast<T>(lanes - (n - whole))));
         }
         soft_difference += widen(difference);
-        z_teacher += widen(maxima_teacher) + widen(rest_teacher);
+        z_teacher += widen(z_teacher_part);
         z_hard += widen(maxima_student) + widen(rest_hard);
         teacher_cross_total += widen(teacher_cross);
         target_mass_total += widen(target_mass);
         target_cross_total += widen(target_cross);
-        difference = rest_teacher = rest_hard = maxima_student = maxima_teacher = Pack<T>();
+        difference = z_teacher_part = rest_hard = maxima_student = Pack<T>();
         teacher_cross = target_mass = target_cross = Pack<T>();
     }
     sums.soft_difference += soft_difference;
