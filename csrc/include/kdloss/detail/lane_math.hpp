@@ -69,10 +69,10 @@ LaneMaxima<T> lane_maxima(const T* student, const T* teacher, std::size_t n) noe
 struct LaneSums {
     Pack<double> soft_difference;  // Z_s - Z_t
     Pack<double> teacher_soft;     // Z_t
-    Pack<double> student_hard;   // Z_h
-    Pack<double> teacher_cross;  // sum_c exp(dt_c / T) (dt_c - ds_c)
-    Pack<double> target_mass;    // sum_c y_c
-    Pack<double> target_cross;   // sum_c y_c ds_c
+    Pack<double> student_hard;     // Z_h
+    Pack<double> teacher_cross;    // sum_c exp(dt_c / T) (dt_c - ds_c)
+    Pack<double> target_mass;      // sum_c y_c
+    Pack<double> target_cross;     // sum_c y_c ds_c
 };
 
 // e^(ds) for the hard term. With an integer temperature T <= 4 it is (e^(ds/T))^T, a multiply or two where
@@ -113,8 +113,8 @@ template <class T, class Terms, int HardPower>
 KDLOSS_NOINLINE void exponentials(const T* student, const T* teacher, const T* target, Pack<T> student_max,
                                   Pack<T> teacher_max, T inverse_temperature, T* student_soft, T* teacher_soft,
                                   T* student_hard, std::size_t n, LaneSums& sums) noexcept {
-    constexpr bool count_maxima = std::is_same_v<T, float>;
-    constexpr std::size_t chunk = lanes * (count_maxima ? 64 : 256);  // 64 float terms a lane, then a flush
+    constexpr bool count_maxima = std::is_same_v<T, float> && Terms::hard;  // for Z_h only
+    constexpr std::size_t chunk = lanes * (std::is_same_v<T, float> ? 64 : 256);  // 64 float terms a lane
     constexpr T minus_infinity = -std::numeric_limits<T>::infinity();
     Pack<double> soft_difference, z_teacher, z_hard, teacher_cross_total, target_mass_total, target_cross_total;
     Pack<T> difference, z_teacher_part, rest_hard, maxima_student;

@@ -16,20 +16,23 @@
 
 #include "kdloss/detail/batch_problem.hpp"
 #include "kdloss/detail/kernel_namespace.hpp"
+#include "kdloss/detail/lane_math.hpp"
 #include "kdloss/detail/pack.hpp"
 
 namespace kdloss::detail {
 inline namespace KDLOSS_KERNEL_NAMESPACE {
 
-// Each lane's maximum over n lane-major columns (as lane_maxima: a NaN is never the maximum).
+// Columns [first, n) one value at a time: what whole tiles leave over.
 template <class T>
-Pack<T> lane_maxima_of(const T* block, std::size_t n) noexcept {
-    Pack<T> maxima(-std::numeric_limits<T>::infinity());
-    for (std::size_t c = 0; c < n; ++c) {
-        const Pack<T> column = Pack<T>::load(block + c * lanes);
-        maxima = select(column > maxima, column, maxima);
-    }
-    return maxima;
+void rows_to_lanes_one_by_one(const T* const (&rows)[lanes], std::size_t first, std::size_t n, T* out) noexcept {
+    for (std::size_t c = first; c < n; ++c)
+        for (std::size_t lane = 0; lane < lanes; ++lane) out[c * lanes + lane] = rows[lane][c];
+}
+template <class T>
+void lanes_to_rows_one_by_one(const T* in, std::size_t first, std::size_t n, T* const (&rows)[lanes],
+                              std::size_t count) noexcept {
+    for (std::size_t lane = 0; lane < count; ++lane)
+        for (std::size_t c = first; c < n; ++c) rows[lane][c] = in[c * lanes + lane];
 }
 
 // out[c * lanes + l] = rows[l][c] for c < n; returns each row's maximum.
@@ -43,9 +46,8 @@ Pack<T> rows_to_lanes_by_tiles(const T* const (&rows)[lanes], std::size_t n, T* 
         for (std::size_t c = 0; c < lanes; ++c)
             for (std::size_t lane = 0; lane < lanes; ++lane) block[c * lanes + lane] = tile[lane][c];
     }
-    for (std::size_t c = first; c < n; ++c)
-        for (std::size_t lane = 0; lane < lanes; ++lane) out[c * lanes + lane] = rows[lane][c];
-    return lane_maxima_of(out, n);
+    rows_to_lanes_one_by_one(rows, first, n, out);
+    return lane_maxima<T, false>(out, nullptr, n * lanes).student;
 }
 
 // rows[l][c] = in[c * lanes + l] for c < n and the first `count` lanes.
@@ -59,8 +61,7 @@ void lanes_to_rows_by_tiles(const T* in, std::size_t n, T* const (&rows)[lanes],
             for (std::size_t lane = 0; lane < lanes; ++lane) tile[lane][c] = block[c * lanes + lane];
         for (std::size_t lane = 0; lane < count; ++lane) std::memcpy(rows[lane] + first, tile[lane], sizeof tile[lane]);
     }
-    for (std::size_t lane = 0; lane < count; ++lane)
-        for (std::size_t c = first; c < n; ++c) rows[lane][c] = in[c * lanes + lane];
+    lanes_to_rows_one_by_one(in, first, n, rows, count);
 }
 
 #if KDLOSS_VECTOR_SHUFFLES
@@ -172,9 +173,8 @@ template <class T>
 Pack<T> rows_to_lanes_by_shuffles(const T* const (&rows)[lanes], std::size_t n, T* out) noexcept {
     constexpr std::size_t n_tile = tile_width<T>;
     if (n < n_tile) {
-        for (std::size_t c = 0; c < n; ++c)
-            for (std::size_t lane = 0; lane < lanes; ++lane) out[c * lanes + lane] = rows[lane][c];
-        return lane_maxima_of(out, n);
+        rows_to_lanes_one_by_one(rows, 0, n, out);
+        return lane_maxima<T, false>(out, nullptr, n * lanes).student;
     }
     Pack<T> maxima(-std::numeric_limits<T>::infinity());
     for (std::size_t first = 0; first + n_tile <= n; first += n_tile) rows_to_lanes_tile(rows, first, out, maxima);
@@ -187,8 +187,7 @@ template <class T>
 void lanes_to_rows_by_shuffles(const T* in, std::size_t n, T* const (&rows)[lanes], std::size_t count) noexcept {
     constexpr std::size_t n_tile = tile_width<T>;
     if (n < n_tile) {
-        for (std::size_t lane = 0; lane < count; ++lane)
-            for (std::size_t c = 0; c < n; ++c) rows[lane][c] = in[c * lanes + lane];
+        lanes_to_rows_one_by_one(in, 0, n, rows, count);
         return;
     }
     for (std::size_t first = 0; first + n_tile <= n; first += n_tile) lanes_to_rows_tile(in, first, rows, count);
