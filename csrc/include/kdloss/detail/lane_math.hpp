@@ -75,13 +75,20 @@ struct LaneSums {
     Pack<double> target_cross;     // sum_c y_c ds_c
 };
 
-// e^(ds) for the hard term. With an integer temperature T <= 4 it is (e^(ds/T))^T, a multiply or two where
-// an exponential costs twenty operations; HardPower is that T, or 0 to evaluate the exponential.
+// The exponentials e^(ds/T) = 2^(ds log2(e) / T) (see fast_exp2).
+constexpr double log2e = 1.4426950408889634074;
+template <class T>
+Exp2Scale<T> soft_exponent(double temperature) noexcept {
+    return exp2_scale<T>(log2e / temperature);
+}
+
+// e^(ds) for the hard term, where the temperature T is an integer <= 4: (e^(ds/T))^T, a multiply or two where
+// an exponential costs twenty operations. HardPower is that T (0 when there is none: e^(ds) is then an
+// exponential of its own).
 template <int HardPower, class V>
-KDLOSS_INLINE V hard_exponential(V ds, V soft_exponential) noexcept {
-    static_assert(HardPower >= 0 && HardPower <= 4);
+KDLOSS_INLINE V soft_power(V soft_exponential) noexcept {
+    static_assert(HardPower >= 1 && HardPower <= 4);
     const V e = soft_exponential;
-    if constexpr (HardPower == 0) return fast_exp(ds);
     if constexpr (HardPower == 1) return e;
     if constexpr (HardPower == 2) return e * e;
     if constexpr (HardPower == 3) return e * e * e;
@@ -91,7 +98,8 @@ KDLOSS_INLINE V hard_exponential(V ds, V soft_exponential) noexcept {
 // Marks a block all of whose lanes are summed (see exponentials).
 struct EveryLaneSummed {};
 
-// Writes the exponentials of n >= lanes elements to scratch and adds their per-lane sums to `sums`.
+// Writes the exponentials of n >= lanes elements (soft: soft_exponent(T)) to scratch and adds their per-lane
+// sums to `sums`.
 // Loss-only and loss-and-gradient calls run this very function (callers pass Terms::without_gradient, and
 // it is never inlined into them), so both return bitwise the same loss.
 //
@@ -111,11 +119,12 @@ struct EveryLaneSummed {};
 //     (the difference, the cross term, the gradient), where its relative precision is all that counts.
 template <class T, class Terms, int HardPower>
 KDLOSS_NOINLINE void exponentials(const T* student, const T* teacher, const T* target, Pack<T> student_max,
-                                  Pack<T> teacher_max, T inverse_temperature, T* student_soft, T* teacher_soft,
+                                  Pack<T> teacher_max, Exp2Scale<T> soft, T* student_soft, T* teacher_soft,
                                   T* student_hard, std::size_t n, LaneSums& sums) noexcept {
     constexpr bool count_maxima = std::is_same_v<T, float> && Terms::hard;  // for Z_h only
     constexpr std::size_t chunk = lanes * (std::is_same_v<T, float> ? 64 : 256);  // 64 float terms a lane
     constexpr T minus_infinity = -std::numeric_limits<T>::infinity();
+    const Exp2Scale<T> natural = exp2_scale<T>(log2e);  // e^(ds), when it is no power of a soft exponential
     Pack<double> soft_difference, z_teacher, z_hard, teacher_cross_total, target_mass_total, target_cross_total;
     Pack<T> difference, z_teacher_part, rest_hard, maxima_student;
     Pack<T> teacher_cross, target_mass, target_cross;
@@ -134,19 +143,23 @@ KDLOSS_NOINLINE void exponentials(const T* student, const T* teacher, const T* t
         Pack<T> e_student;
         if constexpr (Terms::soft) {
             const Pack<T> dt = Pack<T>::load(teacher + i) - teacher_max;
-            e_student = fast_exp(ds * inverse_temperature);
-            const Pack<T> e_teacher = fast_exp(dt * inverse_temperature);
+            e_student = fast_exp2(ds, soft);
+            const Pack<T> e_teacher = fast_exp2(dt, soft);
             e_student.store(student_soft + i);
             e_teacher.store(teacher_soft + i);
             const Pack<T> dt_summed = summed(dt, minus_infinity);
             const Pack<T> e_teacher_summed = summed(e_teacher, T(0));
             difference += summed(e_student - e_teacher, T(0));
             z_teacher_part += e_teacher_summed;
-            // A teacher probability of exactly 0 contributes 0, whatever the student says there.
-            teacher_cross += select(e_teacher_summed == Pack<T>(), T(0), e_teacher_summed * (dt_summed - ds_summed));
+            // A teacher probability of exactly 0 contributes 0, whatever the student says there. (Written as
+            // a select of the whole sum, it becomes one masked fused multiply-add.)
+            teacher_cross = select(e_teacher_summed == Pack<T>(), teacher_cross,
+                                   teacher_cross + e_teacher_summed * (dt_summed - ds_summed));
         }
         if constexpr (Terms::hard) {
-            const Pack<T> e_hard = hard_exponential<HardPower>(ds, e_student);
+            Pack<T> e_hard;
+            if constexpr (HardPower == 0) e_hard = fast_exp2(ds, natural);
+            else e_hard = soft_power<HardPower>(e_student);
             // A power of the soft exponential is cheaper to recompute in the gradient pass than to store.
             if constexpr (HardPower == 0) e_hard.store(student_hard + i);
             const Pack<T> e_hard_summed = summed(e_hard, T(0));
@@ -244,7 +257,7 @@ KDLOSS_NOINLINE void write_gradient(T* gradient, const T* student_soft, const T*
         const Pack<T> q = Pack<T>::load(student_soft + i);
         if constexpr (Terms::soft) g = k.soft_q * q - k.soft_p * Pack<T>::load(teacher_soft + i);
         if constexpr (Terms::hard && HardPower == 0) g += k.hard_h * Pack<T>::load(student_hard + i);
-        if constexpr (Terms::hard && HardPower != 0) g += k.hard_h * hard_exponential<HardPower>(Pack<T>(), q);
+        if constexpr (Terms::hard && HardPower != 0) g += k.hard_h * soft_power<HardPower>(q);
         if constexpr (Terms::distribution) g = g - k.hard_y * Pack<T>::load(target + i);
         g.store(gradient + i);
     };

@@ -35,12 +35,11 @@ KDLOSS_NOINLINE double distill_row(const BatchProblem<T>& problem, const T* stud
     const LaneMaxima<T> lane_max = lane_maxima<T, Terms::soft>(student, teacher, n);
     const T row_student_max = lane_max.student.max();
     const Pack<T> student_max(row_student_max), teacher_max(lane_max.teacher.max());
-    const T inverse_temperature = static_cast<T>(1.0 / temperature);
 
     LaneSums lane_sums;
     exponentials<T, typename Terms::without_gradient, HardPower>(student, teacher, target, student_max, teacher_max,
-                                                                 inverse_temperature, student_soft, teacher_soft,
-                                                                 student_hard, n, lane_sums);
+                                                                 soft_exponent<T>(temperature), student_soft,
+                                                                 teacher_soft, student_hard, n, lane_sums);
 
     double soft_difference = 0.0, z_teacher = 1.0, teacher_cross = 0.0, z_hard = 1.0, target_mass = 1.0,
            target_cross = 0.0, target_logit = 0.0;
@@ -107,7 +106,7 @@ KDLOSS_NOINLINE void distill_block(const BatchProblem<T>& problem, const std::si
     const double temperature = problem.temperature;
     LaneSums sums;
     exponentials<T, typename Terms::without_gradient, HardPower>(student, teacher, target, student_max,
-                                                                 teacher_max, static_cast<T>(1.0 / temperature),
+                                                                 teacher_max, soft_exponent<T>(temperature),
                                                                  student_soft, teacher_soft, student_hard, m, sums);
     double target_logits[lanes] = {};
     if constexpr (Terms::hard && !Terms::distribution) {
