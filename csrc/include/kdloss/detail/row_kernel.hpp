@@ -25,7 +25,8 @@ inline namespace KDLOSS_KERNEL_NAMESPACE {
 
 template <class T, class Terms, int HardPower>
 KDLOSS_NOINLINE double distill_row(const BatchProblem<T>& problem, const T* student, const T* teacher,
-                                   std::int64_t class_index, const T* target, T* scratch, T* gradient) noexcept {
+                                   std::int64_t class_index, const T* target, NextRow<T> next, T* scratch,
+                                   T* gradient) noexcept {
     const std::size_t n = problem.classes;
     const double temperature = problem.temperature;
     T* student_soft = scratch;
@@ -39,7 +40,7 @@ KDLOSS_NOINLINE double distill_row(const BatchProblem<T>& problem, const T* stud
     LaneSums lane_sums;
     exponentials<T, typename Terms::without_gradient, HardPower>(student, teacher, target, student_max, teacher_max,
                                                                  soft_exponent<T>(temperature), student_soft,
-                                                                 teacher_soft, student_hard, n, lane_sums);
+                                                                 teacher_soft, student_hard, n, next, lane_sums);
 
     double soft_difference = 0.0, z_teacher = 1.0, teacher_cross = 0.0, z_hard = 1.0, target_mass = 1.0,
            target_cross = 0.0, target_logit = 0.0;
@@ -107,7 +108,8 @@ KDLOSS_NOINLINE void distill_block(const BatchProblem<T>& problem, const std::si
     LaneSums sums;
     exponentials<T, typename Terms::without_gradient, HardPower>(student, teacher, target, student_max,
                                                                  teacher_max, soft_exponent<T>(temperature),
-                                                                 student_soft, teacher_soft, student_hard, m, sums);
+                                                                 student_soft, teacher_soft, student_hard, m,
+                                                                 NextRow<T>{}, sums);
     double target_logits[lanes] = {};
     if constexpr (Terms::hard && !Terms::distribution) {
         T maxima[lanes];

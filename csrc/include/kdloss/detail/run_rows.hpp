@@ -48,25 +48,32 @@ void run_rows_with(const BatchProblem<T>& problem, std::size_t begin, std::size_
         if (count > 0) distill_block<T, Terms, HardPower>(problem, block_rows, count, scratch);
         return;
     }
+    // Rows of up to 64 KiB are fetched a row ahead (NextRow); longer ones stream in well enough by themselves,
+    // and fetching a second one would only push the first out of L2.
+    const bool fetch_ahead = problem.classes * sizeof(T) <= 65536;
     for (std::size_t i = begin; i < end; ++i) {
         if (is_ignored(problem, i)) {
             zero_ignored_row<T, Terms>(problem, i);
             continue;
         }
         const auto row = static_cast<std::ptrdiff_t>(i);
+        NextRow<T> next;
+        if (fetch_ahead && i + 1 < end)
+            next = {problem.student + (row + 1) * problem.student_stride,
+                    problem.teacher + (row + 1) * problem.teacher_stride};
         const std::int64_t class_index =
             problem.label_kind == LabelKind::class_indices ? problem.class_indices[row * problem.class_index_stride] : 0;
         T* gradient = Terms::gradient ? problem.gradient + row * problem.gradient_stride : nullptr;
         const T* target = Terms::distribution ? problem.targets + row * problem.target_stride : nullptr;
         problem.row_losses[i] = distill_row<T, Terms, HardPower>(problem, problem.student + row * problem.student_stride,
                                                                  problem.teacher + row * problem.teacher_stride,
-                                                                 class_index, target, scratch, gradient);
+                                                                 class_index, target, next, scratch, gradient);
     }
 }
 
 template <class T, class Terms>
 void run_rows_choosing_power(const BatchProblem<T>& problem, std::size_t begin, std::size_t end, T* scratch) noexcept {
-    // The hard exponential is a power of the soft one for small integer temperatures (see hard_exponential).
+    // The hard exponential is a power of the soft one for small integer temperatures (see soft_power).
     const double temperature = problem.temperature;
     if constexpr (Terms::soft && Terms::hard) {
         if (temperature == 1.0) return run_rows_with<T, Terms, 1>(problem, begin, end, scratch);
