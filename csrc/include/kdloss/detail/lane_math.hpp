@@ -271,6 +271,9 @@ KDLOSS_NOINLINE void write_gradient(T* gradient, const T* student_soft, const T*
     auto block = [&](std::size_t i) KDLOSS_INLINE_LAMBDA {
         Pack<T> g;
         const Pack<T> q = Pack<T>::load(student_soft + i);
+        // The soft difference first, where its two terms cancel as exactly as they can (to exactly 0 for a
+        // single class), and the hard term after: q (soft_q + hard_h q^(T-1)) saves a multiply but is not 0
+        // there.
         if constexpr (Terms::soft) g = k.soft_q * q - k.soft_p * Pack<T>::load(teacher_soft + i);
         if constexpr (Terms::hard && HardPower == 0) g += k.hard_h * Pack<T>::load(student_hard + i);
         if constexpr (Terms::hard && HardPower != 0) g += k.hard_h * soft_power<HardPower>(q);
