@@ -97,15 +97,19 @@ KDLOSS_INLINE void transpose_tile(Vector<T> (&v)[tile_width<T>]) noexcept {
         // AVX, 8 floats: shuffles stay within 16-byte halves except the last round's, as in its instructions
         // (unpcklps/unpckhps, shufps, vperm2f128).
         V t[8], u[8];
+        KDLOSS_UNROLL
         for (std::size_t k = 0; k < 4; ++k) {
             t[2 * k] = __builtin_shufflevector(v[2 * k], v[2 * k + 1], 0, 8, 1, 9, 4, 12, 5, 13);
             t[2 * k + 1] = __builtin_shufflevector(v[2 * k], v[2 * k + 1], 2, 10, 3, 11, 6, 14, 7, 15);
         }
+        KDLOSS_UNROLL
         for (std::size_t g = 0; g < 8; g += 4)
+            KDLOSS_UNROLL
             for (std::size_t k = 0; k < 2; ++k) {
                 u[g + 2 * k] = __builtin_shufflevector(t[g + k], t[g + k + 2], 0, 1, 8, 9, 4, 5, 12, 13);
                 u[g + 2 * k + 1] = __builtin_shufflevector(t[g + k], t[g + k + 2], 2, 3, 10, 11, 6, 7, 14, 15);
             }
+        KDLOSS_UNROLL
         for (std::size_t j = 0; j < 4; ++j) {
             v[j] = __builtin_shufflevector(u[j], u[j + 4], 0, 1, 2, 3, 8, 9, 10, 11);
             v[j + 4] = __builtin_shufflevector(u[j], u[j + 4], 4, 5, 6, 7, 12, 13, 14, 15);
@@ -124,12 +128,15 @@ KDLOSS_INLINE void transpose_tile(Vector<T> (&v)[tile_width<T>]) noexcept {
         // log2(n) rounds of pairing row i with row i + n/2 by interleaves: single instructions with
         // AVX-512 (vpermt2ps/pd) and with SSE2 or NEON (unpck, zip).
         using Indices = std::make_index_sequence<n>;
+        KDLOSS_UNROLL
         for (std::size_t width = 1; width < n; width *= 2) {
             V next[n];
+            KDLOSS_UNROLL
             for (std::size_t i = 0; i < n / 2; ++i) {
                 next[2 * i] = interleave<false, V, n>(v[i], v[i + n / 2], Indices{});
                 next[2 * i + 1] = interleave<true, V, n>(v[i], v[i + n / 2], Indices{});
             }
+            KDLOSS_UNROLL
             for (std::size_t i = 0; i < n; ++i) v[i] = next[i];
         }
     }
@@ -143,9 +150,11 @@ KDLOSS_INLINE void rows_to_lanes_tile(const T* const (&rows)[lanes], std::size_t
     constexpr std::size_t n_tile = tile_width<T>;
     for (std::size_t group = 0; group < lanes; group += n_tile) {
         Vector<T> v[n_tile];
+        KDLOSS_UNROLL
         for (std::size_t i = 0; i < n_tile; ++i) v[i] = load_vector(rows[group + i] + first);
         transpose_tile<T>(v);
         Vector<T>& maximum = maxima.part[group / n_tile];
+        KDLOSS_UNROLL
         for (std::size_t c = 0; c < n_tile; ++c) {
             store_vector(out + (first + c) * lanes + group, v[c]);
             maximum = v[c] > maximum ? v[c] : maximum;  // as lane_maxima: a NaN is never the maximum
@@ -160,10 +169,15 @@ KDLOSS_INLINE void lanes_to_rows_tile(const T* in, std::size_t first, T* const (
     constexpr std::size_t n_tile = tile_width<T>;
     for (std::size_t group = 0; group < count; group += n_tile) {
         Vector<T> v[n_tile];
+        KDLOSS_UNROLL
         for (std::size_t c = 0; c < n_tile; ++c) v[c] = load_vector(in + (first + c) * lanes + group);
         transpose_tile<T>(v);
-        const std::size_t rows_here = count - group < n_tile ? count - group : n_tile;
-        for (std::size_t i = 0; i < rows_here; ++i) store_vector(rows[group + i] + first, v[i]);
+        if (count - group >= n_tile) {  // a whole tile of rows, with the loop unrolled (v stays in registers)
+            KDLOSS_UNROLL
+            for (std::size_t i = 0; i < n_tile; ++i) store_vector(rows[group + i] + first, v[i]);
+        } else {
+            for (std::size_t i = 0; i < count - group; ++i) store_vector(rows[group + i] + first, v[i]);
+        }
     }
 }
 
