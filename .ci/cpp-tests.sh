@@ -3,6 +3,8 @@
 #   - the ctest suite (tests/cpp) built warning-free with -Wall -Wextra -Wpedantic -Werror, run plain
 #     (Release) and under AddressSanitizer + UndefinedBehaviorSanitizer (-fno-sanitize-recover=all), and
 #     with g++ once more without GNU vector extensions (-DKDLOSS_NO_VECTOR_EXTENSIONS, MSVC's path);
+#   - the suite cross-compiled for aarch64 at -O2 and run under qemu (NEON), when Debian's cross g++ and
+#     qemu-user are installed or can be (set KDLOSS_CI_AARCH64=0 to skip);
 #   - the host program tests/cmake_consumer built against an install prefix (find_package) and via
 #     add_subdirectory, run, and its printed loss checked against the specification's check value.
 # The suite runs with g++, and with clang++ too when it is installed or Debian's clang can be installed
@@ -75,8 +77,31 @@ install_clang() {
     return 0
 }
 
+# An aarch64 cross g++ and qemu, to run the NEON kernels (the 128-bit path with 32 registers and fused
+# multiply-adds) that no x86 machine runs.
+install_aarch64() {
+    [ "${KDLOSS_CI_AARCH64:-1}" != 0 ] || { echo "aarch64: skipped (KDLOSS_CI_AARCH64=0)"; return 1; }
+    if command -v aarch64-linux-gnu-g++ >/dev/null && command -v qemu-aarch64 >/dev/null; then return 0; fi
+    if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then
+        echo "aarch64: no cross g++ or qemu, and no apt-get as root here; skipping aarch64"
+        return 1
+    fi
+    local t0=$SECONDS
+    echo "aarch64: installing Debian's g++-aarch64-linux-gnu and qemu-user (apt-get, at most ~90 s)"
+    if ! { timeout 45 apt-get update -qq &&
+           DEBIAN_FRONTEND=noninteractive timeout 120 apt-get install -y -qq --no-install-recommends \
+               g++-aarch64-linux-gnu qemu-user; } >"$work/apt-aarch64.log" 2>&1; then
+        echo "aarch64: apt-get failed or was too slow after $((SECONDS - t0)) s; skipping aarch64"
+        tail -n 5 "$work/apt-aarch64.log" | sed 's/^/        | /'
+        return 1
+    fi
+    echo "aarch64: installed in $((SECONDS - t0)) s"
+}
+
 compilers=(g++)
 if install_clang; then compilers+=(clang++); fi
+aarch64=0
+if install_aarch64; then aarch64=1; fi
 clang_sanitizers=1
 if [[ " ${compilers[*]} " == *" clang++ "* ]] &&
     ! clang++ -fsanitize=address,undefined "$work/probe.cpp" -o "$work/probe" >/dev/null 2>&1; then
@@ -104,9 +129,18 @@ suite() {
         flags="-DKDLOSS_NO_VECTOR_EXTENSIONS $warnings"
         headers=OFF
     fi
+    local cross=()
+    if [ "$mode" = aarch64 ]; then
+        # Cross-compiled at -O2, the level many hosts build with, and run by ctest through qemu.
+        flags="-O2 $warnings"
+        type=""
+        headers=OFF
+        cross=(-DCMAKE_SYSTEM_NAME=Linux -DCMAKE_SYSTEM_PROCESSOR=aarch64
+               "-DCMAKE_CROSSCOMPILING_EMULATOR=qemu-aarch64;-L;/usr/aarch64-linux-gnu")
+    fi
     step "$cxx $mode: configure" cmake -S "$root" -B "$build" -DCMAKE_BUILD_TYPE="$type" \
         -DCMAKE_CXX_COMPILER="$cxx" -DCMAKE_CXX_FLAGS="$flags" -DCMAKE_EXE_LINKER_FLAGS="$link" \
-        -DKDLOSS_BUILD_TESTS=ON -DKDLOSS_TEST_HEADERS="$headers" -DKDLOSS_WERROR=ON || return 0
+        -DKDLOSS_BUILD_TESTS=ON -DKDLOSS_TEST_HEADERS="$headers" -DKDLOSS_WERROR=ON "${cross[@]}" || return 0
     step "$cxx $mode: build (-Werror)" cmake --build "$build" -j "$jobs" || return 0
     if step "$cxx $mode: ctest" ctest --test-dir "$build" --output-on-failure --no-tests=error -j "$jobs"; then
         summary+=("$cxx $mode: $(grep -E 'tests passed' "$work/log.$((passed + failed - 1))" || true)")
@@ -176,6 +210,10 @@ for cxx in "${compilers[@]}"; do
         suite "$cxx" sanitized
     fi
 done
+if [ "$aarch64" = 1 ]; then
+    echo "aarch64-linux-gnu-g++: ctest suite under qemu"
+    suite aarch64-linux-gnu-g++ aarch64
+fi
 # The host's view, with the default compiler (the tests above have compiled every header with each).
 consumer g++
 
