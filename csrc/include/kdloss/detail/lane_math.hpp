@@ -167,9 +167,10 @@ KDLOSS_NOINLINE void exponentials(const T* student, const T* teacher, const T* t
             const Pack<T> e_teacher_summed = summed(e_teacher, T(0));
             difference += summed(e_student - e_teacher, T(0));
             z_teacher_part += e_teacher_summed;
-            // A teacher probability of exactly 0 contributes 0, whatever the student says there. (Written as
-            // a select of the whole sum, it becomes one masked fused multiply-add.)
-            teacher_cross = select(e_teacher_summed == Pack<T>(), teacher_cross,
+            // A teacher probability of exactly 0 contributes 0, whatever the student says there. It is 0 where
+            // fast_exp2 flushed it (or the lane is skipped): the same comparison as fast_exp2's own, which the
+            // compiler then makes once. (Written as a select of the whole sum, it becomes one masked FMA.)
+            teacher_cross = select(dt_summed < Pack<T>(soft.lowest_x), teacher_cross,
                                    teacher_cross + e_teacher_summed * (dt_summed - ds_summed));
         }
         if constexpr (Terms::hard) {
