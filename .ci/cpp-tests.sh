@@ -47,24 +47,30 @@ step() {
 }
 
 # --- compilers ------------------------------------------------------------------------------------
+# apt_install WHAT PACKAGE...: installs Debian packages for an optional part of the suite (WHAT), or says
+# why it cannot and returns 1, so that the part is skipped.
+apt_install() {
+    local what="$1"
+    shift
+    if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then
+        echo "$what: not installed and no apt-get as root here; skipping $what"
+        return 1
+    fi
+    local t0=$SECONDS
+    echo "$what: installing Debian's $* (apt-get, at most ~2 minutes)"
+    if ! { timeout 45 apt-get update -qq &&
+           DEBIAN_FRONTEND=noninteractive timeout 120 apt-get install -y -qq --no-install-recommends "$@"; } \
+        >"$work/apt-$what.log" 2>&1; then
+        echo "$what: apt-get failed or was too slow after $((SECONDS - t0)) s; skipping $what"
+        tail -n 5 "$work/apt-$what.log" | sed 's/^/        | /'
+        return 1
+    fi
+    echo "$what: installed in $((SECONDS - t0)) s"
+}
+
 install_clang() {
     [ "${KDLOSS_CI_CLANG:-1}" != 0 ] || { echo "clang: skipped (KDLOSS_CI_CLANG=0)"; return 1; }
-    if ! command -v clang++ >/dev/null; then
-        if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then
-            echo "clang: not installed and no apt-get as root here; skipping clang"
-            return 1
-        fi
-        local t0=$SECONDS
-        echo "clang: installing Debian's clang (apt-get, at most ~60 s)"
-        if ! { timeout 45 apt-get update -qq &&
-               DEBIAN_FRONTEND=noninteractive timeout 90 apt-get install -y -qq --no-install-recommends clang; } \
-            >"$work/apt-clang.log" 2>&1; then
-            echo "clang: apt-get failed or was too slow after $((SECONDS - t0)) s; skipping clang"
-            tail -n 5 "$work/apt-clang.log" | sed 's/^/        | /'
-            return 1
-        fi
-        echo "clang: installed in $((SECONDS - t0)) s"
-    fi
+    command -v clang++ >/dev/null || apt_install clang clang || return 1
     # The sanitizer runtimes come in a separate package on Debian (libclang-rt-<major>-dev).
     printf 'int main() { return 0; }\n' >"$work/probe.cpp"
     if ! clang++ -fsanitize=address,undefined "$work/probe.cpp" -o "$work/probe" >/dev/null 2>&1 &&
@@ -82,20 +88,7 @@ install_clang() {
 install_aarch64() {
     [ "${KDLOSS_CI_AARCH64:-1}" != 0 ] || { echo "aarch64: skipped (KDLOSS_CI_AARCH64=0)"; return 1; }
     if command -v aarch64-linux-gnu-g++ >/dev/null && command -v qemu-aarch64 >/dev/null; then return 0; fi
-    if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then
-        echo "aarch64: no cross g++ or qemu, and no apt-get as root here; skipping aarch64"
-        return 1
-    fi
-    local t0=$SECONDS
-    echo "aarch64: installing Debian's g++-aarch64-linux-gnu and qemu-user (apt-get, at most ~90 s)"
-    if ! { timeout 45 apt-get update -qq &&
-           DEBIAN_FRONTEND=noninteractive timeout 120 apt-get install -y -qq --no-install-recommends \
-               g++-aarch64-linux-gnu qemu-user; } >"$work/apt-aarch64.log" 2>&1; then
-        echo "aarch64: apt-get failed or was too slow after $((SECONDS - t0)) s; skipping aarch64"
-        tail -n 5 "$work/apt-aarch64.log" | sed 's/^/        | /'
-        return 1
-    fi
-    echo "aarch64: installed in $((SECONDS - t0)) s"
+    apt_install aarch64 g++-aarch64-linux-gnu qemu-user
 }
 
 compilers=(g++)
