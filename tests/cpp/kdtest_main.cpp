@@ -4,6 +4,7 @@
 #include <cstdio>
 #include <cstring>
 #include <exception>
+#include <string>
 
 #include "kdtest.hpp"
 
@@ -34,4 +35,24 @@ int kdtest::run_all(int argc, char** argv) {
     return failed == 0 ? 0 : 1;
 }
 
-int main(int argc, char** argv) { return kdtest::run_all(argc, argv); }
+#ifdef KDTEST_REQUIRED_ISA
+// Whether this CPU runs code built with the flags of KDTEST_REQUIRED_ISA (CMakeLists.txt's kdloss_flags_*).
+static bool cpu_has_required_isa() {
+    const std::string isa = KDTEST_REQUIRED_ISA;
+    if (isa == "avx2") return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    if (isa == "avx512")
+        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+               __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw");
+    return false;
+}
+#endif
+
+int main(int argc, char** argv) {
+#ifdef KDTEST_REQUIRED_ISA
+    if (!cpu_has_required_isa()) {
+        std::printf("skipped: this CPU cannot run code built for %s\n", KDTEST_REQUIRED_ISA);
+        return 77;  // ctest's SKIP_RETURN_CODE
+    }
+#endif
+    return kdtest::run_all(argc, argv);
+}

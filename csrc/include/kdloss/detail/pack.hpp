@@ -80,6 +80,22 @@
 #define KDLOSS_VECTOR_SHUFFLES 0
 #endif
 
+// Intrinsics for what GNU vectors cannot express: lookup()'s permutes and fused_multiply_add.
+#if KDLOSS_VECTOR_EXTENSIONS && (defined(__AVX512F__) || defined(__AVX2__) || defined(__FMA__))
+#include <immintrin.h>
+#elif KDLOSS_VECTOR_EXTENSIONS && defined(__aarch64__)
+#include <arm_neon.h>
+#endif
+
+// A Pack's a * b + c is fused into one multiply-add where the target has it, as a scalar's is: the kernels'
+// exactness arguments count on it (simd_math.hpp's reduction, for one). g++ fuses across statements by
+// default; clang fuses only within one expression, and a Pack's operators are separate functions, so it
+// is told to here, for this file's operators alone.
+#if defined(__clang__)
+#pragma float_control(push)
+#pragma clang fp contract(fast)
+#endif
+
 namespace kdloss::detail {
 inline namespace KDLOSS_KERNEL_NAMESPACE {
 
@@ -352,5 +368,94 @@ KDLOSS_INLINE Pack<T> narrow(const Pack<double>& x) noexcept {
     }
 }
 
+// a * b + c rounded once, lane by lane, where the target has fused multiply-adds (FMA3 and AVX-512 on
+// x86-64, and aarch64), and rounded twice elsewhere: for the few places whose exactness rests on it, which
+// cannot leave it to the compiler (clang, for one, does not fuse a product that has two uses).
+#if KDLOSS_VECTOR_EXTENSIONS && defined(__AVX512F__)
+KDLOSS_INLINE PartOf<float>::type fused_part(PartOf<float>::type a, PartOf<float>::type b, PartOf<float>::type c) noexcept {
+    return _mm512_fmadd_ps(a, b, c);
+}
+KDLOSS_INLINE PartOf<double>::type fused_part(PartOf<double>::type a, PartOf<double>::type b, PartOf<double>::type c) noexcept {
+    return _mm512_fmadd_pd(a, b, c);
+}
+#define KDLOSS_FUSED_PARTS 1
+#elif KDLOSS_VECTOR_EXTENSIONS && defined(__FMA__) && defined(__AVX__)
+KDLOSS_INLINE PartOf<float>::type fused_part(PartOf<float>::type a, PartOf<float>::type b, PartOf<float>::type c) noexcept {
+    return _mm256_fmadd_ps(a, b, c);
+}
+KDLOSS_INLINE PartOf<double>::type fused_part(PartOf<double>::type a, PartOf<double>::type b, PartOf<double>::type c) noexcept {
+    return _mm256_fmadd_pd(a, b, c);
+}
+#define KDLOSS_FUSED_PARTS 1
+#elif KDLOSS_VECTOR_EXTENSIONS && defined(__aarch64__)
+KDLOSS_INLINE PartOf<float>::type fused_part(PartOf<float>::type a, PartOf<float>::type b, PartOf<float>::type c) noexcept {
+    return vfmaq_f32(c, a, b);
+}
+KDLOSS_INLINE PartOf<double>::type fused_part(PartOf<double>::type a, PartOf<double>::type b, PartOf<double>::type c) noexcept {
+    return vfmaq_f64(c, a, b);
+}
+#define KDLOSS_FUSED_PARTS 1
+#endif
+template <class T>
+KDLOSS_INLINE Pack<T> fused_multiply_add(const Pack<T>& a, const Pack<T>& b, const Pack<T>& c) noexcept {
+#ifdef KDLOSS_FUSED_PARTS
+    Pack<T> r;
+    KDLOSS_UNROLL
+    for (std::size_t i = 0; i < parts<T>; ++i) r.part[i] = fused_part(a.part[i], b.part[i], c.part[i]);
+    return r;
+#else
+    return a * b + c;
+#endif
+}
+
+// Table lookup across registers: lane i of the result is table[index[i] % lookup_entries<U>], for U a 32- or
+// 64-bit unsigned integer and the table held in a Pack's first lanes. It is one permute instruction a part
+// where the target has one whose table fills a register or two: AVX-512 (16 entries of either width) and
+// AVX2 (8 of 32 bits). Elsewhere lookup_entries is 0 and there is no lookup: SSE2 has no variable permute,
+// and clang has no vector-extension builtin for one, hence the intrinsics.
+template <class U>
+inline constexpr std::size_t lookup_entries = 0;
+#if KDLOSS_VECTOR_EXTENSIONS && defined(__AVX512F__)
+template <>
+inline constexpr std::size_t lookup_entries<std::uint32_t> = 16;
+template <>
+inline constexpr std::size_t lookup_entries<std::uint64_t> = 16;
+KDLOSS_INLINE Pack<std::uint32_t> lookup(const Pack<std::uint32_t>& table, const Pack<std::uint32_t>& index) noexcept {
+    static_assert(parts<std::uint32_t> == 1);
+    Pack<std::uint32_t> r;
+    // The zero-masked form with every lane set is the same instruction; the plain one makes g++ 12 warn of
+    // its own placeholder operand (-Wmaybe-uninitialized).
+    r.part[0] = reinterpret_cast<Pack<std::uint32_t>::Part>(_mm512_maskz_permutexvar_epi32(
+        __mmask16(0xffff), reinterpret_cast<__m512i>(index.part[0]), reinterpret_cast<__m512i>(table.part[0])));
+    return r;
+}
+KDLOSS_INLINE Pack<std::uint64_t> lookup(const Pack<std::uint64_t>& table, const Pack<std::uint64_t>& index) noexcept {
+    static_assert(parts<std::uint64_t> == 2);
+    Pack<std::uint64_t> r;
+    KDLOSS_UNROLL
+    for (std::size_t i = 0; i < 2; ++i)
+        r.part[i] = reinterpret_cast<Pack<std::uint64_t>::Part>(_mm512_permutex2var_epi64(
+            reinterpret_cast<__m512i>(table.part[0]), reinterpret_cast<__m512i>(index.part[i]),
+            reinterpret_cast<__m512i>(table.part[1])));
+    return r;
+}
+#elif KDLOSS_VECTOR_EXTENSIONS && defined(__AVX2__)
+template <>
+inline constexpr std::size_t lookup_entries<std::uint32_t> = 8;
+KDLOSS_INLINE Pack<std::uint32_t> lookup(const Pack<std::uint32_t>& table, const Pack<std::uint32_t>& index) noexcept {
+    static_assert(parts<std::uint32_t> == 2);
+    Pack<std::uint32_t> r;
+    KDLOSS_UNROLL
+    for (std::size_t i = 0; i < 2; ++i)
+        r.part[i] = reinterpret_cast<Pack<std::uint32_t>::Part>(_mm256_permutevar8x32_epi32(
+            reinterpret_cast<__m256i>(table.part[0]), reinterpret_cast<__m256i>(index.part[i])));
+    return r;
+}
+#endif
+
 }  // namespace KDLOSS_KERNEL_NAMESPACE
 }  // namespace kdloss::detail
+
+#if defined(__clang__)
+#pragma float_control(pop)
+#endif

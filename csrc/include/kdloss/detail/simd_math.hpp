@@ -19,7 +19,9 @@
 // sqrt(2)), then log m = 2 atanh(f), f = (m - 1) / (m + 1), by its odd series to f^19; within about one
 // ulp, two just above 1. tests/cpp/test_simd_math.cpp checks both over their whole domains.
 
+#include <cstddef>
 #include <cstdint>
+#include <iterator>
 #include <limits>
 #include <type_traits>
 
@@ -48,16 +50,82 @@ Exp2Scale<T> exp2_scale(double scale) noexcept {
     return {rounded, static_cast<T>(lowest_normal_exponent / static_cast<double>(rounded))};
 }
 
+// 2^(j / Entries) for j < Entries, rounded to T, and the polynomial that finishes 2^f on |f| <= 1 / (2 Entries):
+// 2^f = 1 + f P(f), P's coefficients lowest first, a Chebyshev interpolant of (2^f - 1) / f whose relative
+// error is given before rounding. (tests/cpp/test_simd_math.cpp checks the entries against long double.)
+template <class T, std::size_t Entries>
+struct Exp2Table;
+template <>
+struct Exp2Table<float, 16> {  // error 2.4e-9
+    static constexpr float entry[16] = {0x1.0p+0f,      0x1.0b5586p+0f, 0x1.172b84p+0f, 0x1.2387a6p+0f,
+                                        0x1.306fep+0f,  0x1.3dea64p+0f, 0x1.4bfdaep+0f, 0x1.5ab07ep+0f,
+                                        0x1.6a09e6p+0f, 0x1.7a1148p+0f, 0x1.8ace54p+0f, 0x1.9c4918p+0f,
+                                        0x1.ae89fap+0f, 0x1.c199bep+0f, 0x1.d5818ep+0f, 0x1.ea4afap+0f};
+    static constexpr float p[3] = {0.6931471824645996f, 0.24023355543613434f, 0.05550508573651314f};
+};
+template <>
+struct Exp2Table<float, 8> {  // error 3.4e-10
+    static constexpr float entry[8] = {0x1.0p+0f,      0x1.172b84p+0f, 0x1.306fep+0f,  0x1.4bfdaep+0f,
+                                       0x1.6a09e6p+0f, 0x1.8ace54p+0f, 0x1.ae89fap+0f, 0x1.d5818ep+0f};
+    static constexpr float p[4] = {0.6931471824645996f, 0.24022650718688965f, 0.05550931766629219f,
+                                   0.009618731215596199f};
+};
+template <>
+struct Exp2Table<double, 16> {  // error 1.5e-17
+    static constexpr double entry[16] = {
+        0x1.0p+0,           0x1.0b5586cf9890fp+0, 0x1.172b83c7d517bp+0, 0x1.2387a6e756238p+0,
+        0x1.306fe0a31b715p+0, 0x1.3dea64c123422p+0, 0x1.4bfdad5362a27p+0, 0x1.5ab07dd485429p+0,
+        0x1.6a09e667f3bcdp+0, 0x1.7a11473eb0187p+0, 0x1.8ace5422aa0dbp+0, 0x1.9c49182a3f09p+0,
+        0x1.ae89f995ad3adp+0, 0x1.c199bdd85529cp+0, 0x1.d5818dcfba487p+0, 0x1.ea4afa2a490dap+0};
+    static constexpr double p[6] = {0.6931471805599457,    0.24022650695910075,   0.0555041086566393,
+                                    0.009618129106919537,  0.0013333781576784268, 0.00015403723980749256};
+};
+
+// exp2 through a table, where the target can look one up (lookup_entries in pack.hpp): with k =
+// round(x scale Entries) = Entries q + j, 2^(x scale) = 2^q 2^(j / Entries) 2^f, f = x scale - k / Entries.
+// The table leaves a polynomial of half the degree or less (float: 3 instead of 6, double: 6 instead of 11);
+// its multiply-adds are what the kernels' exponential pass is bound by.
+template <class T, std::size_t Entries = lookup_entries<BitsOf<T>>>
+KDLOSS_INLINE Pack<T> exp2_by_table(const Pack<T>& x, Exp2Scale<T> e) noexcept {
+    using Bits = BitsOf<T>;
+    using Table = Exp2Table<T, Entries>;
+    constexpr int mantissa_bits = std::numeric_limits<T>::digits - 1;
+    constexpr int index_bits = Entries == 16 ? 4 : 3;
+    constexpr int index_shift = mantissa_bits - index_bits;
+    // Adding 1.5 * 2^(mantissa_bits - index_bits), whose ulp is 1 / Entries, rounds x scale to k / Entries
+    // and leaves k in the low bits (two's complement, over 1.5 * 2^mantissa_bits's own).
+    constexpr T round_magic = T(1.5) * T(Bits{1} << index_shift);
+    const Pack<T> scale(e.scale);
+    const Pack<T> shifted = fused_multiply_add(x, scale, Pack<T>(round_magic));
+    const Pack<T> f = fused_multiply_add(x, scale, round_magic - shifted);  // |f| <= 1 / (2 Entries), exactly
+    const Pack<Bits> k_bits = to_bits(shifted);
+    // k's bits shifted left by index_shift put q in the exponent field, and j just below it, where each
+    // entry has (j << index_shift) taken off in advance: entry + shifted bits is 2^(j / Entries) 2^q.
+    // (The table is a constant, built outside the kernels' loops.)
+    Bits table_bits[lanes];
+    for (std::size_t i = 0; i < lanes; ++i)
+        table_bits[i] = to_bits(Table::entry[i % Entries]) - (static_cast<Bits>(i % Entries) << index_shift);
+    const Pack<T> scaled_entry =
+        from_bits(lookup(Pack<Bits>::load(table_bits), k_bits) + (k_bits << index_shift));
+    Pack<T> p = Table::p[std::size(Table::p) - 1];
+    for (std::size_t i = std::size(Table::p) - 1; i-- > 0;) p = p * f + Table::p[i];
+    // entry (1 + f P) as entry + entry (f P): one rounding, after the sum.
+    const Pack<T> result = scaled_entry * (p * f) + scaled_entry;
+    return select(x < Pack<T>(e.lowest_x), T(0), result);
+}
+
 template <class V, IfFloat<V> = 0>
 KDLOSS_INLINE V fast_exp2(V x, Exp2Scale<float> e) noexcept {
+    if constexpr (lookup_entries<std::uint32_t> != 0) return exp2_by_table(x, e);
     // Adding 1.5 * 2^23 rounds to an integer held in the low mantissa bits; adding the exponent bias too
     // leaves k + 127 there, which a shift moves into the exponent field (1.5 * 2^23's own bits shift out).
     constexpr float round_magic = 12582912.0f + 127.0f;
 
     // No clamp: below lowest_x the steps below compute garbage (NaN at -inf), which the final select
     // replaces by 0, and no exception is trapped.
-    const V shifted = x * e.scale + round_magic;       // fused
-    const V f = x * e.scale - (shifted - round_magic);  // fused: the product is rounded only here
+    const V scale(e.scale);
+    const V shifted = fused_multiply_add(x, scale, V(round_magic));
+    const V f = fused_multiply_add(x, scale, round_magic - shifted);  // the product is rounded only here
     // Minimax polynomial of 2^f on [-1/2, 1/2]: the one of e^r on [-ln2/2, ln2/2], r = f ln2.
     V p = 1.534581242594868e-4f;
     p = p * f + 1.339993090368807e-3f;
@@ -74,10 +142,12 @@ KDLOSS_INLINE V fast_exp2(V x, Exp2Scale<float> e) noexcept {
 
 template <class V, IfDouble<V> = 0>
 KDLOSS_INLINE V fast_exp2(V x, Exp2Scale<double> e) noexcept {
+    if constexpr (lookup_entries<std::uint64_t> != 0) return exp2_by_table(x, e);
     constexpr double round_magic = 6755399441055744.0 + 1023.0;  // 1.5 * 2^52 + the bias, as for float
 
-    const V shifted = x * e.scale + round_magic;
-    const V f = x * e.scale - (shifted - round_magic);
+    const V scale(e.scale);
+    const V shifted = fused_multiply_add(x, scale, V(round_magic));
+    const V f = fused_multiply_add(x, scale, round_magic - shifted);
     // 2^f on [-1/2, 1/2]: a Chebyshev interpolant of e^r on [-ln2/2, ln2/2], r = f ln2, relative error 4.2e-18
     // before rounding.
     V p = 4.4558179083360645e-10;
