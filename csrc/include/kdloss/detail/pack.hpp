@@ -225,22 +225,52 @@ struct Pack {
         return r;
     }
 
-    // The lanes added pairwise in a fixed order (a tree four additions deep), so that a sum never depends
-    // on the vector width in use.
-    T sum() const noexcept {
+    // The lanes added pairwise in a fixed order, a tree four additions deep: the upper half of the lanes
+    // onto the lower, until one is left. A sum then never depends on the vector width in use. (In
+    // registers, a part onto a part and then half a register onto the other: a row's few sums are part
+    // of every row's fixed cost.)
+    KDLOSS_INLINE T sum() const noexcept {
+        return reduce([](auto a, auto b) KDLOSS_INLINE_LAMBDA { return a + b; });
+    }
+    // The largest lane; lanes that are NaN are passed over unless all are (as they are by the maxima's select).
+    KDLOSS_INLINE T max() const noexcept {
+        return reduce([](auto a, auto b) KDLOSS_INLINE_LAMBDA { return b > a ? b : a; });
+    }
+
+  private:
+    template <class Op>
+    KDLOSS_INLINE T reduce(Op op) const noexcept {
+#if KDLOSS_VECTOR_SHUFFLES
+        Part level[parts<T>];
+        KDLOSS_UNROLL
+        for (std::size_t i = 0; i < parts<T>; ++i) level[i] = part[i];
+        KDLOSS_UNROLL
+        for (std::size_t width = parts<T> / 2; width > 0; width /= 2) {
+            KDLOSS_UNROLL
+            for (std::size_t i = 0; i < width; ++i) level[i] = op(level[i], level[i + width]);
+        }
+        return reduce_lanes(level[0], op, std::make_index_sequence<lanes_per_part<T> / 2>{});
+#else
         T level[lanes];
         std::memcpy(level, &part, sizeof level);
         for (std::size_t width = lanes / 2; width > 0; width /= 2)
-            for (std::size_t i = 0; i < width; ++i) level[i] = level[i] + level[i + width];
+            for (std::size_t i = 0; i < width; ++i) level[i] = op(level[i], level[i + width]);
         return level[0];
+#endif
     }
-    T max() const noexcept {
-        T values[lanes];
-        std::memcpy(values, &part, sizeof values);
-        T result = values[0];
-        for (std::size_t lane = 1; lane < lanes; ++lane) result = values[lane] > result ? values[lane] : result;
-        return result;
+#if KDLOSS_VECTOR_SHUFFLES
+    // The upper half of a vector's n lanes onto the lower (I = 0 .. n/2 - 1), down to one lane.
+    template <class Vector, class Op, std::size_t... I>
+    static KDLOSS_INLINE T reduce_lanes(Vector v, Op op, std::index_sequence<I...>) noexcept {
+        constexpr std::size_t half = sizeof...(I);
+        if constexpr (half == 1) {
+            return op(v[0], v[1]);
+        } else {
+            const auto folded = op(__builtin_shufflevector(v, v, I...), __builtin_shufflevector(v, v, (I + half)...));
+            return reduce_lanes(folded, op, std::make_index_sequence<half / 2>{});
+        }
     }
+#endif
 };
 
 template <class To, class From>
