@@ -23,10 +23,17 @@
 namespace kdloss::detail {
 inline namespace KDLOSS_KERNEL_NAMESPACE {
 
+// A long row's sums, from which its loss is computed later, `lanes` rows at once (RowLosses in run_rows.hpp):
+// its two logarithms and divisions cost as much for one row as for sixteen.
+struct RowSums {
+    double soft_difference = 0.0, teacher_soft = 1.0, teacher_cross = 0.0, student_hard = 1.0, target_mass = 1.0,
+           target_cross = 0.0, target_logit = 0.0;
+};
+
 template <class T, class Terms, int HardPower>
-KDLOSS_NOINLINE double distill_row(const BatchProblem<T>& problem, const T* student, const T* teacher,
-                                   std::int64_t class_index, const T* target, NextRow<T> next, T* scratch,
-                                   T* gradient) noexcept {
+KDLOSS_NOINLINE RowSums distill_row(const BatchProblem<T>& problem, const T* student, const T* teacher,
+                                    std::int64_t class_index, const T* target, NextRow<T> next, T* scratch,
+                                    T* gradient) noexcept {
     const std::size_t n = problem.classes;
     const double temperature = problem.temperature;
     T* student_soft = scratch;
@@ -42,34 +49,30 @@ KDLOSS_NOINLINE double distill_row(const BatchProblem<T>& problem, const T* stud
                                                                  soft_exponent<T>(temperature), student_soft,
                                                                  teacher_soft, student_hard, n, next, lane_sums);
 
-    double soft_difference = 0.0, z_teacher = 1.0, teacher_cross = 0.0, z_hard = 1.0, target_mass = 1.0,
-           target_cross = 0.0, target_logit = 0.0;
+    RowSums sums;
     if constexpr (Terms::soft) {
-        soft_difference = lane_sums.soft_difference.sum();
-        z_teacher = lane_sums.teacher_soft.sum();
-        teacher_cross = lane_sums.teacher_cross.sum();
+        sums.soft_difference = lane_sums.soft_difference.sum();
+        sums.teacher_soft = lane_sums.teacher_soft.sum();
+        sums.teacher_cross = lane_sums.teacher_cross.sum();
     }
-    if constexpr (Terms::hard) z_hard = lane_sums.student_hard.sum();
+    if constexpr (Terms::hard) sums.student_hard = lane_sums.student_hard.sum();
     if constexpr (Terms::distribution) {
-        target_mass = lane_sums.target_mass.sum();
-        target_cross = lane_sums.target_cross.sum();
+        sums.target_mass = lane_sums.target_mass.sum();
+        sums.target_cross = lane_sums.target_cross.sum();
     } else if constexpr (Terms::hard) {
-        target_logit = static_cast<double>(student[class_index]) - static_cast<double>(row_student_max);
+        sums.target_logit = static_cast<double>(student[class_index]) - static_cast<double>(row_student_max);
     }
-    const double loss = loss_from_sums<Terms>(soft_difference, z_teacher, z_hard, teacher_cross, target_mass,
-                                              target_cross, target_logit, temperature, problem.soft_weight,
-                                              problem.hard_weight);
 
     if constexpr (Terms::gradient) {
         const double soft_scale = problem.gradient_scale * problem.soft_weight * temperature;
         const double hard_scale = problem.gradient_scale * problem.hard_weight;
-        const GradientCoefficients<T> coefficients(z_teacher + soft_difference, z_teacher, z_hard, target_mass,
-                                                   soft_scale, hard_scale);
+        const GradientCoefficients<T> coefficients(sums.teacher_soft + sums.soft_difference, sums.teacher_soft,
+                                                   sums.student_hard, sums.target_mass, soft_scale, hard_scale);
         write_gradient<T, Terms, HardPower>(gradient, student_soft, teacher_soft, student_hard, target, coefficients,
                                             n);
         if constexpr (Terms::hard && !Terms::distribution) gradient[class_index] -= static_cast<T>(hard_scale);
     }
-    return loss;
+    return sums;
 }
 
 // The rows rows[0 .. count), count <= lanes, none of them ignored: a lane per row.

@@ -28,6 +28,59 @@ bool is_ignored(const BatchProblem<T>& problem, std::size_t i) noexcept {
            problem.class_indices[static_cast<std::ptrdiff_t>(i) * problem.class_index_stride] == problem.ignore_index;
 }
 
+// Long rows' losses from their sums, `lanes` rows at a time: one row per lane of loss_from_sums, as in a block.
+template <class Terms>
+class RowLosses {
+  public:
+    template <class T>
+    explicit RowLosses(const BatchProblem<T>& problem) noexcept
+        : row_losses_(problem.row_losses),
+          temperature_(problem.temperature),
+          soft_weight_(problem.soft_weight),
+          hard_weight_(problem.hard_weight) {
+        const RowSums neutral;
+        for (std::size_t k = 0; k < lanes; ++k) put(k, 0, neutral);
+    }
+
+    void add(std::size_t row, const RowSums& sums) noexcept {
+        put(count_, row, sums);
+        if (++count_ == lanes) flush();
+    }
+
+    // Writes the losses of the rows added since the last flush.
+    void flush() noexcept {
+        if (count_ == 0) return;
+        // Lanes past count_ hold an earlier row's sums, or neutral ones: computed and dropped.
+        const Pack<double> loss = loss_from_sums<Terms>(
+            Pack<double>::load(soft_difference_), Pack<double>::load(teacher_soft_), Pack<double>::load(student_hard_),
+            Pack<double>::load(teacher_cross_), Pack<double>::load(target_mass_), Pack<double>::load(target_cross_),
+            Pack<double>::load(target_logit_), temperature_, soft_weight_, hard_weight_);
+        double losses[lanes];
+        loss.store(losses);
+        for (std::size_t k = 0; k < count_; ++k) row_losses_[rows_[k]] = losses[k];
+        count_ = 0;
+    }
+
+  private:
+    void put(std::size_t k, std::size_t row, const RowSums& sums) noexcept {
+        rows_[k] = row;
+        soft_difference_[k] = sums.soft_difference;
+        teacher_soft_[k] = sums.teacher_soft;
+        teacher_cross_[k] = sums.teacher_cross;
+        student_hard_[k] = sums.student_hard;
+        target_mass_[k] = sums.target_mass;
+        target_cross_[k] = sums.target_cross;
+        target_logit_[k] = sums.target_logit;
+    }
+
+    double* row_losses_;
+    double temperature_, soft_weight_, hard_weight_;
+    std::size_t count_ = 0;
+    std::size_t rows_[lanes];
+    double soft_difference_[lanes], teacher_soft_[lanes], teacher_cross_[lanes], student_hard_[lanes],
+        target_mass_[lanes], target_cross_[lanes], target_logit_[lanes];
+};
+
 template <class T, class Terms, int HardPower>
 void run_rows_with(const BatchProblem<T>& problem, std::size_t begin, std::size_t end, T* scratch) noexcept {
     if (problem.classes <= block_max_classes) {
@@ -51,6 +104,7 @@ void run_rows_with(const BatchProblem<T>& problem, std::size_t begin, std::size_
     // Rows of up to 64 KiB are fetched a row ahead (NextRow); longer ones stream in well enough by themselves,
     // and fetching a second one would only push the first out of L2.
     const bool fetch_ahead = problem.classes * sizeof(T) <= 65536;
+    RowLosses<Terms> losses(problem);
     for (std::size_t i = begin; i < end; ++i) {
         if (is_ignored(problem, i)) {
             zero_ignored_row<T, Terms>(problem, i);
@@ -65,10 +119,11 @@ void run_rows_with(const BatchProblem<T>& problem, std::size_t begin, std::size_
             problem.label_kind == LabelKind::class_indices ? problem.class_indices[row * problem.class_index_stride] : 0;
         T* gradient = Terms::gradient ? problem.gradient + row * problem.gradient_stride : nullptr;
         const T* target = Terms::distribution ? problem.targets + row * problem.target_stride : nullptr;
-        problem.row_losses[i] = distill_row<T, Terms, HardPower>(problem, problem.student + row * problem.student_stride,
-                                                                 problem.teacher + row * problem.teacher_stride,
-                                                                 class_index, target, next, scratch, gradient);
+        losses.add(i, distill_row<T, Terms, HardPower>(problem, problem.student + row * problem.student_stride,
+                                                       problem.teacher + row * problem.teacher_stride, class_index,
+                                                       target, next, scratch, gradient));
     }
+    losses.flush();
 }
 
 template <class T, class Terms>
