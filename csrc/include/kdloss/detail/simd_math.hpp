@@ -7,13 +7,15 @@
 // scale = log2(e) / T, so that 2^(x scale) = e^(x/T)). Base 2 makes the reduction exact and cheap:
 // k = round(x scale) and f = x scale - k in [-1/2, 1/2], computed from x by fused multiply-adds, so that the
 // product x scale is rounded once, inside f; then 2^f by a polynomial (float: minimax of degree 6, relative
-// error 2e-9; double: degree 11, 4e-18) and 2^k put straight into the exponent bits. For an exact product
-// (scale 1) the result is within 1.5 ulps of 2^x (measured: 0.93 for float and 0.95 for double with FMA,
-// 1.16 and 1.21 without); otherwise rounding `scale` itself moves the result by about |x scale| / 2 ulps, as
-// rounding x / T would in base e. Exactly 1 at 0; NaN stays NaN. Results below the smallest normal number,
-// -inf's included, are flushed to 0 (from x < lowest_x, whose rounding may let a result within an ulp of
-// that number through as a subnormal): each exponential here is added to a sum that is at least 1, so the
-// flushed values could not change a bit of it, and exact zeros are what the masks expect.
+// error 2e-9; double: degree 11, 4e-18) and 2^k put straight into the exponent bits. Where the target can
+// look up a table in a register (AVX-512, and AVX2 for float), k counts sixteenths (eighths) instead, and
+// 2^(k mod 16 / 16) comes from a table, which leaves a polynomial of half the degree (exp2_by_table). Within
+// 1.5 ulps of 2^x for an exact product (scale 1; measured 0.89 to 1.21 by build, see the test); otherwise
+// rounding `scale` itself moves the result by about |x scale| / 2 ulps, as rounding x / T would in base e.
+// Exactly 1 at 0; NaN stays NaN. Results below the smallest normal number, -inf's included, are flushed to
+// 0 (from x < lowest_x, whose rounding may let a result within an ulp of that number through as a
+// subnormal): each exponential here is added to a sum that is at least 1, so the flushed values could not
+// change a bit of it, and exact zeros are what the masks expect.
 //
 // log (double only; used on row sums, >= 1, and their ratios, > 0): x = 2^e m with m in [sqrt(1/2),
 // sqrt(2)), then log m = 2 atanh(f), f = (m - 1) / (m + 1), by its odd series to f^19; within about one
