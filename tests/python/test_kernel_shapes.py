@@ -86,3 +86,20 @@ def test_blocks_of_rows(rng, dtype, rows, classes):
     loss, grad = kd.loss_and_gradient(s, t, y)
     assert_loss_close(loss, ref.loss, dtype)
     assert_grad_close(grad, ref.grad, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("classes", [10, 100, 117, 1000])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_rows_far_apart_around_ignored_rows(rng, dtype, classes, threads):
+    """Each row is shifted by its own maxima, never a neighbour's: rows thousands apart, every third one
+    ignored. (A long row's maxima are found ahead, by the gradient pass of the row before it: the maxima
+    of an ignored row, or another row's, would make these exponentials overflow or underflow entirely.)"""
+    rows = 40
+    offsets = np.resize([0.0, 3000.0, -3000.0], rows)
+    s = (rng.standard_normal((rows, classes)) * 3 + offsets[:, None]).astype(dtype)
+    t = (rng.standard_normal((rows, classes)) * 3 + offsets[:, None]).astype(dtype)
+    y = rng.integers(0, classes, size=rows)
+    y[1::3] = -100
+    for kd in (DistillationLoss(3.0, 0.3, reduction="none", num_threads=threads), DistillationLoss(2.0, 0.5)):
+        check_against_reference(kd, s, t, y)

@@ -48,21 +48,31 @@ struct LaneMaxima {
     Pack<T> student, teacher;
 };
 
+// The maxima's scan a block at a time, for a pass that finds a row's maxima on the way (write_gradient).
 template <class T, bool WithTeacher>
-LaneMaxima<T> lane_maxima(const T* student, const T* teacher, std::size_t n) noexcept {
-    constexpr T minus_infinity = -std::numeric_limits<T>::infinity();
-    Pack<T> student_max(minus_infinity), teacher_max(minus_infinity);
-    auto update = [&](std::size_t i) KDLOSS_INLINE_LAMBDA {
+struct LaneMaximaScan {
+    const T* student;
+    const T* teacher;
+    LaneMaxima<T> maxima{Pack<T>(-std::numeric_limits<T>::infinity()), Pack<T>(-std::numeric_limits<T>::infinity())};
+
+    // The block of `lanes` elements from i.
+    KDLOSS_INLINE void update(std::size_t i) noexcept {
         const Pack<T> s = Pack<T>::load(student + i);
-        student_max = select(s > student_max, s, student_max);
+        maxima.student = select(s > maxima.student, s, maxima.student);
         if constexpr (WithTeacher) {
             const Pack<T> t = Pack<T>::load(teacher + i);
-            teacher_max = select(t > teacher_max, t, teacher_max);
+            maxima.teacher = select(t > maxima.teacher, t, maxima.teacher);
         }
-    };
-    for (std::size_t i = 0; i + lanes <= n; i += lanes) update(i);
-    if (n % lanes != 0) update(n - lanes);
-    return {student_max, teacher_max};
+    }
+};
+
+// The maxima in a pass of their own.
+template <class T, bool WithTeacher>
+LaneMaxima<T> lane_maxima(const T* student, const T* teacher, std::size_t n) noexcept {
+    LaneMaximaScan<T, WithTeacher> scan{student, teacher};
+    for (std::size_t i = 0; i + lanes <= n; i += lanes) scan.update(i);
+    if (n % lanes != 0) scan.update(n - lanes);
+    return scan.maxima;
 }
 
 // Per-lane sums of the exponential pass, in double.
@@ -264,10 +274,14 @@ struct GradientCoefficients {
 
 // gradient[i] for i < n, n >= lanes. A last partial block is computed as the window of the last `lanes`
 // elements: its lanes that overlap the block before compute and store the same values again.
+// Given the next row of as many classes (`next`, not null), it also returns that row's lane maxima, found
+// in the same loop: its first pass then costs no pass of its own, and no wait between passes (a row's
+// passes each depend on the one before, and each start and end costs the pipeline's depth).
 template <class T, class Terms, int HardPower>
-KDLOSS_NOINLINE void write_gradient(T* gradient, const T* student_soft, const T* teacher_soft, const T* student_hard,
-                                    const T* target, const GradientCoefficients<T>& coefficients,
-                                    std::size_t n) noexcept {
+KDLOSS_NOINLINE LaneMaxima<T> write_gradient(T* gradient, const T* student_soft, const T* teacher_soft,
+                                             const T* student_hard, const T* target,
+                                             const GradientCoefficients<T>& coefficients, std::size_t n,
+                                             NextRow<T> next) noexcept {
     const GradientCoefficients<T> k = coefficients;  // a local copy, which the stores below cannot alias
     auto block = [&](std::size_t i) KDLOSS_INLINE_LAMBDA {
         Pack<T> g;
@@ -281,8 +295,21 @@ KDLOSS_NOINLINE void write_gradient(T* gradient, const T* student_soft, const T*
         if constexpr (Terms::distribution) g = g - k.hard_y * Pack<T>::load(target + i);
         g.store(gradient + i);
     };
-    for (std::size_t i = 0; i + lanes <= n; i += lanes) block(i);
-    if (n % lanes != 0) block(n - lanes);
+    LaneMaximaScan<T, Terms::soft> scan{next.student, next.teacher};
+    if (next.student == nullptr) {
+        for (std::size_t i = 0; i + lanes <= n; i += lanes) block(i);
+        if (n % lanes != 0) block(n - lanes);
+    } else {
+        for (std::size_t i = 0; i + lanes <= n; i += lanes) {
+            block(i);
+            scan.update(i);
+        }
+        if (n % lanes != 0) {
+            block(n - lanes);
+            scan.update(n - lanes);
+        }
+    }
+    return scan.maxima;
 }
 
 }  // namespace KDLOSS_KERNEL_NAMESPACE

@@ -30,24 +30,36 @@ struct RowSums {
            target_cross = 0.0, target_logit = 0.0;
 };
 
+// Lane maxima found ahead of their row (by the gradient pass of the row before), and the row they are of.
+template <class T>
+struct RowMaxima {
+    LaneMaxima<T> lanes;
+    NextRow<T> row;  // null: none found
+};
+
+// One long row. `next` is the row to come, if any: fetched into cache while this one runs if `fetch_ahead`,
+// and, with a gradient, its maxima found by this row's gradient pass and left in `maxima` for its turn.
 template <class T, class Terms, int HardPower>
 KDLOSS_NOINLINE RowSums distill_row(const BatchProblem<T>& problem, const T* student, const T* teacher,
-                                    std::int64_t class_index, const T* target, NextRow<T> next, T* scratch,
-                                    T* gradient) noexcept {
+                                    std::int64_t class_index, const T* target, NextRow<T> next, bool fetch_ahead,
+                                    T* scratch, T* gradient, RowMaxima<T>& maxima) noexcept {
     const std::size_t n = problem.classes;
     const double temperature = problem.temperature;
     T* student_soft = scratch;
     T* teacher_soft = scratch + n;
     T* student_hard = scratch + 2 * n;
 
-    const LaneMaxima<T> lane_max = lane_maxima<T, Terms::soft>(student, teacher, n);
+    const LaneMaxima<T> lane_max = maxima.row.student == student && maxima.row.teacher == teacher
+                                       ? maxima.lanes
+                                       : lane_maxima<T, Terms::soft>(student, teacher, n);
+    maxima.row = {};
     const T row_student_max = lane_max.student.max();
     const Pack<T> student_max(row_student_max), teacher_max(lane_max.teacher.max());
 
     LaneSums lane_sums;
-    exponentials<T, typename Terms::without_gradient, HardPower>(student, teacher, target, student_max, teacher_max,
-                                                                 soft_exponent<T>(temperature), student_soft,
-                                                                 teacher_soft, student_hard, n, next, lane_sums);
+    exponentials<T, typename Terms::without_gradient, HardPower>(
+        student, teacher, target, student_max, teacher_max, soft_exponent<T>(temperature), student_soft, teacher_soft,
+        student_hard, n, fetch_ahead ? next : NextRow<T>{}, lane_sums);
 
     RowSums sums;
     if constexpr (Terms::soft) {
@@ -68,8 +80,9 @@ KDLOSS_NOINLINE RowSums distill_row(const BatchProblem<T>& problem, const T* stu
         const double hard_scale = problem.gradient_scale * problem.hard_weight;
         const GradientCoefficients<T> coefficients(sums.teacher_soft + sums.soft_difference, sums.teacher_soft,
                                                    sums.student_hard, sums.target_mass, soft_scale, hard_scale);
-        write_gradient<T, Terms, HardPower>(gradient, student_soft, teacher_soft, student_hard, target, coefficients,
-                                            n);
+        maxima.lanes = write_gradient<T, Terms, HardPower>(gradient, student_soft, teacher_soft, student_hard, target,
+                                                           coefficients, n, next);
+        maxima.row = next;
         if constexpr (Terms::hard && !Terms::distribution) gradient[class_index] -= static_cast<T>(hard_scale);
     }
     return sums;
@@ -139,7 +152,7 @@ KDLOSS_NOINLINE void distill_block(const BatchProblem<T>& problem, const std::si
                                                    Terms::distribution ? sums.target_mass : Pack<double>(1.0),
                                                    soft_scale, hard_scale);
         write_gradient<T, Terms, HardPower>(gradient, student_soft, teacher_soft, student_hard, target, coefficients,
-                                            m);
+                                            m, NextRow<T>{});
         if constexpr (Terms::hard && !Terms::distribution)
             for (std::size_t lane = 0; lane < count; ++lane)
                 gradient[static_cast<std::size_t>(class_index[lane]) * lanes + lane] -= static_cast<T>(hard_scale);

@@ -105,6 +105,7 @@ void run_rows_with(const BatchProblem<T>& problem, std::size_t begin, std::size_
     // and fetching a second one would only push the first out of L2.
     const bool fetch_ahead = problem.classes * sizeof(T) <= 65536;
     RowLosses<Terms> losses(problem);
+    RowMaxima<T> maxima;
     for (std::size_t i = begin; i < end; ++i) {
         if (is_ignored(problem, i)) {
             zero_ignored_row<T, Terms>(problem, i);
@@ -112,7 +113,7 @@ void run_rows_with(const BatchProblem<T>& problem, std::size_t begin, std::size_
         }
         const auto row = static_cast<std::ptrdiff_t>(i);
         NextRow<T> next;
-        if (fetch_ahead && i + 1 < end)
+        if (i + 1 < end)
             next = {problem.student + (row + 1) * problem.student_stride,
                     problem.teacher + (row + 1) * problem.teacher_stride};
         const std::int64_t class_index =
@@ -121,7 +122,7 @@ void run_rows_with(const BatchProblem<T>& problem, std::size_t begin, std::size_
         const T* target = Terms::distribution ? problem.targets + row * problem.target_stride : nullptr;
         losses.add(i, distill_row<T, Terms, HardPower>(problem, problem.student + row * problem.student_stride,
                                                        problem.teacher + row * problem.teacher_stride, class_index,
-                                                       target, next, scratch, gradient));
+                                                       target, next, fetch_ahead, scratch, gradient, maxima));
     }
     losses.flush();
 }
