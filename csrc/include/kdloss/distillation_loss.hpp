@@ -142,14 +142,20 @@ public:
         }
         if (rows == 0) return 0.0;
 
-        // Tasks of a fixed number of rows, so that a task is worth a thread's wake-up; each row's result is
-        // the same whichever task or thread computes it.
-        const std::size_t rows_per_task = std::max<std::size_t>(1, min_elements_per_task / problem.classes);
-        const std::size_t tasks = (rows + rows_per_task - 1) / rows_per_task;
         // A thread is only worth waking for enough work: below ~65k elements a parallel call loses more to
         // the wake-up than it gains.
         const std::size_t worth_threads = std::max<std::size_t>(1, rows * problem.classes / min_elements_per_thread);
-        const std::size_t threads = std::min({num_threads_, tasks, worth_threads});
+        // Tasks are runs of consecutive rows: each row's result is the same whichever task or thread
+        // computes it, but within a run the kernels overlap a row with the next (fetching it, finding its
+        // maxima), so one thread takes all rows as one run. Threads share runs worth a wake-up each, and
+        // four or more a thread, so that one that wakes late still finds its share.
+        const std::size_t threads_wanted = std::min(num_threads_, worth_threads);
+        const std::size_t rows_per_task =
+            threads_wanted == 1
+                ? rows
+                : std::max({std::size_t{1}, min_elements_per_task / problem.classes, rows / (4 * threads_wanted)});
+        const std::size_t tasks = (rows + rows_per_task - 1) / rows_per_task;
+        const std::size_t threads = std::min(threads_wanted, tasks);
         const std::size_t scratch_per_thread = detail::scratch_elements(problem.classes);
         // Left uninitialised: the kernels write every element before reading it, and zeroing tens of
         // kilobytes of scratch would be a fifth of a small call.

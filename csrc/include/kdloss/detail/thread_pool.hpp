@@ -13,6 +13,11 @@
 // back-to-back calls (a training loop) cheap to wake. One parallel job runs at a time: a caller that finds
 // the pool busy (another Python thread, say) runs its tasks itself instead of waiting. After fork() the
 // child, which has no workers, starts a pool of its own.
+//
+// On Linux a worker that finds itself on its caller's CPU moves to another one before it works: the
+// scheduler may wake a thread onto its waker's CPU, where the two could only take turns, and on a busy or
+// virtual machine it may take milliseconds to move it (measured here: 2 threads no faster than 1, call after
+// call, at 256 x 1000).
 
 #include <algorithm>
 #include <atomic>
@@ -27,6 +32,9 @@
 #if defined(__unix__) || defined(__APPLE__)
 #include <unistd.h>
 #define KDLOSS_HAS_FORK 1
+#endif
+#if defined(__linux__)
+#include <sched.h>
 #endif
 
 namespace kdloss::detail {
@@ -59,12 +67,14 @@ private:
     struct Job {
         const Task* task;
         std::size_t count;
+        int caller_cpu;  // -1: unknown
         std::atomic<std::size_t> next{0};
         std::atomic<std::size_t> done{0};
 
-        Job(const Task* task_, std::size_t count_) : task(task_), count(count_) {}
+        Job(const Task* task_, std::size_t count_) : task(task_), count(count_), caller_cpu(current_cpu()) {}
 
         void work(std::size_t worker) {
+            if (worker != 0) leave_cpu(caller_cpu);
             for (std::size_t i = next.fetch_add(1); i < count; i = next.fetch_add(1)) {
                 (*task)(i, worker);
                 done.fetch_add(1, std::memory_order_release);
@@ -73,6 +83,30 @@ private:
     };
 
     ThreadPool() = default;
+
+    static int current_cpu() noexcept {
+#if defined(__linux__)
+        return sched_getcpu();
+#else
+        return -1;
+#endif
+    }
+
+    // Moves the calling thread off `cpu` if it runs there and may run elsewhere: its allowed CPUs less
+    // that one, then all of them again (a thread keeps the CPU it is on until it next sleeps).
+    static void leave_cpu(int cpu) noexcept {
+#if defined(__linux__)
+        if (cpu < 0 || sched_getcpu() != cpu) return;
+        cpu_set_t allowed;
+        if (sched_getaffinity(0, sizeof allowed, &allowed) != 0 || !CPU_ISSET(cpu, &allowed)) return;
+        cpu_set_t elsewhere = allowed;
+        CPU_CLR(cpu, &elsewhere);
+        if (CPU_COUNT(&elsewhere) == 0) return;
+        if (sched_setaffinity(0, sizeof elsewhere, &elsewhere) == 0) sched_setaffinity(0, sizeof allowed, &allowed);
+#else
+        (void)cpu;
+#endif
+    }
 
     // Never destroyed: workers may still be parked when the process exits, and joining them from a static
     // destructor (after Python has finalised, say) is a classic way to hang at exit.
@@ -106,6 +140,8 @@ private:
             generation_.fetch_add(1, std::memory_order_release);
         }
         wake_.notify_all();
+        // A worker just woken onto this CPU gets it for a moment, to move away (leave_cpu).
+        std::this_thread::yield();
         job->work(0);
         // What is left was claimed by workers and is running: wait for it, which takes at most a task.
         while (job->done.load(std::memory_order_acquire) < tasks) std::this_thread::yield();
