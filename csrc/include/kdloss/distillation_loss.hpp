@@ -147,8 +147,8 @@ public:
         const std::size_t worth_threads = std::max<std::size_t>(1, rows * problem.classes / min_elements_per_thread);
         // Tasks are runs of consecutive rows: each row's result is the same whichever task or thread
         // computes it, but within a run the kernels overlap a row with the next (fetching it, finding its
-        // maxima), so one thread takes all rows as one run. Threads share runs worth a wake-up each, and
-        // four or more a thread, so that one that wakes late still finds its share.
+        // maxima), so one thread takes all rows as one run. Several threads share runs that are each worth a
+        // wake-up, about four a thread, so that one that wakes late still finds its share.
         const std::size_t threads_wanted = std::min(num_threads_, worth_threads);
         const std::size_t rows_per_task =
             threads_wanted == 1

@@ -232,7 +232,7 @@ struct Pack {
     KDLOSS_INLINE T sum() const noexcept {
         return reduce([](auto a, auto b) KDLOSS_INLINE_LAMBDA { return a + b; });
     }
-    // The largest lane; lanes that are NaN are passed over unless all are (as they are by the maxima's select).
+    // The largest lane, of lanes that hold no NaN (as the maxima's select guarantees: it never picks one).
     KDLOSS_INLINE T max() const noexcept {
         return reduce([](auto a, auto b) KDLOSS_INLINE_LAMBDA { return b > a ? b : a; });
     }

@@ -4,7 +4,8 @@
 //
 // distill_row: one long row (more than block_max_classes >= lanes classes), spread over the lanes. Two
 // passes over the row and one over scratch: (1) the maxima; (2) the exponentials, kept in per-thread
-// scratch, with their sums; (3) the gradient, written once.
+// scratch, with their sums; (3) the gradient, written once, in the same loop as the next row's pass (1).
+// A row's loss waits for fifteen more rows' (RowLosses, run_rows.hpp).
 //
 // distill_block: up to `lanes` short rows at once. Rows of ten or a hundred classes are too short to fill
 // vectors or to pay for three logarithms each, so a block of rows is transposed into scratch (one row per
