@@ -105,12 +105,15 @@ KDLOSS_INLINE Pack<T> exp2_by_table(const Pack<T>& x, Exp2Scale<T> e) noexcept {
     // entry has (j << index_shift) taken off in advance: entry + shifted bits is 2^(j / Entries) 2^q.
     // (The table is a constant, built outside the kernels' loops.)
     Bits table_bits[lanes];
+    KDLOSS_UNROLL
     for (std::size_t i = 0; i < lanes; ++i)
         table_bits[i] = to_bits(Table::entry[i % Entries]) - (static_cast<Bits>(i % Entries) << index_shift);
     const Pack<T> scaled_entry =
         from_bits(lookup(Pack<Bits>::load(table_bits), k_bits) + (k_bits << index_shift));
-    Pack<T> p = Table::p[std::size(Table::p) - 1];
-    for (std::size_t i = std::size(Table::p) - 1; i-- > 0;) p = p * f + Table::p[i];
+    constexpr std::size_t terms = std::size(Table::p);
+    Pack<T> p = Table::p[terms - 1];
+    KDLOSS_UNROLL
+    for (std::size_t i = 2; i <= terms; ++i) p = p * f + Table::p[terms - i];
     // entry (1 + f P) as entry + entry (f P): one rounding, after the sum.
     const Pack<T> result = scaled_entry * (p * f) + scaled_entry;
     return select(x < Pack<T>(e.lowest_x), T(0), result);
