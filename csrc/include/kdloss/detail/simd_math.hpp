@@ -115,7 +115,7 @@ KDLOSS_INLINE Pack<T> exp2_by_table(const Pack<T>& x, Exp2Scale<T> e) noexcept {
     KDLOSS_UNROLL
     for (std::size_t i = 2; i <= terms; ++i) p = p * f + Table::p[terms - i];
     // entry (1 + f P) as entry + entry (f P): one rounding, after the sum.
-    const Pack<T> result = scaled_entry * (p * f) + scaled_entry;
+    const Pack<T> result = fused_multiply_add(scaled_entry, p * f, scaled_entry);
     return select(x < Pack<T>(e.lowest_x), T(0), result);
 }
 
