@@ -103,3 +103,21 @@ def test_rows_far_apart_around_ignored_rows(rng, dtype, classes, threads):
     y[1::3] = -100
     for kd in (DistillationLoss(3.0, 0.3, reduction="none", num_threads=threads), DistillationLoss(2.0, 0.5)):
         check_against_reference(kd, s, t, y)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tail", [0, 7])
+def test_rows_longer_than_long_row_bytes(rng, dtype, tail):
+    """Rows of more than 256 KiB run their gradient pass backwards, last block first (lane_math.hpp's
+    long_row_bytes), and find the next row's maxima on the way: every block once, the overlapping last one
+    included, whichever end holds a row's maximum."""
+    classes = (262144 // np.dtype(dtype).itemsize) + 16 * 5 + tail
+    rows = 3
+    s = (rng.standard_normal((rows, classes)) * 3).astype(dtype)
+    t = (rng.standard_normal((rows, classes)) * 3).astype(dtype)
+    s[0, classes - 3], t[0, 1] = 30.0, 30.0  # maxima at the two ends
+    s[1, 0], t[1, classes - 1] = 30.0, 30.0
+    s[2, classes // 2] = 30.0
+    y = np.array([classes - 3, 0, classes - 1])
+    for kd in (DistillationLoss(3.0, 0.3, reduction="none"), DistillationLoss(2.5, 0.4, reduction="sum")):
+        check_against_reference(kd, s, t, y)

@@ -105,9 +105,15 @@ KDLOSS_INLINE V soft_power(V soft_exponential) noexcept {
     if constexpr (HardPower == 4) return (e * e) * (e * e);
 }
 
+// Rows of up to this many bytes (in each input) are fetched into cache a row ahead (NextRow): measured 3-8%
+// at 1000 classes and 20% at 32000, in float and in double. A longer row is not, and its scratch does not
+// fit in L2 beside it: its gradient pass runs backwards, starting from the exponentials that the exponential
+// pass wrote last and that are still in cache (measured 10% at 128256 classes).
+constexpr std::size_t long_row_bytes = 262144;
+
 // The logits of the row to come: fetched into cache a block at a time while this row's exponentials are
-// computed, so that its first pass does not wait on memory (see run_rows_with), and scanned for their
-// maxima by this row's gradient pass (write_gradient). Null pointers: no such row, or nothing to do.
+// computed, so that its first pass does not wait on memory (rows of up to long_row_bytes), and scanned for
+// their maxima by this row's gradient pass (write_gradient). Null pointers: no such row, or nothing to do.
 template <class T>
 struct NextRow {
     const T* student = nullptr;
@@ -295,19 +301,28 @@ KDLOSS_NOINLINE LaneMaxima<T> write_gradient(T* gradient, const T* student_soft,
         if constexpr (Terms::distribution) g = g - k.hard_y * Pack<T>::load(target + i);
         g.store(gradient + i);
     };
+    // Every block once, forwards, or backwards for a long row (see long_row_bytes).
+    auto sweep = [&](auto&& step) KDLOSS_INLINE_LAMBDA {
+        const std::size_t whole = n - n % lanes;
+        if (n * sizeof(T) > long_row_bytes) {
+            if (whole != n) step(n - lanes);
+            for (std::size_t i = whole; i >= lanes;) {
+                i -= lanes;
+                step(i);
+            }
+        } else {
+            for (std::size_t i = 0; i < whole; i += lanes) step(i);
+            if (whole != n) step(n - lanes);
+        }
+    };
     LaneMaximaScan<T, Terms::soft> scan{next.student, next.teacher};
     if (next.student == nullptr) {
-        for (std::size_t i = 0; i + lanes <= n; i += lanes) block(i);
-        if (n % lanes != 0) block(n - lanes);
+        sweep(block);
     } else {
-        for (std::size_t i = 0; i + lanes <= n; i += lanes) {
+        sweep([&](std::size_t i) KDLOSS_INLINE_LAMBDA {
             block(i);
             scan.update(i);
-        }
-        if (n % lanes != 0) {
-            block(n - lanes);
-            scan.update(n - lanes);
-        }
+        });
     }
     return scan.maxima;
 }
