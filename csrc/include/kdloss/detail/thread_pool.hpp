@@ -140,8 +140,6 @@ private:
             generation_.fetch_add(1, std::memory_order_release);
         }
         wake_.notify_all();
-        // A worker just woken onto this CPU gets it for a moment, to move away (leave_cpu).
-        std::this_thread::yield();
         job->work(0);
         // What is left was claimed by workers and is running: wait for it, which takes at most a task.
         while (job->done.load(std::memory_order_acquire) < tasks) std::this_thread::yield();
