@@ -401,41 +401,26 @@ KDLOSS_INLINE Pack<T> narrow(const Pack<double>& x) noexcept {
 // a * b + c rounded once, lane by lane, where the target has fused multiply-adds (FMA3 and AVX-512 on
 // x86-64, and aarch64), and rounded twice elsewhere: for the few places whose exactness rests on it, which
 // cannot leave it to the compiler (clang, for one, does not fuse a product that has two uses).
-#if KDLOSS_VECTOR_EXTENSIONS && defined(__AVX512F__)
-KDLOSS_INLINE PartOf<float>::type fused_part(PartOf<float>::type a, PartOf<float>::type b, PartOf<float>::type c) noexcept {
-    return _mm512_fmadd_ps(a, b, c);
-}
-KDLOSS_INLINE PartOf<double>::type fused_part(PartOf<double>::type a, PartOf<double>::type b, PartOf<double>::type c) noexcept {
-    return _mm512_fmadd_pd(a, b, c);
-}
-#define KDLOSS_FUSED_PARTS 1
-#elif KDLOSS_VECTOR_EXTENSIONS && defined(__FMA__) && defined(__AVX__)
-KDLOSS_INLINE PartOf<float>::type fused_part(PartOf<float>::type a, PartOf<float>::type b, PartOf<float>::type c) noexcept {
-    return _mm256_fmadd_ps(a, b, c);
-}
-KDLOSS_INLINE PartOf<double>::type fused_part(PartOf<double>::type a, PartOf<double>::type b, PartOf<double>::type c) noexcept {
-    return _mm256_fmadd_pd(a, b, c);
-}
-#define KDLOSS_FUSED_PARTS 1
-#elif KDLOSS_VECTOR_EXTENSIONS && defined(__aarch64__)
-KDLOSS_INLINE PartOf<float>::type fused_part(PartOf<float>::type a, PartOf<float>::type b, PartOf<float>::type c) noexcept {
-    return vfmaq_f32(c, a, b);
-}
-KDLOSS_INLINE PartOf<double>::type fused_part(PartOf<double>::type a, PartOf<double>::type b, PartOf<double>::type c) noexcept {
-    return vfmaq_f64(c, a, b);
-}
-#define KDLOSS_FUSED_PARTS 1
-#endif
 template <class T>
 KDLOSS_INLINE Pack<T> fused_multiply_add(const Pack<T>& a, const Pack<T>& b, const Pack<T>& c) noexcept {
-#ifdef KDLOSS_FUSED_PARTS
     Pack<T> r;
     KDLOSS_UNROLL
-    for (std::size_t i = 0; i < parts<T>; ++i) r.part[i] = fused_part(a.part[i], b.part[i], c.part[i]);
-    return r;
+    for (std::size_t i = 0; i < parts<T>; ++i) {
+        [[maybe_unused]] constexpr bool is_float = std::is_same_v<T, float>;
+#if KDLOSS_VECTOR_EXTENSIONS && defined(__AVX512F__)
+        if constexpr (is_float) r.part[i] = _mm512_fmadd_ps(a.part[i], b.part[i], c.part[i]);
+        else r.part[i] = _mm512_fmadd_pd(a.part[i], b.part[i], c.part[i]);
+#elif KDLOSS_VECTOR_EXTENSIONS && defined(__FMA__) && defined(__AVX__)
+        if constexpr (is_float) r.part[i] = _mm256_fmadd_ps(a.part[i], b.part[i], c.part[i]);
+        else r.part[i] = _mm256_fmadd_pd(a.part[i], b.part[i], c.part[i]);
+#elif KDLOSS_VECTOR_EXTENSIONS && defined(__aarch64__)
+        if constexpr (is_float) r.part[i] = vfmaq_f32(c.part[i], a.part[i], b.part[i]);
+        else r.part[i] = vfmaq_f64(c.part[i], a.part[i], b.part[i]);
 #else
-    return a * b + c;
+        r.part[i] = a.part[i] * b.part[i] + c.part[i];
 #endif
+    }
+    return r;
 }
 
 // Table lookup across registers: lane i of the result is table[index[i] % lookup_entries<U>], for U a 32- or
