@@ -41,7 +41,7 @@ struct Terms {
 };
 
 // Rows of up to this many bytes (in each input) are fetched into cache a row ahead (NextRow): measured 3-8%
-// at 1000 classes and 20% at 32000, in float and in double. A longer row is not, and its scratch does not
+// at 1000 classes and 10-12% at 32000, in float and in double. A longer row is not, and its scratch does not
 // fit in L2 beside it: the passes before a forward one run backwards (for_each_block), so that the forward
 // pass starts on what they touched last, which is still in cache (measured 5-12% at 128256 classes).
 constexpr std::size_t long_row_bytes = 262144;
