@@ -119,9 +119,9 @@ KDLOSS_INLINE Pack<T> exp2_by_table(const Pack<T>& x, Exp2Scale<T> e) noexcept {
     return select(x < Pack<T>(e.lowest_x), T(0), result);
 }
 
+// exp2 by polynomial alone, for targets without a lookup.
 template <class V, IfFloat<V> = 0>
-KDLOSS_INLINE V fast_exp2(V x, Exp2Scale<float> e) noexcept {
-    if constexpr (lookup_entries<std::uint32_t> != 0) return exp2_by_table(x, e);
+KDLOSS_INLINE V exp2_by_polynomial(V x, Exp2Scale<float> e) noexcept {
     // Adding 1.5 * 2^23 rounds to an integer held in the low mantissa bits; adding the exponent bias too
     // leaves k + 127 there, which a shift moves into the exponent field (1.5 * 2^23's own bits shift out).
     constexpr float round_magic = 12582912.0f + 127.0f;
@@ -146,8 +146,7 @@ KDLOSS_INLINE V fast_exp2(V x, Exp2Scale<float> e) noexcept {
 }
 
 template <class V, IfDouble<V> = 0>
-KDLOSS_INLINE V fast_exp2(V x, Exp2Scale<double> e) noexcept {
-    if constexpr (lookup_entries<std::uint64_t> != 0) return exp2_by_table(x, e);
+KDLOSS_INLINE V exp2_by_polynomial(V x, Exp2Scale<double> e) noexcept {
     constexpr double round_magic = 6755399441055744.0 + 1023.0;  // 1.5 * 2^52 + the bias, as for float
 
     const V scale(e.scale);
@@ -169,6 +168,15 @@ KDLOSS_INLINE V fast_exp2(V x, Exp2Scale<double> e) noexcept {
     p = p * f + 1.0;
     const V two_k = from_bits(to_bits(shifted) << 52);
     return select(x < V(e.lowest_x), 0.0, p * two_k);
+}
+
+// The kernels' exp2: through the table where the target has a lookup of T's width, else by polynomial.
+template <class T>
+KDLOSS_INLINE Pack<T> fast_exp2(const Pack<T>& x, Exp2Scale<T> e) noexcept {
+    if constexpr (lookup_entries<BitsOf<T>> != 0)
+        return exp2_by_table(x, e);
+    else
+        return exp2_by_polynomial(x, e);
 }
 
 template <class V, IfDouble<V> = 0>
