@@ -40,10 +40,10 @@ struct Terms {
     using without_gradient = Terms<Soft, Hard, Distribution, false>;
 };
 
-// Rows of up to this many bytes (in each input) are fetched into cache a row ahead (NextRow): measured 3-8%
-// at 1000 classes and 10-12% at 32000, in float and in double. A longer row is not, and its scratch does not
-// fit in L2 beside it: the passes before a forward one run backwards (for_each_block), so that the forward
-// pass starts on what they touched last, which is still in cache (measured 5-12% at 128256 classes).
+// Rows of up to this many bytes (in each input) are fetched into cache two rows ahead (RowsAhead). A longer
+// row is not, and its scratch does not fit in L2 beside it: the passes before a forward one run backwards
+// (for_each_block), so that the forward pass starts on what they touched last, which is still in cache
+// (measured 5-12% at 128256 classes).
 constexpr std::size_t long_row_bytes = 262144;
 
 // step(i) for each block of `lanes` elements of a row of n >= lanes: i = 0, lanes, 2 lanes, ..., and, when n
@@ -72,7 +72,7 @@ struct LaneMaxima {
     Pack<T> student, teacher;
 };
 
-// The maxima's scan a block at a time, for a pass that finds a row's maxima on the way (write_gradient).
+// The maxima's scan a block at a time, for a pass that finds a row's maxima on the way (exponentials).
 template <class T, bool WithTeacher>
 struct LaneMaximaScan {
     const T* student;
@@ -128,20 +128,29 @@ KDLOSS_INLINE V soft_power(V soft_exponential) noexcept {
     if constexpr (HardPower == 4) return (e * e) * (e * e);
 }
 
-// The logits of the row to come: fetched into cache a block at a time while this row's exponentials are
-// computed, so that its first pass does not wait on memory (rows of up to long_row_bytes), and scanned for
-// their maxima by this row's gradient pass (write_gradient). Null pointers: no such row, or nothing to do.
+// A row's logits; null: no such row.
 template <class T>
-struct NextRow {
+struct RowLogits {
     const T* student = nullptr;
     const T* teacher = nullptr;
+};
+
+// The rows after a long row, which its exponential pass touches on the way, a block at a time: the next
+// one is scanned for its maxima, so that its own first pass costs no pass over memory of its own; the one
+// after that is fetched into cache (rows of up to long_row_bytes), so that the scan then finds it there.
+// The exponential pass is bound by arithmetic, so the loads cost it little, where the gradient pass (which
+// scanned before) is bound by memory: moving the scan measured 15-20% faster at 1000 and at 128256 classes.
+template <class T>
+struct RowsAhead {
+    RowLogits<T> next;   // scanned for its maxima
+    RowLogits<T> after;  // fetched
 };
 
 // Marks a block all of whose lanes are summed (see exponentials).
 struct EveryLaneSummed {};
 
 // Writes the exponentials of n >= lanes elements (soft: soft_exponent(T)) to scratch and adds their per-lane
-// sums to `sums`.
+// sums to `sums`; returns the lane maxima of `ahead.next` (-inf where there is none).
 // Loss-only and loss-and-gradient calls run this very function (callers pass Terms::without_gradient, and
 // it is never inlined into them), so both return bitwise the same loss.
 //
@@ -160,9 +169,10 @@ struct EveryLaneSummed {};
 //     term: a sum of small differences, good to float's resolution of itself. Z_t itself only ever divides
 //     (the difference, the cross term, the gradient), where its relative precision is all that counts.
 template <class T, class Terms, int HardPower>
-KDLOSS_NOINLINE void exponentials(const T* student, const T* teacher, const T* target, Pack<T> student_max,
-                                  Pack<T> teacher_max, Exp2Scale<T> soft, T* student_soft, T* teacher_soft,
-                                  T* student_hard, std::size_t n, NextRow<T> next, LaneSums& sums) noexcept {
+KDLOSS_NOINLINE LaneMaxima<T> exponentials(const T* student, const T* teacher, const T* target,
+                                           Pack<T> student_max, Pack<T> teacher_max, Exp2Scale<T> soft,
+                                           T* student_soft, T* teacher_soft, T* student_hard, std::size_t n,
+                                           RowsAhead<T> ahead, LaneSums& sums) noexcept {
     constexpr bool count_maxima = std::is_same_v<T, float> && Terms::hard;  // for Z_h only
     constexpr std::size_t chunk = lanes * (std::is_same_v<T, float> ? 64 : 256);  // 64 float terms a lane
     constexpr T minus_infinity = -std::numeric_limits<T>::infinity();
@@ -170,6 +180,7 @@ KDLOSS_NOINLINE void exponentials(const T* student, const T* teacher, const T* t
     Pack<double> soft_difference, z_teacher, z_hard, teacher_cross_total, target_mass_total, target_cross_total;
     Pack<T> difference, z_teacher_part, rest_hard, maxima_student;
     Pack<T> teacher_cross, target_mass, target_cross;
+    LaneMaximaScan<T, Terms::soft> scan{ahead.next.student, ahead.next.teacher};
 
     // The block of `lanes` elements from i; `skipped` (a Mask, or EveryLaneSummed) marks lanes left out of
     // the sums.
@@ -179,11 +190,12 @@ KDLOSS_NOINLINE void exponentials(const T* student, const T* teacher, const T* t
             if constexpr (every_lane) return value;
             else return select(skipped, instead, value);
         };
-        if (next.student != nullptr) {
+        if (ahead.next.student != nullptr) scan.update(i);
+        if (ahead.after.student != nullptr) {
             constexpr std::size_t line = 64 / sizeof(T);  // elements in a cache line
             for (std::size_t j = 0; j < lanes; j += line) {
-                KDLOSS_PREFETCH(next.student + i + j);
-                KDLOSS_PREFETCH(next.teacher + i + j);
+                KDLOSS_PREFETCH(ahead.after.student + i + j);
+                KDLOSS_PREFETCH(ahead.after.teacher + i + j);
             }
         }
         const Pack<T> ds = Pack<T>::load(student + i) - student_max;
@@ -252,6 +264,7 @@ KDLOSS_NOINLINE void exponentials(const T* student, const T* teacher, const T* t
     sums.teacher_cross += teacher_cross_total;
     sums.target_mass += target_mass_total;
     sums.target_cross += target_cross_total;
+    return scan.maxima;
 }
 
 // A row's loss from its sums (V = double), or 16 rows' at once (V = Pack<double>). `target_logit` is ds at
@@ -297,16 +310,15 @@ struct GradientCoefficients {
 
 // gradient[i] for i < n, n >= lanes. A last partial block is computed as the window of the last `lanes`
 // elements: its lanes that overlap the block before compute and store the same values again.
-// Given the next row of as many classes (`next`, not null), it also returns that row's lane maxima, found
-// in the same loop: its first pass then costs no pass of its own, and no wait between passes (a row's
-// passes each depend on the one before, and each start and end costs the pipeline's depth).
+// `student_soft` may be `gradient` itself (distill_row keeps the student's exponentials there): each
+// block reads its exponentials before it stores over them, and the last window, which reads some of the
+// block before's, is computed first and stored last.
 template <class T, class Terms, int HardPower>
-KDLOSS_NOINLINE LaneMaxima<T> write_gradient(T* gradient, const T* student_soft, const T* teacher_soft,
-                                             const T* student_hard, const T* target,
-                                             const GradientCoefficients<T>& coefficients, std::size_t n,
-                                             NextRow<T> next) noexcept {
+KDLOSS_NOINLINE void write_gradient(T* gradient, const T* student_soft, const T* teacher_soft, const T* student_hard,
+                                    const T* target, const GradientCoefficients<T>& coefficients,
+                                    std::size_t n) noexcept {
     const GradientCoefficients<T> k = coefficients;  // a local copy, which the stores below cannot alias
-    auto block = [&](std::size_t i) KDLOSS_INLINE_LAMBDA {
+    auto at = [&](std::size_t i) KDLOSS_INLINE_LAMBDA {
         Pack<T> g;
         const Pack<T> q = Pack<T>::load(student_soft + i);
         // The soft difference first, where its two terms cancel as exactly as they can (to exactly 0 for a
@@ -316,21 +328,16 @@ KDLOSS_NOINLINE LaneMaxima<T> write_gradient(T* gradient, const T* student_soft,
         if constexpr (Terms::hard && HardPower == 0) g += k.hard_h * Pack<T>::load(student_hard + i);
         if constexpr (Terms::hard && HardPower != 0) g += k.hard_h * soft_power<HardPower>(q);
         if constexpr (Terms::distribution) g = g - k.hard_y * Pack<T>::load(target + i);
-        g.store(gradient + i);
+        return g;
     };
+    const std::size_t whole = n - n % lanes;
+    Pack<T> last;
+    if (whole != n) last = at(n - lanes);
     // Backwards for a long row: from the exponentials written last, and the next row's exponential pass
-    // comes next.
-    const bool backwards = n * sizeof(T) > long_row_bytes;
-    LaneMaximaScan<T, Terms::soft> scan{next.student, next.teacher};
-    if (next.student == nullptr) {
-        for_each_block(n, backwards, block);
-    } else {
-        for_each_block(n, backwards, [&](std::size_t i) KDLOSS_INLINE_LAMBDA {
-            block(i);
-            scan.update(i);
-        });
-    }
-    return scan.maxima;
+    // comes next, into the scratch touched last.
+    for_each_block(whole, n * sizeof(T) > long_row_bytes,
+                   [&](std::size_t i) KDLOSS_INLINE_LAMBDA { at(i).store(gradient + i); });
+    if (whole != n) last.store(gradient + n - lanes);
 }
 
 }  // namespace KDLOSS_KERNEL_NAMESPACE

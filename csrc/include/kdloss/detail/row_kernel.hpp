@@ -3,8 +3,9 @@
 // The two drivers of lane_math.hpp.
 //
 // distill_row: one long row (more than block_max_classes >= lanes classes), spread over the lanes. Two
-// passes over the row and one over scratch: (1) the maxima; (2) the exponentials, kept in per-thread
-// scratch, with their sums; (3) the gradient, written once, in the same loop as the next row's pass (1).
+// passes over the row and one over its exponentials: (1) the maxima; (2) the exponentials, with their
+// sums, in the same loop as the next row's pass (1); (3) the gradient, written once. The student's
+// exponentials are kept in the gradient's row until (3) writes over them, the others in per-thread scratch.
 // A row's loss waits for fifteen more rows' (RowLosses, run_rows.hpp).
 //
 // distill_block: up to `lanes` short rows at once. Rows of ten or a hundred classes are too short to fill
@@ -31,36 +32,38 @@ struct RowSums {
            target_cross = 0.0, target_logit = 0.0;
 };
 
-// Lane maxima found ahead of their row (by the gradient pass of the row before), and the row they are of.
+// Lane maxima found ahead of their row (by the exponential pass of the row before), and the row they are of.
 template <class T>
 struct RowMaxima {
     LaneMaxima<T> lanes;
-    NextRow<T> row;  // null: none found
+    RowLogits<T> row;  // null: none found
 };
 
-// One long row. `next` is the row to come, if any: fetched into cache while this one runs if `fetch_ahead`,
-// and, with a gradient, its maxima found by this row's gradient pass and left in `maxima` for its turn.
+// One long row. The rows ahead of it are touched on the way (RowsAhead): the next one's maxima are left
+// in `maxima` for its turn.
 template <class T, class Terms, int HardPower>
 KDLOSS_NOINLINE RowSums distill_row(const BatchProblem<T>& problem, const T* student, const T* teacher,
-                                    std::int64_t class_index, const T* target, NextRow<T> next, bool fetch_ahead,
-                                    T* scratch, T* gradient, RowMaxima<T>& maxima) noexcept {
+                                    std::int64_t class_index, const T* target, RowsAhead<T> ahead, T* scratch,
+                                    T* gradient, RowMaxima<T>& maxima) noexcept {
     const std::size_t n = problem.classes;
     const double temperature = problem.temperature;
-    T* student_soft = scratch;
-    T* teacher_soft = scratch + n;
-    T* student_hard = scratch + 2 * n;
+    // The student's exponentials in the gradient's row, where there is one: a row then takes a third less
+    // cache (measured 5-25% faster from 1000 to 128256 classes).
+    T* student_soft = Terms::gradient ? gradient : scratch;
+    T* teacher_soft = Terms::gradient ? scratch : scratch + n;
+    T* student_hard = teacher_soft + n;
 
     const LaneMaxima<T> lane_max = maxima.row.student == student && maxima.row.teacher == teacher
                                        ? maxima.lanes
                                        : lane_maxima<T, Terms::soft>(student, teacher, n);
-    maxima.row = {};
     const T row_student_max = lane_max.student.max();
     const Pack<T> student_max(row_student_max), teacher_max(lane_max.teacher.max());
 
     LaneSums lane_sums;
-    exponentials<T, typename Terms::without_gradient, HardPower>(
+    maxima.lanes = exponentials<T, typename Terms::without_gradient, HardPower>(
         student, teacher, target, student_max, teacher_max, soft_exponent<T>(temperature), student_soft, teacher_soft,
-        student_hard, n, fetch_ahead ? next : NextRow<T>{}, lane_sums);
+        student_hard, n, ahead, lane_sums);
+    maxima.row = ahead.next;
 
     RowSums sums;
     if constexpr (Terms::soft) {
@@ -81,9 +84,8 @@ KDLOSS_NOINLINE RowSums distill_row(const BatchProblem<T>& problem, const T* stu
         const double hard_scale = problem.gradient_scale * problem.hard_weight;
         const GradientCoefficients<T> coefficients(sums.teacher_soft + sums.soft_difference, sums.teacher_soft,
                                                    sums.student_hard, sums.target_mass, soft_scale, hard_scale);
-        maxima.lanes = write_gradient<T, Terms, HardPower>(gradient, student_soft, teacher_soft, student_hard, target,
-                                                           coefficients, n, next);
-        maxima.row = next;
+        write_gradient<T, Terms, HardPower>(gradient, student_soft, teacher_soft, student_hard, target, coefficients,
+                                            n);
         if constexpr (Terms::hard && !Terms::distribution) gradient[class_index] -= static_cast<T>(hard_scale);
     }
     return sums;
@@ -126,7 +128,7 @@ KDLOSS_NOINLINE void distill_block(const BatchProblem<T>& problem, const std::si
     exponentials<T, typename Terms::without_gradient, HardPower>(student, teacher, target, student_max,
                                                                  teacher_max, soft_exponent<T>(temperature),
                                                                  student_soft, teacher_soft, student_hard, m,
-                                                                 NextRow<T>{}, sums);
+                                                                 RowsAhead<T>{}, sums);
     double target_logits[lanes] = {};
     if constexpr (Terms::hard && !Terms::distribution) {
         T maxima[lanes];
@@ -153,7 +155,7 @@ KDLOSS_NOINLINE void distill_block(const BatchProblem<T>& problem, const std::si
                                                    Terms::distribution ? sums.target_mass : Pack<double>(1.0),
                                                    soft_scale, hard_scale);
         write_gradient<T, Terms, HardPower>(gradient, student_soft, teacher_soft, student_hard, target, coefficients,
-                                            m, NextRow<T>{});
+                                            m);
         if constexpr (Terms::hard && !Terms::distribution)
             for (std::size_t lane = 0; lane < count; ++lane)
                 gradient[static_cast<std::size_t>(class_index[lane]) * lanes + lane] -= static_cast<T>(hard_scale);

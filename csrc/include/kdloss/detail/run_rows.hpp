@@ -101,8 +101,12 @@ void run_rows_with(const BatchProblem<T>& problem, std::size_t begin, std::size_
         if (count > 0) distill_block<T, Terms, HardPower>(problem, block_rows, count, scratch);
         return;
     }
-    // Longer rows stream in well enough by themselves, and fetching a second one would push the first out of L2.
+    // Longer rows stream in well enough by themselves, and fetching one more would push the first out of L2.
     const bool fetch_ahead = problem.classes * sizeof(T) <= long_row_bytes;
+    auto logits = [&](std::size_t i) -> RowLogits<T> {
+        const auto row = static_cast<std::ptrdiff_t>(i);
+        return {problem.student + row * problem.student_stride, problem.teacher + row * problem.teacher_stride};
+    };
     RowLosses<Terms> losses(problem);
     RowMaxima<T> maxima;
     for (std::size_t i = begin; i < end; ++i) {
@@ -110,18 +114,17 @@ void run_rows_with(const BatchProblem<T>& problem, std::size_t begin, std::size_
             zero_ignored_row<T, Terms>(problem, i);
             continue;
         }
+        RowsAhead<T> ahead;
+        if (i + 1 < end) ahead.next = logits(i + 1);
+        if (i + 2 < end && fetch_ahead) ahead.after = logits(i + 2);
         const auto row = static_cast<std::ptrdiff_t>(i);
-        NextRow<T> next;
-        if (i + 1 < end)
-            next = {problem.student + (row + 1) * problem.student_stride,
-                    problem.teacher + (row + 1) * problem.teacher_stride};
         const std::int64_t class_index =
             problem.label_kind == LabelKind::class_indices ? problem.class_indices[row * problem.class_index_stride] : 0;
         T* gradient = Terms::gradient ? problem.gradient + row * problem.gradient_stride : nullptr;
         const T* target = Terms::distribution ? problem.targets + row * problem.target_stride : nullptr;
-        losses.add(i, distill_row<T, Terms, HardPower>(problem, problem.student + row * problem.student_stride,
-                                                       problem.teacher + row * problem.teacher_stride, class_index,
-                                                       target, next, fetch_ahead, scratch, gradient, maxima));
+        const RowLogits<T> here = logits(i);
+        losses.add(i, distill_row<T, Terms, HardPower>(problem, here.student, here.teacher, class_index, target, ahead,
+                                                       scratch, gradient, maxima));
     }
     losses.flush();
 }
