@@ -364,25 +364,29 @@ KD_TEST(methods_agree_and_repeat_exactly) {
     KD_CHECK(gradient2 == first.gradient);
 }
 
-// num_threads splits rows across a shared pool; the results are bitwise those of one thread. The batch
-// is large enough (tasks are ~32k elements) to be split into many tasks.
+// num_threads splits rows across a shared pool; the results are bitwise those of one thread. The batches
+// are large enough (tasks are ~32k elements, or up to four long rows) to be split into several tasks: of
+// blocks of short rows, and runs of long rows, whose first row finds its maxima itself where the others
+// have them found by the row before.
 KD_TEST(thread_count_does_not_change_results) {
     Generator gen(8);
     for (const LabelKind kind : all_label_kinds)
-        for (const Reduction reduction : all_reductions) {
-            const Problem p = gen.problem(1500, 97, kind, 6.0, -100, true);
-            const Output<float> single = run(DistillationLoss<float>(2.0, 0.3, reduction, -100, 1), p);
-            const Output<double> single_d = run(DistillationLoss<double>(2.0, 0.3, reduction, -100, 1), p);
-            for (const std::size_t threads : {std::size_t{2}, std::size_t{3}, std::size_t{0}}) {
-                const Output<float> many = run(DistillationLoss<float>(2.0, 0.3, reduction, -100, threads), p);
-                KD_CHECK_EQ(many.loss, single.loss);
-                KD_CHECK(many.gradient == single.gradient);
-                KD_CHECK(many.row_losses == single.row_losses);
-                const Output<double> many_d = run(DistillationLoss<double>(2.0, 0.3, reduction, -100, threads), p);
-                KD_CHECK_EQ(many_d.loss, single_d.loss);
-                KD_CHECK(many_d.gradient == single_d.gradient);
+        for (const Reduction reduction : all_reductions)
+            for (const auto& [rows, classes] :
+                 {std::pair<std::size_t, std::size_t>{1500, 97}, {40, 2000}, {9, 8000}}) {
+                const Problem p = gen.problem(rows, classes, kind, 6.0, -100, true);
+                const Output<float> single = run(DistillationLoss<float>(2.0, 0.3, reduction, -100, 1), p);
+                const Output<double> single_d = run(DistillationLoss<double>(2.0, 0.3, reduction, -100, 1), p);
+                for (const std::size_t threads : {std::size_t{2}, std::size_t{3}, std::size_t{0}}) {
+                    const Output<float> many = run(DistillationLoss<float>(2.0, 0.3, reduction, -100, threads), p);
+                    KD_CHECK_EQ(many.loss, single.loss);
+                    KD_CHECK(many.gradient == single.gradient);
+                    KD_CHECK(many.row_losses == single.row_losses);
+                    const Output<double> many_d = run(DistillationLoss<double>(2.0, 0.3, reduction, -100, threads), p);
+                    KD_CHECK_EQ(many_d.loss, single_d.loss);
+                    KD_CHECK(many_d.gradient == single_d.gradient);
+                }
             }
-        }
 }
 
 // evaluate(normalizer = N): the sum over rows divided by N, loss and gradient, and the number of counted

@@ -148,12 +148,16 @@ public:
         // Tasks are runs of consecutive rows: each row's result is the same whichever task or thread
         // computes it, but within a run the kernels overlap a row with the next (fetching it, finding its
         // maxima), so one thread takes all rows as one run. Several threads share runs that are each worth a
-        // wake-up, about four a thread, so that one that wakes late still finds its share.
+        // wake-up, about four a thread, so that one that wakes late still finds its share; but a run's first
+        // row costs a pass of its own (its maxima), so a run takes up to four rows where the threads' shares
+        // allow it (8 rows of 128k classes: a second thread measured 1.6-1.8x with runs of one or two rows,
+        // 1.85-1.95x with runs of four).
         const std::size_t threads_wanted = std::min(num_threads_, worth_threads);
         const std::size_t rows_per_task =
-            threads_wanted == 1
-                ? rows
-                : std::max({std::size_t{1}, min_elements_per_task / problem.classes, rows / (4 * threads_wanted)});
+            threads_wanted == 1 ? rows
+                                : std::max({std::size_t{1}, min_elements_per_task / problem.classes,
+                                            rows / (4 * threads_wanted),
+                                            std::min(min_rows_per_task, rows / threads_wanted)});
         const std::size_t tasks = (rows + rows_per_task - 1) / rows_per_task;
         const std::size_t threads = std::min(threads_wanted, tasks);
         const std::size_t scratch_per_thread = detail::scratch_elements(problem.classes);
@@ -177,6 +181,7 @@ public:
     }
 
 private:
+    static constexpr std::size_t min_rows_per_task = 4;  // where there are rows enough (see evaluate_with)
     static constexpr std::size_t min_elements_per_task = 32768;
     static constexpr std::size_t min_elements_per_thread = 65536;
 
