@@ -27,6 +27,10 @@ What is timed, for every shape (B, C) and dtype (float32, float64), with class-i
 ``bound``
     ``np.copyto(dst, src)`` of ``1.5*B*C`` elements of the dtype: it reads and writes ``3*B*C*itemsize``
     bytes, what a fused kernel must move (read student and teacher once, write the gradient once).
+``bound 2T`` (C >= 1000; not a column)
+    The same copy in two halves, side by side on two threads (``np.copyto`` releases the GIL). The targets'
+    lines print ``copy 1T/2T``: how much a second core adds to this machine's memory bandwidth, which caps
+    ``1T/2T`` wherever the kernel waits on memory.
 ``empty call`` (tiny shapes only, B*C <= 10 000)
     ``kd.loss_and_gradient`` itself on (0, C) inputs of the dtype with (0,) int64 labels: the fixed cost of a
     call, whatever its size.
@@ -327,6 +331,20 @@ def memory_row(cell: Dict[str, Any]) -> str:
     return " ".join(cells)
 
 
+_copy_worker: Optional[Any] = None
+
+
+def _copy_on_two_threads(dst: np.ndarray, src: np.ndarray, half: int) -> None:
+    global _copy_worker
+    if _copy_worker is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _copy_worker = ThreadPoolExecutor(max_workers=1)
+    other = _copy_worker.submit(np.copyto, dst[half:], src[half:])
+    np.copyto(dst[:half], src[:half])
+    other.result()
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Targets of issue 3 (all ratios measured side by side)
 # --------------------------------------------------------------------------------------------------------------
@@ -348,6 +366,7 @@ def evaluate_targets(cell: Dict[str, Any], threads: int) -> List[Dict[str, Any]]
         add("torch/1T", ratios.get("torch_over_1t"), ">=", 6.0)
         add("1T/bound", ratios.get("1t_over_bound"), "<=", 3.0 if cell["dtype"] == "float32" else 4.0)
         add("1T/2T", ratios.get("1t_over_2t"), ">=", 1.8)
+        targets[-1]["copy_1t_over_2t"] = ratios.get("bound_over_bound_2t")
     elif cols <= 32 and rows >= 1024:
         add("torch/1T", ratios.get("torch_over_1t"), ">=", 10.0)
     if rows * cols <= TINY_MAX_ELEMENTS:
@@ -499,6 +518,12 @@ def run(args: argparse.Namespace) -> int:
             src = np.random.default_rng(0).standard_normal(copy_elements).astype(dtype)
             dst = np.zeros_like(src)
             candidates["bound"] = lambda dst=dst, src=src: np.copyto(dst, src)
+            if cols >= 1000:
+                # The same copy on two threads, halves side by side (np.copyto releases the GIL): how much a
+                # second core adds to this machine's memory bandwidth, the ceiling of 1T/2T where the
+                # kernel is bound by memory.
+                half = copy_elements // 2
+                candidates["bound_2t"] = lambda dst=dst, src=src, half=half: _copy_on_two_threads(dst, src, half)
             tiny = rows * cols <= TINY_MAX_ELEMENTS
             empty_note = None
             if tiny:
@@ -518,6 +543,7 @@ def run(args: argparse.Namespace) -> int:
                 "numpy_over_1t": _ratio(medians["numpy"], medians["kdloss_1t"]),
                 "1t_over_bound": _ratio(medians["kdloss_1t"], medians["bound"]),
                 "1t_over_2t": _ratio(medians["kdloss_1t"], medians.get("kdloss_2t")),
+                "bound_over_bound_2t": _ratio(medians["bound"], medians.get("bound_2t")),
                 "1t_out_over_bound": _ratio(medians["kdloss_1t_out"], medians["bound"]),
             }
             if tiny:
@@ -582,6 +608,7 @@ def run(args: argparse.Namespace) -> int:
         if cell["targets"]:
             parts = [
                 f"{entry['target']} {fmt_ratio(entry['value'])} ({entry['op']} {entry['limit']:.4g}) {entry['verdict']}"
+                + (f" [copy 1T/2T {fmt_ratio(entry['copy_1t_over_2t'])}]" if entry.get("copy_1t_over_2t") else "")
                 for entry in cell["targets"]
             ]
             print(f"  {cell['shape_text']:<{SHAPE_WIDTH}} {cell['dtype']:<{DTYPE_WIDTH}} " + "; ".join(parts))
