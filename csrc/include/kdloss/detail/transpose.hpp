@@ -6,7 +6,8 @@
 //   - by tiles: tiles of lanes x lanes values go through a local array with constant loop bounds, which
 //     compilers that vectorise at all turn into permutes;
 //   - by shuffles (g++ >= 12, clang): tiles of V x V values, V the values in one register, are loaded as
-//     V vectors and transposed by rounds of shuffles that each map onto one instruction of the target.
+//     V vectors and transposed by rounds of shuffles that each map onto one instruction of the target
+//     (with AVX-512, the first round is done by the loads).
 // Columns past the last whole tile are moved element by element.
 
 #include <cstddef>
@@ -142,6 +143,103 @@ KDLOSS_INLINE void transpose_tile(Vector<T> (&v)[tile_width<T>]) noexcept {
     }
 }
 
+#if defined(__AVX512F__)
+// A register of the 32 bytes at low, then the 32 at high. By intrinsics: g++ 12 turned the same
+// concatenation of two vectors into two loads and a shuff64x2, where vinsertf64x4 takes its half from memory.
+template <class T>
+KDLOSS_INLINE Vector<T> load_halves(const T* low, const T* high) noexcept {
+    // (_mm512_insertf64x4 itself passes an undefined vector that g++ 12 warns of; all-ones merge is the same.)
+    const __m512d lower = _mm512_castpd256_pd512(_mm256_loadu_pd(reinterpret_cast<const double*>(low)));
+    const __m256d upper = _mm256_loadu_pd(reinterpret_cast<const double*>(high));
+    return (Vector<T>)_mm512_mask_insertf64x4(lower, 0xff, lower, upper, 1);
+}
+
+// Index patterns of the shuffles below, element i of the result from a (< n) or b (>= n); L values to a
+// 16-byte lane. `Unpack`: unpcklps/pd (High: unpckh), `Pairs`: shufps 0x44 (0xee) on floats, `Lanes`:
+// shuff32x4/64x2 taking lanes 0, 2 (1, 3) of a then of b.
+template <class T, bool High>
+struct Unpack {
+    static constexpr std::size_t n = tile_width<T>, L = 16 / sizeof(T);
+    static constexpr std::size_t at(std::size_t i) {
+        return (i % 2 ? n : 0) + i / L * L + (High ? L / 2 : 0) + i % L / 2;
+    }
+};
+template <class T, bool High>
+struct Pairs {
+    static constexpr std::size_t n = tile_width<T>;
+    static constexpr std::size_t at(std::size_t i) { return (i % 4 / 2 ? n : 0) + i / 4 * 4 + (High ? 2 : 0) + i % 2; }
+};
+template <class T, bool High>
+struct Lanes {
+    static constexpr std::size_t n = tile_width<T>, L = 16 / sizeof(T);
+    static constexpr std::size_t at(std::size_t i) {
+        return (i / L / 2 ? n : 0) + (i / L % 2 * 2 + (High ? 1 : 0)) * L + i % L;
+    }
+};
+template <class Pattern, class V, std::size_t... I>
+KDLOSS_INLINE V shuffle(V a, V b, std::index_sequence<I...>) noexcept {
+    return __builtin_shufflevector(a, b, Pattern::at(I)...);
+}
+#endif
+
+// Loads the tile whose row i is the tile_width values at src[i] and transposes it: v[j] then holds column j.
+template <class T>
+KDLOSS_INLINE void load_transposed_tile(const T* const (&src)[tile_width<T>], Vector<T> (&v)[tile_width<T>]) noexcept {
+    constexpr std::size_t n = tile_width<T>;
+#if defined(__AVX512F__)
+    if constexpr (vector_bytes == 64) {
+        // AVX-512: the round of 32-byte halves is done by the loads (vinsertf64x4 from memory), which
+        // takes a round off the shuffle units that bound the transposes, and the rounds left are unpck,
+        // shufps and shuff64x2/32x4 rather than the generic rounds' vpermt2ps/pd: on Zen 5, 4-10% off a
+        // call for 100-class doubles and floats. (Loading 16-byte quarters too, leaving only the in-lane
+        // rounds, measured slower: an insert from memory is not free either.) The loads pair rows r and
+        // r + n/4, not r + n/2: shuff64x2/32x4 moves the half it reads into the 16-byte lane's place, so
+        // that pairing puts each row in its lane of the column.
+        using V = Vector<T>;
+        using Indices = std::make_index_sequence<n>;
+        constexpr std::size_t h = n / 2, q = n / 4;
+        V t[n], u[n];
+        // t[k]: the rows k % q + k / q % 2 * n / 2 and that + q, their values k / h * h onwards.
+        KDLOSS_UNROLL
+        for (std::size_t k = 0; k < n; ++k) {
+            const std::size_t row = k % q + k / q % 2 * h, column = k / h * h;
+            t[k] = load_halves(src[row] + column, src[row + q] + column);
+        }
+        // Pairing rows r and r + 1 (and r + 2, floats) within 16-byte lanes.
+        KDLOSS_UNROLL
+        for (std::size_t k = 0; k < n; k += 2) {
+            u[k] = shuffle<Unpack<T, false>>(t[k], t[k + 1], Indices{});
+            u[k + 1] = shuffle<Unpack<T, true>>(t[k], t[k + 1], Indices{});
+        }
+        if constexpr (n == 16) {
+            KDLOSS_UNROLL
+            for (std::size_t k = 0; k < n; ++k)
+                if (k % 4 < 2) {
+                    t[k] = shuffle<Pairs<T, false>>(u[k], u[k + 2], Indices{});
+                    t[k + 2] = shuffle<Pairs<T, true>>(u[k], u[k + 2], Indices{});
+                }
+        } else {
+            KDLOSS_UNROLL
+            for (std::size_t k = 0; k < n; ++k) t[k] = u[k];
+        }
+        // Pairing rows r and r + n/2 by 16-byte lanes. t[k]'s columns are (floats: k's two low bits
+        // swapped) k % q + k / h * h, and q on from there for the second shuffle.
+        KDLOSS_UNROLL
+        for (std::size_t k = 0; k < n; ++k)
+            if (k / q % 2 == 0) {
+                const std::size_t column = (n == 16 ? k % 2 * 2 + k / 2 % 2 : k % q) + k / h * h;
+                v[column] = shuffle<Lanes<T, false>>(t[k], t[k + q], Indices{});
+                v[column + q] = shuffle<Lanes<T, true>>(t[k], t[k + q], Indices{});
+            }
+    } else
+#endif
+    {
+        KDLOSS_UNROLL
+        for (std::size_t i = 0; i < n; ++i) v[i] = load_vector(src[i]);
+        transpose_tile<T>(v);
+    }
+}
+
 // The columns [first, first + tile_width) of the block's rows, into lane-major `out`; each row's maximum
 // so far, in `maxima`, is updated with them on the way.
 template <class T>
@@ -149,10 +247,11 @@ KDLOSS_INLINE void rows_to_lanes_tile(const T* const (&rows)[lanes], std::size_t
                                       Pack<T>& maxima) noexcept {
     constexpr std::size_t n_tile = tile_width<T>;
     for (std::size_t group = 0; group < lanes; group += n_tile) {
-        Vector<T> v[n_tile];
+        const T* src[n_tile];
         KDLOSS_UNROLL
-        for (std::size_t i = 0; i < n_tile; ++i) v[i] = load_vector(rows[group + i] + first);
-        transpose_tile<T>(v);
+        for (std::size_t i = 0; i < n_tile; ++i) src[i] = rows[group + i] + first;
+        Vector<T> v[n_tile];
+        load_transposed_tile<T>(src, v);
         Vector<T>& maximum = maxima.part[group / n_tile];
         KDLOSS_UNROLL
         for (std::size_t c = 0; c < n_tile; ++c) {
@@ -168,10 +267,11 @@ KDLOSS_INLINE void lanes_to_rows_tile(const T* in, std::size_t first, T* const (
                                       std::size_t count) noexcept {
     constexpr std::size_t n_tile = tile_width<T>;
     for (std::size_t group = 0; group < count; group += n_tile) {
-        Vector<T> v[n_tile];
+        const T* src[n_tile];
         KDLOSS_UNROLL
-        for (std::size_t c = 0; c < n_tile; ++c) v[c] = load_vector(in + (first + c) * lanes + group);
-        transpose_tile<T>(v);
+        for (std::size_t c = 0; c < n_tile; ++c) src[c] = in + (first + c) * lanes + group;
+        Vector<T> v[n_tile];
+        load_transposed_tile<T>(src, v);
         if (count - group >= n_tile) {  // a whole tile of rows, with the loop unrolled (v stays in registers)
             KDLOSS_UNROLL
             for (std::size_t i = 0; i < n_tile; ++i) store_vector(rows[group + i] + first, v[i]);
