@@ -27,7 +27,7 @@ What is timed, for every shape (B, C) and dtype (float32, float64), with class-i
 ``bound``
     ``np.copyto(dst, src)`` of ``1.5*B*C`` elements of the dtype: it reads and writes ``3*B*C*itemsize``
     bytes, what a fused kernel must move (read student and teacher once, write the gradient once).
-``bound 2T`` (C >= 1000; not a column)
+``bound 2T`` (C >= 1000 and at least 16 MiB moved; not a column)
     The same copy in two halves, side by side on two threads (``np.copyto`` releases the GIL). The targets'
     lines print ``copy 1T/2T``: how much a second core adds to this machine's memory bandwidth, which caps
     ``1T/2T`` wherever the kernel waits on memory.
@@ -331,6 +331,9 @@ def memory_row(cell: Dict[str, Any]) -> str:
     return " ".join(cells)
 
 
+# Copies of at least this many bytes moved are also timed on two threads (bound 2T): below, handing half of
+# the copy to a Python thread costs about as much as copying it.
+COPY_2T_MIN_BYTES = 2**24
 _copy_worker: Optional[Any] = None
 
 
@@ -518,7 +521,7 @@ def run(args: argparse.Namespace) -> int:
             src = np.random.default_rng(0).standard_normal(copy_elements).astype(dtype)
             dst = np.zeros_like(src)
             candidates["bound"] = lambda dst=dst, src=src: np.copyto(dst, src)
-            if cols >= 1000:
+            if cols >= 1000 and 2 * copy_elements * s.itemsize >= COPY_2T_MIN_BYTES:
                 # The same copy on two threads, halves side by side (np.copyto releases the GIL): how much a
                 # second core adds to this machine's memory bandwidth, the ceiling of 1T/2T where the
                 # kernel is bound by memory.
