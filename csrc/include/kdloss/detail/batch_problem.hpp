@@ -45,7 +45,7 @@ static_assert(block_max_classes >= lanes, "long rows must fill at least one Pack
 // Elements of per-thread scratch the kernels need for rows of `classes` classes. Long rows: three rows of
 // exponentials. Blocks: student, teacher, targets, three exponentials and the gradient, lanes x classes each.
 inline std::size_t scratch_elements(std::size_t classes) noexcept {
-    return classes <= block_max_classes ? 7 * lanes * classes : 3 * classes;
+    return classes <= block_max_classes ? 4 * lanes * classes : 3 * classes;
 }
 
 // Computes rows [begin, end) of `problem`; `scratch` holds scratch_elements(classes) elements.

@@ -97,13 +97,15 @@ KDLOSS_NOINLINE void distill_block(const BatchProblem<T>& problem, const std::si
                                    T* scratch) noexcept {
     const std::size_t n = problem.classes;
     const std::size_t m = lanes * n;
+    // Each pass writes over what the one before read at the same place, so that a block takes as little
+    // of L1 as it can: the exponentials over the logits, the gradient over the student's exponentials.
     T* student = scratch;
     T* teacher = scratch + m;
     T* target = scratch + 2 * m;
-    T* student_soft = scratch + 3 * m;
-    T* teacher_soft = scratch + 4 * m;
-    T* student_hard = scratch + 5 * m;
-    T* gradient = scratch + 6 * m;
+    T* student_hard = scratch + 3 * m;
+    T* student_soft = student;
+    T* teacher_soft = teacher;
+    T* gradient = student_soft;
 
     // Lanes past `count` repeat the first row: real data, computed and then dropped, so that the copy
     // below needs no condition.
@@ -123,12 +125,6 @@ KDLOSS_NOINLINE void distill_block(const BatchProblem<T>& problem, const std::si
     const Pack<T> teacher_max = rows_to_lanes(teacher_rows, n, teacher);
     if constexpr (Terms::distribution) rows_to_lanes(target_rows, n, target);
 
-    const double temperature = problem.temperature;
-    LaneSums sums;
-    exponentials<T, typename Terms::without_gradient, HardPower>(student, teacher, target, student_max,
-                                                                 teacher_max, soft_exponent<T>(temperature),
-                                                                 student_soft, teacher_soft, student_hard, m,
-                                                                 RowsAhead<T>{}, sums);
     double target_logits[lanes] = {};
     if constexpr (Terms::hard && !Terms::distribution) {
         T maxima[lanes];
@@ -138,6 +134,12 @@ KDLOSS_NOINLINE void distill_block(const BatchProblem<T>& problem, const std::si
                 static_cast<double>(student[static_cast<std::size_t>(class_index[lane]) * lanes + lane]) -
                 static_cast<double>(maxima[lane]);
     }
+    const double temperature = problem.temperature;
+    LaneSums sums;
+    exponentials<T, typename Terms::without_gradient, HardPower>(student, teacher, target, student_max,
+                                                                 teacher_max, soft_exponent<T>(temperature),
+                                                                 student_soft, teacher_soft, student_hard, m,
+                                                                 RowsAhead<T>{}, sums);
     const Pack<double> target_logit = Pack<double>::load(target_logits);
     const Pack<double> loss =
         loss_from_sums<Terms>(sums.soft_difference, sums.teacher_soft, sums.student_hard, sums.teacher_cross,
