@@ -140,6 +140,8 @@ struct RowLogits {
 // after that is fetched into cache (rows of up to long_row_bytes), so that the scan then finds it there.
 // The exponential pass is bound by arithmetic, so the loads cost it little, where the gradient pass (which
 // scanned before) is bound by memory: moving the scan measured 15-20% faster at 1000 and at 128256 classes.
+// Without the fetch, the scan waits on memory when the batch is larger than L3: 8-35% slower from 1000 to
+// 32000 classes.
 template <class T>
 struct RowsAhead {
     RowLogits<T> next;   // scanned for its maxima
