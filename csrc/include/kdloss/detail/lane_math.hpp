@@ -40,7 +40,7 @@ struct Terms {
     using without_gradient = Terms<Soft, Hard, Distribution, false>;
 };
 
-// Rows of up to this many bytes (in each input) are fetched into cache two rows ahead (RowsAhead). A longer
+// Rows of up to this many bytes (in each input) are fetched into cache ahead of their turn (RowsAhead). A longer
 // row is not, and its scratch does not fit in L2 beside it: the passes before a forward one run backwards
 // (for_each_block), so that the forward pass starts on what they touched last, which is still in cache
 // (measured 5-12% at 128256 classes).
@@ -135,24 +135,29 @@ struct RowLogits {
     const T* teacher = nullptr;
 };
 
-// The rows after a long row, which its exponential pass touches on the way, a block at a time: the next
-// one is scanned for its maxima, so that its own first pass costs no pass over memory of its own; the one
-// after that is fetched into cache (rows of up to long_row_bytes), so that the scan then finds it there.
-// The exponential pass is bound by arithmetic, so the loads cost it little, where the gradient pass (which
-// scanned before) is bound by memory: moving the scan measured 15-20% faster at 1000 and at 128256 classes.
-// Without the fetch, the scan waits on memory when the batch is larger than L3: 8-35% slower from 1000 to
-// 32000 classes.
+// The rows after a long row, which its passes touch on the way, a block at a time: the next one is scanned
+// for its maxima, so that its own first pass costs no pass over memory of its own, and one (rows of up to
+// long_row_bytes) is fetched into cache by the exponential pass, so that the scan then finds it there.
+//
+// Where the target has registers enough (AVX-512: 32, and a float Pack in one), the exponential pass
+// scans the next row and fetches the one after: it is bound by arithmetic, so the loads cost it little,
+// where the gradient pass is bound by memory (measured 15-20% faster at 1000 and at 128256 classes than
+// scanning in the gradient pass). Elsewhere a Pack is two to four registers, the exponential pass already
+// spills, and the scan made it slower (AVX2: 5% at 1000 classes): the gradient pass scans the next row,
+// which the exponential pass fetched. Without the fetch, the scan waits on memory when the batch is larger
+// than L3 (8-35% slower from 1000 to 32000 classes).
+inline constexpr bool scan_in_exponentials = parts<float> == 1;
 template <class T>
 struct RowsAhead {
-    RowLogits<T> next;   // scanned for its maxima
-    RowLogits<T> after;  // fetched
+    RowLogits<T> next;     // scanned for its maxima
+    RowLogits<T> fetched;  // the next row, or the one after it (scan_in_exponentials)
 };
 
 // Marks a block all of whose lanes are summed (see exponentials).
 struct EveryLaneSummed {};
 
 // Writes the exponentials of n >= lanes elements (soft: soft_exponent(T)) to scratch and adds their per-lane
-// sums to `sums`; returns the lane maxima of `ahead.next` (-inf where there is none).
+// sums to `sums`; returns the lane maxima of `ahead.next` if scan_in_exponentials (-inf where there is none).
 // Loss-only and loss-and-gradient calls run this very function (callers pass Terms::without_gradient, and
 // it is never inlined into them), so both return bitwise the same loss.
 //
@@ -192,12 +197,13 @@ KDLOSS_NOINLINE LaneMaxima<T> exponentials(const T* student, const T* teacher, c
             if constexpr (every_lane) return value;
             else return select(skipped, instead, value);
         };
-        if (ahead.next.student != nullptr) scan.update(i);
-        if (ahead.after.student != nullptr) {
+        if constexpr (scan_in_exponentials)
+            if (ahead.next.student != nullptr) scan.update(i);
+        if (ahead.fetched.student != nullptr) {
             constexpr std::size_t line = 64 / sizeof(T);  // elements in a cache line
             for (std::size_t j = 0; j < lanes; j += line) {
-                KDLOSS_PREFETCH(ahead.after.student + i + j);
-                KDLOSS_PREFETCH(ahead.after.teacher + i + j);
+                KDLOSS_PREFETCH(ahead.fetched.student + i + j);
+                KDLOSS_PREFETCH(ahead.fetched.teacher + i + j);
             }
         }
         const Pack<T> ds = Pack<T>::load(student + i) - student_max;
@@ -315,10 +321,13 @@ struct GradientCoefficients {
 // `student_soft` may be `gradient` itself (distill_row keeps the student's exponentials there): each
 // block reads its exponentials before it stores over them, and the last window, which reads some of the
 // block before's, is computed first and stored last.
+// Given the next row of as many classes (`next`, not null; see RowsAhead), it also returns that row's lane
+// maxima, found in the same loop.
 template <class T, class Terms, int HardPower>
-KDLOSS_NOINLINE void write_gradient(T* gradient, const T* student_soft, const T* teacher_soft, const T* student_hard,
-                                    const T* target, const GradientCoefficients<T>& coefficients,
-                                    std::size_t n) noexcept {
+KDLOSS_NOINLINE LaneMaxima<T> write_gradient(T* gradient, const T* student_soft, const T* teacher_soft,
+                                             const T* student_hard, const T* target,
+                                             const GradientCoefficients<T>& coefficients, std::size_t n,
+                                             RowLogits<T> next) noexcept {
     const GradientCoefficients<T> k = coefficients;  // a local copy, which the stores below cannot alias
     auto at = [&](std::size_t i) KDLOSS_INLINE_LAMBDA {
         Pack<T> g;
@@ -337,9 +346,19 @@ KDLOSS_NOINLINE void write_gradient(T* gradient, const T* student_soft, const T*
     if (whole != n) last = at(n - lanes);
     // Backwards for a long row: from the exponentials written last, and the next row's exponential pass
     // comes next, into the scratch touched last.
-    for_each_block(whole, n * sizeof(T) > long_row_bytes,
-                   [&](std::size_t i) KDLOSS_INLINE_LAMBDA { at(i).store(gradient + i); });
+    const bool backwards = n * sizeof(T) > long_row_bytes;
+    LaneMaximaScan<T, Terms::soft> scan{next.student, next.teacher};
+    if (next.student == nullptr) {
+        for_each_block(whole, backwards, [&](std::size_t i) KDLOSS_INLINE_LAMBDA { at(i).store(gradient + i); });
+    } else {
+        for_each_block(whole, backwards, [&](std::size_t i) KDLOSS_INLINE_LAMBDA {
+            at(i).store(gradient + i);
+            scan.update(i);
+        });
+        if (whole != n) scan.update(n - lanes);
+    }
     if (whole != n) last.store(gradient + n - lanes);
+    return scan.maxima;
 }
 
 }  // namespace KDLOSS_KERNEL_NAMESPACE

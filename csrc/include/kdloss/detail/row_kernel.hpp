@@ -4,7 +4,7 @@
 //
 // distill_row: one long row (more than block_max_classes >= lanes classes), spread over the lanes. Two
 // passes over the row and one over its exponentials: (1) the maxima; (2) the exponentials, with their
-// sums, in the same loop as the next row's pass (1); (3) the gradient, written once. The student's
+// sums; (3) the gradient, written once; (2) or (3) runs the next row's pass (1) in its loop. The student's
 // exponentials are kept in the gradient's row until (3) writes over them, the others in per-thread scratch.
 // A row's loss waits for fifteen more rows' (RowLosses, run_rows.hpp).
 //
@@ -32,7 +32,7 @@ struct RowSums {
            target_cross = 0.0, target_logit = 0.0;
 };
 
-// Lane maxima found ahead of their row (by the exponential pass of the row before), and the row they are of.
+// Lane maxima found ahead of their row (by a pass of the row before), and the row they are of.
 template <class T>
 struct RowMaxima {
     LaneMaxima<T> lanes;
@@ -60,10 +60,11 @@ KDLOSS_NOINLINE RowSums distill_row(const BatchProblem<T>& problem, const T* stu
     const Pack<T> student_max(row_student_max), teacher_max(lane_max.teacher.max());
 
     LaneSums lane_sums;
-    maxima.lanes = exponentials<T, typename Terms::without_gradient, HardPower>(
+    const LaneMaxima<T> scanned = exponentials<T, typename Terms::without_gradient, HardPower>(
         student, teacher, target, student_max, teacher_max, soft_exponent<T>(temperature), student_soft, teacher_soft,
         student_hard, n, ahead, lane_sums);
-    maxima.row = ahead.next;
+    maxima.row = {};
+    if constexpr (scan_in_exponentials) maxima = {scanned, ahead.next};
 
     RowSums sums;
     if constexpr (Terms::soft) {
@@ -84,8 +85,10 @@ KDLOSS_NOINLINE RowSums distill_row(const BatchProblem<T>& problem, const T* stu
         const double hard_scale = problem.gradient_scale * problem.hard_weight;
         const GradientCoefficients<T> coefficients(sums.teacher_soft + sums.soft_difference, sums.teacher_soft,
                                                    sums.student_hard, sums.target_mass, soft_scale, hard_scale);
-        write_gradient<T, Terms, HardPower>(gradient, student_soft, teacher_soft, student_hard, target, coefficients,
-                                            n);
+        const LaneMaxima<T> found =
+            write_gradient<T, Terms, HardPower>(gradient, student_soft, teacher_soft, student_hard, target,
+                                                coefficients, n, scan_in_exponentials ? RowLogits<T>{} : ahead.next);
+        if constexpr (!scan_in_exponentials) maxima = {found, ahead.next};
         if constexpr (Terms::hard && !Terms::distribution) gradient[class_index] -= static_cast<T>(hard_scale);
     }
     return sums;
@@ -157,7 +160,7 @@ KDLOSS_NOINLINE void distill_block(const BatchProblem<T>& problem, const std::si
                                                    Terms::distribution ? sums.target_mass : Pack<double>(1.0),
                                                    soft_scale, hard_scale);
         write_gradient<T, Terms, HardPower>(gradient, student_soft, teacher_soft, student_hard, target, coefficients,
-                                            m);
+                                            m, RowLogits<T>{});
         if constexpr (Terms::hard && !Terms::distribution)
             for (std::size_t lane = 0; lane < count; ++lane)
                 gradient[static_cast<std::size_t>(class_index[lane]) * lanes + lane] -= static_cast<T>(hard_scale);
