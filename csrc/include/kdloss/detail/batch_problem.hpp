@@ -42,8 +42,9 @@ constexpr std::size_t lanes = 16;
 constexpr std::size_t block_max_classes = 100;
 static_assert(block_max_classes >= lanes, "long rows must fill at least one Pack (lane_math.hpp)");
 
-// Elements of per-thread scratch the kernels need for rows of `classes` classes. Long rows: three rows of
-// exponentials. Blocks: student, teacher, targets, three exponentials and the gradient, lanes x classes each.
+// Elements of per-thread scratch the kernels need for rows of `classes` classes. Long rows: up to three rows
+// of exponentials. Blocks: lanes x classes each of the student (then its exponentials, then the gradient),
+// the teacher (then its exponentials), the targets and the hard exponentials.
 inline std::size_t scratch_elements(std::size_t classes) noexcept {
     return classes <= block_max_classes ? 4 * lanes * classes : 3 * classes;
 }

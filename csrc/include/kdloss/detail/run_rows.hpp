@@ -116,7 +116,7 @@ void run_rows_with(const BatchProblem<T>& problem, std::size_t begin, std::size_
         }
         RowsAhead<T> ahead;
         if (i + 1 < end) ahead.next = logits(i + 1);
-        const std::size_t fetched = scan_in_exponentials ? i + 2 : i + 1;  // the row that the scan meets next
+        const std::size_t fetched = scan_in_exponentials ? i + 2 : i + 1;  // the one the next scan reads
         if (fetched < end && fetch_ahead) ahead.fetched = logits(fetched);
         const auto row = static_cast<std::ptrdiff_t>(i);
         const std::int64_t class_index =
