@@ -131,6 +131,25 @@ void shape_and_label_errors() {
     KD_CHECK_REJECTS_GRADIENT("out must have the shape of student_logits (2, 3), got (1, 3)", kd, batch.sv(), batch.tv(), none,
                      (MatrixView<T>{batch.gradient.data(), 1, 3}));
 
+    // The gradient may not share memory with an input (the kernels write into it while they read them):
+    // in place, or overlapping by a row, or overlapping the labels; the inputs stay as they were.
+    const std::vector<T> s_before = batch.s, t_before = batch.t;
+    KD_CHECK_REJECTS_GRADIENT("out must not share memory with the inputs", kd, batch.sv(), batch.tv(), none,
+                              (MatrixView<T>{batch.s.data(), 2, 3}));
+    KD_CHECK_REJECTS_GRADIENT("out must not share memory with the inputs", kd, batch.sv(1, 3), batch.tv(1, 3), none,
+                              (MatrixView<T>{batch.s.data() + 2, 1, 3}));
+    KD_CHECK_REJECTS_GRADIENT("out must not share memory with the inputs", kd, batch.sv(), batch.tv(), none,
+                              (MatrixView<T>{batch.t.data() + 3, 2, 3, -3}));  // rows reversed: a negative stride
+    std::vector<T> targets{T(0), T(1), T(0), T(0.25), T(0.5), T(0.25)};
+    KD_CHECK_REJECTS_GRADIENT("out must not share memory with the inputs", kd, batch.sv(), batch.tv(),
+                              (MatrixView<const T>{targets.data(), 2, 3}), (MatrixView<T>{targets.data(), 2, 3}));
+    KD_CHECK(batch.s == s_before && batch.t == t_before);
+    // Views next to each other, sharing no element, are fine.
+    std::vector<T> side_by_side(12, T(0));
+    std::copy(batch.s.begin(), batch.s.end(), side_by_side.begin());
+    KD_CHECK_NOTHROW(kd.compute_gradient(MatrixView<const T>{side_by_side.data(), 2, 3}, batch.tv(), none,
+                                         MatrixView<T>{side_by_side.data() + 6, 2, 3}));
+
     // Class indices: count, range (negative, == C, huge), checked for every row before any is computed.
     const std::vector<std::int64_t> three{1, 2, 0}, bad_last{1, 3}, negative{0, -1}, huge{std::int64_t{1} << 62, 0};
     KD_CHECK_REJECTS("true_labels must hold one class index per row (2), got 3", kd, batch.sv(), batch.tv(),

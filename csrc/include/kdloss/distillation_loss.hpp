@@ -86,7 +86,8 @@ public:
 
     // The general entry point. Returns the reduced loss; writes each row's loss to row_losses[i] (ignored
     // rows: 0) and the gradient to *gradient when they are not null. Every argument is checked before
-    // anything is written, so on an exception the outputs are untouched.
+    // anything is written, so on an exception the outputs are untouched. The gradient may not share memory
+    // with the inputs: the kernels write into it while they still read them.
     //
     // For gradient accumulation and sharded batches: a `normalizer` > 0 replaces the reduction's divisor
     // (loss and gradient are the sum over rows divided by it, e.g. the number of counted rows over all
@@ -106,6 +107,7 @@ public:
                          std::size_t* counted_rows_out = nullptr) const {
         check_normalizer(normalizer);
         check_shapes(student_logits, teacher_logits, true_labels, gradient);
+        if (gradient != nullptr) check_apart(*gradient, student_logits, teacher_logits, true_labels);
         const std::size_t rows = student_logits.rows;
         const std::size_t counted_rows = count_rows_and_check_labels(true_labels, rows, student_logits.cols);
         if (counted_rows_out != nullptr) *counted_rows_out = counted_rows;
@@ -226,6 +228,36 @@ private:
             throw std::invalid_argument("out must have the shape of student_logits " +
                                         detail::format_shape(student.rows, student.cols) + ", got " +
                                         detail::format_shape(gradient->rows, gradient->cols));
+    }
+
+    // The addresses a view's elements span, [begin, end) (empty for no elements).
+    struct AddressRange {
+        std::uintptr_t begin = 0, end = 0;
+    };
+    template <class U>
+    static AddressRange address_range(const U* data, std::size_t rows, std::size_t cols, std::ptrdiff_t stride) {
+        if (data == nullptr || rows == 0 || cols == 0) return {};
+        const std::ptrdiff_t last_row = static_cast<std::ptrdiff_t>(rows - 1) * stride;  // a stride may be < 0
+        return {reinterpret_cast<std::uintptr_t>(data + std::min<std::ptrdiff_t>(0, last_row)),
+                reinterpret_cast<std::uintptr_t>(data + std::max<std::ptrdiff_t>(0, last_row) + cols)};
+    }
+    template <class U>
+    static AddressRange address_range(const MatrixView<U>& view) {
+        return address_range(view.data, view.rows, view.cols, view.row_stride);
+    }
+    static bool overlap(AddressRange a, AddressRange b) {
+        return a.begin < a.end && b.begin < b.end && a.begin < b.end && b.begin < a.end;
+    }
+
+    static void check_apart(const MatrixView<T>& gradient, const MatrixView<const T>& student,
+                            const MatrixView<const T>& teacher, const Labels<T>& labels) {
+        const AddressRange out = address_range(gradient);
+        const AddressRange label_range =
+            labels.kind == Labels<T>::Kind::class_indices
+                ? address_range(labels.indices.data, labels.indices.count, 1, labels.indices.stride)
+                : address_range(labels.distributions);
+        if (overlap(out, address_range(student)) || overlap(out, address_range(teacher)) || overlap(out, label_range))
+            throw std::invalid_argument("out must not share memory with the inputs");
     }
 
     // Checks every label before any output is written; returns the number of rows that count in "mean".
