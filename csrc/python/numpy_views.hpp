@@ -112,26 +112,4 @@ inline ClassIndices class_indices_view(const py::array& labels, const py::array&
     return {static_cast<const std::int64_t*>(labels.data()), static_cast<std::size_t>(labels.size()), 1};
 }
 
-// The byte range an array's elements span, for overlap checks.
-struct ByteRange {
-    const char* begin = nullptr;
-    const char* end = nullptr;
-};
-
-inline ByteRange byte_range(const py::array& array) {
-    if (array.size() == 0) return {};
-    const char* begin = static_cast<const char*>(array.data());
-    const char* end = begin + array.itemsize();
-    for (py::ssize_t axis = 0; axis < array.ndim(); ++axis) {
-        const py::ssize_t extent = (array.shape(axis) - 1) * array.strides(axis);
-        (extent < 0 ? begin : end) += extent;
-    }
-    return {begin, end};
-}
-
-inline bool overlaps(const py::array& a, const py::array& b) {
-    const ByteRange x = byte_range(a), y = byte_range(b);
-    return x.begin != nullptr && y.begin != nullptr && x.begin < y.end && y.begin < x.end;
-}
-
 }  // namespace kdloss::python

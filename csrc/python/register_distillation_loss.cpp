@@ -93,9 +93,6 @@ private:
             if (!has_flag(out, py::array::c_style)) throw py::value_error("out must be C-contiguous");
             if (!out.writeable()) throw py::value_error("out must be writeable");
             if (!has_flag(out, py::detail::npy_api::NPY_ARRAY_ALIGNED_)) throw py::value_error("out must be aligned");
-            if (overlaps(out, student) || overlaps(out, teacher) ||
-                (labels_holder && overlaps(out, *labels_holder)))
-                throw py::value_error("out must not share memory with the inputs");
             gradient_array.emplace(py::reinterpret_borrow<py::array_t<T>>(out));
         } else if (want_gradient) {
             std::vector<py::ssize_t> shape(student.shape(), student.shape() + student.ndim());

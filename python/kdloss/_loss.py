@@ -200,7 +200,7 @@ class DistillationLoss:
         if out is not None:
             if not isinstance(out, np.ndarray):
                 raise TypeError(f"out must be a numpy.ndarray, got {type(out).__name__}")
-            # The binding checks the arrays it is given; a converted copy no longer shows an overlap with
+            # The core checks the arrays it is given; a converted copy no longer shows an overlap with
             # the caller's array, so those are checked here.
             if any(
                 used is not given and isinstance(given, np.ndarray) and np.may_share_memory(out, given)
