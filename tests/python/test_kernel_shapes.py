@@ -1,9 +1,10 @@
 """Row lengths and batch sizes around the kernels' internal boundaries, against the reference.
 
-The kernels work on vectors of 16 lanes. Rows of up to 100 classes run 16 rows at a time (one per lane),
-transposed in tiles; longer rows run along the row, and a last partial vector is the window of the row's
-last 16 classes, which overlaps the vector before it and must not count those classes twice. These tests
-put the row's maximum, -inf masks, NaN and the label inside that overlap, for every tail length.
+The kernels work on vectors of 16 lanes. Rows of up to 160 (float32) or 128 (float64) classes run 16 rows
+at a time (one per lane), transposed in tiles; longer rows run along the row, and a last partial vector is
+the window of the row's last 16 classes, which overlaps the vector before it and must not count those
+classes twice. These tests put the row's maximum, -inf masks, NaN and the label inside that overlap, for
+every tail length.
 """
 
 from __future__ import annotations
@@ -16,8 +17,25 @@ from kdloss import DistillationLoss
 from reference import reference
 
 DTYPES = [np.float32, np.float64]
-SHORT_ROWS = list(range(1, 35)) + [47, 48, 49, 99, 100]  # one lane per row; tiles of 16 (and 4, 8) columns
-LONG_ROWS = list(range(101, 130)) + [1000, 1024, 4095]  # every tail length 0..15 of the last vector
+# The longest rows that run in blocks (block_max_classes in csrc/include/kdloss/detail/batch_problem.hpp).
+BLOCK_MAX_CLASSES = {np.float32: 160, np.float64: 128}
+
+
+def short_rows(dtype):
+    """One lane per row; tiles of 16 (and 4, 8) columns."""
+    block_max = BLOCK_MAX_CLASSES[dtype]
+    return list(range(1, 35)) + [47, 48, 49, 99, 100, 101, 117, block_max - 1, block_max]
+
+
+def long_rows(dtype):
+    """Every tail length 0..15 of the last vector, from the shortest long row on."""
+    first = BLOCK_MAX_CLASSES[dtype] + 1
+    return list(range(first, first + 17)) + [1000, 1024, 4095]
+
+
+def dtypes_and(rows_of):
+    return [(dtype, classes) for dtype in DTYPES for classes in rows_of(dtype)]
+
 FORMS = ["none", "index", "soft"]
 
 
@@ -31,8 +49,7 @@ def labels_for(rng, form, B, C, dtype):
     return y
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("classes", SHORT_ROWS + LONG_ROWS)
+@pytest.mark.parametrize("dtype, classes", dtypes_and(lambda dtype: short_rows(dtype) + long_rows(dtype)))
 @pytest.mark.parametrize("form", FORMS)
 def test_every_row_length(rng, dtype, classes, form):
     rows = 19  # a full block of 16 and a partial one
@@ -44,8 +61,7 @@ def test_every_row_length(rng, dtype, classes, form):
         check_against_reference(kd, s, t, labels_for(rng, form, rows, classes, dtype), conditioned=True)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("classes", [c for c in LONG_ROWS if c % 16])
+@pytest.mark.parametrize("dtype, classes", dtypes_and(lambda dtype: [c for c in long_rows(dtype) if c % 16]))
 def test_maxima_and_masks_in_the_overlap_of_the_last_vector(rng, dtype, classes):
     rows = 4
     overlap = range(classes - 16, classes - classes % 16)  # classes the last window shares with the vector before
@@ -63,7 +79,7 @@ def test_maxima_and_masks_in_the_overlap_of_the_last_vector(rng, dtype, classes)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("classes", [20, 117])
+@pytest.mark.parametrize("classes", [20, 117, 245])
 def test_nan_in_the_overlap_or_the_tail_is_nan(rng, dtype, classes):
     s = (rng.standard_normal((3, classes)) * 3).astype(dtype)
     t = (rng.standard_normal((3, classes)) * 3).astype(dtype)
@@ -76,7 +92,7 @@ def test_nan_in_the_overlap_or_the_tail_is_nan(rng, dtype, classes):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows", [1, 15, 16, 17, 31, 32, 33, 48])
-@pytest.mark.parametrize("classes", [10, 100])
+@pytest.mark.parametrize("classes", [10, 100, 128])
 def test_blocks_of_rows(rng, dtype, rows, classes):
     s = (rng.standard_normal((rows, classes)) * 3).astype(dtype)
     t = (rng.standard_normal((rows, classes)) * 3).astype(dtype)
@@ -89,7 +105,7 @@ def test_blocks_of_rows(rng, dtype, rows, classes):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("classes", [10, 100, 117, 1000])
+@pytest.mark.parametrize("classes", [10, 100, 245, 1000])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_rows_far_apart_around_ignored_rows(rng, dtype, classes, threads):
     """Each row is shifted by its own maxima, never a neighbour's: rows thousands apart, every third one

@@ -313,7 +313,9 @@ def test_float64_wide_rows(reduction):
     check_against_reference(DistillationLoss(2.0, 0.3, reduction=reduction), s, t, y)
 
 
-@pytest.mark.parametrize("C", [1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 32, 33, 63, 64, 65, 99, 100, 101, 127, 129, 1000])
+@pytest.mark.parametrize(
+    "C", [1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 32, 33, 63, 64, 65, 99, 100, 101, 127, 128, 129, 160, 161, 1000]
+)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_many_row_widths(rng, C, dtype):
     # Widths around SIMD lane multiples exercise vectorised loop tails.
@@ -325,7 +327,7 @@ def test_many_row_widths(rng, C, dtype):
     check_against_reference(DistillationLoss(1.7, 0.45, reduction="mean"), s, t, None)
 
 
-@pytest.mark.parametrize("C", [10, 100, 101])
+@pytest.mark.parametrize("C", [10, 100, 128, 129])
 @pytest.mark.parametrize("B", [1, 15, 16, 17, 40])
 @pytest.mark.parametrize("labels", ["index", "soft", "none"])
 def test_many_batch_sizes_with_ignored_rows(rng, B, C, labels):

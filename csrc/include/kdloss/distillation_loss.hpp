@@ -162,7 +162,7 @@ public:
                                             std::min(min_rows_per_task, rows / threads_wanted)});
         const std::size_t tasks = (rows + rows_per_task - 1) / rows_per_task;
         const std::size_t threads = std::min(threads_wanted, tasks);
-        const std::size_t scratch_per_thread = detail::scratch_elements(problem.classes);
+        const std::size_t scratch_per_thread = detail::scratch_elements<T>(problem.classes);
         // Left uninitialised: the kernels write every element before reading it, and zeroing tens of
         // kilobytes of scratch would be a fifth of a small call.
         const std::unique_ptr<double[]> row_loss_buffer(new double[rows]);

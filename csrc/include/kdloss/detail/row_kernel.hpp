@@ -2,7 +2,7 @@
 
 // The two drivers of lane_math.hpp.
 //
-// distill_row: one long row (more than block_max_classes >= lanes classes), spread over the lanes. Two
+// distill_row: one long row (more than block_max_classes<T> >= lanes classes), spread over the lanes. Two
 // passes over the row and one over its exponentials: (1) the maxima; (2) the exponentials, with their
 // sums; (3) the gradient, written once; (2) or (3) runs the next row's pass (1) in its loop. The student's
 // exponentials are kept in the gradient's row until (3) writes over them, the others in per-thread scratch.
@@ -95,10 +95,12 @@ KDLOSS_NOINLINE RowSums distill_row(const BatchProblem<T>& problem, const T* stu
     return sums;
 }
 
-// The rows rows[0 .. count), count <= lanes, none of them ignored: a lane per row.
+// The rows rows[0 .. count), count <= lanes, none of them ignored: a lane per row. `next`, if not null, is
+// where the next block's logits start, lanes x classes contiguous elements of each input, which the
+// exponential pass fetches into cache on the way.
 template <class T, class Terms, int HardPower>
 KDLOSS_NOINLINE void distill_block(const BatchProblem<T>& problem, const std::size_t* rows, std::size_t count,
-                                   T* scratch) noexcept {
+                                   RowLogits<T> next, T* scratch) noexcept {
     const std::size_t n = problem.classes;
     const std::size_t m = lanes * n;
     // Each pass writes over what the one before read at the same place, so that a block takes as little
@@ -143,7 +145,7 @@ KDLOSS_NOINLINE void distill_block(const BatchProblem<T>& problem, const std::si
     exponentials<T, typename Terms::without_gradient, HardPower>(student, teacher, target, student_max,
                                                                  teacher_max, soft_exponent<T>(temperature),
                                                                  student_soft, teacher_soft, student_hard, m,
-                                                                 RowsAhead<T>{}, sums);
+                                                                 RowsAhead<T>{{}, next}, sums);
     const Pack<double> target_logit = Pack<double>::load(target_logits);
     const Pack<double> loss =
         loss_from_sums<Terms>(sums.soft_difference, sums.teacher_soft, sums.student_hard, sums.teacher_cross,

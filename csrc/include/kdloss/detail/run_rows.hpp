@@ -83,8 +83,18 @@ class RowLosses {
 
 template <class T, class Terms, int HardPower>
 void run_rows_with(const BatchProblem<T>& problem, std::size_t begin, std::size_t end, T* scratch) noexcept {
-    if (problem.classes <= block_max_classes) {
-        // Short rows: gather up to `lanes` counted rows at a time into one block.
+    if (problem.classes <= block_max_classes<T>) {
+        // Short rows: gather up to `lanes` counted rows at a time into one block. A block reads its rows a
+        // tile at a time, sixteen rows side by side, which the processor's own prefetching does not follow
+        // from memory: where the rows are contiguous, the next `lanes` rows are fetched ahead (measured
+        // 37-44% faster at 16384 x 100, 6-12% at 4096 x 10; fetching the gradient's rows did not help).
+        const bool contiguous = problem.student_stride == static_cast<std::ptrdiff_t>(problem.classes) &&
+                                problem.teacher_stride == static_cast<std::ptrdiff_t>(problem.classes);
+        auto next_rows = [&](std::size_t first) -> RowLogits<T> {
+            if (!contiguous || end - first < lanes) return {};
+            const auto offset = static_cast<std::ptrdiff_t>(first * problem.classes);
+            return {problem.student + offset, problem.teacher + offset};
+        };
         std::size_t block_rows[lanes];
         std::size_t count = 0;
         for (std::size_t i = begin; i < end; ++i) {
@@ -94,11 +104,11 @@ void run_rows_with(const BatchProblem<T>& problem, std::size_t begin, std::size_
             }
             block_rows[count++] = i;
             if (count == lanes) {
-                distill_block<T, Terms, HardPower>(problem, block_rows, count, scratch);
+                distill_block<T, Terms, HardPower>(problem, block_rows, count, next_rows(i + 1), scratch);
                 count = 0;
             }
         }
-        if (count > 0) distill_block<T, Terms, HardPower>(problem, block_rows, count, scratch);
+        if (count > 0) distill_block<T, Terms, HardPower>(problem, block_rows, count, RowLogits<T>{}, scratch);
         return;
     }
     // Longer rows stream in well enough by themselves, and fetching one more would push the first out of L2.
