@@ -1,7 +1,7 @@
 // Times the header-only core as a C++ host compiles it: loss_and_gradient on one thread, class-index labels,
-// T = 3, alpha = 0.3, for the shapes of bench.py, in nanoseconds per element (best of many calls, so the
-// inputs stay in cache as in a training step). For comparing the host's own flags, e.g. optimisation levels
-// or instruction sets; no Python needed:
+// T = 3, alpha = 0.3, in nanoseconds per element (best of many calls, so inputs that fit stay in cache as in
+// a training step). For comparing the host's own flags, e.g. optimisation levels or instruction sets; no
+// Python needed:
 //
 //   g++ -O2 -std=c++17 -Icsrc/include benchmarks/cpp_kernels.cpp -o cpp_kernels -pthread && ./cpp_kernels
 //   g++ -O3 -march=native -std=c++17 -Icsrc/include benchmarks/cpp_kernels.cpp -o cpp_kernels -pthread && ...
@@ -48,7 +48,10 @@ double nanoseconds_per_element(std::size_t rows, std::size_t classes) {
 }
 
 int main() {
-    const std::size_t shapes[][2] = {{256, 1000}, {64, 32000}, {8, 128256}, {4096, 10}, {32, 100}};
+    // bench.py's shapes; then rows of a little more than 100 classes, still in blocks, and a batch of short
+    // rows much larger than L3, whose blocks fetch the next one ahead (row_kernel.hpp, run_rows.hpp).
+    const std::size_t shapes[][2] = {{256, 1000}, {64, 32000}, {8, 128256}, {4096, 10},
+                                     {32, 100},   {256, 128},  {16384, 100}};
     std::printf("shape         float32 ns/elem  float64 ns/elem\n");
     for (const auto& shape : shapes)
         std::printf("%-12s %16.3f %16.3f\n", (std::to_string(shape[0]) + "x" + std::to_string(shape[1])).c_str(),
