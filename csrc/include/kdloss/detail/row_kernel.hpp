@@ -40,11 +40,12 @@ struct RowMaxima {
 };
 
 // One long row. The rows ahead of it are touched on the way (RowsAhead): the next one's maxima are left
-// in `maxima` for its turn.
+// in `maxima` for its turn. `soft` is soft_exponent(T), worked out once per call: its two divisions would
+// otherwise hold up the start of every row's exponentials.
 template <class T, class Terms, int HardPower>
-KDLOSS_NOINLINE RowSums distill_row(const BatchProblem<T>& problem, const T* student, const T* teacher,
-                                    std::int64_t class_index, const T* target, RowsAhead<T> ahead, T* scratch,
-                                    T* gradient, RowMaxima<T>& maxima) noexcept {
+KDLOSS_NOINLINE RowSums distill_row(const BatchProblem<T>& problem, Exp2Scale<T> soft, const T* student,
+                                    const T* teacher, std::int64_t class_index, const T* target, RowsAhead<T> ahead,
+                                    T* scratch, T* gradient, RowMaxima<T>& maxima) noexcept {
     const std::size_t n = problem.classes;
     const double temperature = problem.temperature;
     // The student's exponentials in the gradient's row, where there is one: a row's passes then touch a fifth
@@ -62,7 +63,7 @@ KDLOSS_NOINLINE RowSums distill_row(const BatchProblem<T>& problem, const T* stu
 
     LaneSums lane_sums;
     const LaneMaxima<T> scanned = exponentials<T, typename Terms::without_gradient, HardPower>(
-        student, teacher, target, student_max, teacher_max, soft_exponent<T>(temperature), student_soft, teacher_soft,
+        student, teacher, target, student_max, teacher_max, soft, student_soft, teacher_soft,
         student_hard, n, ahead, lane_sums);
     maxima.row = {};
     if constexpr (scan_in_exponentials) maxima = {scanned, ahead.next};

@@ -118,6 +118,7 @@ void run_rows_with(const BatchProblem<T>& problem, std::size_t begin, std::size_
         const auto row = static_cast<std::ptrdiff_t>(i);
         return {problem.student + row * problem.student_stride, problem.teacher + row * problem.teacher_stride};
     };
+    const Exp2Scale<T> soft = soft_exponent<T>(problem.temperature);
     RowLosses<Terms> losses(problem);
     RowMaxima<T> maxima;
     for (std::size_t i = begin; i < end; ++i) {
@@ -135,8 +136,8 @@ void run_rows_with(const BatchProblem<T>& problem, std::size_t begin, std::size_
         T* gradient = Terms::gradient ? problem.gradient + row * problem.gradient_stride : nullptr;
         const T* target = Terms::distribution ? problem.targets + row * problem.target_stride : nullptr;
         const RowLogits<T> here = logits(i);
-        losses.add(i, distill_row<T, Terms, HardPower>(problem, here.student, here.teacher, class_index, target, ahead,
-                                                       scratch, gradient, maxima));
+        losses.add(i, distill_row<T, Terms, HardPower>(problem, soft, here.student, here.teacher, class_index, target,
+                                                       ahead, scratch, gradient, maxima));
     }
     losses.flush();
 }
