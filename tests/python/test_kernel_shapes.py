@@ -137,3 +137,16 @@ def test_rows_longer_than_long_row_bytes(rng, dtype, tail):
     y = np.array([classes - 3, 0, classes - 1])
     for kd in (DistillationLoss(3.0, 0.3, reduction="none"), DistillationLoss(2.5, 0.4, reduction="sum")):
         check_against_reference(kd, s, t, y)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_calls_larger_than_l3_fetch_gradient_rows_ahead(rng, threads):
+    """Calls of more than 32 MiB over rows of 8000 bytes or more also fetch each gradient row ahead of its
+    exponential pass (lane_math.hpp's fetch_gradient): the last rows of each task, which have no row ahead
+    of them, and ignored rows among them."""
+    rows, classes = 1500, 1000  # float64: 8000-byte rows, 3 x 12 MB
+    s = rng.standard_normal((rows, classes)) * 3
+    t = rng.standard_normal((rows, classes)) * 3
+    y = rng.integers(0, classes, size=rows)
+    y[rng.random(rows) < 0.05] = -100
+    check_against_reference(DistillationLoss(3.0, 0.3, num_threads=threads), s, t, y)

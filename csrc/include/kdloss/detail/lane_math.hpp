@@ -149,9 +149,21 @@ struct RowLogits {
 inline constexpr bool scan_in_exponentials = parts<float> == 1;
 template <class T>
 struct RowsAhead {
-    RowLogits<T> next;     // scanned for its maxima
-    RowLogits<T> fetched;  // the next row, or the one after it (scan_in_exponentials)
+    RowLogits<T> next;            // scanned for its maxima
+    RowLogits<T> fetched;         // the next row, or the one after it (scan_in_exponentials)
+    T* fetched_gradient = nullptr;  // the fetched row's gradient, fetched to be written (see fetch_gradient)
 };
+
+// Whether the exponential pass also fetches the gradient's row ahead, whose first stores would otherwise
+// each wait on memory: for calls that move more than about an L3 (three arrays of rows, here 32 MiB), in rows
+// of 8000 bytes or more. Measured beyond L3: 17-30% faster from 2000 to 16000 classes, 5-11% at 32000 and
+// 50257; in cache it cost 2-12%, and with shorter rows 10-15% (1000 and 1500 float classes, beyond L3 too).
+template <class T>
+bool fetch_gradient(std::size_t rows, std::size_t classes) noexcept {
+    constexpr std::size_t min_row_bytes = 8000, cache_bytes = std::size_t{32} << 20;
+    const std::size_t row_bytes = classes * sizeof(T);
+    return row_bytes >= min_row_bytes && row_bytes <= long_row_bytes && rows > cache_bytes / (3 * row_bytes);
+}
 
 // Marks a block all of whose lanes are summed (see exponentials).
 struct EveryLaneSummed {};
@@ -204,6 +216,7 @@ KDLOSS_NOINLINE LaneMaxima<T> exponentials(const T* student, const T* teacher, c
             for (std::size_t j = 0; j < lanes; j += line) {
                 KDLOSS_PREFETCH(ahead.fetched.student + i + j);
                 KDLOSS_PREFETCH(ahead.fetched.teacher + i + j);
+                if (ahead.fetched_gradient != nullptr) KDLOSS_PREFETCH_TO_WRITE(ahead.fetched_gradient + i + j);
             }
         }
         const Pack<T> ds = Pack<T>::load(student + i) - student_max;

@@ -44,11 +44,14 @@
 #define KDLOSS_NOINLINE
 #endif
 
-// A hint to fetch the cache line at an address (read, keep in all levels); nothing where there is no builtin.
+// Hints to fetch the cache line at an address, to read it or to write it (keep in all levels); nothing where
+// there is no builtin.
 #if defined(__GNUC__) || defined(__clang__)
 #define KDLOSS_PREFETCH(address) __builtin_prefetch(address)
+#define KDLOSS_PREFETCH_TO_WRITE(address) __builtin_prefetch(address, 1)
 #else
 #define KDLOSS_PREFETCH(address) ((void)(address))
+#define KDLOSS_PREFETCH_TO_WRITE(address) ((void)(address))
 #endif
 
 // Loops over a Pack's parts (or lanes) are unrolled whatever the optimisation level: at -O2 g++ kept them

@@ -114,6 +114,7 @@ void run_rows_with(const BatchProblem<T>& problem, std::size_t begin, std::size_
     }
     // Longer rows stream in well enough by themselves, and fetching one more would push the first out of L2.
     const bool fetch_ahead = problem.classes * sizeof(T) <= long_row_bytes;
+    const bool fetch_gradient_ahead = Terms::gradient && fetch_gradient<T>(problem.rows, problem.classes);
     auto logits = [&](std::size_t i) -> RowLogits<T> {
         const auto row = static_cast<std::ptrdiff_t>(i);
         return {problem.student + row * problem.student_stride, problem.teacher + row * problem.teacher_stride};
@@ -130,6 +131,8 @@ void run_rows_with(const BatchProblem<T>& problem, std::size_t begin, std::size_
         if (i + 1 < end) ahead.next = logits(i + 1);
         const std::size_t fetched = scan_in_exponentials ? i + 2 : i + 1;  // the one the next scan reads
         if (fetched < end && fetch_ahead) ahead.fetched = logits(fetched);
+        if (fetched < end && fetch_gradient_ahead)
+            ahead.fetched_gradient = problem.gradient + static_cast<std::ptrdiff_t>(fetched) * problem.gradient_stride;
         const auto row = static_cast<std::ptrdiff_t>(i);
         const std::int64_t class_index =
             problem.label_kind == LabelKind::class_indices ? problem.class_indices[row * problem.class_index_stride] : 0;
