@@ -156,7 +156,7 @@ struct RowsAhead {
 
 // Whether the exponential pass also fetches the gradient's row ahead, whose first stores would otherwise
 // each wait on memory: for calls that move more than about an L3 (three arrays of rows, here 32 MiB), in rows
-// of 8000 bytes or more. Measured beyond L3: 17-30% faster from 2000 to 16000 classes, 5-11% at 32000 and
+// of 8000 bytes or more. Measured beyond L3: 17-30% faster from 2000 to 16000 classes, 4-11% at 32000 and
 // 50257; in cache it cost 2-12%, and with shorter rows 10-15% (1000 and 1500 float classes, beyond L3 too).
 template <class T>
 bool fetch_gradient(std::size_t rows, std::size_t classes) noexcept {
