@@ -149,15 +149,16 @@ struct RowLogits {
 inline constexpr bool scan_in_exponentials = parts<float> == 1;
 template <class T>
 struct RowsAhead {
-    RowLogits<T> next;            // scanned for its maxima
-    RowLogits<T> fetched;         // the next row, or the one after it (scan_in_exponentials)
+    RowLogits<T> next;              // scanned for its maxima
+    RowLogits<T> fetched;           // the next row, or the one after it (scan_in_exponentials)
     T* fetched_gradient = nullptr;  // the fetched row's gradient, fetched to be written (see fetch_gradient)
 };
 
 // Whether the exponential pass also fetches the gradient's row ahead, whose first stores would otherwise
 // each wait on memory: for calls that move more than about an L3 (three arrays of rows, here 32 MiB), in rows
-// of 8000 bytes or more. Measured beyond L3: 17-30% faster from 2000 to 16000 classes, 4-11% at 32000 and
-// 50257; in cache it cost 2-12%, and with shorter rows 10-15% (1000 and 1500 float classes, beyond L3 too).
+// of 8000 bytes or more that are fetched at all (up to long_row_bytes). Measured beyond L3: 17-30% faster
+// from 2000 to 16000 classes, 4-11% at 32000 and 50257; in cache it cost 2-12%, and with shorter rows 10-15%
+// (1000 and 1500 float classes, beyond L3 too).
 template <class T>
 bool fetch_gradient(std::size_t rows, std::size_t classes) noexcept {
     constexpr std::size_t min_row_bytes = 8000, cache_bytes = std::size_t{32} << 20;
