@@ -132,7 +132,8 @@ void run_rows_with(const BatchProblem<T>& problem, std::size_t begin, std::size_
         const std::size_t fetched = scan_in_exponentials ? i + 2 : i + 1;  // the one the next scan reads
         if (fetched < end && fetch_ahead) ahead.fetched = logits(fetched);
         if (fetched < end && fetch_gradient_ahead)
-            ahead.fetched_gradient = problem.gradient + static_cast<std::ptrdiff_t>(fetched) * problem.gradient_stride;
+            ahead.fetched_gradient =
+                problem.gradient + static_cast<std::ptrdiff_t>(fetched) * problem.gradient_stride;
         const auto row = static_cast<std::ptrdiff_t>(i);
         const std::int64_t class_index =
             problem.label_kind == LabelKind::class_indices ? problem.class_indices[row * problem.class_index_stride] : 0;
