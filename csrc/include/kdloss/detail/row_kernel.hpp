@@ -96,12 +96,12 @@ KDLOSS_NOINLINE RowSums distill_row(const BatchProblem<T>& problem, Exp2Scale<T>
     return sums;
 }
 
-// The rows rows[0 .. count), count <= lanes, none of them ignored: a lane per row. `next`, if not null, is
-// where the next block's logits start, lanes x classes contiguous elements of each input, which the
-// exponential pass fetches into cache on the way.
+// The rows rows[0 .. count), count <= lanes, none of them ignored: a lane per row. `soft` as for distill_row.
+// `next`, if not null, is where the next block's logits start, lanes x classes contiguous elements of each
+// input, which the exponential pass fetches into cache on the way.
 template <class T, class Terms, int HardPower>
-KDLOSS_NOINLINE void distill_block(const BatchProblem<T>& problem, const std::size_t* rows, std::size_t count,
-                                   RowLogits<T> next, T* scratch) noexcept {
+KDLOSS_NOINLINE void distill_block(const BatchProblem<T>& problem, Exp2Scale<T> soft, const std::size_t* rows,
+                                   std::size_t count, RowLogits<T> next, T* scratch) noexcept {
     const std::size_t n = problem.classes;
     const std::size_t m = lanes * n;
     // Each pass writes over what the one before read at the same place, so that a block takes as little
@@ -144,7 +144,7 @@ KDLOSS_NOINLINE void distill_block(const BatchProblem<T>& problem, const std::si
     const double temperature = problem.temperature;
     LaneSums sums;
     exponentials<T, typename Terms::without_gradient, HardPower>(student, teacher, target, student_max,
-                                                                 teacher_max, soft_exponent<T>(temperature),
+                                                                 teacher_max, soft,
                                                                  student_soft, teacher_soft, student_hard, m,
                                                                  RowsAhead<T>{{}, next}, sums);
     const Pack<double> target_logit = Pack<double>::load(target_logits);

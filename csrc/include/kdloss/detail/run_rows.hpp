@@ -83,6 +83,7 @@ class RowLosses {
 
 template <class T, class Terms, int HardPower>
 void run_rows_with(const BatchProblem<T>& problem, std::size_t begin, std::size_t end, T* scratch) noexcept {
+    const Exp2Scale<T> soft = soft_exponent<T>(problem.temperature);
     if (problem.classes <= block_max_classes<T>) {
         // Short rows: gather up to `lanes` counted rows at a time into one block. A block reads its rows a
         // tile at a time, sixteen rows side by side, which the processor's own prefetching does not follow
@@ -105,11 +106,12 @@ void run_rows_with(const BatchProblem<T>& problem, std::size_t begin, std::size_
             }
             block_rows[count++] = i;
             if (count == lanes) {
-                distill_block<T, Terms, HardPower>(problem, block_rows, count, next_rows(i + 1), scratch);
+                distill_block<T, Terms, HardPower>(problem, soft, block_rows, count, next_rows(i + 1), scratch);
                 count = 0;
             }
         }
-        if (count > 0) distill_block<T, Terms, HardPower>(problem, block_rows, count, RowLogits<T>{}, scratch);
+        if (count > 0)
+            distill_block<T, Terms, HardPower>(problem, soft, block_rows, count, RowLogits<T>{}, scratch);
         return;
     }
     // Longer rows stream in well enough by themselves, and fetching one more would push the first out of L2.
@@ -119,7 +121,6 @@ void run_rows_with(const BatchProblem<T>& problem, std::size_t begin, std::size_
         const auto row = static_cast<std::ptrdiff_t>(i);
         return {problem.student + row * problem.student_stride, problem.teacher + row * problem.teacher_stride};
     };
-    const Exp2Scale<T> soft = soft_exponent<T>(problem.temperature);
     RowLosses<Terms> losses(problem);
     RowMaxima<T> maxima;
     for (std::size_t i = begin; i < end; ++i) {
