@@ -6,33 +6,30 @@ never does.
 How it is wired
 ---------------
 The forward pass is one native call that computes the loss *and* its gradient with respect to the student
-logits; the gradient is written straight into a preallocated torch tensor (``out=tensor.numpy()``) and the
-logits are read in place through DLPack. The backward pass only scales that saved gradient by
-``grad_output``: nothing is recomputed.
+logits; the logits are read in place through DLPack and the gradient is written into a buffer that autograd
+later receives as it is (``_torch_autograd``): backward scales it in place by ``grad_output`` (or not at all when
+that is 1), and nothing is recomputed or copied. A gradient that must itself be differentiated
+(``create_graph=True``) is rebuilt as torch operations, so second and higher derivatives are exact.
 
-Both steps are registered as the custom operator ``torch.ops.kdloss.loss_and_grad`` (with a fake
-implementation for shape propagation and an autograd formula), so the loss works in eager mode, under
-``torch.compile`` and on ``meta`` tensors. A second operator, ``torch.ops.kdloss.loss``, computes the loss
-alone; it is used when no gradient is wanted (``torch.no_grad()``, a student that does not require grad),
-so evaluation does not pay for a gradient buffer.
+Under ``torch.compile`` the same call goes through the custom operators ``torch.ops.kdloss.loss_and_grad`` and
+``torch.ops.kdloss.loss`` (``_torch_ops``), with fake implementations and functional autograd formulas that the
+compiler traces. ``torch.ops.kdloss.loss`` computes the loss alone: it serves calls that want no gradient
+(``torch.no_grad()``, a student that does not require grad), so evaluation does not pay for a gradient buffer.
 """
 
-# No ``from __future__ import annotations`` here: torch.library.custom_op infers the operator schemas from the
-# annotations, and not every torch release this package supports resolves string annotations.
-import functools
+# No ``from __future__ import annotations`` here, as in _torch_ops: annotations stay evaluated.
 import numbers
 from typing import Optional, Union
-
-import numpy as np
 
 try:
     import torch
 except ImportError as error:  # say how to get it rather than just "No module named 'torch'"
     raise ImportError("kdloss.torch needs PyTorch: pip install 'kdloss[torch]'") from error
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
-from ._loss import DistillationLoss as _NumpyDistillationLoss
+from . import _torch_ops  # noqa: F401  (registers torch.ops.kdloss.*)
+from ._torch_autograd import DistillationFunction
+from ._torch_checks import Params, check_shapes, normalizer_number, validated_params
 
 __all__ = ["DistillationLoss", "distillation_loss"]
 
@@ -42,147 +39,6 @@ Normalizer = Union[float, Tensor, None]
 # The native kernels run on the CPU; "meta" tensors only carry shapes and go through the fake
 # implementations, so that shape inference (and torch.compile's tracing) works on them too.
 _SUPPORTED_DEVICES = ("cpu", "meta")
-
-
-@functools.lru_cache(maxsize=64)
-def _engine(
-    temperature: float, alpha: float, reduction: str, ignore_index: int, num_threads: Optional[int]
-) -> _NumpyDistillationLoss:
-    """The NumPy-facing loss object for these parameters (it validates them).
-
-    Cached because a training loop calls the operator with the same parameters every step; the objects are
-    immutable here (their setters are never used) and safe to share between threads.
-    """
-    return _NumpyDistillationLoss(
-        temperature, alpha, reduction=reduction, ignore_index=ignore_index, num_threads=num_threads
-    )
-
-
-def _normalizer_value(normalizer: Optional[Tensor]) -> Optional[float]:
-    # .item() is fine here: the operator's implementation runs on CPU tensors, outside any graph.
-    return None if normalizer is None else float(normalizer.item())
-
-
-def _loss_tensor(loss: Union[float, np.ndarray], dtype: torch.dtype) -> Tensor:
-    """The NumPy API returns a Python float for "mean"/"sum" and an owned ndarray for "none"."""
-    if isinstance(loss, float):
-        return torch.tensor(loss, dtype=dtype)
-    return torch.from_numpy(loss)  # the array was freshly allocated by kdloss: adopt it, no copy
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Custom operators. Their contract is narrower than the public functions': student and teacher are CPU
-# tensors of the same shape and dtype, float32 or float64; labels are int64 class indices or target
-# distributions in that dtype. distillation_loss() takes care of everything else.
-# ---------------------------------------------------------------------------------------------------------
-
-
-@torch.library.custom_op("kdloss::loss_and_grad", mutates_args=())
-def _loss_and_grad(
-    student: Tensor,
-    teacher: Tensor,
-    labels: Optional[Tensor],
-    temperature: float,
-    alpha: float,
-    reduction: str,
-    ignore_index: int,
-    normalizer: Optional[Tensor],
-    num_threads: Optional[int],
-) -> tuple[Tensor, Tensor]:
-    """Loss and d(loss)/d(student) from one native call; the gradient is written into a new tensor."""
-    engine = _engine(temperature, alpha, reduction, ignore_index, num_threads)
-    # A fresh contiguous tensor: kdloss's out= needs a C-contiguous array, and the operator's outputs must
-    # not alias its inputs. .numpy() is a view of the same memory, so kdloss writes into the tensor itself.
-    grad = torch.empty(student.shape, dtype=student.dtype)
-    # Inputs still carry requires_grad inside the operator; detach() is free and lets DLPack see them.
-    loss, _ = engine.loss_and_gradient(
-        student.detach(),
-        teacher.detach(),
-        None if labels is None else labels.detach(),
-        out=grad.numpy(),
-        normalizer=_normalizer_value(normalizer),
-    )
-    return _loss_tensor(loss, student.dtype), grad
-
-
-@_loss_and_grad.register_fake
-def _loss_and_grad_fake(
-    student: Tensor,
-    teacher: Tensor,
-    labels: Optional[Tensor],
-    temperature: float,
-    alpha: float,
-    reduction: str,
-    ignore_index: int,
-    normalizer: Optional[Tensor],
-    num_threads: Optional[int],
-) -> tuple[Tensor, Tensor]:
-    loss_shape = student.shape[:-1] if reduction == "none" else ()
-    return student.new_empty(loss_shape), torch.empty(student.shape, dtype=student.dtype, device=student.device)
-
-
-def _setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: tuple) -> None:
-    _, grad = output
-    ctx.row_losses = inputs[5] == "none"
-    ctx.save_for_backward(grad)
-    # The gradient output is a by-product, not a function the user may differentiate.
-    ctx.mark_non_differentiable(grad)
-
-
-# once_differentiable: the saved gradient is a constant to autograd, so a second derivative through it would
-# be silently wrong (zero Hessian). This makes create_graph=True double backward raise instead.
-@once_differentiable
-def _backward(
-    ctx: torch.autograd.function.FunctionCtx, grad_loss: Tensor, _grad_of_grad: Optional[Tensor]
-) -> tuple[Optional[Tensor], ...]:
-    (grad,) = ctx.saved_tensors
-    if ctx.row_losses:
-        # "none": the saved gradient is that of the *sum* of the row losses, so row r's gradient scales by
-        # grad_loss[r]; broadcast over the class axis.
-        grad_loss = grad_loss.unsqueeze(-1)
-    # Student only: the teacher and the labels never receive a gradient; the rest are not tensors.
-    return grad * grad_loss, None, None, None, None, None, None, None, None
-
-
-torch.library.register_autograd("kdloss::loss_and_grad", _backward, setup_context=_setup_context)
-
-
-@torch.library.custom_op("kdloss::loss", mutates_args=())
-def _loss_only(
-    student: Tensor,
-    teacher: Tensor,
-    labels: Optional[Tensor],
-    temperature: float,
-    alpha: float,
-    reduction: str,
-    ignore_index: int,
-    normalizer: Optional[Tensor],
-    num_threads: Optional[int],
-) -> Tensor:
-    """The loss alone (no gradient buffer), for evaluation."""
-    engine = _engine(temperature, alpha, reduction, ignore_index, num_threads)
-    loss = engine.compute_loss(
-        student.detach(),
-        teacher.detach(),
-        None if labels is None else labels.detach(),
-        normalizer=_normalizer_value(normalizer),
-    )
-    return _loss_tensor(loss, student.dtype)
-
-
-@_loss_only.register_fake
-def _loss_only_fake(
-    student: Tensor,
-    teacher: Tensor,
-    labels: Optional[Tensor],
-    temperature: float,
-    alpha: float,
-    reduction: str,
-    ignore_index: int,
-    normalizer: Optional[Tensor],
-    num_threads: Optional[int],
-) -> Tensor:
-    return student.new_empty(student.shape[:-1] if reduction == "none" else ())
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -231,7 +87,17 @@ def _prepare_normalizer(normalizer: object) -> Optional[Tensor]:
         return normalizer.detach().reshape(()).to(device="cpu", dtype=torch.float64)
     if isinstance(normalizer, bool) or not isinstance(normalizer, numbers.Real):
         raise TypeError(f"normalizer must be a real number, a one-element tensor or None, got {normalizer!r}")
-    return torch.tensor(float(normalizer), dtype=torch.float64)
+    return torch.tensor(normalizer_number(normalizer), dtype=torch.float64)
+
+
+def _runs_eagerly(student: Tensor) -> bool:
+    """Plain CPU tensors outside torch.compile take the eager autograd path, whose backward hands the kernel's
+    buffer to autograd; fake, functional and meta tensors (compilation, shape inference) take the operators."""
+    return (
+        not torch.compiler.is_compiling()
+        and student.device.type == "cpu"
+        and type(student) in (Tensor, torch.nn.Parameter)
+    )
 
 
 def distillation_loss(
@@ -287,15 +153,11 @@ def distillation_loss(
     RuntimeError
         If a tensor is on a device other than the CPU (or meta).
     """
+    params = validated_params(temperature, alpha, reduction, ignore_index, num_threads)
     student = _check_logits("student_logits", student_logits)
     teacher = _check_logits("teacher_logits", teacher_logits)
     if teacher.device != student.device:
         raise RuntimeError(f"teacher_logits is on {teacher.device} but student_logits is on {student.device}")
-    if teacher.shape != student.shape:
-        raise ValueError(
-            f"student_logits and teacher_logits must have the same shape, got {tuple(student.shape)} "
-            f"and {tuple(teacher.shape)}"
-        )
     # float64 if either side is float64 (as np.result_type would say), float32 otherwise; half precision
     # computes in float32. The casts are autograd ops: for a float16 student, torch's own backward of .to()
     # turns the float32 gradient into float16 *after* it has been multiplied by grad_output (e.g. a
@@ -304,17 +166,15 @@ def distillation_loss(
     student = student.to(dtype)
     teacher = teacher.detach().to(dtype)  # the teacher is a constant: never a gradient
     labels = _prepare_labels(true_labels, dtype, student.device)
-    args = (
-        teacher,
-        labels,
-        float(temperature),
-        float(alpha),
-        reduction,
-        int(ignore_index),
-        _prepare_normalizer(normalizer),
-        num_threads,
-    )
-    if torch.is_grad_enabled() and student.requires_grad:
+    normalizer = _prepare_normalizer(normalizer)
+    check_shapes(student, teacher, labels, params, normalizer is not None)
+    wants_gradient = torch.is_grad_enabled() and student.requires_grad
+    if wants_gradient and _runs_eagerly(student):
+        # .item() of a CPU tensor: eager code, no graph to break.
+        number = None if normalizer is None else normalizer.item()
+        return DistillationFunction.apply(student, teacher, labels, params, number)
+    args = (teacher, labels, *params[:4], normalizer, params.num_threads)
+    if wants_gradient:
         loss, _ = torch.ops.kdloss.loss_and_grad(student, *args)
         return loss
     # No gradient wanted: skip the gradient buffer entirely.
@@ -381,59 +241,41 @@ class DistillationLoss(torch.nn.Module):
         num_threads: Optional[int] = None,
     ) -> None:
         super().__init__()
-        _engine(temperature, alpha, reduction, ignore_index, num_threads)  # validates, like the NumPy class
-        # Plain Python attributes (not the NumPy object's properties) so that torch.compile can read them.
-        self._temperature = float(temperature)
-        self._alpha = float(alpha)
-        self._reduction = reduction
-        self._ignore_index = int(ignore_index)
-        self._num_threads = num_threads
-
-    def _validated(self, **changes: object) -> None:
-        params = {
-            "temperature": self._temperature,
-            "alpha": self._alpha,
-            "reduction": self._reduction,
-            "ignore_index": self._ignore_index,
-            "num_threads": self._num_threads,
-        }
-        params.update(changes)
-        _NumpyDistillationLoss(**params)  # type: ignore[arg-type]  # raises on invalid values
+        # Plain Python values (not the NumPy object's properties) so that torch.compile can read them.
+        self._params = validated_params(temperature, alpha, reduction, ignore_index, num_threads)
 
     @property
     def temperature(self) -> float:
         """Softmax temperature ``T`` (finite, > 0); settable."""
-        return self._temperature
+        return self._params.temperature
 
     @temperature.setter
     def temperature(self, value: float) -> None:
-        self._validated(temperature=value)
-        self._temperature = float(value)
+        self._params = validated_params(value, *self._params[1:])
 
     @property
     def alpha(self) -> float:
         """Weight of the hard-label term, in [0, 1]; settable."""
-        return self._alpha
+        return self._params.alpha
 
     @alpha.setter
     def alpha(self, value: float) -> None:
-        self._validated(alpha=value)
-        self._alpha = float(value)
+        self._params = validated_params(self._params.temperature, value, *self._params[2:])
 
     @property
     def reduction(self) -> str:
         """How row losses combine: "mean", "sum" or "none"."""
-        return self._reduction
+        return self._params.reduction
 
     @property
     def ignore_index(self) -> int:
         """Class-index label value whose rows are ignored."""
-        return self._ignore_index
+        return self._params.ignore_index
 
     @property
     def num_threads(self) -> Optional[int]:
         """Most threads one call uses (None: all cores)."""
-        return self._num_threads
+        return self._params.num_threads
 
     def forward(
         self,
@@ -466,16 +308,13 @@ class DistillationLoss(torch.nn.Module):
             student_logits,
             teacher_logits,
             true_labels,
-            temperature=self._temperature,
-            alpha=self._alpha,
-            reduction=self._reduction,
-            ignore_index=self._ignore_index,
+            temperature=self._params.temperature,
+            alpha=self._params.alpha,
+            reduction=self._params.reduction,
+            ignore_index=self._params.ignore_index,
             normalizer=normalizer,
-            num_threads=self._num_threads,
+            num_threads=self._params.num_threads,
         )
 
     def extra_repr(self) -> str:
-        return (
-            f"temperature={self._temperature!r}, alpha={self._alpha!r}, reduction={self._reduction!r}, "
-            f"ignore_index={self._ignore_index!r}, num_threads={self._num_threads!r}"
-        )
+        return ", ".join(f"{name}={value!r}" for name, value in self._params._asdict().items())

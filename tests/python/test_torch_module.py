@@ -23,91 +23,17 @@ import kdloss  # noqa: E402
 import kdloss.torch as kdt  # noqa: E402
 from kdloss.torch import DistillationLoss, distillation_loss  # noqa: E402
 
-F64 = torch.float64
-IGNORE = -100
-REDUCTIONS = ("mean", "sum", "none")
-LABEL_FORMS = ("none", "index", "soft")
-
-
-# ------------------------------------------------------------------------------------------------------------
-# Oracles and data
-# ------------------------------------------------------------------------------------------------------------
-
-
-def plain_torch_loss(s, t, y, *, temperature, alpha, reduction="mean", ignore_index=IGNORE, normalizer=None):
-    """The distillation loss from torch primitives (autograd gives its gradient).
-
-    For reduction "mean" with class-index labels this is
-    ``kl_div(log_softmax(s/T), log_softmax(t/T), log_target=True, reduction='sum') * T² * (1-α) / N
-    + α * cross_entropy(s, y, ignore_index=...)`` with N the number of counted rows.
-    """
-    c = s.shape[-1]
-    s2, t2 = s.reshape(-1, c), t.reshape(-1, c)
-    counted = torch.ones(s2.shape[0], dtype=torch.bool)
-    if y is not None and not y.is_floating_point():
-        counted = y.reshape(-1) != ignore_index
-    soft = F.kl_div(
-        F.log_softmax(s2 / temperature, dim=-1),
-        F.log_softmax(t2 / temperature, dim=-1),
-        log_target=True,
-        reduction="none",
-    ).sum(-1) * temperature**2
-    if y is None:
-        rows = soft
-    else:
-        if y.is_floating_point():
-            hard = -(y.reshape(-1, c) * F.log_softmax(s2, dim=-1)).sum(-1)
-        else:
-            hard = F.cross_entropy(s2, y.reshape(-1), ignore_index=ignore_index, reduction="none")
-        rows = alpha * hard + (1 - alpha) * soft
-    rows = torch.where(counted, rows, torch.zeros_like(rows))
-    if reduction == "none":
-        return rows.reshape(s.shape[:-1])
-    if normalizer is not None:
-        return rows.sum() / normalizer
-    if reduction == "sum":
-        return rows.sum()
-    return rows.sum() / counted.sum().clamp(min=1)
-
-
-def make_batch(gen, shape, form, dtype=F64, *, ignored=True):
-    """Student/teacher logits of `shape` and labels of the given form (index labels with ignored rows)."""
-    s = torch.randn(shape, generator=gen, dtype=dtype) * 2
-    t = torch.randn(shape, generator=gen, dtype=dtype) * 2
-    if form == "none":
-        y = None
-    elif form == "index":
-        y = torch.randint(0, shape[-1], shape[:-1], generator=gen)
-        if ignored and y.numel() > 1:
-            y.view(-1)[:: 3] = IGNORE  # every third row ignored
-    else:
-        y = torch.softmax(torch.randn(shape, generator=gen, dtype=dtype), dim=-1)
-    return s, t, y
-
-
-@pytest.fixture
-def gen(request):
-    """A torch generator seeded from the test's node id (deterministic, different per test)."""
-    seed = sum(ord(ch) * (i + 1) for i, ch in enumerate(request.node.nodeid)) % (2**31)
-    return torch.Generator().manual_seed(seed)
-
-
-def assert_close(got, want, rtol=1e-12, what=""):
-    got = torch.as_tensor(got, dtype=F64)
-    want = torch.as_tensor(want, dtype=F64)
-    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
-    scale = want.abs().max().item() if want.numel() else 0.0
-    err = (got - want).abs().max().item() if want.numel() else 0.0
-    assert err <= rtol * scale + 1e-15, f"{what}: max error {err:.3e} (scale {scale:.3e})"
-
-
-def backward_grad(loss_fn, s, *args, weights=None, **kwargs):
-    """(loss, d(sum(loss * weights))/ds) for a fresh leaf copy of s."""
-    leaf = s.detach().clone().requires_grad_(True)
-    loss = loss_fn(leaf, *args, **kwargs)
-    w = torch.ones_like(loss) if weights is None else weights
-    loss.backward(w)
-    return loss.detach(), leaf.grad
+from torch_helpers import (  # noqa: E402
+    F64,
+    IGNORE,
+    LABEL_FORMS,
+    REDUCTIONS,
+    assert_close,
+    backward_grad,
+    gen,  # noqa: F401  (a fixture)
+    make_batch,
+    plain_torch_loss,
+)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -204,39 +130,32 @@ def test_teacher_and_labels_get_no_gradient(gen):
     assert y.grad is None
 
 
-def test_double_backward_raises(gen):
-    s, t, y = make_batch(gen, (4, 5), "index")
-    s.requires_grad_(True)
-    weight = torch.tensor(2.0, dtype=F64, requires_grad=True)
-    (g,) = torch.autograd.grad(distillation_loss(s, t, y) * weight, s, create_graph=True)
-    # The saved gradient is a constant to autograd; a Hessian through it would be silently wrong.
-    with pytest.raises(RuntimeError):
-        g.sum().backward()
-
-
-def test_no_grad_uses_the_loss_only_operator(gen, monkeypatch):
-    s, t, y = make_batch(gen, (4, 7), "index")
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """The names of the NumPy-class methods kdloss.torch calls (the native entry points), in order."""
     calls = []
-    real = kdt._engine
+    for name in ("compute_loss", "loss_and_gradient"):
+        real = getattr(kdloss.DistillationLoss, name)
 
-    class Spy:
-        def __init__(self, engine):
-            self._engine = engine
+        def spy(self, *args, _real=real, _name=name, **kwargs):
+            calls.append(_name)
+            return _real(self, *args, **kwargs)
 
-        def __getattr__(self, name):
-            calls.append(name)
-            return getattr(self._engine, name)
+        monkeypatch.setattr(kdloss.DistillationLoss, name, spy)
+    return calls
 
-    monkeypatch.setattr(kdt, "_engine", lambda *a: Spy(real(*a)))
+
+def test_no_grad_uses_the_loss_only_operator(gen, kernel_calls):
+    s, t, y = make_batch(gen, (4, 7), "index")
     with torch.no_grad():
         loss = distillation_loss(s.requires_grad_(True), t, y)
-    assert calls == ["compute_loss"]
+    assert kernel_calls == ["compute_loss"]
     assert loss.grad_fn is None
     s.requires_grad_(False)
-    assert torch.equal(distillation_loss(s, t, y), loss) and calls == ["compute_loss"] * 2
+    assert torch.equal(distillation_loss(s, t, y), loss) and kernel_calls == ["compute_loss"] * 2
     s.requires_grad_(True)
-    distillation_loss(s, t, y)
-    assert calls[-1] == "loss_and_gradient"
+    distillation_loss(s, t, y).backward()  # one native call computes both; backward calls nothing
+    assert kernel_calls[2:] == ["loss_and_gradient"]
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -323,7 +242,7 @@ def test_input_validation(gen):
         distillation_loss(s.numpy(), t)
     with pytest.raises(TypeError, match="floating-point"):
         distillation_loss(s.long(), t)
-    with pytest.raises(ValueError, match="same shape"):
+    with pytest.raises(ValueError, match=r"teacher_logits must have the shape of student_logits \(3, 5\)"):
         distillation_loss(s, t[:2])
     with pytest.raises(TypeError, match="true_labels"):
         distillation_loss(s, t, y.bool())
@@ -342,50 +261,39 @@ def test_input_validation(gen):
 # ------------------------------------------------------------------------------------------------------------
 
 
-def test_forward_is_zero_copy(gen, monkeypatch):
+def test_forward_is_zero_copy_and_backward_hands_over_the_gradient(gen, monkeypatch):
     rows, classes = 2_000, 2_000  # 32 MB per float64 array
     s = torch.randn(rows, classes, generator=gen, dtype=F64, requires_grad=True)
     t = torch.randn(rows, classes, generator=gen, dtype=F64)
     y = torch.randint(0, classes, (rows,), generator=gen)
 
-    # Where kdloss actually reads and writes: the arrays its NumPy API receives.
+    # Where kdloss actually reads and writes: the arrays its NumPy API receives and returns.
     seen = {}
-    real = kdt._engine
+    real = kdloss.DistillationLoss.loss_and_gradient
 
-    class Spy:
-        def __init__(self, engine):
-            self._engine = engine
+    def spy(self, student, teacher, labels, **kwargs):
+        loss, gradient = real(self, student, teacher, labels, **kwargs)
+        seen.update(student=np.from_dlpack(student), teacher=np.from_dlpack(teacher), gradient=gradient)
+        return loss, gradient
 
-        def loss_and_gradient(self, student, teacher, labels, *, out, normalizer):
-            seen.update(student=np.from_dlpack(student), teacher=np.from_dlpack(teacher), out=out)
-            return self._engine.loss_and_gradient(student, teacher, labels, out=out, normalizer=normalizer)
+    monkeypatch.setattr(kdloss.DistillationLoss, "loss_and_gradient", spy)
 
-    monkeypatch.setattr(kdt, "_engine", lambda *a: Spy(real(*a)))
-
-    saved = []
-
-    def pack(tensor):
-        saved.append(tensor)
-        return tensor
-
-    # NumPy reports its allocations to tracemalloc (torch's allocator does not): any copy of an input or a
-    # gradient buffer allocated by kdloss's Python layer would show up as tens of MB here.
+    # NumPy reports its allocations to tracemalloc (torch's allocator does not): the gradient kdloss returns is
+    # one, and any copy of an input would show up as tens of MB more.
     tracemalloc.start()
     try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
-            loss = distillation_loss(s, t, y)
+        loss = distillation_loss(s, t, y)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert peak < 1 << 20, f"forward allocated {peak / 2**20:.1f} MiB on the NumPy side"
-
+    gradient_bytes = s.numel() * s.element_size()
+    assert peak < gradient_bytes + (1 << 20), f"forward allocated {peak / 2**20:.1f} MiB on the NumPy side"
     assert seen["student"].ctypes.data == s.data_ptr()
     assert seen["teacher"].ctypes.data == t.data_ptr()
-    # The tensor autograd saved is the very buffer kdloss wrote the gradient into.
-    assert [x.data_ptr() for x in saved] == [seen["out"].ctypes.data]
-    assert saved[0].shape == s.shape and saved[0].dtype == F64
 
     loss.backward()
+    # The student's .grad is the very buffer the kernel wrote: no product with grad_output, no copy.
+    assert s.grad.data_ptr() == seen["gradient"].ctypes.data
     np_grad = kdloss.DistillationLoss().compute_gradient(s.detach(), t, y)
     assert torch.equal(s.grad, torch.from_numpy(np_grad))
 

@@ -1,0 +1,122 @@
+"""Autograd for kdloss.torch in eager mode: the kernel's gradient handed to autograd as it is.
+
+The forward pass is one native call that writes the loss's gradient into a buffer NumPy allocates (NumPy
+advises the kernel to back large allocations with huge pages, so the kernel's first touch of the buffer costs
+a fraction of what it costs in a buffer from torch's CPU allocator). The backward pass then gives autograd that
+buffer itself, scaled in place by ``grad_output`` unless that is exactly 1, whenever nothing can read the buffer
+again (the graph is not retained); autograd adopts it as the student's ``.grad`` or passes it on, without a
+copy. When the graph is retained the buffer is kept for the next backward and a scaled copy is returned.
+
+A gradient that must itself be differentiable (``create_graph=True``: Hessians, gradient penalties) is
+recomputed as a graph of torch operations (:func:`gradient_graph`), so every higher derivative is exact; the
+saved buffer would be a constant to autograd, and its derivative silently zero.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Union
+
+import torch
+from torch import Tensor
+
+from ._torch_checks import Params, engine
+
+
+def graph_is_retained() -> bool:
+    """Whether the running backward keeps the graph (``retain_graph``/``create_graph``), so that this node's
+    backward may run again. Torch asks the same for its compiled graphs' saved buffers; a torch without the
+    query is answered "yes", the choice that is always correct."""
+    query = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return True if query is None else bool(query())
+
+
+def loss_tensor(loss: Any, dtype: torch.dtype) -> Tensor:
+    """The NumPy API returns a Python float for "mean"/"sum" and an owned ndarray for "none"."""
+    if isinstance(loss, float):
+        return torch.tensor(loss, dtype=dtype)
+    return torch.from_numpy(loss)  # freshly allocated by kdloss: adopted, no copy
+
+
+def gradient_graph(
+    student: Tensor,
+    teacher: Tensor,
+    labels: Optional[Tensor],
+    params: Params,
+    normalizer: Union[float, Tensor, None],
+) -> Tensor:
+    r"""d(loss)/d(student) as differentiable torch operations (for ``create_graph=True`` only).
+
+    Per counted row, :math:`(1-\alpha)\,T\,(q_T - p_T) + \alpha\,(p_1 \sum_c y_c - y)` (no labels:
+    :math:`T\,(q_T - p_T)`), divided as the reduction divides; the formula the kernel computes, so autograd
+    differentiates the very gradient the kernel returns. Labels were validated by the kernel in the forward pass.
+    """
+    temperature, alpha = params.temperature, params.alpha
+    soft = temperature * (torch.softmax(student / temperature, -1) - torch.softmax(teacher / temperature, -1))
+    counted = None
+    if labels is None:
+        rows = soft
+    else:
+        if labels.is_floating_point():
+            target = labels
+        else:
+            counted = labels != params.ignore_index
+            classes = torch.arange(student.shape[-1], device=student.device)
+            target = (labels.unsqueeze(-1) == classes).to(student.dtype)  # one-hot; ignored rows all zero
+        hard = torch.softmax(student, -1) * target.sum(-1, keepdim=True) - target
+        # A term whose weight is 0 is absent, as in the kernel (so it cannot turn a row into 0 * inf = NaN).
+        rows = soft if alpha == 0 else hard if alpha == 1 else alpha * hard + (1 - alpha) * soft
+    if counted is not None:
+        rows = torch.where(counted.unsqueeze(-1), rows, torch.zeros((), dtype=rows.dtype, device=rows.device))
+    if normalizer is not None:
+        return rows / normalizer
+    if params.reduction == "mean":
+        # A tensor count, not a Python number: this also runs on fake tensors, under torch.compile.
+        return rows / (max(student[..., 0].numel(), 1) if counted is None else counted.sum().clamp(min=1))
+    return rows
+
+
+def scale_per_row(grad_loss: Tensor, row_losses: bool) -> Tensor:
+    """``grad_output`` shaped to scale the gradient: one number, or one per row broadcast over the classes."""
+    return grad_loss.unsqueeze(-1) if row_losses else grad_loss
+
+
+class DistillationFunction(torch.autograd.Function):
+    """The eager path: loss and gradient from one native call; backward hands the gradient to autograd."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        student: Tensor,
+        teacher: Tensor,
+        labels: Optional[Tensor],
+        params: Params,
+        normalizer: Optional[float],
+    ) -> Tensor:
+        # Inside forward the inputs still require grad, which DLPack refuses; detach() is free.
+        loss, gradient = engine(params).loss_and_gradient(student.detach(), teacher, labels, normalizer=normalizer)
+        # The gradient buffer is private to this node (an attribute, not a saved tensor or an output): nothing
+        # else holds it, so handing it to autograd in backward aliases nothing a user can see.
+        ctx.gradient = torch.from_numpy(gradient)
+        ctx.params, ctx.normalizer = params, normalizer
+        ctx.save_for_backward(student, teacher, labels)  # read only for create_graph=True, or to raise
+        return loss_tensor(loss, student.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad_loss: Tensor) -> tuple:
+        row_losses = ctx.params.reduction == "none"
+        if torch.is_grad_enabled():  # create_graph=True: the gradient must be a graph of the student
+            student, teacher, labels = ctx.saved_tensors
+            gradient = gradient_graph(student, teacher, labels, ctx.params, ctx.normalizer)
+            return gradient * scale_per_row(grad_loss, row_losses), None, None, None, None
+        gradient = ctx.gradient
+        if gradient is None:  # a second backward through a freed graph: let torch say so, in its words
+            ctx.saved_tensors
+            raise RuntimeError("kdloss: the gradient of this loss was already handed to an earlier backward")
+        if graph_is_retained():
+            # This node may run again and must still have the buffer then; a caller of autograd.grad owns what
+            # it gets and may write to it. So the caller gets a copy, scaled on the way.
+            return gradient * scale_per_row(grad_loss, row_losses), None, None, None, None
+        ctx.gradient = None  # handed over: this node will not read it again
+        if not bool((grad_loss == 1).all()):  # exactly 1 for a plain loss.backward(): nothing to scale
+            gradient.mul_(scale_per_row(grad_loss, row_losses))
+        return gradient, None, None, None, None
