@@ -81,6 +81,8 @@ from kdloss._bench import (
     parse_shape,
 )
 
+from torch_steps import DEFAULT_STEP_SHAPES, run_steps  # noqa: E402  (benchmarks/, next to this script)
+
 DEFAULT_SHAPES = ((256, 1000), (64, 32000), (8, 128256), (4096, 10), (32, 100))
 DEFAULT_DTYPES = DTYPES
 TINY_MAX_ELEMENTS = 10_000  # shapes up to this many elements also time the empty binding call
@@ -618,6 +620,11 @@ def run(args: argparse.Namespace) -> int:
     for note in notes:
         print(f"NOTE: {note}")
 
+    step_cells = None
+    step_shapes = args.step_shapes if args.step_shapes is not None else ([] if args.shapes else DEFAULT_STEP_SHAPES)
+    if torch is not None and step_shapes and step_shapes != ["none"]:
+        step_cells = run_steps(step_shapes, max(budget, 0.5), (min_rounds, max_rounds), not args.no_memory)
+
     elapsed = time.perf_counter() - started
     load_end = _load_average()
     if load_end is not None:
@@ -637,6 +644,7 @@ def run(args: argparse.Namespace) -> int:
             "argv": sys.argv[1:],
         },
         "results": cells,
+        "torch_steps": step_cells,
         "notes": notes,
         "total_time_s": elapsed,
     }
@@ -663,6 +671,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="time per candidate and cell (default 0.3, --quick 0.02)")
     parser.add_argument("--json", default=str(DEFAULT_JSON), metavar="PATH",
                         help=f"where to write the results (default {DEFAULT_JSON})")
+    parser.add_argument("--step-shapes", nargs="+", metavar="SHAPE:DTYPE",
+                        help="shapes of the PyTorch training-step section (torch_steps.py), e.g. 4x256x32000:float32,"
+                             " or 'none'; default: " + " ".join(DEFAULT_STEP_SHAPES) + " (none when --shapes is given)")
     parser.add_argument("--memory-child", nargs=3, metavar=("IMPL", "BxC", "DTYPE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.memory_child:

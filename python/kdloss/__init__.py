@@ -3,6 +3,6 @@
 from __future__ import annotations
 
 from ._core import __version__, build_info
-from ._loss import DistillationLoss
+from ._loss import DistillationLoss, clear_gradient_cache
 
-__all__ = ["DistillationLoss", "__version__", "build_info"]
+__all__ = ["DistillationLoss", "__version__", "build_info", "clear_gradient_cache"]

@@ -75,6 +75,10 @@ def gradient_graph(
     return rows
 
 
+def _is_one(grad_loss: Tensor) -> bool:
+    return grad_loss.item() == 1.0 if grad_loss.dim() == 0 else bool((grad_loss == 1).all())
+
+
 def scale_per_row(grad_loss: Tensor, row_losses: bool) -> Tensor:
     """``grad_output`` shaped to scale the gradient: one number, or one per row broadcast over the classes."""
     return grad_loss.unsqueeze(-1) if row_losses else grad_loss
@@ -117,6 +121,6 @@ class DistillationFunction(torch.autograd.Function):
             # it gets and may write to it. So the caller gets a copy, scaled on the way.
             return gradient * scale_per_row(grad_loss, row_losses), None, None, None, None
         ctx.gradient = None  # handed over: this node will not read it again
-        if not bool((grad_loss == 1).all()):  # exactly 1 for a plain loss.backward(): nothing to scale
+        if not _is_one(grad_loss):  # exactly 1 for a plain loss.backward(): nothing to scale
             gradient.mul_(scale_per_row(grad_loss, row_losses))
         return gradient, None, None, None, None

@@ -115,7 +115,7 @@ def distillation_loss(
     r"""Knowledge-distillation loss of a batch, differentiable with respect to the student logits.
 
     The loss and its gradient are computed together by one native call in the forward pass; the backward
-    pass multiplies the saved gradient by ``grad_output``. See :class:`kdloss.DistillationLoss` for the
+    pass hands that gradient to autograd, scaled by ``grad_output``. See :class:`kdloss.DistillationLoss` for the
     formula:
     :math:`\alpha\,\mathrm{CE}(s, y) + (1-\alpha)\,T^2\,\mathrm{KL}(\mathrm{softmax}(t/T)\,\|\,\mathrm{softmax}(s/T))`
     per row, the KL term alone without labels.
@@ -149,7 +149,8 @@ def distillation_loss(
     TypeError
         If the logits are not floating-point tensors, or labels/normalizer have the wrong type.
     ValueError
-        On shape mismatches, invalid parameters or labels (from the native validation).
+        On shape mismatches, invalid parameters or labels, with the messages of
+        :class:`kdloss.DistillationLoss` (on ``meta`` tensors too, apart from label values).
     RuntimeError
         If a tensor is on a device other than the CPU (or meta).
     """
@@ -187,7 +188,7 @@ class DistillationLoss(torch.nn.Module):
     Per row, :math:`\alpha\,\mathrm{CE}(\mathrm{softmax}(s), y) + (1-\alpha)\,T^2\,
     \mathrm{KL}(\mathrm{softmax}(t/T)\,\|\,\mathrm{softmax}(s/T))`, or the :math:`T^2\,\mathrm{KL}` term
     alone without labels; rows are combined by `reduction`. The forward pass computes the loss and its
-    gradient in one native call; backward scales the saved gradient by ``grad_output``.
+    gradient in one native call; backward hands that gradient to autograd, scaled by ``grad_output``.
 
     Parameters
     ----------
@@ -216,7 +217,9 @@ class DistillationLoss(torch.nn.Module):
       autograd keeps. float16/bfloat16 logits are computed in float32; the loss is float32 and the student's
       gradient arrives in its own dtype.
     - The teacher logits and the labels never receive a gradient, even if they require one.
-    - Double backward (``create_graph=True`` through this loss) is not supported and raises.
+    - Backward hands the kernel's gradient buffer to autograd (no copy) unless the graph is retained; with
+      ``create_graph=True`` the gradient is rebuilt from torch operations, so second and higher derivatives
+      (Hessians, gradient penalties) are exact.
 
     Examples
     --------
