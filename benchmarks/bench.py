@@ -35,6 +35,10 @@ What is timed, for every shape (B, C) and dtype (float32, float64), with class-i
     ``kd.loss_and_gradient`` itself on (0, C) inputs of the dtype with (0,) int64 labels: the fixed cost of a
     call, whatever its size.
 
+``PyTorch training step`` (a section of its own, ``torch_steps.py``; with PyTorch, when ``--shapes`` is not given)
+    ``kdloss.torch.DistillationLoss`` forward + backward at (4, 256, 32000) and (8, 128256) float32 and (64, 32000)
+    float64, one and two threads, against the raw call on the same tensors and PyTorch eager (issue 14's targets).
+
 How it is timed: each candidate is first warmed up and calibrated (batches of 1, 2, 4, ... calls until a batch
 takes a few ms), then all candidates of one shape/dtype are sampled round-robin (rotating the order each
 round) with the garbage collector off; a sample is a batch of calls sized so that every candidate gets about

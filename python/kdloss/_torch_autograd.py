@@ -1,8 +1,9 @@
 """Autograd for kdloss.torch in eager mode: the kernel's gradient handed to autograd as it is.
 
-The forward pass is one native call that writes the loss's gradient into a buffer NumPy allocates (NumPy
-advises the kernel to back large allocations with huge pages, so the kernel's first touch of the buffer costs
-a fraction of what it costs in a buffer from torch's CPU allocator). The backward pass then gives autograd that
+The forward pass is one native call that writes the loss's gradient into a NumPy buffer: the one the last step
+dropped, when there is one (``_gradient_cache``), else a new one (NumPy advises the kernel to back it with huge
+pages, so its first touch costs a fraction of what a buffer from torch's CPU allocator costs). The backward pass
+then gives autograd that
 buffer itself, scaled in place by ``grad_output`` unless that is exactly 1, whenever nothing can read the buffer
 again (the graph is not retained); autograd adopts it as the student's ``.grad`` or passes it on, without a
 copy. When the graph is retained the buffer is kept for the next backward and a scaled copy is returned.
@@ -33,7 +34,7 @@ def graph_is_retained() -> bool:
 def loss_tensor(loss: Any, dtype: torch.dtype) -> Tensor:
     """The NumPy API returns a Python float for "mean"/"sum" and an owned ndarray for "none"."""
     if isinstance(loss, float):
-        return torch.tensor(loss, dtype=dtype)
+        return torch.scalar_tensor(loss, dtype=dtype)
     return torch.from_numpy(loss)  # freshly allocated by kdloss: adopted, no copy
 
 
@@ -96,8 +97,11 @@ class DistillationFunction(torch.autograd.Function):
         params: Params,
         normalizer: Optional[float],
     ) -> Tensor:
-        # Inside forward the inputs still require grad, which DLPack refuses; detach() is free.
-        loss, gradient = engine(params).loss_and_gradient(student.detach(), teacher, labels, normalizer=normalizer)
+        # Plain CPU tensors (DistillationLoss's eager path takes no others): .numpy() views them, for less
+        # than a DLPack exchange costs. Inside forward the student still requires grad; detach() is free.
+        loss, gradient = engine(params).loss_and_gradient(
+            student.detach().numpy(), teacher.numpy(), None if labels is None else labels.numpy(), normalizer=normalizer
+        )
         # The gradient buffer is private to this node (an attribute, not a saved tensor or an output): nothing
         # else holds it, so handing it to autograd in backward aliases nothing a user can see.
         ctx.gradient = torch.from_numpy(gradient)

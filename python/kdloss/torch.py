@@ -155,6 +155,17 @@ def distillation_loss(
         If a tensor is on a device other than the CPU (or meta).
     """
     params = validated_params(temperature, alpha, reduction, ignore_index, num_threads)
+    return _distillation_loss(params, student_logits, teacher_logits, true_labels, normalizer)
+
+
+def _distillation_loss(
+    params: Params,
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    true_labels: Optional[Tensor],
+    normalizer: Normalizer,
+) -> Tensor:
+    """distillation_loss() with its parameters validated (the module validated them once, when they were set)."""
     student = _check_logits("student_logits", student_logits)
     teacher = _check_logits("teacher_logits", teacher_logits)
     if teacher.device != student.device:
@@ -307,17 +318,7 @@ class DistillationLoss(torch.nn.Module):
         torch.Tensor
             The reduced loss (0-d), or one loss per row for ``reduction="none"``.
         """
-        return distillation_loss(
-            student_logits,
-            teacher_logits,
-            true_labels,
-            temperature=self._params.temperature,
-            alpha=self._params.alpha,
-            reduction=self._params.reduction,
-            ignore_index=self._params.ignore_index,
-            normalizer=normalizer,
-            num_threads=self._params.num_threads,
-        )
+        return _distillation_loss(self._params, student_logits, teacher_logits, true_labels, normalizer)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{name}={value!r}" for name, value in self._params._asdict().items())
