@@ -83,6 +83,7 @@ from kdloss._bench import (
     measure_interleaved,
     numpy_loss_and_gradient,
     parse_shape,
+    proc_status_kib,
 )
 
 from torch_steps import DEFAULT_STEP_SHAPES, run_steps  # noqa: E402  (benchmarks/, next to this script)
@@ -161,17 +162,6 @@ def _agreement(loss: float, grad: np.ndarray, ref_loss: float, ref_grad: np.ndar
 MEMORY_IMPLS = ("kdloss_1t", "kdloss_2t", "numpy", "torch")
 
 
-def _proc_status_kib(field: str) -> Optional[int]:
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
 def _maxrss_bytes() -> int:
     import resource
 
@@ -223,9 +213,9 @@ def memory_child(impl: str, shape: Tuple[int, int], dtype: str) -> Dict[str, Any
         reset = True
     except OSError:
         pass
-    rss_before = _proc_status_kib("VmRSS")
+    rss_before = proc_status_kib("VmRSS")
     result = call()
-    hwm = _proc_status_kib("VmHWM")
+    hwm = proc_status_kib("VmHWM")
     maxrss_after = _maxrss_bytes()
     if reset and hwm is not None and rss_before is not None:
         extra, method = max(0, hwm - rss_before) * 1024, "VmHWM after reset - VmRSS before"

@@ -17,6 +17,9 @@ seventh token ignored, -100), T = 2, alpha = 0.5, ``reduction="mean"``:
     Eager ``log_softmax``/``kl_div`` masked by the ignored tokens, plus ``cross_entropy(..., ignore_index=-100)``,
     forward and backward on a leaf student (its ``.grad`` taken off too), ``torch.set_num_threads(1)``.
 
+``step/raw`` comes from the first three, timed interleaved; ``torch/step`` from a second interleaved run of
+``kdloss.torch`` and PyTorch alone, whose long, allocation-heavy steps would otherwise perturb the others.
+
 Peak memory (a fresh subprocess per measurement, as in bench.py): the extra resident memory at the peak of
 one training step, its gradient included, as a multiple of one gradient's bytes.
 """
@@ -34,7 +37,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from kdloss._bench import fmt_time, measure_interleaved
+from kdloss._bench import fmt_time, measure_interleaved, proc_status_kib
 
 TEMPERATURE, ALPHA, IGNORE = 2.0, 0.5, -100
 DEFAULT_STEP_SHAPES = ("4x256x32000:float32", "8x128256:float32", "64x32000:float64")
@@ -128,17 +131,6 @@ def check_agreement(torch: Any, candidates: Dict[str, Callable], dtype: str) -> 
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _status_kib(field: str) -> Optional[int]:
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
 def memory_child(impl: str, shape: Tuple[int, ...], dtype: str, threads: int) -> Dict[str, Any]:
     import torch
 
@@ -156,9 +148,9 @@ def memory_child(impl: str, shape: Tuple[int, ...], dtype: str, threads: int) ->
             clear_refs.write("5")  # resets VmHWM to the current RSS
     except OSError:
         return {"error": "cannot reset the peak-RSS counter (not Linux?)"}
-    before = _status_kib("VmRSS")
+    before = proc_status_kib("VmRSS")
     result = call()
-    peak = _status_kib("VmHWM")
+    peak = proc_status_kib("VmHWM")
     del result
     gradient_bytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
     return {"extra_peak_bytes": (peak - before) * 1024, "gradient_bytes": gradient_bytes}
@@ -206,16 +198,28 @@ def run_steps(
         for threads in threads_list:
             candidates = make_candidates(torch, *tensors, threads)
             notes = check_agreement(torch, candidates, dtype)
+            # Two interleaved groups, each ratio from one: PyTorch eager's step is 10-30x longer and churns
+            # through several gradients' worth of fresh memory, which would perturb the kernel-scale candidates.
+            eager = candidates.pop("torch", None)
             stats = measure_interleaved(candidates, budget, rounds[0], rounds[1], 0.0)
             medians = {name: entry["median_s"] for name, entry in stats.items()}
-            noise = max((entry["q3_s"] - entry["q1_s"]) / entry["median_s"] for entry in stats.values())
+            spreads = [(entry["q3_s"] - entry["q1_s"]) / entry["median_s"] for entry in stats.values()]
+            torch_over_step = None
+            if eager is not None:
+                pair = measure_interleaved(
+                    {"kdloss_torch": candidates["kdloss_torch"], "torch": eager}, budget, rounds[0], rounds[1], 0.0
+                )
+                medians["torch"] = pair["torch"]["median_s"]
+                torch_over_step = pair["torch"]["median_s"] / pair["kdloss_torch"]["median_s"]
+                spreads += [(entry["q3_s"] - entry["q1_s"]) / entry["median_s"] for entry in pair.values()]
+            noise = max(spreads)
             cell = {
                 "shape": list(shape),
                 "dtype": dtype,
                 "threads": threads,
                 "median_s": medians,
                 "step_over_raw": _ratio(medians["kdloss_torch"], medians["raw"]),
-                "torch_over_step": _ratio(medians.get("torch"), medians["kdloss_torch"]),
+                "torch_over_step": torch_over_step,
                 "noise": noise,
                 "notes": notes,
             }

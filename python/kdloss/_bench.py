@@ -218,6 +218,18 @@ def measure_interleaved(
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def proc_status_kib(field: str) -> Optional[int]:
+    """A field of /proc/self/status in KiB (VmRSS, VmHWM), or None where there is no such file."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
 def fmt_time(seconds: Optional[float]) -> str:
     """``12.3 us`` / ``4.56 ms``, or ``n/a`` for None."""
     if seconds is None:
