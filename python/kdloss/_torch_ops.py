@@ -3,9 +3,10 @@
 Their contract is narrower than the public functions': student and teacher are tensors of the same shape and
 dtype, float32 or float64; labels are int64 class indices or target distributions in that dtype. Each has a
 fake implementation (which checks what does not depend on values, with the messages of a CPU call) and an
-autograd formula written in functional torch operations, which the compiler can trace. Eager calls of the public
-functions do not come through here but through :class:`kdloss._torch_autograd.DistillationFunction`, whose
-backward can hand its buffer to autograd, something a traced graph cannot express.
+autograd formula written in functional torch operations, which the compiler can trace. The public functions use
+them under torch.compile, on meta tensors and for the loss alone; eager calls that want a gradient go through
+:class:`kdloss._torch_autograd.DistillationFunction` instead, whose backward hands its buffer to autograd,
+something a traced graph cannot express.
 """
 
 # No ``from __future__ import annotations`` here: torch.library.custom_op infers the operator schemas from the

@@ -6,8 +6,8 @@ never does.
 How it is wired
 ---------------
 The forward pass is one native call that computes the loss *and* its gradient with respect to the student
-logits; the logits are read in place through DLPack and the gradient is written into a buffer that autograd
-later receives as it is (``_torch_autograd``): backward scales it in place by ``grad_output`` (or not at all when
+logits; the logits are read in place and the gradient is written into a buffer that autograd later receives
+as it is (``_torch_autograd``): backward scales it in place by ``grad_output`` (or not at all when
 that is 1), and nothing is recomputed or copied. A gradient that must itself be differentiated
 (``create_graph=True``) is rebuilt as torch operations, so second and higher derivatives are exact.
 
@@ -17,7 +17,6 @@ compiler traces. ``torch.ops.kdloss.loss`` computes the loss alone: it serves ca
 (``torch.no_grad()``, a student that does not require grad), so evaluation does not pay for a gradient buffer.
 """
 
-# No ``from __future__ import annotations`` here, as in _torch_ops: annotations stay evaluated.
 import numbers
 from typing import Optional, Union
 
