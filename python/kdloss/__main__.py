@@ -133,7 +133,8 @@ def build_parser(commands: Optional[dict[str, Subcommand]] = None) -> argparse.A
     Returns
     -------
     argparse.ArgumentParser
-        Parsed arguments have ``command`` (None when none was given) and ``run``, the command's entry point.
+        Parsed arguments have ``command`` (None when none was given), ``run``, the command's entry point, and
+        ``command_parser``, the parser of that command.
     """
     commands = subcommands() if commands is None else commands
     parser = _Parser(
@@ -148,14 +149,16 @@ def build_parser(commands: Optional[dict[str, Subcommand]] = None) -> argparse.A
         # The sub-parsers are _Parser too (argparse makes them of the parent's class): one-line errors there.
         command_parser = sub.add_parser(name, help=command.help, description=command.help)
         command.add_arguments(command_parser)
-        command_parser.set_defaults(run=command.run)
-    parser.set_defaults(run=commands[DEFAULT_COMMAND].run)
+        command_parser.set_defaults(run=command.run, command_parser=command_parser)
+    parser.set_defaults(run=commands[DEFAULT_COMMAND].run, command_parser=parser)
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run ``python -m kdloss`` with ``argv`` (default: the process's arguments) and return the exit status."""
-    args = build_parser().parse_args(argv)
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown:  # said by the command's own parser, so that its error points to that command's --help
+        args.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         return int(args.run(args))
     except KeyboardInterrupt:

@@ -110,6 +110,19 @@ def test_bad_arguments_exit_2_with_one_line(args: list[str], message: str, capsy
     assert ": error: " in err and message in err, err
 
 
+@pytest.mark.parametrize(
+    "args, help_command",
+    [(["demo", "--bogus"], "python -m kdloss demo --help"), (["--bogus"], "python -m kdloss --help"),
+     (["check", "extra"], "python -m kdloss check --help")],
+)
+def test_an_unknown_option_points_to_its_commands_help(
+    args: list[str], help_command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit):
+        main(args)
+    assert capsys.readouterr().err.endswith(f"(see '{help_command}')\n")
+
+
 def test_a_new_subcommand_is_one_entry_in_the_table() -> None:
     def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--status", type=int, default=0)
