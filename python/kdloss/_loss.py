@@ -37,6 +37,11 @@ def _ignore_index(value: Any) -> int:
     return value
 
 
+# The native class's limit (DistillationLoss<T>::max_threads), checked here before pybind11 sees the number: one
+# too large for its size_t would get pybind11's "incompatible constructor arguments".
+_MAX_THREADS = 4096
+
+
 def _num_threads(value: Any) -> int:
     """0 asks the native side for every hardware thread."""
     if value is None:
@@ -45,6 +50,8 @@ def _num_threads(value: Any) -> int:
         raise TypeError(f"num_threads must be a positive integer or None, got {value!r}")
     if value < 1:
         raise ValueError(f"num_threads must be >= 1 (or None for all cores), got {value}")
+    if value > _MAX_THREADS:
+        raise ValueError(f"num_threads must be at most {_MAX_THREADS}, got {value}")
     return int(value)
 
 
@@ -71,7 +78,7 @@ def clear_gradient_cache() -> None:
 
 
 def _rebuild(
-    temperature: float, alpha: float, reduction: str, ignore_index: int, num_threads: int
+    temperature: float, alpha: float, reduction: str, ignore_index: int, num_threads: int | None
 ) -> DistillationLoss:
     return DistillationLoss(
         temperature, alpha, reduction=reduction, ignore_index=ignore_index, num_threads=num_threads
@@ -133,7 +140,7 @@ class DistillationLoss:
     0.25465032
     """
 
-    __slots__ = ("_engine",)
+    __slots__ = ("_engine", "_threads_asked")
 
     def __init__(
         self,
@@ -144,13 +151,16 @@ class DistillationLoss:
         ignore_index: int = -100,
         num_threads: int | None = None,
     ) -> None:
+        threads = _num_threads(num_threads)
         self._engine = _core.DistillationLoss(
             _real("temperature", temperature),
             _real("alpha", alpha),
             _reduction(reduction),
             _ignore_index(ignore_index),
-            _num_threads(num_threads),
+            threads,
         )
+        # None stays None ("all cores" of whichever machine the object is on, after pickling too).
+        self._threads_asked = None if num_threads is None else threads
 
     # Setters build a new engine rather than mutate the current one, so a call running in another thread
     # keeps the parameters it started with.
@@ -160,7 +170,7 @@ class DistillationLoss:
             "alpha": self.alpha,
             "reduction": self.reduction,
             "ignore_index": self.ignore_index,
-            "num_threads": self.num_threads,
+            "num_threads": _num_threads(self._threads_asked),
         }
         params.update(changes)
         self._engine = _core.DistillationLoss(**params)
@@ -194,9 +204,9 @@ class DistillationLoss:
         return self._engine.ignore_index
 
     @property
-    def num_threads(self) -> int:
-        """Most threads one call uses."""
-        return self._engine.num_threads
+    def num_threads(self) -> int | None:
+        """Most threads one call uses; None: every hardware thread of the machine the object is on."""
+        return self._threads_asked
 
     def _evaluate(
         self,
@@ -298,7 +308,7 @@ class DistillationLoss:
         engine = self._engine
         if self.reduction == "none":  # a normalizer needs a reduced loss
             engine = _core.DistillationLoss(
-                self.temperature, self.alpha, "sum", self.ignore_index, self.num_threads
+                self.temperature, self.alpha, "sum", self.ignore_index, _num_threads(self._threads_asked)
             )
         student, teacher = _arrays.logits_pair(student_logits, teacher_logits)
         labels = _arrays.true_labels(true_labels, student.dtype)
@@ -383,5 +393,5 @@ class DistillationLoss:
 
     __hash__ = None  # type: ignore[assignment]  # mutable through the setters
 
-    def __reduce__(self) -> tuple[Any, tuple[float, float, str, int, int]]:
+    def __reduce__(self) -> tuple[Any, tuple[float, float, str, int, int | None]]:
         return (_rebuild, (self.temperature, self.alpha, self.reduction, self.ignore_index, self.num_threads))

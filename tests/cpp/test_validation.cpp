@@ -38,6 +38,9 @@ void parameter_errors() {
     KD_CHECK_THROWS(invalid_argument, "alpha must be finite and in [0, 1], got 1.0000001", Loss(3.0, 1.0000001));
     KD_CHECK_THROWS(invalid_argument, "alpha must be finite and in [0, 1], got inf", Loss(3.0, inf));
     KD_CHECK_THROWS(invalid_argument, "alpha must be finite and in [0, 1], got nan", Loss(3.0, nan));
+    KD_CHECK_THROWS(invalid_argument, "num_threads must be at most 4096, got 4097",
+                    Loss(3.0, 0.3, kdloss::Reduction::mean, -100, 4097));
+    KD_CHECK_EQ(Loss(3.0, 0.3, kdloss::Reduction::mean, -100, 4096).num_threads(), std::size_t{4096});
     // The bounds themselves and tiny temperatures are fine.
     KD_CHECK_NOTHROW(Loss(1e-300, 0.0));
     KD_CHECK_NOTHROW(Loss(1e300, 1.0));

@@ -75,13 +75,27 @@ def test_repr_shows_all_parameters():
     assert "6.75" in repr(kd)
 
 
-def test_repr_round_trips_through_eval():
-    kd = DistillationLoss(temperature=2.5, alpha=0.25, reduction="none", ignore_index=-7)
-    try:
-        back = eval(repr(kd), {"DistillationLoss": DistillationLoss})
-    except SyntaxError:
-        pytest.skip("repr is not an expression")
-    assert (back.temperature, back.alpha, back.reduction, back.ignore_index) == (2.5, 0.25, "none", -7)
+@pytest.mark.parametrize("num_threads", [None, 1, 3])
+def test_repr_round_trips_through_eval(num_threads):
+    kd = DistillationLoss(temperature=2.5, alpha=0.25, reduction="none", ignore_index=-7, num_threads=num_threads)
+    back = eval(repr(kd), {"DistillationLoss": DistillationLoss})
+    assert back == kd and repr(back) == repr(kd)
+
+
+def test_num_threads_none_stays_none():
+    """None means every core of the machine the object is on: shown, compared and pickled as None."""
+    kd = DistillationLoss()
+    assert kd.num_threads is None and "num_threads=None" in repr(kd)
+    assert kd != DistillationLoss(num_threads=2) and kd == DistillationLoss(num_threads=None)
+    assert pickle.loads(pickle.dumps(kd)).num_threads is None
+    kd.temperature = 4.0  # a setter keeps it too
+    assert kd.num_threads is None
+
+
+@pytest.mark.parametrize("num_threads", [4097, 10**9, 2**64])
+def test_num_threads_beyond_the_limit_is_a_clear_error(num_threads):
+    with pytest.raises(ValueError, match=f"^num_threads must be at most 4096, got {num_threads}$"):
+        DistillationLoss(num_threads=num_threads)
 
 
 @pytest.mark.parametrize("protocol", range(pickle.HIGHEST_PROTOCOL + 1))

@@ -33,6 +33,7 @@ PARAMETER_ERRORS = [
     dict(num_threads=0),
     dict(num_threads=1.5),
     dict(num_threads=True),
+    dict(num_threads=2**64),
 ]
 
 

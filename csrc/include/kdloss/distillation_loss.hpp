@@ -49,6 +49,9 @@ class DistillationLoss {
 public:
     static constexpr std::int64_t default_ignore_index = -100;
 
+    // The most threads a call may be asked for: more would be a typo, and a pool of them would take the machine.
+    static constexpr std::size_t max_threads = 4096;
+
     // num_threads: rows are split across up to this many threads of a shared pool; 1 runs on the calling
     // thread only, 0 uses every hardware thread. Results are bitwise identical whatever the count.
     explicit DistillationLoss(double temperature = 3.0, double alpha = 0.3, Reduction reduction = Reduction::mean,
@@ -57,7 +60,7 @@ public:
           alpha_(checked_alpha(alpha)),
           reduction_(reduction),
           ignore_index_(ignore_index),
-          num_threads_(num_threads == 0 ? detail::ThreadPool::hardware_threads() : num_threads) {}
+          num_threads_(num_threads == 0 ? detail::ThreadPool::hardware_threads() : checked_num_threads(num_threads)) {}
 
     double temperature() const noexcept { return temperature_; }
     double alpha() const noexcept { return alpha_; }
@@ -191,6 +194,13 @@ private:
         if (!(std::isfinite(temperature) && temperature > 0.0))
             throw std::invalid_argument("temperature must be finite and > 0, got " + detail::format_number(temperature));
         return temperature;
+    }
+
+    static std::size_t checked_num_threads(std::size_t num_threads) {
+        if (num_threads > max_threads)
+            throw std::invalid_argument("num_threads must be at most " + std::to_string(max_threads) + ", got " +
+                                        std::to_string(num_threads));
+        return num_threads;
     }
 
     void check_normalizer(double normalizer) const {
