@@ -84,7 +84,21 @@ def logits_pair(student_logits: Any, teacher_logits: Any) -> tuple[np.ndarray, n
     return _in_dtype(student, dtype), _in_dtype(teacher, dtype)
 
 
-def true_labels(labels: Any, dtype: np.dtype) -> np.ndarray | None:
+def floating_class_indices_message(labels_shape: tuple, logits_shape: tuple, labels_dtype: Any) -> str | None:
+    """What to say of floating labels of the logits' leading shape: the shape of class indices, not of targets.
+
+    Without it they would be refused as target distributions "of the wrong shape", which does not tell the
+    caller that the dtype is what is wrong. Shared with kdloss.torch, so both say the same.
+    """
+    if tuple(labels_shape) != tuple(logits_shape[:-1]):
+        return None
+    return (
+        f"true_labels of shape {tuple(labels_shape)} are class indices, which must be integers, got dtype "
+        f"{labels_dtype} (target distributions have the logits' shape {tuple(logits_shape)})"
+    )
+
+
+def true_labels(labels: Any, dtype: np.dtype, logits_shape: tuple) -> np.ndarray | None:
     """Integer labels as int64 class indices; floating labels as target distributions in ``dtype``."""
     if labels is None:
         return None
@@ -97,6 +111,9 @@ def true_labels(labels: Any, dtype: np.dtype) -> np.ndarray | None:
             raise ValueError(f"true_labels holds a class index too large for int64: {array.max()}")
         return _in_dtype(array, _INT64)
     if kind == "f":
+        message = floating_class_indices_message(array.shape, logits_shape, array.dtype)
+        if message is not None:
+            raise TypeError(message)
         return _in_dtype(array, dtype)
     raise TypeError(
         "true_labels must be integer class indices or floating-point target distributions, "

@@ -218,7 +218,7 @@ class DistillationLoss:
         normalizer: float | None = None,
     ) -> tuple[Loss, np.ndarray | None, int]:
         student, teacher = _arrays.logits_pair(student_logits, teacher_logits)
-        labels = _arrays.true_labels(true_labels, student.dtype)
+        labels = _arrays.true_labels(true_labels, student.dtype, student.shape)
         if out is not None:
             if not isinstance(out, np.ndarray):
                 raise TypeError(f"out must be a numpy.ndarray, got {type(out).__name__}")
@@ -311,7 +311,7 @@ class DistillationLoss:
                 self.temperature, self.alpha, "sum", self.ignore_index, _num_threads(self._threads_asked)
             )
         student, teacher = _arrays.logits_pair(student_logits, teacher_logits)
-        labels = _arrays.true_labels(true_labels, student.dtype)
+        labels = _arrays.true_labels(true_labels, student.dtype, student.shape)
         # Dividing by a normalizer of 1 turns either reduction into the plain sum, summed in double.
         loss_sum, _, count = engine.evaluate(student, teacher, labels, None, False, 1.0)
         return loss_sum, count

@@ -15,6 +15,7 @@ from typing import Any, NamedTuple, Optional
 import torch
 
 from . import _loss
+from ._arrays import floating_class_indices_message
 from ._loss import DistillationLoss as NumpyDistillationLoss
 
 
@@ -79,6 +80,7 @@ def check_shapes(
         raise ValueError("student_logits must have at least one axis (..., C), got shape ()")
     if labels is not None:
         if labels.is_floating_point():
+            check_floating_labels(labels, student)
             if labels.shape != student.shape:
                 raise ValueError(
                     "true_labels as target distributions must have the shape of student_logits "
@@ -94,6 +96,13 @@ def check_shapes(
         # The core sees the leading axes collapsed into rows and names the shape it sees.
         rows = math.prod(student.shape[:-1])
         raise ValueError(f"student_logits must have at least one class, got shape ({rows}, 0)")
+
+
+def check_floating_labels(labels: torch.Tensor, student: torch.Tensor) -> None:
+    """Floating labels of the logits' leading shape are class indices of the wrong dtype, said as NumPy says it."""
+    message = floating_class_indices_message(labels.shape, student.shape, str(labels.dtype).removeprefix("torch."))
+    if message is not None:
+        raise TypeError(message)
 
 
 def _shape(shape: torch.Size) -> str:

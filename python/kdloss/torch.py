@@ -28,7 +28,7 @@ from torch import Tensor
 
 from . import _torch_ops  # noqa: F401  (registers torch.ops.kdloss.*)
 from ._torch_autograd import DistillationFunction
-from ._torch_checks import Params, check_shapes, normalizer_number, validated_params
+from ._torch_checks import Params, check_floating_labels, check_shapes, normalizer_number, validated_params
 
 __all__ = ["DistillationLoss", "distillation_loss"]
 
@@ -60,16 +60,17 @@ def _check_logits(name: str, logits: object) -> Tensor:
     return logits
 
 
-def _prepare_labels(labels: object, dtype: torch.dtype, device: torch.device) -> Optional[Tensor]:
+def _prepare_labels(labels: object, dtype: torch.dtype, student: Tensor) -> Optional[Tensor]:
     if labels is None:
         return None
     if not isinstance(labels, Tensor):
         raise TypeError(f"true_labels must be a torch.Tensor or None, got {type(labels).__name__}")
-    if labels.device != device:
-        raise RuntimeError(f"true_labels is on {labels.device} but the logits are on {device}")
+    if labels.device != student.device:
+        raise RuntimeError(f"true_labels is on {labels.device} but the logits are on {student.device}")
     # Labels never receive a gradient (soft targets produced by a model are constants to this loss).
     labels = labels.detach()
     if labels.is_floating_point():
+        check_floating_labels(labels, student)  # before the cast, so that the message names the caller's dtype
         return labels.to(dtype)  # target distributions, in the compute dtype (no-op when already there)
     if labels.dtype == torch.bool or labels.is_complex():
         raise TypeError(f"true_labels must be integer class indices or floating targets, got {labels.dtype}")
@@ -176,7 +177,7 @@ def _distillation_loss(
     dtype = torch.float64 if torch.float64 in (student.dtype, teacher.dtype) else torch.float32
     student = student.to(dtype)
     teacher = teacher.detach().to(dtype)  # the teacher is a constant: never a gradient
-    labels = _prepare_labels(true_labels, dtype, student.device)
+    labels = _prepare_labels(true_labels, dtype, student)
     normalizer = _prepare_normalizer(normalizer)
     check_shapes(student, teacher, labels, params, normalizer is not None)
     wants_gradient = torch.is_grad_enabled() and student.requires_grad

@@ -38,7 +38,7 @@ PARAMETER_ERRORS = [
 
 
 def error_of(call):
-    with pytest.raises((TypeError, ValueError)) as info:
+    with pytest.raises((TypeError, ValueError)) as info:  # which one is part of what must agree
         call()
     return type(info.value), str(info.value)
 
@@ -74,6 +74,8 @@ SHAPE_ERRORS = {
     "normalizer 0": ((2, 3), (2, 3), None, dict(normalizer=0.0)),
     "normalizer -inf": ((2, 3), (2, 3), None, dict(normalizer=-math.inf)),
     "labels before classes": ((2, 0), (2, 0), ((5,), "index"), {}),
+    "float class indices": ((4, 5), (4, 5), ((4,), "soft"), {}),
+    "float class index of one row": ((5,), (5,), ((), "soft"), {}),
 }
 
 

@@ -350,7 +350,7 @@ def test_1d_index_label_wrong_shape(rng, method, shape):
 
 
 @pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("shape", [(4,), (4, 6), (4, 4), (5, 5), (1, 5), (5,), (4, 5, 1), ()])
+@pytest.mark.parametrize("shape", [(4, 6), (4, 4), (5, 5), (1, 5), (5,), (4, 5, 1), ()])
 def test_distribution_label_wrong_shape(rng, method, shape):
     kd = DistillationLoss()
     s, t = data(rng)  # (4, 5)
@@ -359,7 +359,20 @@ def test_distribution_label_wrong_shape(rng, method, shape):
 
 
 @pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("shape", [(), (5,), (7,), (1, 6)])
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_floating_class_indices_say_they_must_be_integers(rng, method, dtype):
+    """Labels of the logits' leading shape are class indices: a float dtype is what is wrong with them."""
+    kd = DistillationLoss()
+    s, t = data(rng)  # (4, 5)
+    name = np.dtype(dtype).name
+    message = rf"true_labels of shape \(4,\) are class indices, which must be integers, got dtype {name}"
+    expect_error(TypeError, message, kd, method, s, t, np.array([0, 1, 2, 3], dtype=dtype), out_shape=s.shape)
+    one_row = rf"true_labels of shape \(\) are class indices, which must be integers, got dtype {name}"
+    expect_error(TypeError, one_row, kd, method, s[0], t[0], np.array(2, dtype=dtype), out_shape=(5,))
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("shape", [(5,), (7,), (1, 6)])
 def test_1d_distribution_label_wrong_shape(rng, method, shape):
     kd = DistillationLoss()
     s = rng.standard_normal(6)
@@ -373,11 +386,11 @@ def test_1d_distribution_label_wrong_shape(rng, method, shape):
 )
 def test_0d_distribution_label_for_single_class_1d_logits(method, label):
     # For 1-D logits (C,) a target distribution has shape (C,): a 0-d float is
-    # wrong even when C == 1 (and a dtype conversion must not make it (1,)).
+    # wrong even when C == 1 (and a dtype conversion must not make it (1,)); it has the shape of a class index.
     kd = DistillationLoss()
     s = np.array([0.5])
     t = np.array([0.25])
-    expect_error(ValueError, "true_labels", kd, method, s, t, label, out_shape=(1,))
+    expect_error(TypeError, "class indices, which must be integers", kd, method, s, t, label, out_shape=(1,))
 
 
 @pytest.mark.parametrize("method", METHODS)
