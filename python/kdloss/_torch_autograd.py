@@ -117,8 +117,8 @@ class DistillationFunction(torch.autograd.Function):
             gradient = gradient_graph(student, teacher, labels, ctx.params, ctx.normalizer)
             return gradient * scale_per_row(grad_loss, row_losses), None, None, None, None
         gradient = ctx.gradient
-        if gradient is None:  # a second backward through a freed graph: let torch say so, in its words
-            ctx.saved_tensors
+        if gradient is None:  # a second backward through a freed graph: torch's own error, in its words
+            _ = ctx.saved_tensors
             raise RuntimeError("kdloss: the gradient of this loss was already handed to an earlier backward")
         if graph_is_retained():
             # This node may run again and must still have the buffer then; a caller of autograd.grad owns what

@@ -20,7 +20,6 @@ torch = pytest.importorskip("torch")
 F = torch.nn.functional
 
 import kdloss  # noqa: E402
-import kdloss.torch as kdt  # noqa: E402
 from kdloss.torch import DistillationLoss, distillation_loss  # noqa: E402
 
 from torch_helpers import (  # noqa: E402

@@ -56,7 +56,7 @@ def test_parameters_are_checked_as_the_numpy_class_checks_them(bad, device):
     module = kdt.DistillationLoss()
     for name in ("temperature", "alpha"):
         if name in bad:
-            assert error_of(lambda: setattr(module, name, bad[name])) == want
+            assert error_of(lambda name=name: setattr(module, name, bad[name])) == want
             assert getattr(module, name) == getattr(kdt.DistillationLoss(), name)  # unchanged
 
 
