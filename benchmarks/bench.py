@@ -17,8 +17,9 @@ What is timed, for every shape (B, C) and dtype (float32, float64), with class-i
 ``kdloss 2T``
     As ``kdloss 1T`` with ``num_threads=2``; ``n/a`` while the keyword does not exist.
 ``NumPy``
-    ``numpy_loss_and_gradient`` (in ``kdloss._bench``): a vectorised NumPy forward + backward (log-softmax by max subtraction
-    and log-sum-exp, in-place updates, row dot products with ``einsum``) computing the same loss and gradient.
+    ``numpy_loss_and_gradient`` (in ``kdloss._bench``): a vectorised NumPy forward + backward (log-softmax by max
+    subtraction and log-sum-exp, in-place updates, row dot products with ``einsum``) computing the same loss and
+    gradient.
 ``PyTorch``
     PyTorch eager on one thread (``torch.set_num_threads(1)``), when importable: ``s.grad = None``, then
     ``kl_div(log_softmax(s/T), log_softmax(t/T), log_target=True, reduction="batchmean") * T*T*(1-a)
@@ -85,7 +86,6 @@ from kdloss._bench import (
     parse_shape,
     proc_status_kib,
 )
-
 from torch_steps import DEFAULT_STEP_SHAPES, run_steps  # noqa: E402  (benchmarks/, next to this script)
 
 DEFAULT_SHAPES = ((256, 1000), (64, 32000), (8, 128256), (4096, 10), (32, 100))
@@ -418,7 +418,9 @@ def machine_info(torch: Any, kd_supported: bool) -> Dict[str, Any]:
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "cpu": cpu,
-        "isa_flags": sorted(flags & {"sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "asimd", "sve"}),
+        "isa_flags": sorted(
+            flags & {"sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "asimd", "sve"}
+        ),
         "cpus_usable": usable,
         "python": platform.python_version(),
         "numpy": np.__version__,
@@ -460,24 +462,34 @@ def run(args: argparse.Namespace) -> int:
     info = machine_info(torch, kd_supported)
     info["kdloss_num_threads"] = {"1T": getattr(kd1, "num_threads", None), "2T": getattr(kd2, "num_threads", None)}
 
-    print(f"kdloss benchmark -- loss_and_gradient (fwd+bwd), int64 labels, reduction='mean', T={TEMPERATURE}, "
-          f"alpha={ALPHA}")
+    print(
+        f"kdloss benchmark -- loss_and_gradient (fwd+bwd), int64 labels, reduction='mean', T={TEMPERATURE}, "
+        f"alpha={ALPHA}"
+    )
     print(f"  cpu: {info['cpu']} ({info['cpus_usable']} usable), ISA flags: {' '.join(info['isa_flags']) or '?'}")
-    print(f"  python {info['python']}, numpy {info['numpy']}, torch {info['torch'] or torch_note}, "
-          f"kdloss {info['kdloss']} ({info['kdloss_path']})")
+    print(
+        f"  python {info['python']}, numpy {info['numpy']}, torch {info['torch'] or torch_note}, "
+        f"kdloss {info['kdloss']} ({info['kdloss_path']})"
+    )
     if info["kdloss_build_info"] is not None:
         print(f"  kdloss.build_info(): {info['kdloss_build_info']}")
     if info["kdloss_env"]:
         print(f"  environment: {info['kdloss_env']}")
     if not kd_supported:
-        print("  num_threads keyword not available: 'kdloss 1T' is the default constructor (serial kernel), "
-              "'kdloss 2T' is n/a")
-    print(f"  median of interleaved samples, ~{budget:g} s per cell{' (--quick)' if args.quick else ''}; "
-          "ratios > 1 mean the first is slower")
+        print(
+            "  num_threads keyword not available: 'kdloss 1T' is the default constructor (serial kernel), "
+            "'kdloss 2T' is n/a"
+        )
+    print(
+        f"  median of interleaved samples, ~{budget:g} s per cell{' (--quick)' if args.quick else ''}; "
+        "ratios > 1 mean the first is slower"
+    )
     load_start = _load_average()
     if load_start is not None:
-        print(f"  load average at start: {load_start[0]:.2f} (1 min) on {info['cpus_usable']} usable CPUs"
-              + ("  -- the machine is busy: expect noisy times" if load_start[0] > 0.5 else ""))
+        print(
+            f"  load average at start: {load_start[0]:.2f} (1 min) on {info['cpus_usable']} usable CPUs"
+            + ("  -- the machine is busy: expect noisy times" if load_start[0] > 0.5 else "")
+        )
     print()
     print(table_header(), flush=True)
 
@@ -569,22 +581,28 @@ def run(args: argparse.Namespace) -> int:
             print(table_row(cell), flush=True)
 
     print()
-    print("times: median per call; bound = np.copyto of 1.5*B*C elements (3*B*C*itemsize bytes moved); "
-          "noise: largest interquartile range / median among the row's candidates"
-          f" ('!' above {NOISY_RELATIVE_IQR:.0%}: compare with care)")
+    print(
+        "times: median per call; bound = np.copyto of 1.5*B*C elements (3*B*C*itemsize bytes moved); "
+        "noise: largest interquartile range / median among the row's candidates"
+        f" ('!' above {NOISY_RELATIVE_IQR:.0%}: compare with care)"
+    )
     for cell in cells:
         if "call_over_empty" in cell["ratios"]:
             medians = cell["median_s"]
-            print(f"tiny call {cell['shape_text']} {cell['dtype']}: loss_and_gradient {fmt_time(medians['kdloss_1t'])}"
-                  f" vs the same call on B=0 {fmt_time(medians.get('empty_call'))}"
-                  f" -> ratio {fmt_ratio(cell['ratios']['call_over_empty'])} (target <= 3)")
+            print(
+                f"tiny call {cell['shape_text']} {cell['dtype']}: loss_and_gradient {fmt_time(medians['kdloss_1t'])}"
+                f" vs the same call on B=0 {fmt_time(medians.get('empty_call'))}"
+                f" -> ratio {fmt_ratio(cell['ratios']['call_over_empty'])} (target <= 3)"
+            )
             if cell["empty_call_note"]:
                 print(f"  empty call inputs: {cell['empty_call_note']}")
 
     if not args.no_memory:
         print()
-        print("extra peak memory of one call, MiB (fresh subprocess each; includes the returned gradient; "
-              "1T-grad = kdloss 1T beyond its output)")
+        print(
+            "extra peak memory of one call, MiB (fresh subprocess each; includes the returned gradient; "
+            "1T-grad = kdloss 1T beyond its output)"
+        )
         print(memory_header(), flush=True)
         for cell in cells:
             rows, cols = cell["shape"]
@@ -651,23 +669,35 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog="See benchmarks/README.md for what is measured and how to read it.")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="See benchmarks/README.md for what is measured and how to read it.",
+    )
     parser.add_argument("--quick", action="store_true", help="few, short repeats (smoke runs; numbers are rough)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument("--no-torch", action="store_true", help="do not import or time PyTorch")
-    parser.add_argument("--shapes", nargs="+", metavar="BxC",
-                        help="shapes, e.g. 256x1000 64x32000 (or comma-separated); default: "
-                             + " ".join(f"{b}x{c}" for b, c in DEFAULT_SHAPES))
+    parser.add_argument(
+        "--shapes",
+        nargs="+",
+        metavar="BxC",
+        help="shapes, e.g. 256x1000 64x32000 (or comma-separated); default: "
+        + " ".join(f"{b}x{c}" for b, c in DEFAULT_SHAPES),
+    )
     parser.add_argument("--dtypes", nargs="+", metavar="DTYPE", help="float32 and/or float64 (default both)")
-    parser.add_argument("--budget", type=float, metavar="SECONDS",
-                        help="time per candidate and cell (default 0.3, --quick 0.02)")
-    parser.add_argument("--json", default=str(DEFAULT_JSON), metavar="PATH",
-                        help=f"where to write the results (default {DEFAULT_JSON})")
-    parser.add_argument("--step-shapes", nargs="+", metavar="SHAPE:DTYPE",
-                        help="shapes of the PyTorch training-step section (torch_steps.py), e.g. 4x256x32000:float32,"
-                             " or 'none'; default: " + " ".join(DEFAULT_STEP_SHAPES) + " (none when --shapes is given)")
+    parser.add_argument(
+        "--budget", type=float, metavar="SECONDS", help="time per candidate and cell (default 0.3, --quick 0.02)"
+    )
+    parser.add_argument(
+        "--json", default=str(DEFAULT_JSON), metavar="PATH", help=f"where to write the results (default {DEFAULT_JSON})"
+    )
+    parser.add_argument(
+        "--step-shapes",
+        nargs="+",
+        metavar="SHAPE:DTYPE",
+        help="shapes of the PyTorch training-step section (torch_steps.py), e.g. 4x256x32000:float32,"
+        " or 'none'; default: " + " ".join(DEFAULT_STEP_SHAPES) + " (none when --shapes is given)",
+    )
     parser.add_argument("--memory-child", nargs=3, metavar=("IMPL", "BxC", "DTYPE"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.memory_child:

@@ -53,7 +53,10 @@ def time_with(isa: str, shapes: list[tuple[int, int]], dtypes: list[str], repeat
     env = dict(os.environ, KDLOSS_FORCE_ISA=isa)
     proc = subprocess.run(
         [sys.executable, "-c", TIMER, json.dumps([shapes, dtypes, repeats])],
-        env=env, capture_output=True, text=True, check=True,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     report = json.loads(proc.stdout)
     assert report["isa"] == isa
@@ -76,8 +79,10 @@ def main() -> int:
         for isa in (dispatched, "native"):
             for key, value in time_with(isa, SHAPES, dtypes, args.repeats).items():
                 samples[isa].setdefault(key, []).append(value)
-    print(f"kdloss {kdloss.__version__}, {info['compiler']}: dispatched '{dispatched}' vs -march=native, "
-          f"one thread, median of {args.rounds} rounds x {args.repeats} calls")
+    print(
+        f"kdloss {kdloss.__version__}, {info['compiler']}: dispatched '{dispatched}' vs -march=native, "
+        f"one thread, median of {args.rounds} rounds x {args.repeats} calls"
+    )
     print(f"{'case':<22}{dispatched:>14}{'native':>14}{'ratio':>9}")
     worst = 0.0
     for key in samples["native"]:

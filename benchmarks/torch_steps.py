@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
-
 from kdloss._bench import fmt_time, measure_interleaved, proc_status_kib
 
 TEMPERATURE, ALPHA, IGNORE = 2.0, 0.5, -100
@@ -236,7 +235,8 @@ def run_steps(
                 print(f"  NOTE: {note}")
             if memory:
                 cell["memory"] = {
-                    impl: measure_memory(impl, text, threads) for impl in ("kdloss_torch", "raw", "torch")
+                    impl: measure_memory(impl, text, threads)
+                    for impl in ("kdloss_torch", "raw", "torch")
                     if impl != "torch" or threads == 1
                 }
             cells.append(cell)

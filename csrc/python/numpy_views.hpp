@@ -32,9 +32,7 @@ inline bool same_shape(const py::array& a, const py::array& b) {
     return true;
 }
 
-inline bool has_flag(const py::array& array, int flag) {
-    return (array.flags() & flag) != 0;
-}
+inline bool has_flag(const py::array& array, int flag) { return (array.flags() & flag) != 0; }
 
 // Whether the axes before `last_axis` collapse into one axis of rows, and that axis's stride in elements
 // (`fallback` when no such axis is longer than 1). A transposed or sliced leading axis does not collapse; a

@@ -53,8 +53,8 @@ private:
                                  double normalizer) {
         const auto dtype = py::dtype::of<T>();
         if (!teacher.dtype().equal(dtype))
-            throw py::type_error("teacher_logits must have the dtype of student_logits (" + std::string(py::str(dtype)) +
-                                 "), got " + std::string(py::str(teacher.dtype())));
+            throw py::type_error("teacher_logits must have the dtype of student_logits (" +
+                                 std::string(py::str(dtype)) + "), got " + std::string(py::str(teacher.dtype())));
         if (!same_shape(student, teacher))
             throw py::value_error("teacher_logits must have the shape of student_logits " + shape_text(student) +
                                   ", got " + shape_text(teacher));

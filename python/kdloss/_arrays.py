@@ -116,6 +116,5 @@ def true_labels(labels: Any, dtype: np.dtype, logits_shape: tuple) -> np.ndarray
             raise TypeError(message)
         return _in_dtype(array, dtype)
     raise TypeError(
-        "true_labels must be integer class indices or floating-point target distributions, "
-        f"got dtype {array.dtype}"
+        f"true_labels must be integer class indices or floating-point target distributions, got dtype {array.dtype}"
     )

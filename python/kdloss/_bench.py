@@ -432,8 +432,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"PyTorch: {torch_note}")
     for note in disagreements:
         print(f"WARNING: {note}")
-    print(f"done in {time.perf_counter() - started:.1f} s; benchmarks/bench.py in the source tree measures more "
-          "(memory, the bandwidth bound, JSON)")
+    print(
+        f"done in {time.perf_counter() - started:.1f} s; benchmarks/bench.py in the source tree measures more "
+        "(memory, the bandwidth bound, JSON)"
+    )
     return 1 if disagreements else 0
-
-

@@ -612,9 +612,7 @@ def _epoch_reporter(epochs: int, say: Callable[[str], None]) -> Progress:
     return report
 
 
-def run_experiment(
-    config: DemoConfig = DemoConfig(), progress: Optional[Callable[[str], None]] = None
-) -> DemoResult:
+def run_experiment(config: DemoConfig = DemoConfig(), progress: Optional[Callable[[str], None]] = None) -> DemoResult:
     """Train the teacher, then the student on hard labels and, from the same start, with distillation.
 
     Parameters

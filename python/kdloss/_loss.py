@@ -80,9 +80,7 @@ def clear_gradient_cache() -> None:
 def _rebuild(
     temperature: float, alpha: float, reduction: str, ignore_index: int, num_threads: int | None
 ) -> DistillationLoss:
-    return DistillationLoss(
-        temperature, alpha, reduction=reduction, ignore_index=ignore_index, num_threads=num_threads
-    )
+    return DistillationLoss(temperature, alpha, reduction=reduction, ignore_index=ignore_index, num_threads=num_threads)
 
 
 class DistillationLoss:

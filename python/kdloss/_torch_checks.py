@@ -29,9 +29,7 @@ class Params(NamedTuple):
     num_threads: Optional[int]
 
 
-def validated_params(
-    temperature: Any, alpha: Any, reduction: Any, ignore_index: Any, num_threads: Any
-) -> Params:
+def validated_params(temperature: Any, alpha: Any, reduction: Any, ignore_index: Any, num_threads: Any) -> Params:
     """The parameters as the NumPy class takes them: its type checks and messages, then its range checks."""
     params = Params(
         _loss._real("temperature", temperature),

@@ -100,9 +100,7 @@ def _backward_loss_and_grad(ctx: Any, grad_loss: Tensor, _grad_of_gradient: Opti
     return (gradient * scale_per_row(grad_loss, ctx.params.reduction == "none"), *_NO_GRADIENT)
 
 
-torch.library.register_autograd(
-    "kdloss::loss_and_grad", _backward_loss_and_grad, setup_context=_setup_loss_and_grad
-)
+torch.library.register_autograd("kdloss::loss_and_grad", _backward_loss_and_grad, setup_context=_setup_loss_and_grad)
 
 
 @torch.library.custom_op("kdloss::loss", mutates_args=())

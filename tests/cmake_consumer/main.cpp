@@ -11,12 +11,12 @@
 int main() {
     // The host's tensors, row-major: a batch of B = 2 rows of C = 3 logits.
     const std::size_t B = 2, C = 3;
-    const std::vector<double> student = {1.0, 2.0, 0.5,    // row 0
+    const std::vector<double> student = {1.0, 2.0,  0.5,   // row 0
                                          0.3, -1.0, 4.0};  // row 1
-    const std::vector<double> teacher = {1.5, 1.8, 0.6,
-                                         0.0, 0.0, 2.0};
-    const std::vector<std::int64_t> labels = {1, -100};  // class indices; -100 (ignore_index) leaves row 1 out
-    std::vector<double> gradient(B * C);                 // written in place
+    const std::vector<double> teacher = {1.5, 1.8, 0.6,    // row 0
+                                         0.0, 0.0, 2.0};   // row 1
+    const std::vector<std::int64_t> labels = {1, -100};    // class indices; -100 (ignore_index) leaves row 1 out
+    std::vector<double> gradient(B * C);                   // written in place
 
     try {
         const kdloss::DistillationLoss<double> kd(/*temperature=*/3.0, /*alpha=*/0.5);  // reduction "mean"

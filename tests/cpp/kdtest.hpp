@@ -58,12 +58,9 @@ inline void report_failure(const char* file, int line, const std::string& what) 
 template <class V>
 std::string show(const V& value) {
     std::ostringstream out;
-    if constexpr (std::is_floating_point_v<V>)
-        out << std::setprecision(std::numeric_limits<V>::max_digits10) << value;
-    else if constexpr (std::is_enum_v<V>)
-        out << static_cast<long long>(value);
-    else
-        out << value;
+    if constexpr (std::is_floating_point_v<V>) out << std::setprecision(std::numeric_limits<V>::max_digits10) << value;
+    else if constexpr (std::is_enum_v<V>) out << static_cast<long long>(value);
+    else out << value;
     return out.str();
 }
 
@@ -92,8 +89,8 @@ inline bool check_close(long double actual, long double expected, long double rt
     if (!ok)
         report_failure(file, line,
                        std::string(expression) + " (actual " + show(actual) + ", expected " + show(expected) +
-                           ", difference " + show(actual - expected) + ", rtol " + show(rtol) + ", atol " +
-                           show(atol) + ")");
+                           ", difference " + show(actual - expected) + ", rtol " + show(rtol) + ", atol " + show(atol) +
+                           ")");
     return ok;
 }
 
@@ -139,15 +136,15 @@ int run_all(int argc, char** argv);
 
 }  // namespace kdtest
 
-#define KD_TEST(name)                                                        \
-    static void name();                                                      \
+#define KD_TEST(name)                                                                 \
+    static void name();                                                               \
     static const ::kdtest::Registrar kdtest_registrar_##name{#name, __FILE__, &name}; \
     static void name()
 
 #define KD_CHECK(condition) ::kdtest::check(static_cast<bool>(condition), #condition, __FILE__, __LINE__)
 #define KD_CHECK_EQ(actual, expected) \
     ::kdtest::check_eq((actual), (expected), #actual " == " #expected, __FILE__, __LINE__)
-#define KD_CHECK_CLOSE(actual, expected, rtol, atol)                                                        \
+#define KD_CHECK_CLOSE(actual, expected, rtol, atol)                                                            \
     ::kdtest::check_close(static_cast<long double>(actual), static_cast<long double>(expected), (rtol), (atol), \
                           #actual " ~ " #expected, __FILE__, __LINE__)
 #define KD_CHECK_THROWS(Exception, expected_what, ...) \

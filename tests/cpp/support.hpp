@@ -7,10 +7,10 @@
 #include <kdloss/kdloss.hpp>
 
 #include <algorithm>
-#include <cstdio>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <cstdio>
 #include <limits>
 #include <random>
 #include <string>
@@ -42,8 +42,8 @@ struct Problem {
     std::vector<double> student;
     std::vector<double> teacher;
     LabelKind kind = LabelKind::none;
-    std::vector<std::int64_t> indices;   // rows entries when kind == indices
-    std::vector<double> targets;         // rows * cols entries when kind == distributions
+    std::vector<std::int64_t> indices;  // rows entries when kind == indices
+    std::vector<double> targets;        // rows * cols entries when kind == distributions
 };
 
 struct Params {
@@ -54,15 +54,15 @@ struct Params {
 };
 
 struct Reference {
-    long double loss = 0;                   // the reduced loss ("none": the sum of the rows)
-    std::vector<long double> row_losses;    // ignored rows: 0
-    std::vector<long double> gradient;      // d loss / d student
+    long double loss = 0;                 // the reduced loss ("none": the sum of the rows)
+    std::vector<long double> row_losses;  // ignored rows: 0
+    std::vector<long double> gradient;    // d loss / d student
     // The size of what the formulas add up, |term| by |term|: a correct evaluation in a precision with
     // unit roundoff u can be off by a small multiple of u times these, however small the result is
     // (a loss of 1e-10 made of terms of size 1 is only known to about 1e-16 absolute).
     long double loss_magnitude = 0;
     std::vector<long double> row_magnitudes;
-    long double gradient_magnitude = 0;     // max over elements
+    long double gradient_magnitude = 0;  // max over elements
 };
 
 // |actual - expected| within rtol relative, plus `slack` times the magnitude of the terms.
@@ -129,8 +129,8 @@ inline Reference reference(const Problem& p, const Params& params) {
             s_max = std::max(s_max, static_cast<long double>(s[c]));
             t_max = std::max(t_max, static_cast<long double>(t[c]));
         }
-        const long double soft_common = 1 + std::fabs(t_max - s_max) / T + std::fabs(log_normaliser(log_p)) +
-                                        std::fabs(log_normaliser(log_q));
+        const long double soft_common =
+            1 + std::fabs(t_max - s_max) / T + std::fabs(log_normaliser(log_p)) + std::fabs(log_normaliser(log_q));
         const long double hard_common = 1 + std::fabs(log_normaliser(log_p1));
         long double row = 0, row_magnitude = 0;
         if (soft_weight != 0) {
@@ -246,8 +246,8 @@ Output<T> run(const kdloss::DistillationLoss<T>& kd, const Problem& p) {
     out.row_losses.assign(p.rows, T(-1));
     out.gradient.assign(p.rows * p.cols, T(-1));
     const kdloss::MatrixView<T> gradient{out.gradient.data(), p.rows, p.cols};
-    out.loss = kd.evaluate({s.data(), p.rows, p.cols}, {t.data(), p.rows, p.cols}, labels, out.row_losses.data(),
-                           &gradient);
+    out.loss =
+        kd.evaluate({s.data(), p.rows, p.cols}, {t.data(), p.rows, p.cols}, labels, out.row_losses.data(), &gradient);
     return out;
 }
 

@@ -52,7 +52,8 @@ KD_TEST(defaults_match_python) {
     KD_CHECK_EQ(kd.ignore_index(), std::int64_t{-100});
     KD_CHECK_EQ(DistillationLoss<float>::default_ignore_index, std::int64_t{-100});
     KD_CHECK_EQ(kd.num_threads(), std::size_t{1});  // the calling thread only, unless asked
-    KD_CHECK(DistillationLoss<double>(3.0, 0.3, Reduction::mean, -100, 0).num_threads() >= 1);  // 0: all hardware threads
+    KD_CHECK(DistillationLoss<double>(3.0, 0.3, Reduction::mean, -100, 0).num_threads() >=
+             1);  // 0: all hardware threads
     KD_CHECK_EQ(DistillationLoss<double>(3.0, 0.3, Reduction::mean, -100, 3).num_threads(), std::size_t{3});
     KD_CHECK_EQ(std::string(kdloss::reduction_name(Reduction::mean)), std::string("mean"));
     KD_CHECK_EQ(std::string(kdloss::reduction_name(Reduction::sum)), std::string("sum"));

@@ -32,15 +32,15 @@ template <class T>
 void check_values(double rtol) {
     const CheckInput<T> in;
     const DistillationLoss<T> kd(3.0, 0.5);
-    const kdloss::Labels<T> label_forms[] = {ClassIndices{in.index.data(), 1}, MatrixView<const T>{in.one_hot.data(), 1, 3}};
+    const kdloss::Labels<T> label_forms[] = {ClassIndices{in.index.data(), 1},
+                                             MatrixView<const T>{in.one_hot.data(), 1, 3}};
     for (const auto& labels : label_forms) {
         KD_CHECK_CLOSE(kd.compute_loss(in.s(), in.t(), labels), check_loss, rtol, 1e-8);
         std::vector<T> gradient(3, T(99));
         kd.compute_gradient(in.s(), in.t(), labels, {gradient.data(), 1, 3});
         for (int c = 0; c < 3; ++c) KD_CHECK_CLOSE(gradient[c], check_gradient[c], rtol, 1e-8);
         std::vector<T> gradient2(3, T(99));
-        KD_CHECK_CLOSE(kd.loss_and_gradient(in.s(), in.t(), labels, {gradient2.data(), 1, 3}), check_loss, rtol,
-                       1e-8);
+        KD_CHECK_CLOSE(kd.loss_and_gradient(in.s(), in.t(), labels, {gradient2.data(), 1, 3}), check_loss, rtol, 1e-8);
         KD_CHECK(gradient2 == gradient);
     }
     // Without labels only the soft term counts, whatever alpha is.
@@ -77,8 +77,8 @@ KD_TEST(check_values_under_every_reduction) {
     const ClassIndices labels{y.data(), 2};
     KD_CHECK_CLOSE(DistillationLoss<double>(3.0, 0.5, Reduction::mean).compute_loss(sv, tv, labels), check_loss, 0,
                    1e-8);
-    KD_CHECK_CLOSE(DistillationLoss<double>(3.0, 0.5, Reduction::sum).compute_loss(sv, tv, labels), 2 * check_loss,
-                   0, 2e-8);
+    KD_CHECK_CLOSE(DistillationLoss<double>(3.0, 0.5, Reduction::sum).compute_loss(sv, tv, labels), 2 * check_loss, 0,
+                   2e-8);
     const DistillationLoss<double> none(3.0, 0.5, Reduction::none);
     std::vector<double> rows(2, -1.0), gradient(6, -1.0);
     const MatrixView<double> gv{gradient.data(), 2, 3};

@@ -25,8 +25,8 @@ constexpr double ninf = -std::numeric_limits<double>::infinity();
 
 // One row through the library in T and through the reference; returns the library's output.
 template <class T>
-Output<T> one_row(const std::vector<double>& s, const std::vector<double>& t, LabelKind kind,
-                  std::int64_t index = 0, std::vector<double> y = {}, double alpha = 0.5) {
+Output<T> one_row(const std::vector<double>& s, const std::vector<double>& t, LabelKind kind, std::int64_t index = 0,
+                  std::vector<double> y = {}, double alpha = 0.5) {
     Problem p;
     p.rows = 1;
     p.cols = s.size();
@@ -190,10 +190,8 @@ void ignore_index_leaves_rows_out(std::int64_t ignore_index) {
                 KD_CHECK_CLOSE(out.row_losses[i], kept.row_losses[k], 1e-15, 0);
             }
             for (std::size_t c = 0; c < p.cols; ++c) {
-                if (ignored)
-                    KD_CHECK_EQ(out.gradient[i * p.cols + c], T(0));
-                else
-                    KD_CHECK_CLOSE(out.gradient[i * p.cols + c], kept.gradient[k * p.cols + c], 1e-15, 0);
+                if (ignored) KD_CHECK_EQ(out.gradient[i * p.cols + c], T(0));
+                else KD_CHECK_CLOSE(out.gradient[i * p.cols + c], kept.gradient[k * p.cols + c], 1e-15, 0);
             }
             k += ignored ? 0 : 1;
         }
@@ -215,8 +213,8 @@ KD_TEST(ignore_index_that_is_a_class) {
     const std::vector<std::int64_t> labels{2, 1};
     const DistillationLoss<double> kd(3.0, 0.5, Reduction::mean, 2);
     std::vector<double> gradient(6, 5.0);
-    const double loss =
-        kd.loss_and_gradient({s.data(), 2, 3}, {t.data(), 2, 3}, ClassIndices{labels.data(), 2}, {gradient.data(), 2, 3});
+    const double loss = kd.loss_and_gradient({s.data(), 2, 3}, {t.data(), 2, 3}, ClassIndices{labels.data(), 2},
+                                             {gradient.data(), 2, 3});
     KD_CHECK_CLOSE(loss, 0.25465032, 0, 1e-8);
     for (int c = 0; c < 3; ++c) KD_CHECK_EQ(gradient[c], 0.0);
     KD_CHECK_CLOSE(gradient[4], -0.12252327, 0, 1e-8);
@@ -229,8 +227,8 @@ KD_TEST(every_row_ignored) {
         const DistillationLoss<double> kd(3.0, 0.5, reduction);
         std::vector<double> gradient(6, 5.0), rows(2, 5.0);
         const MatrixView<double> gv{gradient.data(), 2, 3};
-        const double loss = kd.evaluate({s.data(), 2, 3}, {t.data(), 2, 3}, ClassIndices{labels.data(), 2},
-                                        rows.data(), &gv);
+        const double loss =
+            kd.evaluate({s.data(), 2, 3}, {t.data(), 2, 3}, ClassIndices{labels.data(), 2}, rows.data(), &gv);
         KD_CHECK_EQ(loss, 0.0);  // never NaN, even for "mean"
         KD_CHECK(!std::signbit(loss));
         KD_CHECK(gradient == std::vector<double>(6, 0.0));
@@ -283,16 +281,14 @@ void strided_views() {
 
             std::vector<T> rows(B, sentinel);
             const MatrixView<T> gradient{g.data(), B, C, row_stride};
-            const double loss = kd.evaluate({s.data(), B, C, row_stride}, {t.data(), B, C, row_stride}, labels, rows.data(),
-                                            &gradient);
+            const double loss =
+                kd.evaluate({s.data(), B, C, row_stride}, {t.data(), B, C, row_stride}, labels, rows.data(), &gradient);
             KD_CHECK_CLOSE(loss, dense.loss, 1e-15, 0);
             for (std::size_t i = 0; i < B; ++i) {
                 KD_CHECK_CLOSE(rows[i], dense.row_losses[i], 1e-15, 0);
                 for (std::size_t c = 0; c < stride; ++c) {
-                    if (c < C)
-                        KD_CHECK_CLOSE(g[i * stride + c], dense.gradient[i * C + c], 1e-15, 0);
-                    else
-                        KD_CHECK_EQ(g[i * stride + c], sentinel);
+                    if (c < C) KD_CHECK_CLOSE(g[i * stride + c], dense.gradient[i * C + c], 1e-15, 0);
+                    else KD_CHECK_EQ(g[i * stride + c], sentinel);
                 }
             }
             for (std::size_t k = B * stride; k < g.size(); ++k) KD_CHECK_EQ(g[k], sentinel);
@@ -372,8 +368,7 @@ KD_TEST(thread_count_does_not_change_results) {
     Generator gen(8);
     for (const LabelKind kind : all_label_kinds)
         for (const Reduction reduction : all_reductions)
-            for (const auto& [rows, classes] :
-                 {std::pair<std::size_t, std::size_t>{1500, 97}, {40, 2000}, {9, 8000}}) {
+            for (const auto& [rows, classes] : {std::pair<std::size_t, std::size_t>{1500, 97}, {40, 2000}, {9, 8000}}) {
                 const Problem p = gen.problem(rows, classes, kind, 6.0, -100, true);
                 const Output<float> single = run(DistillationLoss<float>(2.0, 0.3, reduction, -100, 1), p);
                 const Output<double> single_d = run(DistillationLoss<double>(2.0, 0.3, reduction, -100, 1), p);
@@ -407,10 +402,9 @@ KD_TEST(normalizer_accumulates_micro_batches) {
         const MatrixView<double> g{gradient.data() + begin * C, B, C};
         for (const DistillationLoss<double>* kd : {&mean, &sum}) {
             std::size_t counted = 999;
-            const double part = kd->evaluate({whole.student.data() + begin * C, B, C},
-                                             {whole.teacher.data() + begin * C, B, C},
-                                             ClassIndices{whole.indices.data() + begin, B}, nullptr, &g, normalizer,
-                                             &counted);
+            const double part =
+                kd->evaluate({whole.student.data() + begin * C, B, C}, {whole.teacher.data() + begin * C, B, C},
+                             ClassIndices{whole.indices.data() + begin, B}, nullptr, &g, normalizer, &counted);
             KD_CHECK_EQ(counted, B - (begin == 0 ? 1 : 2));
             if (kd == &sum) {  // the normalizer replaces the divisor whatever the reduction
                 loss += part;

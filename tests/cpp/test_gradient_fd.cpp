@@ -69,7 +69,8 @@ KD_TEST(gradient_and_loss_match_reference) {
                 for (const double alpha : {0.0, 0.25, 1.0})
                     for (const double temperature : {0.1, 1.0, 4.0})
                         for (const double spread : {1.0, 30.0}) {
-                            const Problem p = gen.problem(shape[0], shape[1], labels.kind, spread, -100, labels.soft_targets);
+                            const Problem p =
+                                gen.problem(shape[0], shape[1], labels.kind, spread, -100, labels.soft_targets);
                             const Params params{temperature, alpha, reduction, -100};
                             const Reference ref = reference(p, params);
                             const Output<double> out = run(DistillationLoss<double>(temperature, alpha, reduction), p);

@@ -28,8 +28,8 @@ std::vector<T> apply_exp2(const std::vector<T>& xs, kdloss::detail::Exp2Scale<T>
 // Distance from `value` to `exact` in units of the last place of T at `exact`.
 template <class T>
 double ulps(T value, long double exact) {
-    const long double spacing = std::nextafter(static_cast<T>(exact), std::numeric_limits<T>::infinity()) -
-                                static_cast<T>(exact);
+    const long double spacing =
+        std::nextafter(static_cast<T>(exact), std::numeric_limits<T>::infinity()) - static_cast<T>(exact);
     return static_cast<double>(std::fabs(static_cast<long double>(value) - exact) / spacing);
 }
 
@@ -100,8 +100,7 @@ void lookup_reads_its_index_modulo_the_entries() {
                 for (std::size_t lane = 0; lane < lanes; ++lane)
                     index[lane] = static_cast<U>((start + 3 * lane) % entries + entries * (high + lane));
                 lookup(Pack<U>::load(table), Pack<U>::load(index)).store(found);  // found by ADL, if it exists
-                for (std::size_t lane = 0; lane < lanes; ++lane)
-                    KD_CHECK_EQ(found[lane], table[index[lane] % entries]);
+                for (std::size_t lane = 0; lane < lanes; ++lane) KD_CHECK_EQ(found[lane], table[index[lane] % entries]);
             }
     }
 }

@@ -98,18 +98,18 @@ struct Batch {
 
 // Runs every method (compute_loss only if the fault is not in the gradient, which it does not take) and
 // checks the exception and that the outputs are untouched.
-#define KD_CHECK_REJECTS_IMPL(gradient_only, message, kd, student, teacher, labels, gradient_view)                                       \
-    do {                                                                                                             \
-        const auto gradient_view_copy = (gradient_view);                                                             \
-        KD_CHECK_THROWS(invalid_argument, message,                                                                   \
-                        (kd).evaluate((student), (teacher), (labels), batch.rows.data(), &gradient_view_copy));     \
-        if (!gradient_only)                                                                                          \
-            KD_CHECK_THROWS(invalid_argument, message, (kd).compute_loss((student), (teacher), (labels)));          \
-        KD_CHECK_THROWS(invalid_argument, message,                                                                   \
-                        (kd).compute_gradient((student), (teacher), (labels), gradient_view_copy));                 \
-        KD_CHECK_THROWS(invalid_argument, message,                                                                   \
-                        (kd).loss_and_gradient((student), (teacher), (labels), gradient_view_copy));                \
-        KD_CHECK(batch.untouched());                                                                                 \
+#define KD_CHECK_REJECTS_IMPL(gradient_only, message, kd, student, teacher, labels, gradient_view)              \
+    do {                                                                                                        \
+        const auto gradient_view_copy = (gradient_view);                                                        \
+        KD_CHECK_THROWS(invalid_argument, message,                                                              \
+                        (kd).evaluate((student), (teacher), (labels), batch.rows.data(), &gradient_view_copy)); \
+        if (!gradient_only)                                                                                     \
+            KD_CHECK_THROWS(invalid_argument, message, (kd).compute_loss((student), (teacher), (labels)));      \
+        KD_CHECK_THROWS(invalid_argument, message,                                                              \
+                        (kd).compute_gradient((student), (teacher), (labels), gradient_view_copy));             \
+        KD_CHECK_THROWS(invalid_argument, message,                                                              \
+                        (kd).loss_and_gradient((student), (teacher), (labels), gradient_view_copy));            \
+        KD_CHECK(batch.untouched());                                                                            \
     } while (false)
 #define KD_CHECK_REJECTS(...) KD_CHECK_REJECTS_IMPL(false, __VA_ARGS__)
 #define KD_CHECK_REJECTS_GRADIENT(...) KD_CHECK_REJECTS_IMPL(true, __VA_ARGS__)
@@ -129,10 +129,10 @@ void shape_and_label_errors() {
                      batch.tv(2, 2), none, g23);
     KD_CHECK_REJECTS("teacher_logits must have the shape of student_logits (2, 3), got (1, 3)", kd, batch.sv(),
                      batch.tv(1, 3), none, g23);
-    KD_CHECK_REJECTS_GRADIENT("out must have the shape of student_logits (2, 3), got (2, 4)", kd, batch.sv(), batch.tv(), none,
-                     (MatrixView<T>{batch.gradient.data(), 2, 4}));
-    KD_CHECK_REJECTS_GRADIENT("out must have the shape of student_logits (2, 3), got (1, 3)", kd, batch.sv(), batch.tv(), none,
-                     (MatrixView<T>{batch.gradient.data(), 1, 3}));
+    KD_CHECK_REJECTS_GRADIENT("out must have the shape of student_logits (2, 3), got (2, 4)", kd, batch.sv(),
+                              batch.tv(), none, (MatrixView<T>{batch.gradient.data(), 2, 4}));
+    KD_CHECK_REJECTS_GRADIENT("out must have the shape of student_logits (2, 3), got (1, 3)", kd, batch.sv(),
+                              batch.tv(), none, (MatrixView<T>{batch.gradient.data(), 1, 3}));
 
     // The gradient may not share memory with an input (the kernels write into it while they read them):
     // in place, or overlapping by a row, or overlapping the labels; the inputs stay as they were.
@@ -218,9 +218,9 @@ void normalizer_errors() {
                         mean.evaluate(batch.sv(), batch.tv(), ClassIndices{labels.data(), 2}, batch.rows.data(), &g23,
                                       normalizer, &counted));
     }
-    KD_CHECK_THROWS(invalid_argument, "normalizer needs reduction 'mean' or 'sum', not 'none'",
-                    none.evaluate(batch.sv(), batch.tv(), ClassIndices{labels.data(), 2}, batch.rows.data(), &g23, 2.0,
-                                  &counted));
+    KD_CHECK_THROWS(
+        invalid_argument, "normalizer needs reduction 'mean' or 'sum', not 'none'",
+        none.evaluate(batch.sv(), batch.tv(), ClassIndices{labels.data(), 2}, batch.rows.data(), &g23, 2.0, &counted));
     // A label error after a valid normalizer: the count is not written either.
     KD_CHECK_THROWS(invalid_argument, "true_labels[1] = 3 is not a class index in [0, 3) nor ignore_index (-100)",
                     mean.evaluate(batch.sv(), batch.tv(), ClassIndices{bad_labels.data(), 2}, batch.rows.data(), &g23,
@@ -250,7 +250,8 @@ KD_TEST(first_fault_is_reported) {
 
 // Numbers in messages are the shortest text that reads back as the same double.
 KD_TEST(messages_print_shortest_round_trip_numbers) {
-    KD_CHECK_THROWS(invalid_argument, "alpha must be finite and in [0, 1], got 1.1", DistillationLoss<double>(3.0, 1.1));
+    KD_CHECK_THROWS(invalid_argument, "alpha must be finite and in [0, 1], got 1.1",
+                    DistillationLoss<double>(3.0, 1.1));
     KD_CHECK_THROWS(invalid_argument, "alpha must be finite and in [0, 1], got 1e+300",
                     DistillationLoss<double>(3.0, 1e300));
     KD_CHECK_THROWS(invalid_argument, "temperature must be finite and > 0, got -5e-324",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-
 from reference import reference
 
 EPS64 = float(np.finfo(np.float64).eps)
@@ -53,8 +52,7 @@ def assert_loss_close(got, ref, dtype, *, mag=None, what="loss"):
     err = np.abs(got[fin] - ref[fin])
     bad = err > tol
     assert not np.any(bad), (
-        f"{what}: max error {err.max():.3e} exceeds tolerance; got {got[fin][bad][:5]}, "
-        f"expected {ref[fin][bad][:5]}"
+        f"{what}: max error {err.max():.3e} exceeds tolerance; got {got[fin][bad][:5]}, expected {ref[fin][bad][:5]}"
     )
 
 

@@ -132,14 +132,16 @@ def reference(
         smax = np.max(fin(s), axis=-1, keepdims=True)
         tmax = np.max(fin(t), axis=-1, keepdims=True)
         logC = math.log(C) + 1.0
-        soft_mag = T * T * (
-            np.sum(np.where(pt == 0, 0.0, pt * (fin(lpt) + fin(lqt))), axis=-1)
-            + 2.0 * (smax[:, 0] + tmax[:, 0]) / T
-            + logC
+        soft_mag = (
+            T
+            * T
+            * (
+                np.sum(np.where(pt == 0, 0.0, pt * (fin(lpt) + fin(lqt))), axis=-1)
+                + 2.0 * (smax[:, 0] + tmax[:, 0]) / T
+                + logC
+            )
         )
-        soft_gmag = T * (fin(qt) + fin(pt)) * (
-            (fin(s) + fin(t) + smax + tmax) / T + logC
-        )
+        soft_gmag = T * (fin(qt) + fin(pt)) * ((fin(s) + fin(t) + smax + tmax) / T + logC)
 
         # ---------------- hard term ----------------
         if kind is not None:
@@ -226,8 +228,7 @@ def _bf_log_softmax(row):
     return [v - m - lse for v in row]
 
 
-def brute_force_loss(student, teacher, labels=None, *, temperature, alpha, reduction="mean",
-                     ignore_index=-100):
+def brute_force_loss(student, teacher, labels=None, *, temperature, alpha, reduction="mean", ignore_index=-100):
     """Loss and gradient with explicit Python loops (finite logits only)."""
     s = np.asarray(student, dtype=np.float64)
     t = np.asarray(teacher, dtype=np.float64)

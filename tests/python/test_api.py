@@ -7,7 +7,6 @@ import pickle
 
 import numpy as np
 import pytest
-
 from helpers import assert_grad_close, assert_loss_close, check_against_reference, check_types
 from kdloss import DistillationLoss
 from reference import reference
@@ -265,8 +264,16 @@ DTYPE_PAIRS = [
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_dtype_conversions(rng, sd, td, reduction):
     B, C = 5, 8
-    s = (rng.standard_normal((B, C)) * 4).astype(sd) if np.dtype(sd).kind == "f" else rng.integers(0, 10, (B, C)).astype(sd)
-    t = (rng.standard_normal((B, C)) * 4).astype(td) if np.dtype(td).kind == "f" else rng.integers(0, 10, (B, C)).astype(td)
+    s = (
+        (rng.standard_normal((B, C)) * 4).astype(sd)
+        if np.dtype(sd).kind == "f"
+        else rng.integers(0, 10, (B, C)).astype(sd)
+    )
+    t = (
+        (rng.standard_normal((B, C)) * 4).astype(td)
+        if np.dtype(td).kind == "f"
+        else rng.integers(0, 10, (B, C)).astype(td)
+    )
     expected_dtype = np.result_type(s, t, np.float32)
     assert expected_dtype in (np.float32, np.float64)
     y = rng.integers(0, C, size=B)

@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from kdloss import _bench
 
 TIMEOUT_S = 60

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from helpers import assert_grad_close, assert_loss_close
 from kdloss import DistillationLoss
 from reference import reference

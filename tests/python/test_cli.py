@@ -17,7 +17,6 @@ from typing import Callable
 
 import numpy as np
 import pytest
-
 from kdloss import DistillationLoss, __version__
 from kdloss import _demo as demo
 from kdloss.__main__ import Subcommand, build_parser, main, subcommands
@@ -112,8 +111,11 @@ def test_bad_arguments_exit_2_with_one_line(args: list[str], message: str, capsy
 
 @pytest.mark.parametrize(
     "args, help_command",
-    [(["demo", "--bogus"], "python -m kdloss demo --help"), (["--bogus"], "python -m kdloss --help"),
-     (["check", "extra"], "python -m kdloss check --help")],
+    [
+        (["demo", "--bogus"], "python -m kdloss demo --help"),
+        (["--bogus"], "python -m kdloss --help"),
+        (["check", "extra"], "python -m kdloss check --help"),
+    ],
 )
 def test_an_unknown_option_points_to_its_commands_help(
     args: list[str], help_command: str, capsys: pytest.CaptureFixture[str]

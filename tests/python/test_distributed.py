@@ -20,9 +20,8 @@ dist = torch.distributed
 if not dist.is_available():
     pytest.skip("torch.distributed is not available in this build", allow_module_level=True)
 
-from torch.nn.parallel import DistributedDataParallel  # noqa: E402
-
 from kdloss.torch import DistillationLoss  # noqa: E402
+from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 
 WORLD_SIZE = 2
 STEPS = 4
@@ -36,9 +35,7 @@ F64 = torch.float64
 def make_problem() -> tuple[torch.nn.Module, torch.nn.Module, list[tuple[torch.Tensor, torch.Tensor]]]:
     """The same student (initial weights), frozen teacher and batches in every process."""
     torch.manual_seed(11)
-    student = torch.nn.Sequential(
-        torch.nn.Linear(FEATURES, 12), torch.nn.Tanh(), torch.nn.Linear(12, CLASSES)
-    ).to(F64)
+    student = torch.nn.Sequential(torch.nn.Linear(FEATURES, 12), torch.nn.Tanh(), torch.nn.Linear(12, CLASSES)).to(F64)
     teacher = torch.nn.Linear(FEATURES, CLASSES).to(F64).requires_grad_(False)
     gen = torch.Generator().manual_seed(12)
     batches = []

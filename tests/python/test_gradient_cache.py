@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import threading
 
+import kdloss
 import numpy as np
 import pytest
-
-import kdloss
 from kdloss import _gradient_cache
 
 SHAPE = (64, 32768)  # 8 MiB in float32: above the cache's threshold
@@ -126,4 +125,6 @@ def test_torch_steps_reuse_the_gradient_once_dropped():
     s2.grad = None  # zero_grad(set_to_none=True)
     kd(s2, t2, y2).backward()
     assert s2.grad.data_ptr() == address
-    assert torch.equal(s2.grad, torch.from_numpy(KD.compute_gradient(s2.detach(), t2, y2, out=np.empty(SHAPE, np.float32))))
+    assert torch.equal(
+        s2.grad, torch.from_numpy(KD.compute_gradient(s2.detach(), t2, y2, out=np.empty(SHAPE, np.float32)))
+    )

@@ -11,9 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 import kdloss
+import pytest
 
 HERE = Path(__file__).parent
 SUITES = ["test_reference_agreement.py", "test_gradient_fd.py", "test_masks_nonfinite.py", "test_kernel_shapes.py"]
@@ -21,9 +20,7 @@ SUITES = ["test_reference_agreement.py", "test_gradient_fd.py", "test_masks_nonf
 
 def _run(env_isa: str, *args: str) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, KDLOSS_FORCE_ISA=env_isa)
-    return subprocess.run(
-        [sys.executable, *args], cwd=HERE, env=env, capture_output=True, text=True, timeout=600
-    )
+    return subprocess.run([sys.executable, *args], cwd=HERE, env=env, capture_output=True, text=True, timeout=600)
 
 
 @pytest.mark.parametrize("isa", kdloss.build_info()["cpu_isas"])

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from helpers import assert_grad_close, assert_loss_close, check_against_reference
 from kdloss import DistillationLoss
 from reference import reference
@@ -35,6 +34,7 @@ def long_rows(dtype):
 
 def dtypes_and(rows_of):
     return [(dtype, classes) for dtype in DTYPES for classes in rows_of(dtype)]
+
 
 FORMS = ["none", "index", "soft"]
 

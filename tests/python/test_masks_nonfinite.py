@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from helpers import assert_grad_close, assert_loss_close, check_against_reference
 from kdloss import DistillationLoss
 from reference import reference

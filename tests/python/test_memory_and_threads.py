@@ -22,7 +22,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-
 from kdloss import DistillationLoss
 
 BIG_SHAPES = {np.float64: (1250, 10000), np.float32: (2500, 10000)}  # 100 MB per array

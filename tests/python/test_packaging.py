@@ -11,10 +11,9 @@ import sys
 import typing
 from pathlib import Path
 
+import kdloss
 import numpy as np
 import pytest
-
-import kdloss
 from kdloss import DistillationLoss
 from reference import reference
 

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers import assert_grad_close, assert_loss_close, check_types
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from helpers import assert_grad_close, assert_loss_close, check_types
 from kdloss import DistillationLoss
 from reference import reference
 

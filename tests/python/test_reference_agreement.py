@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from helpers import (
     assert_grad_close,
     assert_loss_close,
@@ -377,9 +376,7 @@ def test_mean_is_sum_over_count(rng):
     np.testing.assert_allclose(
         mean.compute_gradient(s, t, y), total.compute_gradient(s, t, y) / 7, rtol=1e-14, atol=1e-17
     )
-    np.testing.assert_allclose(
-        none.compute_gradient(s, t, y), total.compute_gradient(s, t, y), rtol=1e-14, atol=1e-17
-    )
+    np.testing.assert_allclose(none.compute_gradient(s, t, y), total.compute_gradient(s, t, y), rtol=1e-14, atol=1e-17)
 
 
 @pytest.mark.parametrize("classes", [10, 1000])

@@ -11,7 +11,6 @@ import math
 
 import numpy as np
 import pytest
-
 from reference import brute_force_loss, log_softmax, reference
 
 CHECK_S = np.array([1.0, 2.0, 0.5])

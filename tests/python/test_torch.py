@@ -115,7 +115,8 @@ def test_matches_torch_float32_inputs(rng, reduction):
     kd = DistillationLoss(2.0, 0.3, reduction=reduction)
     loss, grad = kd.loss_and_gradient(s, t, y)
     assert grad.dtype == np.float32
-    t_loss, t_grad = torch_loss(s.astype(np.float64), t.astype(np.float64), y, temperature=2.0, alpha=0.3,
-                                reduction=reduction)
+    t_loss, t_grad = torch_loss(
+        s.astype(np.float64), t.astype(np.float64), y, temperature=2.0, alpha=0.3, reduction=reduction
+    )
     np.testing.assert_allclose(np.asarray(loss, dtype=np.float64), t_loss, rtol=1e-5)
     np.testing.assert_allclose(grad, t_grad, rtol=0, atol=1e-5 * np.abs(t_grad).max())

@@ -21,7 +21,6 @@ F = torch.nn.functional
 
 import kdloss  # noqa: E402
 from kdloss.torch import DistillationLoss, distillation_loss  # noqa: E402
-
 from torch_helpers import (  # noqa: E402
     F64,
     IGNORE,
@@ -33,7 +32,6 @@ from torch_helpers import (  # noqa: E402
     make_batch,
     plain_torch_loss,
 )
-
 
 # ------------------------------------------------------------------------------------------------------------
 # Values and gradients
@@ -99,9 +97,7 @@ def test_reduction_none_backward_weights_each_row(gen, form):
     s, t, y = make_batch(gen, (4, 3, 8), form)
     w = torch.randn(4, 3, generator=gen, dtype=F64)  # a different grad_output per row
     loss, grad = backward_grad(distillation_loss, s, t, y, weights=w, temperature=1.5, alpha=0.6, reduction="none")
-    ref_loss, ref = backward_grad(
-        plain_torch_loss, s, t, y, weights=w, temperature=1.5, alpha=0.6, reduction="none"
-    )
+    ref_loss, ref = backward_grad(plain_torch_loss, s, t, y, weights=w, temperature=1.5, alpha=0.6, reduction="none")
     assert_close(loss, ref_loss, what="row losses")
     assert_close(grad, ref, what="gradient")
 

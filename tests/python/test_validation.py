@@ -9,7 +9,6 @@ import math
 
 import numpy as np
 import pytest
-
 from kdloss import DistillationLoss
 
 SENTINEL = 12345.0
@@ -382,7 +381,9 @@ def test_1d_distribution_label_wrong_shape(rng, method, shape):
 
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize(
-    "label", [np.float16(1.0), np.float32(1.0), np.array(1.0, dtype=np.float16), 1.0], ids=["f16", "f32", "f16_0d", "py"]
+    "label",
+    [np.float16(1.0), np.float32(1.0), np.array(1.0, dtype=np.float16), 1.0],
+    ids=["f16", "f32", "f16_0d", "py"],
 )
 def test_0d_distribution_label_for_single_class_1d_logits(method, label):
     # For 1-D logits (C,) a target distribution has shape (C,): a 0-d float is

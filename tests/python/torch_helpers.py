@@ -30,12 +30,15 @@ def plain_torch_loss(s, t, y, *, temperature, alpha, reduction="mean", ignore_in
     counted = torch.ones(s2.shape[0], dtype=torch.bool)
     if y is not None and not y.is_floating_point():
         counted = y.reshape(-1) != ignore_index
-    soft = F.kl_div(
-        F.log_softmax(s2 / temperature, dim=-1),
-        F.log_softmax(t2 / temperature, dim=-1),
-        log_target=True,
-        reduction="none",
-    ).sum(-1) * temperature**2
+    soft = (
+        F.kl_div(
+            F.log_softmax(s2 / temperature, dim=-1),
+            F.log_softmax(t2 / temperature, dim=-1),
+            log_target=True,
+            reduction="none",
+        ).sum(-1)
+        * temperature**2
+    )
     if y is None:
         rows = soft
     else:
@@ -63,7 +66,7 @@ def make_batch(gen, shape, form, dtype=F64, *, ignored=True):
     elif form == "index":
         y = torch.randint(0, shape[-1], shape[:-1], generator=gen)
         if ignored and y.numel() > 1:
-            y.view(-1)[:: 3] = IGNORE  # every third row ignored
+            y.view(-1)[::3] = IGNORE  # every third row ignored
     else:
         y = torch.softmax(torch.randn(shape, generator=gen, dtype=dtype), dim=-1)
     return s, t, y

@@ -28,8 +28,7 @@ inline Reduction parse_reduction(std::string_view name) {
     if (name == "mean") return Reduction::mean;
     if (name == "sum") return Reduction::sum;
     if (name == "none") return Reduction::none;
-    throw std::invalid_argument("reduction must be one of 'mean', 'sum', 'none', got '" + std::string(name) +
-                                "'");
+    throw std::invalid_argument("reduction must be one of 'mean', 'sum', 'none', got '" + std::string(name) + "'");
 }
 
 inline const char* reduction_name(Reduction reduction) noexcept {
@@ -96,8 +95,8 @@ public:
     // (loss and gradient are the sum over rows divided by it, e.g. the number of counted rows over all
     // micro-batches and processes), and *counted_rows receives the number of rows that count (not ignored).
     double evaluate(MatrixView<const T> student_logits, MatrixView<const T> teacher_logits,
-                    const Labels<T>& true_labels, T* row_losses, const MatrixView<T>* gradient,
-                    double normalizer = 0.0, std::size_t* counted_rows = nullptr) const {
+                    const Labels<T>& true_labels, T* row_losses, const MatrixView<T>* gradient, double normalizer = 0.0,
+                    std::size_t* counted_rows = nullptr) const {
         return evaluate_with(detail::run_rows<T>, student_logits, teacher_logits, true_labels, row_losses, gradient,
                              normalizer, counted_rows);
     }
@@ -115,7 +114,7 @@ public:
         const std::size_t counted_rows = count_rows_and_check_labels(true_labels, rows, student_logits.cols);
         if (counted_rows_out != nullptr) *counted_rows_out = counted_rows;
         // The sum over rows is divided by this (1: no division); 0 rows counted divide nothing.
-        const double divisor = normalizer > 0.0                                     ? normalizer
+        const double divisor = normalizer > 0.0                                    ? normalizer
                                : reduction_ == Reduction::mean && counted_rows > 0 ? static_cast<double>(counted_rows)
                                                                                    : 1.0;
 
@@ -159,10 +158,10 @@ public:
         // 1.85-1.95x with runs of four).
         const std::size_t threads_wanted = std::min(num_threads_, worth_threads);
         const std::size_t rows_per_task =
-            threads_wanted == 1 ? rows
-                                : std::max({std::size_t{1}, min_elements_per_task / problem.classes,
-                                            rows / (4 * threads_wanted),
-                                            std::min(min_rows_per_task, rows / threads_wanted)});
+            threads_wanted == 1
+                ? rows
+                : std::max({std::size_t{1}, min_elements_per_task / problem.classes, rows / (4 * threads_wanted),
+                            std::min(min_rows_per_task, rows / threads_wanted)});
         const std::size_t tasks = (rows + rows_per_task - 1) / rows_per_task;
         const std::size_t threads = std::min(threads_wanted, tasks);
         const std::size_t scratch_per_thread = detail::scratch_elements<T>(problem.classes);
@@ -192,7 +191,8 @@ private:
 
     static double checked_temperature(double temperature) {
         if (!(std::isfinite(temperature) && temperature > 0.0))
-            throw std::invalid_argument("temperature must be finite and > 0, got " + detail::format_number(temperature));
+            throw std::invalid_argument("temperature must be finite and > 0, got " +
+                                        detail::format_number(temperature));
         return temperature;
     }
 

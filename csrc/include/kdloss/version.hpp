@@ -8,8 +8,8 @@
 
 #define KDLOSS_STRINGIFY_IMPL(x) #x
 #define KDLOSS_STRINGIFY(x) KDLOSS_STRINGIFY_IMPL(x)
-#define KDLOSS_VERSION_STRING                                                                            \
-    KDLOSS_STRINGIFY(KDLOSS_VERSION_MAJOR)                                                               \
+#define KDLOSS_VERSION_STRING              \
+    KDLOSS_STRINGIFY(KDLOSS_VERSION_MAJOR) \
     "." KDLOSS_STRINGIFY(KDLOSS_VERSION_MINOR) "." KDLOSS_STRINGIFY(KDLOSS_VERSION_PATCH)
 
 namespace kdloss {

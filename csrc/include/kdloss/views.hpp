@@ -36,9 +36,7 @@ struct ClassIndices {
     std::size_t count = 0;
     std::ptrdiff_t stride = 1;
 
-    std::int64_t operator[](std::size_t i) const noexcept {
-        return data[static_cast<std::ptrdiff_t>(i) * stride];
-    }
+    std::int64_t operator[](std::size_t i) const noexcept { return data[static_cast<std::ptrdiff_t>(i) * stride]; }
 };
 
 // The true labels of a batch: none, one class index per row, or one target distribution per row (one-hot

@@ -189,11 +189,11 @@ struct EveryLaneSummed {};
 //     term: a sum of small differences, good to float's resolution of itself. Z_t itself only ever divides
 //     (the difference, the cross term, the gradient), where its relative precision is all that counts.
 template <class T, class Terms, int HardPower>
-KDLOSS_NOINLINE LaneMaxima<T> exponentials(const T* student, const T* teacher, const T* target,
-                                           Pack<T> student_max, Pack<T> teacher_max, Exp2Scale<T> soft,
-                                           T* student_soft, T* teacher_soft, T* student_hard, std::size_t n,
-                                           RowsAhead<T> ahead, LaneSums& sums) noexcept {
-    constexpr bool count_maxima = std::is_same_v<T, float> && Terms::hard;  // for Z_h only
+KDLOSS_NOINLINE LaneMaxima<T> exponentials(const T* student, const T* teacher, const T* target, Pack<T> student_max,
+                                           Pack<T> teacher_max, Exp2Scale<T> soft, T* student_soft, T* teacher_soft,
+                                           T* student_hard, std::size_t n, RowsAhead<T> ahead,
+                                           LaneSums& sums) noexcept {
+    constexpr bool count_maxima = std::is_same_v<T, float> && Terms::hard;        // for Z_h only
     constexpr std::size_t chunk = lanes * (std::is_same_v<T, float> ? 64 : 256);  // 64 float terms a lane
     constexpr T minus_infinity = -std::numeric_limits<T>::infinity();
     const Exp2Scale<T> natural = exp2_scale<T>(log2e);  // e^(ds), when it is no power of a soft exponential
@@ -247,10 +247,8 @@ KDLOSS_NOINLINE LaneMaxima<T> exponentials(const T* student, const T* teacher, c
             // A power of the soft exponential is cheaper to recompute in the gradient pass than to store.
             if constexpr (HardPower == 0) e_hard.store(student_hard + i);
             const Pack<T> e_hard_summed = summed(e_hard, T(0));
-            if constexpr (count_maxima)
-                rest_hard = select(student_at_max, rest_hard, rest_hard + e_hard_summed);
-            else
-                rest_hard += e_hard_summed;
+            if constexpr (count_maxima) rest_hard = select(student_at_max, rest_hard, rest_hard + e_hard_summed);
+            else rest_hard += e_hard_summed;
         }
         if constexpr (count_maxima) maxima_student = select(student_at_max, maxima_student + T(1), maxima_student);
         if constexpr (Terms::distribution) {
@@ -305,10 +303,8 @@ inline V loss_from_sums(V soft_difference, V teacher_soft, V student_hard, V tea
     }
     if constexpr (Terms::hard) {
         V hard;
-        if constexpr (Terms::distribution)
-            hard = target_mass * fast_log(student_hard) - target_cross;
-        else
-            hard = fast_log(student_hard) - target_logit;
+        if constexpr (Terms::distribution) hard = target_mass * fast_log(student_hard) - target_cross;
+        else hard = fast_log(student_hard) - target_logit;
         loss = loss + hard_weight * hard;
     }
     return loss;

@@ -189,17 +189,17 @@ struct Pack {
         return values[lane];
     }
 
-#define KDLOSS_PACK_OP(op)                                                                         \
-    friend KDLOSS_INLINE Pack operator op(const Pack& a, const Pack& b) noexcept {                 \
-        Pack r;                                                                                    \
+#define KDLOSS_PACK_OP(op)                                                                           \
+    friend KDLOSS_INLINE Pack operator op(const Pack& a, const Pack& b) noexcept {                   \
+        Pack r;                                                                                      \
         KDLOSS_UNROLL for (std::size_t i = 0; i < parts<T>; ++i) r.part[i] = a.part[i] op b.part[i]; \
-        return r;                                                                                  \
+        return r;                                                                                    \
     }
-#define KDLOSS_PACK_COMPARE(op)                                                                    \
-    friend KDLOSS_INLINE Mask<T> operator op(const Pack& a, const Pack& b) noexcept {              \
-        Mask<T> r;                                                                                 \
+#define KDLOSS_PACK_COMPARE(op)                                                                      \
+    friend KDLOSS_INLINE Mask<T> operator op(const Pack& a, const Pack& b) noexcept {                \
+        Mask<T> r;                                                                                   \
         KDLOSS_UNROLL for (std::size_t i = 0; i < parts<T>; ++i) r.part[i] = a.part[i] op b.part[i]; \
-        return r;                                                                                  \
+        return r;                                                                                    \
     }
     KDLOSS_PACK_OP(+)
     KDLOSS_PACK_OP(-)
@@ -240,7 +240,7 @@ struct Pack {
         return reduce([](auto a, auto b) KDLOSS_INLINE_LAMBDA { return b > a ? b : a; });
     }
 
-  private:
+private:
     template <class Op>
     KDLOSS_INLINE T reduce(Op op) const noexcept {
 #if KDLOSS_VECTOR_SHUFFLES
@@ -318,11 +318,10 @@ struct Identity {
 // the compiler turns into a blend, a masked operation or a max.
 template <class T>
 KDLOSS_INLINE Pack<T> select(const Mask<T>& condition, const typename Identity<Pack<T>>::type& if_true,
-                      const typename Identity<Pack<T>>::type& if_false) noexcept {
+                             const typename Identity<Pack<T>>::type& if_false) noexcept {
     Pack<T> r;
     KDLOSS_UNROLL
-    for (std::size_t i = 0; i < parts<T>; ++i)
-        r.part[i] = condition.part[i] ? if_true.part[i] : if_false.part[i];
+    for (std::size_t i = 0; i < parts<T>; ++i) r.part[i] = condition.part[i] ? if_true.part[i] : if_false.part[i];
     return r;
 }
 

@@ -63,8 +63,8 @@ KDLOSS_NOINLINE RowSums distill_row(const BatchProblem<T>& problem, Exp2Scale<T>
 
     LaneSums lane_sums;
     const LaneMaxima<T> scanned = exponentials<T, typename Terms::without_gradient, HardPower>(
-        student, teacher, target, student_max, teacher_max, soft, student_soft, teacher_soft,
-        student_hard, n, ahead, lane_sums);
+        student, teacher, target, student_max, teacher_max, soft, student_soft, teacher_soft, student_hard, n, ahead,
+        lane_sums);
     maxima.row = {};
     if constexpr (scan_in_exponentials) maxima = {scanned, ahead.next};
 
@@ -143,15 +143,13 @@ KDLOSS_NOINLINE void distill_block(const BatchProblem<T>& problem, Exp2Scale<T> 
     }
     const double temperature = problem.temperature;
     LaneSums sums;
-    exponentials<T, typename Terms::without_gradient, HardPower>(student, teacher, target, student_max,
-                                                                 teacher_max, soft,
-                                                                 student_soft, teacher_soft, student_hard, m,
+    exponentials<T, typename Terms::without_gradient, HardPower>(student, teacher, target, student_max, teacher_max,
+                                                                 soft, student_soft, teacher_soft, student_hard, m,
                                                                  RowsAhead<T>{{}, next}, sums);
     const Pack<double> target_logit = Pack<double>::load(target_logits);
-    const Pack<double> loss =
-        loss_from_sums<Terms>(sums.soft_difference, sums.teacher_soft, sums.student_hard, sums.teacher_cross,
-                              sums.target_mass, sums.target_cross, target_logit, temperature, problem.soft_weight,
-                              problem.hard_weight);
+    const Pack<double> loss = loss_from_sums<Terms>(
+        sums.soft_difference, sums.teacher_soft, sums.student_hard, sums.teacher_cross, sums.target_mass,
+        sums.target_cross, target_logit, temperature, problem.soft_weight, problem.hard_weight);
     double losses[lanes];
     loss.store(losses);
     for (std::size_t lane = 0; lane < count; ++lane) problem.row_losses[rows[lane]] = losses[lane];
@@ -159,12 +157,11 @@ KDLOSS_NOINLINE void distill_block(const BatchProblem<T>& problem, Exp2Scale<T> 
     if constexpr (Terms::gradient) {
         const double soft_scale = problem.gradient_scale * problem.soft_weight * temperature;
         const double hard_scale = problem.gradient_scale * problem.hard_weight;
-        const GradientCoefficients<T> coefficients(sums.teacher_soft + sums.soft_difference, sums.teacher_soft,
-                                                   sums.student_hard,
-                                                   Terms::distribution ? sums.target_mass : Pack<double>(1.0),
-                                                   soft_scale, hard_scale);
-        write_gradient<T, Terms, HardPower>(gradient, student_soft, teacher_soft, student_hard, target, coefficients,
-                                            m, RowLogits<T>{});
+        const GradientCoefficients<T> coefficients(
+            sums.teacher_soft + sums.soft_difference, sums.teacher_soft, sums.student_hard,
+            Terms::distribution ? sums.target_mass : Pack<double>(1.0), soft_scale, hard_scale);
+        write_gradient<T, Terms, HardPower>(gradient, student_soft, teacher_soft, student_hard, target, coefficients, m,
+                                            RowLogits<T>{});
         if constexpr (Terms::hard && !Terms::distribution)
             for (std::size_t lane = 0; lane < count; ++lane)
                 gradient[static_cast<std::size_t>(class_index[lane]) * lanes + lane] -= static_cast<T>(hard_scale);

@@ -31,7 +31,7 @@ bool is_ignored(const BatchProblem<T>& problem, std::size_t i) noexcept {
 // Long rows' losses from their sums, `lanes` rows at a time: one row per lane of loss_from_sums, as in a block.
 template <class Terms>
 class RowLosses {
-  public:
+public:
     template <class T>
     explicit RowLosses(const BatchProblem<T>& problem) noexcept
         : row_losses_(problem.row_losses),
@@ -61,7 +61,7 @@ class RowLosses {
         count_ = 0;
     }
 
-  private:
+private:
     void put(std::size_t k, std::size_t row, const RowSums& sums) noexcept {
         rows_[k] = row;
         soft_difference_[k] = sums.soft_difference;
@@ -110,8 +110,7 @@ void run_rows_with(const BatchProblem<T>& problem, std::size_t begin, std::size_
                 count = 0;
             }
         }
-        if (count > 0)
-            distill_block<T, Terms, HardPower>(problem, soft, block_rows, count, RowLogits<T>{}, scratch);
+        if (count > 0) distill_block<T, Terms, HardPower>(problem, soft, block_rows, count, RowLogits<T>{}, scratch);
         return;
     }
     // Longer rows stream in well enough by themselves, and fetching one more would push the first out of L2.
@@ -133,11 +132,11 @@ void run_rows_with(const BatchProblem<T>& problem, std::size_t begin, std::size_
         const std::size_t fetched = scan_in_exponentials ? i + 2 : i + 1;  // the one the next scan reads
         if (fetched < end && fetch_ahead) ahead.fetched = logits(fetched);
         if (fetched < end && fetch_gradient_ahead)
-            ahead.fetched_gradient =
-                problem.gradient + static_cast<std::ptrdiff_t>(fetched) * problem.gradient_stride;
+            ahead.fetched_gradient = problem.gradient + static_cast<std::ptrdiff_t>(fetched) * problem.gradient_stride;
         const auto row = static_cast<std::ptrdiff_t>(i);
-        const std::int64_t class_index =
-            problem.label_kind == LabelKind::class_indices ? problem.class_indices[row * problem.class_index_stride] : 0;
+        const std::int64_t class_index = problem.label_kind == LabelKind::class_indices
+                                             ? problem.class_indices[row * problem.class_index_stride]
+                                             : 0;
         T* gradient = Terms::gradient ? problem.gradient + row * problem.gradient_stride : nullptr;
         const T* target = Terms::distribution ? problem.targets + row * problem.target_stride : nullptr;
         const RowLogits<T> here = logits(i);
@@ -169,22 +168,16 @@ void run_rows_choosing_terms(const BatchProblem<T>& problem, std::size_t begin, 
     // Soft and hard weights are 1 - alpha and alpha, so at least one term is always present.
     if (soft && hard && distribution)
         run_rows_choosing_power<T, Terms<true, true, true, Gradient>>(problem, begin, end, scratch);
-    else if (soft && hard)
-        run_rows_choosing_power<T, Terms<true, true, false, Gradient>>(problem, begin, end, scratch);
-    else if (soft)
-        run_rows_choosing_power<T, Terms<true, false, false, Gradient>>(problem, begin, end, scratch);
-    else if (distribution)
-        run_rows_choosing_power<T, Terms<false, true, true, Gradient>>(problem, begin, end, scratch);
-    else
-        run_rows_choosing_power<T, Terms<false, true, false, Gradient>>(problem, begin, end, scratch);
+    else if (soft && hard) run_rows_choosing_power<T, Terms<true, true, false, Gradient>>(problem, begin, end, scratch);
+    else if (soft) run_rows_choosing_power<T, Terms<true, false, false, Gradient>>(problem, begin, end, scratch);
+    else if (distribution) run_rows_choosing_power<T, Terms<false, true, true, Gradient>>(problem, begin, end, scratch);
+    else run_rows_choosing_power<T, Terms<false, true, false, Gradient>>(problem, begin, end, scratch);
 }
 
 template <class T>
 void run_rows(const BatchProblem<T>& problem, std::size_t begin, std::size_t end, T* scratch) noexcept {
-    if (problem.gradient != nullptr)
-        run_rows_choosing_terms<T, true>(problem, begin, end, scratch);
-    else
-        run_rows_choosing_terms<T, false>(problem, begin, end, scratch);
+    if (problem.gradient != nullptr) run_rows_choosing_terms<T, true>(problem, begin, end, scratch);
+    else run_rows_choosing_terms<T, false>(problem, begin, end, scratch);
 }
 
 }  // namespace KDLOSS_KERNEL_NAMESPACE

@@ -74,13 +74,24 @@ struct Exp2Table<float, 8> {  // error 3.4e-10
 };
 template <>
 struct Exp2Table<double, 16> {  // error 1.5e-17
-    static constexpr double entry[16] = {
-        0x1.0p+0,           0x1.0b5586cf9890fp+0, 0x1.172b83c7d517bp+0, 0x1.2387a6e756238p+0,
-        0x1.306fe0a31b715p+0, 0x1.3dea64c123422p+0, 0x1.4bfdad5362a27p+0, 0x1.5ab07dd485429p+0,
-        0x1.6a09e667f3bcdp+0, 0x1.7a11473eb0187p+0, 0x1.8ace5422aa0dbp+0, 0x1.9c49182a3f09p+0,
-        0x1.ae89f995ad3adp+0, 0x1.c199bdd85529cp+0, 0x1.d5818dcfba487p+0, 0x1.ea4afa2a490dap+0};
-    static constexpr double p[6] = {0.6931471805599457,    0.24022650695910075,   0.0555041086566393,
-                                    0.009618129106919537,  0.0013333781576784268, 0.00015403723980749256};
+    static constexpr double entry[16] = {0x1.0p+0,
+                                         0x1.0b5586cf9890fp+0,
+                                         0x1.172b83c7d517bp+0,
+                                         0x1.2387a6e756238p+0,
+                                         0x1.306fe0a31b715p+0,
+                                         0x1.3dea64c123422p+0,
+                                         0x1.4bfdad5362a27p+0,
+                                         0x1.5ab07dd485429p+0,
+                                         0x1.6a09e667f3bcdp+0,
+                                         0x1.7a11473eb0187p+0,
+                                         0x1.8ace5422aa0dbp+0,
+                                         0x1.9c49182a3f09p+0,
+                                         0x1.ae89f995ad3adp+0,
+                                         0x1.c199bdd85529cp+0,
+                                         0x1.d5818dcfba487p+0,
+                                         0x1.ea4afa2a490dap+0};
+    static constexpr double p[6] = {0.6931471805599457,   0.24022650695910075,   0.0555041086566393,
+                                    0.009618129106919537, 0.0013333781576784268, 0.00015403723980749256};
 };
 
 // exp2 through a table, where the target can look one up (lookup_entries in pack.hpp): with k =
@@ -108,8 +119,7 @@ KDLOSS_INLINE Pack<T> exp2_by_table(const Pack<T>& x, Exp2Scale<T> e) noexcept {
     KDLOSS_UNROLL
     for (std::size_t i = 0; i < lanes; ++i)
         table_bits[i] = to_bits(Table::entry[i % Entries]) - (static_cast<Bits>(i % Entries) << index_shift);
-    const Pack<T> scaled_entry =
-        from_bits(lookup(Pack<Bits>::load(table_bits), k_bits) + (k_bits << index_shift));
+    const Pack<T> scaled_entry = from_bits(lookup(Pack<Bits>::load(table_bits), k_bits) + (k_bits << index_shift));
     constexpr std::size_t terms = std::size(Table::p);
     Pack<T> p = Table::p[terms - 1];
     KDLOSS_UNROLL
@@ -173,10 +183,8 @@ KDLOSS_INLINE V exp2_by_polynomial(V x, Exp2Scale<double> e) noexcept {
 // The kernels' exp2: through the table where the target has a lookup of T's width, else by polynomial.
 template <class T>
 KDLOSS_INLINE Pack<T> fast_exp2(const Pack<T>& x, Exp2Scale<T> e) noexcept {
-    if constexpr (lookup_entries<BitsOf<T>> != 0)
-        return exp2_by_table(x, e);
-    else
-        return exp2_by_polynomial(x, e);
+    if constexpr (lookup_entries<BitsOf<T>> != 0) return exp2_by_table(x, e);
+    else return exp2_by_polynomial(x, e);
 }
 
 template <class V, IfDouble<V> = 0>

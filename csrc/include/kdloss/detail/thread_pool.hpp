@@ -150,8 +150,7 @@ private:
         for (;;) {
             // Spin for a while before sleeping: the next call of a training loop usually comes soon.
             const auto spin_until = std::chrono::steady_clock::now() + std::chrono::microseconds(200);
-            while (generation_.load(std::memory_order_acquire) == seen &&
-                   std::chrono::steady_clock::now() < spin_until)
+            while (generation_.load(std::memory_order_acquire) == seen && std::chrono::steady_clock::now() < spin_until)
                 std::this_thread::yield();
             std::shared_ptr<Job> job;
             {

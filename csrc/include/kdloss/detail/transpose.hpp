@@ -104,12 +104,11 @@ KDLOSS_INLINE void transpose_tile(Vector<T> (&v)[tile_width<T>]) noexcept {
             t[2 * k + 1] = __builtin_shufflevector(v[2 * k], v[2 * k + 1], 2, 10, 3, 11, 6, 14, 7, 15);
         }
         KDLOSS_UNROLL
-        for (std::size_t g = 0; g < 8; g += 4)
-            KDLOSS_UNROLL
-            for (std::size_t k = 0; k < 2; ++k) {
-                u[g + 2 * k] = __builtin_shufflevector(t[g + k], t[g + k + 2], 0, 1, 8, 9, 4, 5, 12, 13);
-                u[g + 2 * k + 1] = __builtin_shufflevector(t[g + k], t[g + k + 2], 2, 3, 10, 11, 6, 7, 14, 15);
-            }
+        for (std::size_t g = 0; g < 8; g += 4) KDLOSS_UNROLL
+        for (std::size_t k = 0; k < 2; ++k) {
+            u[g + 2 * k] = __builtin_shufflevector(t[g + k], t[g + k + 2], 0, 1, 8, 9, 4, 5, 12, 13);
+            u[g + 2 * k + 1] = __builtin_shufflevector(t[g + k], t[g + k + 2], 2, 3, 10, 11, 6, 7, 14, 15);
+        }
         KDLOSS_UNROLL
         for (std::size_t j = 0; j < 4; ++j) {
             v[j] = __builtin_shufflevector(u[j], u[j + 4], 0, 1, 2, 3, 8, 9, 10, 11);
@@ -330,7 +329,6 @@ void lanes_to_rows(const T* in, std::size_t n, T* const (&rows)[lanes], std::siz
     lanes_to_rows_by_tiles(in, n, rows, count);
 #endif
 }
-
 
 }  // namespace KDLOSS_KERNEL_NAMESPACE
 }  // namespace kdloss::detail
