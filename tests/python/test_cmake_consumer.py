@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from kdloss import DistillationLoss
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -121,3 +120,11 @@ def test_consumer_gradient_equals_python_gradient(consumer_output):
     gradient = DistillationLoss(3.0, 0.5).compute_gradient(STUDENT, TEACHER, LABELS)
     np.testing.assert_allclose(consumer_output["gradient"], gradient[0], rtol=ULPS, atol=1e-17)
     assert np.all(gradient[1] == 0.0)  # the ignored row
+
+
+@pytest.mark.skipif(not (ROOT / "README.md").is_file(), reason="README.md is not next to the tests")
+def test_readme_shows_the_consumer_program_verbatim():
+    """README's C++ example is this program, which CI builds and runs: the two cannot drift apart."""
+    readme = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```cpp\n(.*?)```", readme, flags=re.DOTALL)
+    assert (CONSUMER / "main.cpp").read_text() in blocks
