@@ -134,6 +134,12 @@ py::dict build_info() {
     const char* forced = forced_isa();
     info["forced_isa"] = forced != nullptr ? py::object(py::str(forced)) : py::object(py::none());
     info["hardware_threads"] = detail::ThreadPool::hardware_threads();
+    // The kernels' internal limits, so that tests of their boundaries read them rather than copy them.
+    py::dict block_max_classes;
+    block_max_classes["float32"] = detail::block_max_classes<float>;
+    block_max_classes["float64"] = detail::block_max_classes<double>;
+    info["block_max_classes"] = block_max_classes;
+    info["lanes"] = detail::lanes;
     return info;
 }
 

@@ -47,3 +47,6 @@ def test_build_info_reports_the_kernels() -> None:
     # The widest set this CPU runs, never the opt-in "native" copy (KDLOSS_NATIVE_KERNELS) unless forced.
     assert info["active_isa"] == [isa for isa in info["cpu_isas"] if isa != "native"][-1]
     assert info["hardware_threads"] >= 1
+    # The kernels' limits: blocks of `lanes` rows up to these lengths, never shorter than one vector.
+    assert set(info["block_max_classes"]) == {"float32", "float64"}
+    assert all(limit >= info["lanes"] >= 1 for limit in info["block_max_classes"].values())
