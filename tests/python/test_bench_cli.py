@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from kdloss import _bench
 
-TIMEOUT_S = 60
+TIMEOUT_S = 600  # only a guard against a hang: no timing is asserted
 
 
 def run_bench(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:

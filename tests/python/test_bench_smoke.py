@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench.py"
-TIMEOUT_S = 14
+TIMEOUT_S = 600  # only a guard against a hang: no timing is asserted
 HEADER_COLUMNS = ("shape", "dtype", "kdloss 1T", "kdloss 2T", "NumPy", "PyTorch", "bound", "torch/1T", "1T/bound")
 
 

@@ -16,7 +16,6 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
 import tracemalloc
 from concurrent.futures import ThreadPoolExecutor
 
@@ -225,44 +224,22 @@ def test_concurrent_calls_on_shared_inputs():
 
 
 def test_gil_is_released_during_the_kernel():
+    """While one thread is inside the kernel, another runs Python: it sees the gradient half written.
+
+    With the GIL held for the whole call, the state in which the first row of ``out`` has been written and the
+    last has not could never be observed from Python; with it released, the polling thread sees it at once.
+    No timing is asserted, only what was seen.
+    """
     rng = np.random.default_rng(3)
     s = rng.standard_normal((200, 50000))
     t = rng.standard_normal((200, 50000))
-    out = np.empty_like(s)
-    kd = DistillationLoss(2.0, 0.3)
-    kd.compute_gradient(s[:2], t[:2], out=out[:2])
-
-    def spin(stop, counter):
-        n = 0
-        while not stop.is_set():
-            n += 1
-        counter.append(n)
-
-    def rate_while(fn, duration=None):
-        stop, counter = threading.Event(), []
-        th = threading.Thread(target=spin, args=(stop, counter))
-        start = time.perf_counter()
-        th.start()
-        if fn is None:
-            time.sleep(duration)
-        else:
-            fn()
-        stop.set()
-        th.join()
-        return counter[0] / (time.perf_counter() - start)
-
-    def kernel_calls():
-        end = time.perf_counter() + 0.6
-        while time.perf_counter() < end:
-            kd.compute_gradient(s, t, out=out)
-
-    old = sys.getswitchinterval()
-    sys.setswitchinterval(0.001)
-    try:
-        baseline = rate_while(None, 0.3)
-        during = rate_while(kernel_calls)
-    finally:
-        sys.setswitchinterval(old)
-    assert during > 0.2 * baseline, (
-        f"a Python thread ran at {during / baseline:.0%} of its normal speed during the kernel: GIL held?"
-    )
+    out = np.full_like(s, np.nan)
+    kd = DistillationLoss(2.0, 0.3, num_threads=1)  # rows in order, the last one last
+    worker = threading.Thread(target=kd.compute_gradient, args=(s, t), kwargs={"out": out})
+    seen_half_written = False
+    worker.start()
+    while worker.is_alive() and not seen_half_written:
+        seen_half_written = not np.isnan(out[0, 0]) and np.isnan(out[-1, -1])
+    worker.join()
+    assert seen_half_written, "no Python thread ran while the kernel wrote the gradient: GIL held?"
+    np.testing.assert_array_equal(out, kd.compute_gradient(s, t))
