@@ -2,67 +2,19 @@
 
 from __future__ import annotations
 
-import numbers
 from typing import Any, Union
 
 import numpy as np
 import numpy.typing as npt
 
 from . import _arrays, _core, _gradient_cache
+from ._params import Parameters
+from ._params import check_normalizer as _normalizer
 
 __all__ = ["DistillationLoss", "clear_gradient_cache"]
 
 Loss = Union[float, np.ndarray]
 """A Python float for reductions "mean" and "sum"; an array of the logits' leading shape for "none"."""
-
-
-def _real(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {value!r}")
-    return float(value)
-
-
-def _reduction(value: Any) -> str:
-    if not isinstance(value, str):
-        raise TypeError(f"reduction must be one of 'mean', 'sum', 'none', got {value!r}")
-    return value
-
-
-def _ignore_index(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"ignore_index must be an integer, got {value!r}")
-    value = int(value)
-    if not -(2**63) <= value < 2**63:
-        raise ValueError(f"ignore_index must fit in int64, got {value}")
-    return value
-
-
-# The native class's limit (DistillationLoss<T>::max_threads), checked here before pybind11 sees the number: one
-# too large for its size_t would get pybind11's "incompatible constructor arguments".
-_MAX_THREADS = 4096
-
-
-def _num_threads(value: Any) -> int:
-    """0 asks the native side for every hardware thread."""
-    if value is None:
-        return 0
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"num_threads must be a positive integer or None, got {value!r}")
-    if value < 1:
-        raise ValueError(f"num_threads must be >= 1 (or None for all cores), got {value}")
-    if value > _MAX_THREADS:
-        raise ValueError(f"num_threads must be at most {_MAX_THREADS}, got {value}")
-    return int(value)
-
-
-def _normalizer(value: Any) -> float:
-    """0.0 tells the native side to use the reduction's own divisor."""
-    if value is None:
-        return 0.0
-    number = _real("normalizer", value)
-    if not (0.0 < number < float("inf")):
-        raise ValueError(f"normalizer must be finite and > 0, got {value!r}")
-    return number
 
 
 def clear_gradient_cache() -> None:
@@ -77,10 +29,9 @@ def clear_gradient_cache() -> None:
     _gradient_cache.clear()
 
 
-def _rebuild(
-    temperature: float, alpha: float, reduction: str, ignore_index: int, num_threads: int | None
-) -> DistillationLoss:
-    return DistillationLoss(temperature, alpha, reduction=reduction, ignore_index=ignore_index, num_threads=num_threads)
+def _rebuild(*parameters: Any) -> DistillationLoss:
+    """Unpickles: the fields of Parameters, in order (pickles of every earlier release hold the same five)."""
+    return DistillationLoss(**Parameters(*parameters)._asdict())
 
 
 class DistillationLoss:
@@ -138,7 +89,7 @@ class DistillationLoss:
     0.25465032
     """
 
-    __slots__ = ("_engine", "_threads_asked")
+    __slots__ = ("_engine", "_params")
 
     def __init__(
         self,
@@ -149,62 +100,46 @@ class DistillationLoss:
         ignore_index: int = -100,
         num_threads: int | None = None,
     ) -> None:
-        threads = _num_threads(num_threads)
-        self._engine = _core.DistillationLoss(
-            _real("temperature", temperature),
-            _real("alpha", alpha),
-            _reduction(reduction),
-            _ignore_index(ignore_index),
-            threads,
-        )
-        # None stays None ("all cores" of whichever machine the object is on, after pickling too).
-        self._threads_asked = None if num_threads is None else threads
+        self._set(Parameters.checked(temperature, alpha, reduction, ignore_index, num_threads))
 
     # Setters build a new engine rather than mutate the current one, so a call running in another thread
     # keeps the parameters it started with.
-    def _replace(self, **changes: Any) -> None:
-        params = {
-            "temperature": self.temperature,
-            "alpha": self.alpha,
-            "reduction": self.reduction,
-            "ignore_index": self.ignore_index,
-            "num_threads": _num_threads(self._threads_asked),
-        }
-        params.update(changes)
-        self._engine = _core.DistillationLoss(**params)
+    def _set(self, params: Parameters) -> None:
+        engine = _core.DistillationLoss(*params.native())  # checks the ranges; nothing changes if it raises
+        self._engine, self._params = engine, params
 
     @property
     def temperature(self) -> float:
         """Softmax temperature ``T`` (finite, > 0)."""
-        return self._engine.temperature
+        return self._params.temperature
 
     @temperature.setter
     def temperature(self, value: float) -> None:
-        self._replace(temperature=_real("temperature", value))
+        self._set(Parameters.checked(value, *self._params[1:]))
 
     @property
     def alpha(self) -> float:
         """Weight of the hard-label term, in [0, 1]."""
-        return self._engine.alpha
+        return self._params.alpha
 
     @alpha.setter
     def alpha(self, value: float) -> None:
-        self._replace(alpha=_real("alpha", value))
+        self._set(Parameters.checked(self._params.temperature, value, *self._params[2:]))
 
     @property
     def reduction(self) -> str:
         """How row losses combine: "mean", "sum" or "none"."""
-        return self._engine.reduction
+        return self._params.reduction
 
     @property
     def ignore_index(self) -> int:
         """Class-index label value whose rows are ignored."""
-        return self._engine.ignore_index
+        return self._params.ignore_index
 
     @property
     def num_threads(self) -> int | None:
         """Most threads one call uses; None: every hardware thread of the machine the object is on."""
-        return self._threads_asked
+        return self._params.num_threads
 
     def _evaluate(
         self,
@@ -305,9 +240,7 @@ class DistillationLoss:
         """
         engine = self._engine
         if self.reduction == "none":  # a normalizer needs a reduced loss
-            engine = _core.DistillationLoss(
-                self.temperature, self.alpha, "sum", self.ignore_index, _num_threads(self._threads_asked)
-            )
+            engine = _core.DistillationLoss(*self._params._replace(reduction="sum").native())
         student, teacher = _arrays.logits_pair(student_logits, teacher_logits)
         labels = _arrays.true_labels(true_labels, student.dtype, student.shape)
         # Dividing by a normalizer of 1 turns either reduction into the plain sum, summed in double.
@@ -379,17 +312,14 @@ class DistillationLoss:
         return loss, gradient
 
     def __repr__(self) -> str:
-        return (
-            f"DistillationLoss(temperature={self.temperature!r}, alpha={self.alpha!r}, "
-            f"reduction={self.reduction!r}, ignore_index={self.ignore_index!r}, num_threads={self.num_threads!r})"
-        )
+        return f"DistillationLoss({self._params.arguments()})"
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, DistillationLoss):
             return NotImplemented
-        return self.__reduce__()[1] == other.__reduce__()[1]
+        return self._params == other._params
 
     __hash__ = None  # type: ignore[assignment]  # mutable through the setters
 
     def __reduce__(self) -> tuple[Any, tuple[float, float, str, int, int | None]]:
-        return (_rebuild, (self.temperature, self.alpha, self.reduction, self.ignore_index, self.num_threads))
+        return (_rebuild, tuple(self._params))

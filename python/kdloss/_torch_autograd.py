@@ -20,7 +20,8 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor
 
-from ._torch_checks import Params, engine
+from ._params import Parameters
+from ._torch_checks import engine
 
 
 def graph_is_retained() -> bool:
@@ -42,7 +43,7 @@ def gradient_graph(
     student: Tensor,
     teacher: Tensor,
     labels: Optional[Tensor],
-    params: Params,
+    params: Parameters,
     normalizer: Union[float, Tensor, None],
 ) -> Tensor:
     r"""d(loss)/d(student) as differentiable torch operations (for ``create_graph=True`` only).
@@ -94,7 +95,7 @@ class DistillationFunction(torch.autograd.Function):
         student: Tensor,
         teacher: Tensor,
         labels: Optional[Tensor],
-        params: Params,
+        params: Parameters,
         normalizer: Optional[float],
     ) -> Tensor:
         # Plain CPU tensors (DistillationLoss's eager path takes no others): .numpy() views them, for less

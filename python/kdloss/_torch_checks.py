@@ -10,34 +10,19 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, NamedTuple, Optional
+from typing import Any, Optional
 
 import torch
 
-from . import _loss
+from . import _params
 from ._arrays import floating_class_indices_message
 from ._loss import DistillationLoss as NumpyDistillationLoss
+from ._params import Parameters
 
 
-class Params(NamedTuple):
-    """The loss's hyper-parameters, validated and in the types the custom operators' schemas name."""
-
-    temperature: float
-    alpha: float
-    reduction: str
-    ignore_index: int
-    num_threads: Optional[int]
-
-
-def validated_params(temperature: Any, alpha: Any, reduction: Any, ignore_index: Any, num_threads: Any) -> Params:
+def validated_params(temperature: Any, alpha: Any, reduction: Any, ignore_index: Any, num_threads: Any) -> Parameters:
     """The parameters as the NumPy class takes them: its type checks and messages, then its range checks."""
-    params = Params(
-        _loss._real("temperature", temperature),
-        _loss._real("alpha", alpha),
-        _loss._reduction(reduction),
-        _loss._ignore_index(ignore_index),
-        None if num_threads is None else _loss._num_threads(num_threads),
-    )
+    params = Parameters.checked(temperature, alpha, reduction, ignore_index, num_threads)
     # The range checks ("temperature must be finite and > 0", ...) live in the native class. torch.compile
     # cannot trace its constructor; there the operators' fake implementations run this function for real.
     if not torch.compiler.is_compiling():
@@ -46,28 +31,26 @@ def validated_params(temperature: Any, alpha: Any, reduction: Any, ignore_index:
 
 
 @functools.lru_cache(maxsize=64)
-def engine(params: Params) -> NumpyDistillationLoss:
+def engine(params: Parameters) -> NumpyDistillationLoss:
     """The NumPy-facing loss object for these (type-checked) parameters; it checks their ranges.
 
     Cached because a training loop calls the operators with the same parameters every step. The objects are
     never mutated here (their setters are not used), so they are safe to share between threads.
     """
-    return NumpyDistillationLoss(
-        params.temperature,
-        params.alpha,
-        reduction=params.reduction,
-        ignore_index=params.ignore_index,
-        num_threads=params.num_threads,
-    )
+    return NumpyDistillationLoss(**params._asdict())
 
 
 def normalizer_number(value: float) -> float:
     """A Python-number normaliser, checked as the NumPy class checks it ("finite and > 0")."""
-    return _loss._normalizer(value)
+    return _params.check_normalizer(value)
 
 
 def check_shapes(
-    student: torch.Tensor, teacher: torch.Tensor, labels: Optional[torch.Tensor], params: Params, has_normalizer: bool
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    labels: Optional[torch.Tensor],
+    params: Parameters,
+    has_normalizer: bool,
 ) -> None:
     """The NumPy class's shape rules, in its order: binding (teacher, axes, labels), then core (normaliser, C)."""
     if teacher.shape != student.shape:

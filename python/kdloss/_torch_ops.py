@@ -16,8 +16,9 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
+from ._params import Parameters
 from ._torch_autograd import gradient_graph, loss_tensor, scale_per_row
-from ._torch_checks import Params, check_shapes, engine, validated_params
+from ._torch_checks import check_shapes, engine, validated_params
 
 
 def _normalizer_value(normalizer: Optional[Tensor]) -> Optional[float]:
@@ -42,7 +43,7 @@ def _loss_and_grad(
     num_threads: Optional[int],
 ) -> tuple[Tensor, Tensor]:
     """Loss and d(loss)/d(student) from one native call; the gradient is a new tensor."""
-    params = Params(temperature, alpha, reduction, ignore_index, num_threads)
+    params = Parameters(temperature, alpha, reduction, ignore_index, num_threads)
     # kdloss allocates the gradient through NumPy (huge pages: a cheap first touch); the tensor adopts it.
     loss, gradient = engine(params).loss_and_gradient(
         student.detach(), teacher.detach(), _detached(labels), normalizer=_normalizer_value(normalizer)
@@ -67,13 +68,13 @@ def _loss_and_grad_fake(
     return _loss_fake(student, params), torch.empty_like(student, memory_format=torch.contiguous_format)
 
 
-def _loss_fake(student: Tensor, params: Params) -> Tensor:
+def _loss_fake(student: Tensor, params: Parameters) -> Tensor:
     return student.new_empty(student.shape[:-1] if params.reduction == "none" else ())
 
 
 def _save_inputs(ctx: Any, inputs: tuple, *outputs: Tensor) -> None:
     student, teacher, labels, *params, normalizer, num_threads = inputs
-    ctx.params = Params(*params, num_threads)
+    ctx.params = Parameters(*params, num_threads)
     ctx.normalizer = normalizer
     ctx.save_for_backward(student, teacher, labels, *outputs)
 
@@ -116,7 +117,7 @@ def _loss_only(
     num_threads: Optional[int],
 ) -> Tensor:
     """The loss alone (no gradient buffer), for evaluation."""
-    params = Params(temperature, alpha, reduction, ignore_index, num_threads)
+    params = Parameters(temperature, alpha, reduction, ignore_index, num_threads)
     loss = engine(params).compute_loss(
         student.detach(), teacher.detach(), _detached(labels), normalizer=_normalizer_value(normalizer)
     )

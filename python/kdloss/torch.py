@@ -27,8 +27,9 @@ except ImportError as error:  # say how to get it rather than just "No module na
 from torch import Tensor
 
 from . import _torch_ops  # noqa: F401  (registers torch.ops.kdloss.*)
+from ._params import Parameters
 from ._torch_autograd import DistillationFunction
-from ._torch_checks import Params, check_floating_labels, check_shapes, normalizer_number, validated_params
+from ._torch_checks import check_floating_labels, check_shapes, normalizer_number, validated_params
 
 __all__ = ["DistillationLoss", "distillation_loss"]
 
@@ -159,7 +160,7 @@ def distillation_loss(
 
 
 def _distillation_loss(
-    params: Params,
+    params: Parameters,
     student_logits: Tensor,
     teacher_logits: Tensor,
     true_labels: Optional[Tensor],

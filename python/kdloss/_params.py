@@ -1,0 +1,89 @@
+"""The loss's hyper-parameters, one frozen type for every Python front end.
+
+``kdloss.DistillationLoss`` keeps one (its ``repr``, ``==`` and pickling read it), and ``kdloss.torch`` passes one to
+its autograd function and spells it out for its operators' schemas. A new parameter is a field here and its
+check in :meth:`Parameters.checked`; the native class checks ranges (``temperature must be finite and > 0``), so
+that C++ hosts get the same messages.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any, NamedTuple
+
+# The native class's limit (DistillationLoss<T>::max_threads), checked here before pybind11 sees the number: one
+# too large for its size_t would get pybind11's "incompatible constructor arguments".
+MAX_THREADS = 4096
+
+
+def check_real(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    return float(value)
+
+
+def check_reduction(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"reduction must be one of 'mean', 'sum', 'none', got {value!r}")
+    return value
+
+
+def check_ignore_index(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"ignore_index must be an integer, got {value!r}")
+    value = int(value)
+    if not -(2**63) <= value < 2**63:
+        raise ValueError(f"ignore_index must fit in int64, got {value}")
+    return value
+
+
+def check_num_threads(value: Any) -> int | None:
+    """None (every hardware thread) stays None; the native side is told 0 for it (:meth:`Parameters.native`)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"num_threads must be a positive integer or None, got {value!r}")
+    if value < 1:
+        raise ValueError(f"num_threads must be >= 1 (or None for all cores), got {value}")
+    if value > MAX_THREADS:
+        raise ValueError(f"num_threads must be at most {MAX_THREADS}, got {value}")
+    return int(value)
+
+
+def check_normalizer(value: Any) -> float:
+    """0.0 tells the native side to use the reduction's own divisor."""
+    if value is None:
+        return 0.0
+    number = check_real("normalizer", value)
+    if not (0.0 < number < float("inf")):
+        raise ValueError(f"normalizer must be finite and > 0, got {value!r}")
+    return number
+
+
+class Parameters(NamedTuple):
+    """Type-checked hyper-parameters, in the order of the constructors' arguments."""
+
+    temperature: float = 3.0
+    alpha: float = 0.3
+    reduction: str = "mean"
+    ignore_index: int = -100
+    num_threads: int | None = None
+
+    @classmethod
+    def checked(cls, temperature: Any, alpha: Any, reduction: Any, ignore_index: Any, num_threads: Any) -> Parameters:
+        """The arguments' types checked (and numbers made float or int), in the order the messages come in."""
+        return cls(
+            check_real("temperature", temperature),
+            check_real("alpha", alpha),
+            check_reduction(reduction),
+            check_ignore_index(ignore_index),
+            check_num_threads(num_threads),
+        )
+
+    def native(self) -> tuple[float, float, str, int, int]:
+        """The native class's constructor arguments (it checks the ranges)."""
+        return (*self[:4], 0 if self.num_threads is None else self.num_threads)
+
+    def arguments(self) -> str:
+        """``temperature=3.0, alpha=0.3, ...``: the keyword arguments that rebuild these, for ``repr``."""
+        return ", ".join(f"{name}={value!r}" for name, value in self._asdict().items())
