@@ -55,18 +55,29 @@ inline RowAxis collapsed_row_axis(const py::array& array, py::ssize_t last_axis,
     return {true, found ? stride / array.itemsize() : fallback};
 }
 
-// Rows of contiguous elements: the last axis has unit stride, the leading axes collapse into rows, and
-// the row stride is a whole number of elements. Anything else would need a copy, which the Python layer
-// makes visibly before calling.
-inline void require_row_layout(const py::array& array, const char* name) {
-    if (array.size() == 0 || array.ndim() == 0) return;  // nothing is read; NumPy may give such arrays any strides
-    const auto itemsize = array.itemsize();
+// Whether every axis longer than 1 among the first `axes` has a stride of whole elements (an axis of length 1 is
+// never stepped along, and NumPy lets its stride be anything, even in a C-contiguous array).
+inline bool whole_element_strides(const py::array& array, py::ssize_t axes) {
+    for (py::ssize_t axis = 0; axis < axes; ++axis)
+        if (array.shape(axis) > 1 && array.strides(axis) % array.itemsize() != 0) return false;
+    return true;
+}
+
+// The one rule of what the kernels read in place (the Python layer asks it, as kdloss._core.reads_in_place,
+// before deciding to copy): rows of contiguous elements, i.e. aligned, unit stride along the last axis, and
+// leading axes that collapse into one axis of rows a whole number of elements apart.
+inline bool has_row_layout(const py::array& array) {
+    if (array.size() == 0 || array.ndim() == 0) return true;  // nothing is read; NumPy may give such arrays any strides
     const py::ssize_t last = array.ndim() - 1;
     const bool aligned = has_flag(array, py::detail::npy_api::NPY_ARRAY_ALIGNED_);
-    const bool unit_columns = array.shape(last) <= 1 || array.strides(last) == itemsize;
-    bool whole_rows = true;
-    for (py::ssize_t axis = 0; axis < last; ++axis) whole_rows = whole_rows && array.strides(axis) % itemsize == 0;
-    if (!(aligned && unit_columns && whole_rows && collapsed_row_axis(array, last, 0).collapses))
+    const bool unit_columns = array.shape(last) <= 1 || array.strides(last) == array.itemsize();
+    return aligned && unit_columns && whole_element_strides(array, last) &&
+           collapsed_row_axis(array, last, 0).collapses;
+}
+
+// Anything else would need a copy, which the Python layer makes visibly before calling.
+inline void require_row_layout(const py::array& array, const char* name) {
+    if (!has_row_layout(array))
         throw py::value_error(std::string(name) +
                               " must be aligned with contiguous rows (unit stride along the last axis, leading axes "
                               "that collapse into one)");
@@ -98,12 +109,9 @@ inline ClassIndices class_indices_view(const py::array& labels, const py::array&
                               shape_text(logits.shape(), logits.ndim() - 1) + ", got " + shape_text(labels));
     if (labels.ndim() > 0 && labels.size() > 0) {
         const bool aligned = has_flag(labels, py::detail::npy_api::NPY_ARRAY_ALIGNED_);
-        bool whole = true;
-        for (py::ssize_t axis = 0; axis < labels.ndim(); ++axis)
-            whole = whole && labels.strides(axis) % labels.itemsize() == 0;
         // The labels' axes must collapse like the logits' leading axes: treat them as rows of one element.
         const RowAxis axis = collapsed_row_axis(labels, labels.ndim(), 1);
-        if (!(aligned && whole && axis.collapses))
+        if (!(aligned && whole_element_strides(labels, labels.ndim()) && axis.collapses))
             throw py::value_error("true_labels must be an aligned int64 array whose axes collapse into one");
         return {static_cast<const std::int64_t*>(labels.data()), static_cast<std::size_t>(labels.size()), axis.stride};
     }

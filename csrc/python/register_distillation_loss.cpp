@@ -129,6 +129,8 @@ private:
 }  // namespace
 
 void register_distillation_loss(py::module_& module) {
+    module.def("reads_in_place", &has_row_layout, py::arg("array"),
+               "Whether the kernels read this array in place (else kdloss's Python layer copies it first).");
     py::class_<BoundDistillationLoss>(module, "DistillationLoss",
                                       "Native engine behind kdloss.DistillationLoss (private; use the Python class).")
         .def(py::init<double, double, const std::string&, std::int64_t, std::size_t>(), py::arg("temperature"),

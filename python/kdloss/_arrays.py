@@ -10,30 +10,11 @@ from typing import Any
 
 import numpy as np
 
+from . import _core
+
 _COMPUTE_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 _INT64 = np.dtype(np.int64)
 _INT64_MAX = np.iinfo(np.int64).max
-
-
-def _has_usable_rows(array: np.ndarray) -> bool:
-    """Rows the core can read in place: aligned, unit stride along the last axis, and leading axes that
-    collapse into one axis of rows a whole number of elements apart (a C-contiguous array, or row slices of
-    one such as ``x[:, :500]``)."""
-    if not array.flags.aligned:
-        return False
-    if array.flags.c_contiguous or array.ndim == 0:
-        return True
-    itemsize = array.itemsize
-    if array.shape[-1] > 1 and array.strides[-1] != itemsize:
-        return False
-    span = None  # bytes spanned by the axes after the current one
-    for extent, stride in zip(reversed(array.shape[:-1]), reversed(array.strides[:-1])):
-        if extent == 1:
-            continue
-        if stride % itemsize or (span is not None and stride != span):
-            return False
-        span = stride * extent
-    return True
 
 
 def _as_array(value: Any) -> np.ndarray:
@@ -54,7 +35,8 @@ def _as_real_array(value: Any, name: str) -> np.ndarray:
 
 
 def _in_dtype(array: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    if array.dtype == dtype and _has_usable_rows(array):
+    # The rule of what the kernels read in place lives once, in the binding (numpy_views.hpp).
+    if array.dtype == dtype and _core.reads_in_place(array):
         return array
     return np.require(array, dtype=dtype, requirements=["C", "A"])
 

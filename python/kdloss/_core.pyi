@@ -3,6 +3,7 @@ import numpy as np
 __version__: str
 
 def build_info() -> dict[str, object]: ...
+def reads_in_place(array: np.ndarray) -> bool: ...
 
 class DistillationLoss:
     def __init__(

@@ -454,3 +454,21 @@ def test_list_inputs(rng):
     kd = DistillationLoss(2.0, 0.3, reduction="none")
     _same(kd.compute_loss(s.tolist(), t.tolist(), y.tolist()), kd.compute_loss(s, t, y), np.float64)
     _same(kd.compute_gradient(s.tolist(), t.tolist(), y.tolist()), kd.compute_gradient(s, t, y), np.float64)
+
+
+def test_odd_strides_on_length_one_axes_are_read_in_place(rng):
+    """NumPy calls such arrays C-contiguous (an axis of length 1 is never stepped along), and so do the kernels:
+    one rule, kept in the binding, decides what is read in place."""
+    import kdloss
+
+    s_values = rng.standard_normal(8)
+    t_values = rng.standard_normal(8)
+    s = np.lib.stride_tricks.as_strided(s_values, (1, 5), (3, 8))
+    t = np.lib.stride_tricks.as_strided(t_values, (1, 5), (3, 8))
+    y = np.lib.stride_tricks.as_strided(np.array([2, 9], dtype=np.int64), (1,), (5,))
+    assert s.flags.c_contiguous and kdloss._core.reads_in_place(s)
+    kd = DistillationLoss(2.0, 0.4)
+    loss, grad = kd.loss_and_gradient(s, t, y)
+    want_loss, want_grad = kd.loss_and_gradient(s.copy(), t.copy(), y.copy())
+    assert loss == want_loss
+    np.testing.assert_array_equal(grad, want_grad)
