@@ -3,6 +3,7 @@
 
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <cstdint>
 #include <optional>
@@ -35,9 +36,9 @@ public:
     std::size_t num_threads() const { return double_loss_.num_threads(); }
 
     // Returns (loss, gradient or None, counted rows): the loss is a float, or for reduction "none" an array
-    // of the logits' leading shape. normalizer: 0 for the reduction's own divisor.
+    // of the logits' leading shape. normalizer: None for the reduction's own divisor.
     py::tuple evaluate(const py::array& student, const py::array& teacher, const py::object& labels,
-                       const py::object& out, bool want_gradient, double normalizer) const {
+                       const py::object& out, bool want_gradient, std::optional<double> normalizer) const {
         if (student.dtype().equal(py::dtype::of<double>()))
             return evaluate_as(double_loss_, student, teacher, labels, out, want_gradient, normalizer);
         if (student.dtype().equal(py::dtype::of<float>()))
@@ -50,7 +51,7 @@ private:
     template <class T>
     static py::tuple evaluate_as(const DistillationLoss<T>& loss, const py::array& student, const py::array& teacher,
                                  const py::object& labels_object, const py::object& out_object, bool want_gradient,
-                                 double normalizer) {
+                                 std::optional<double> normalizer) {
         const auto dtype = py::dtype::of<T>();
         if (!teacher.dtype().equal(dtype))
             throw py::type_error("teacher_logits must have the dtype of student_logits (" +

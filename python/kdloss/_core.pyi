@@ -26,5 +26,5 @@ class DistillationLoss:
         true_labels: np.ndarray | None,
         out: np.ndarray | None,
         want_gradient: bool,
-        normalizer: float,
+        normalizer: float | None,
     ) -> tuple[float | np.ndarray, np.ndarray | None, int]: ...

@@ -50,10 +50,10 @@ def check_num_threads(value: Any) -> int | None:
     return int(value)
 
 
-def check_normalizer(value: Any) -> float:
-    """0.0 tells the native side to use the reduction's own divisor."""
+def check_normalizer(value: Any) -> float | None:
+    """None: the reduction's own divisor."""
     if value is None:
-        return 0.0
+        return None
     number = check_real("normalizer", value)
     if not (0.0 < number < float("inf")):
         raise ValueError(f"normalizer must be finite and > 0, got {value!r}")

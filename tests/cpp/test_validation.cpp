@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <limits>
+#include <optional>
 #include <stdexcept>
 #include <utility>
 #include <vector>
@@ -197,8 +198,8 @@ void shape_and_label_errors() {
 KD_TEST(shape_and_label_errors_double) { shape_and_label_errors<double>(); }
 KD_TEST(shape_and_label_errors_float) { shape_and_label_errors<float>(); }
 
-// evaluate()'s normalizer (for gradient accumulation): finite and >= 0 (0: the reduction's own divisor),
-// and not with reduction "none". Nothing is written on an error, the counted-rows output included.
+// evaluate()'s normalizer (for gradient accumulation): absent (std::nullopt: the reduction's own divisor) or
+// finite and > 0, and not with reduction "none". Nothing is written on an error, the counted-rows output included.
 template <class T>
 void normalizer_errors() {
     Batch<T> batch;
@@ -208,6 +209,8 @@ void normalizer_errors() {
     std::size_t counted = 12345;
     const std::pair<double, const char*> bad[] = {
         {-1.0, "normalizer must be finite and > 0, got -1"},
+        {0.0, "normalizer must be finite and > 0, got 0"},
+        {-0.0, "normalizer must be finite and > 0, got -0"},
         {-1e-300, "normalizer must be finite and > 0, got -1e-300"},
         {inf, "normalizer must be finite and > 0, got inf"},
         {nan, "normalizer must be finite and > 0, got nan"},
@@ -227,7 +230,7 @@ void normalizer_errors() {
                                   4.0, &counted));
     KD_CHECK(batch.untouched());
     KD_CHECK_EQ(counted, std::size_t{12345});
-    KD_CHECK_NOTHROW(none.evaluate(batch.sv(), batch.tv(), {}, nullptr, nullptr, 0.0, &counted));  // 0: no normalizer
+    KD_CHECK_NOTHROW(none.evaluate(batch.sv(), batch.tv(), {}, nullptr, nullptr, std::nullopt, &counted));
     KD_CHECK_EQ(counted, std::size_t{2});
 }
 

@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <limits>
 #include <memory>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <string_view>
@@ -91,12 +92,12 @@ public:
     // anything is written, so on an exception the outputs are untouched. The gradient may not share memory
     // with the inputs: the kernels write into it while they still read them.
     //
-    // For gradient accumulation and sharded batches: a `normalizer` > 0 replaces the reduction's divisor
+    // For gradient accumulation and sharded batches: a `normalizer` (finite, > 0) replaces the reduction's divisor
     // (loss and gradient are the sum over rows divided by it, e.g. the number of counted rows over all
     // micro-batches and processes), and *counted_rows receives the number of rows that count (not ignored).
     double evaluate(MatrixView<const T> student_logits, MatrixView<const T> teacher_logits,
-                    const Labels<T>& true_labels, T* row_losses, const MatrixView<T>* gradient, double normalizer = 0.0,
-                    std::size_t* counted_rows = nullptr) const {
+                    const Labels<T>& true_labels, T* row_losses, const MatrixView<T>* gradient,
+                    std::optional<double> normalizer = std::nullopt, std::size_t* counted_rows = nullptr) const {
         return evaluate_with(detail::run_rows<T>, student_logits, teacher_logits, true_labels, row_losses, gradient,
                              normalizer, counted_rows);
     }
@@ -105,7 +106,7 @@ public:
     // on. C++ hosts call evaluate(), which uses the kernel compiled with their own flags.
     double evaluate_with(detail::RowsKernel<T> kernel, MatrixView<const T> student_logits,
                          MatrixView<const T> teacher_logits, const Labels<T>& true_labels, T* row_losses,
-                         const MatrixView<T>* gradient, double normalizer = 0.0,
+                         const MatrixView<T>* gradient, std::optional<double> normalizer = std::nullopt,
                          std::size_t* counted_rows_out = nullptr) const {
         check_normalizer(normalizer);
         check_shapes(student_logits, teacher_logits, true_labels, gradient);
@@ -114,7 +115,7 @@ public:
         const std::size_t counted_rows = count_rows_and_check_labels(true_labels, rows, student_logits.cols);
         if (counted_rows_out != nullptr) *counted_rows_out = counted_rows;
         // The sum over rows is divided by this (1: no division); 0 rows counted divide nothing.
-        const double divisor = normalizer > 0.0                                    ? normalizer
+        const double divisor = normalizer                                          ? *normalizer
                                : reduction_ == Reduction::mean && counted_rows > 0 ? static_cast<double>(counted_rows)
                                                                                    : 1.0;
 
@@ -203,10 +204,11 @@ private:
         return num_threads;
     }
 
-    void check_normalizer(double normalizer) const {
-        if (!(std::isfinite(normalizer) && normalizer >= 0.0))
-            throw std::invalid_argument("normalizer must be finite and > 0, got " + detail::format_number(normalizer));
-        if (normalizer > 0.0 && reduction_ == Reduction::none)
+    void check_normalizer(std::optional<double> normalizer) const {
+        if (!normalizer) return;
+        if (!(std::isfinite(*normalizer) && *normalizer > 0.0))
+            throw std::invalid_argument("normalizer must be finite and > 0, got " + detail::format_number(*normalizer));
+        if (reduction_ == Reduction::none)
             throw std::invalid_argument("normalizer needs reduction 'mean' or 'sum', not 'none'");
     }
 
