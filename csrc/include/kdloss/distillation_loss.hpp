@@ -155,8 +155,7 @@ public:
         // maxima), so one thread takes all rows as one run. Several threads share runs that are each worth a
         // wake-up, about four a thread, so that one that wakes late still finds its share; but a run's first
         // row costs a pass of its own (its maxima), so a run takes up to four rows where the threads' shares
-        // allow it (8 rows of 128k classes: a second thread measured 1.6-1.8x with runs of one or two rows,
-        // 1.85-1.95x with runs of four).
+        // allow it (benchmarks/README.md, "Kernel design decisions").
         const std::size_t threads_wanted = std::min(num_threads_, worth_threads);
         const std::size_t rows_per_task =
             threads_wanted == 1

@@ -38,13 +38,10 @@ struct BatchProblem {
 };
 
 // The kernels' vector lanes (lane_math.hpp), and the row length up to which rows are processed a block of
-// `lanes` rows at a time (row_kernel.hpp). Measured with AVX-512, the ISA least in blocks' favour (with AVX2
-// and SSE2 they stay faster for longer rows still): in batches that fit in L3, a long row's own passes cost
-// more than its share of a block's up to about these lengths (at 101 classes, 0.73 ns an element against
-// 0.45 for float, 1.23 against 0.86 for double; at 128 and 160 classes, 10-30%), and past them long rows are
-// faster (double at 256 classes: 0.75 against 0.95). In batches much larger than L3, blocks lose from about
-// 112 (double) and 160 (float) classes on: these lengths trade up to 16% there (double at 128) for 10-30% in
-// cache.
+// `lanes` rows at a time (row_kernel.hpp): up to it, a long row's own passes (its sums, divisions, the next
+// row's set-up) cost more than its share of a block's, in batches that fit in L3. Chosen with AVX-512, the ISA
+// least in blocks' favour; in batches much larger than L3 blocks lose a little earlier, a trade made for the
+// cache (benchmarks/README.md, "Kernel design decisions", has the measurements).
 constexpr std::size_t lanes = 16;
 template <class T>
 constexpr std::size_t block_max_classes = std::is_same_v<T, float> ? 160 : 128;

@@ -42,8 +42,7 @@ struct Terms {
 
 // Rows of up to this many bytes (in each input) are fetched into cache ahead of their turn (RowsAhead). A longer
 // row is not, and its scratch does not fit in L2 beside it: the passes before a forward one run backwards
-// (for_each_block), so that the forward pass starts on what they touched last, which is still in cache
-// (measured 5-12% at 128256 classes).
+// (for_each_block), so that the forward pass starts on what they touched last, which is still in cache.
 constexpr std::size_t long_row_bytes = 262144;
 
 // step(i) for each block of `lanes` elements of a row of n >= lanes: i = 0, lanes, 2 lanes, ..., and, when n
@@ -141,11 +140,10 @@ struct RowLogits {
 //
 // Where the target has registers enough (AVX-512: 32, and a float Pack in one), the exponential pass
 // scans the next row and fetches the one after: it is bound by arithmetic, so the loads cost it little,
-// where the gradient pass is bound by memory (measured 15-20% faster at 1000 and at 128256 classes than
-// scanning in the gradient pass). Elsewhere a Pack is two to four registers, the exponential pass already
-// spills, and the scan made it slower (AVX2: 5% at 1000 classes): the gradient pass scans the next row,
-// which the exponential pass fetched. Without the fetch, the scan waits on memory when the batch is larger
-// than L3 (8-35% slower from 1000 to 32000 classes).
+// where the gradient pass is bound by memory. Elsewhere a Pack is two to four registers, the exponential
+// pass already spills, and the scan made it slower: the gradient pass scans the next row, which the
+// exponential pass fetched; without the fetch the scan would wait on memory in batches larger than L3.
+// (benchmarks/README.md, "Kernel design decisions", has the measurements.)
 inline constexpr bool scan_in_exponentials = parts<float> == 1;
 template <class T>
 struct RowsAhead {
@@ -156,9 +154,8 @@ struct RowsAhead {
 
 // Whether the exponential pass also fetches the gradient's row ahead, whose first stores would otherwise
 // each wait on memory: for calls that move more than about an L3 (three arrays of rows, here 32 MiB), in rows
-// of 8000 bytes or more that are fetched at all (up to long_row_bytes). Measured beyond L3: 17-30% faster
-// from 2000 to 16000 classes, 4-11% at 32000 and 50257; in cache it cost 2-12%, and with shorter rows 10-15%
-// (1000 and 1500 float classes, beyond L3 too).
+// of 8000 bytes or more that are fetched at all (up to long_row_bytes): it pays beyond L3 and costs in cache
+// and in shorter rows (benchmarks/README.md, "Kernel design decisions").
 template <class T>
 bool fetch_gradient(std::size_t rows, std::size_t classes) noexcept {
     constexpr std::size_t min_row_bytes = 8000, cache_bytes = std::size_t{32} << 20;
@@ -179,7 +176,7 @@ struct EveryLaneSummed {};
 // logits were -inf. Rows of any length then run as whole vectors, without a padded copy.
 //
 // Sums are kept in T over chunks of 64 terms a lane, while they are exact to a few ulps, and added to double
-// totals after each chunk (flushing every 16 terms measured 10% slower, and no more exact). Two things keep
+// totals after each chunk (flushing more often costs time and gains no exactness). Two things keep
 // float sums exact where it matters:
 //   - The cross-entropy needs log Z_h, where Z_h is 1 (the maximum's term, ds = 0) plus the rest, and a
 //     float sum would round that rest to float's resolution at 1, which is all of a confident row's

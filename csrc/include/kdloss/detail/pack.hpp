@@ -55,8 +55,7 @@
 #endif
 
 // Loops over a Pack's parts (or lanes) are unrolled whatever the optimisation level: at -O2 g++ kept them
-// as loops over arrays on the stack, which ran the SSE2 and NEON kernels 7 to 15 times slower than at -O3,
-// and hosts often build with -O2.
+// as loops over arrays on the stack, several times slower than at -O3, and hosts often build with -O2.
 #if defined(__clang__)
 #define KDLOSS_UNROLL _Pragma("unroll")
 #elif defined(__GNUC__)

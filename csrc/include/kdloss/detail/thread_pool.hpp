@@ -16,8 +16,7 @@
 //
 // On Linux a worker that finds itself on its caller's CPU moves to another one before it works: the
 // scheduler may wake a thread onto its waker's CPU, where the two could only take turns, and on a busy or
-// virtual machine it may take milliseconds to move it (measured here: 2 threads no faster than 1, call after
-// call, at 256 x 1000).
+// virtual machine it may take milliseconds to move it (then 2 threads are no faster than 1, call after call).
 
 #include <algorithm>
 #include <atomic>

@@ -189,9 +189,9 @@ KDLOSS_INLINE void load_transposed_tile(const T* const (&src)[tile_width<T>], Ve
     if constexpr (vector_bytes == 64) {
         // AVX-512: the round of 32-byte halves is done by the loads (vinsertf64x4 from memory), which
         // takes a round off the shuffle units that bound the transposes, and the rounds left are unpck,
-        // shufps and shuff64x2/32x4 rather than the generic rounds' vpermt2ps/pd: on Zen 5, 4-10% off a
-        // call for 100-class doubles and floats. (Loading 16-byte quarters too, leaving only the in-lane
-        // rounds, measured slower: an insert from memory is not free either.) The loads pair rows r and
+        // shufps and shuff64x2/32x4 rather than the generic rounds' vpermt2ps/pd, which are slower. (Loading
+        // 16-byte quarters too, leaving only the in-lane rounds, measured slower: an insert from memory is not
+        // free either.) The loads pair rows r and
         // r + n/4, not r + n/2: shuff64x2/32x4 moves the half it reads into the 16-byte lane's place, so
         // that pairing puts each row in its lane of the column.
         using V = Vector<T>;
