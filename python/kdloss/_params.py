@@ -55,9 +55,16 @@ def check_normalizer(value: Any) -> float | None:
     if value is None:
         return None
     number = check_real("normalizer", value)
-    if not (0.0 < number < float("inf")):
-        raise ValueError(f"normalizer must be finite and > 0, got {value!r}")
+    if not (0.0 < number < float("inf")):  # as the native class checks it, for meta tensors that never reach it
+        raise ValueError(f"normalizer must be finite and > 0, got {format_number(number)}")
     return number
+
+
+def format_number(value: float) -> str:
+    """The shortest text that reads back as `value`, as the native messages write it (messages.hpp): 0, -1, 0.3,
+    1e-300, inf, nan."""
+    text = repr(value)
+    return text[:-2] if text.endswith(".0") else text
 
 
 class Parameters(NamedTuple):

@@ -156,9 +156,9 @@ void shape_and_label_errors() {
 
     // Class indices: count, range (negative, == C, huge), checked for every row before any is computed.
     const std::vector<std::int64_t> three{1, 2, 0}, bad_last{1, 3}, negative{0, -1}, huge{std::int64_t{1} << 62, 0};
-    KD_CHECK_REJECTS("true_labels must hold one class index per row (2), got 3", kd, batch.sv(), batch.tv(),
+    KD_CHECK_REJECTS("true_labels as class indices must have shape (2,), got (3,)", kd, batch.sv(), batch.tv(),
                      (ClassIndices{three.data(), 3}), g23);
-    KD_CHECK_REJECTS("true_labels must hold one class index per row (2), got 1", kd, batch.sv(), batch.tv(),
+    KD_CHECK_REJECTS("true_labels as class indices must have shape (2,), got (1,)", kd, batch.sv(), batch.tv(),
                      (ClassIndices{three.data(), 1}), g23);
     KD_CHECK_REJECTS("true_labels[1] = 3 is not a class index in [0, 3) nor ignore_index (-100)", kd, batch.sv(),
                      batch.tv(), (ClassIndices{bad_last.data(), 2}), g23);
@@ -174,9 +174,9 @@ void shape_and_label_errors() {
     // Target distributions: shape, then every value finite and >= 0.
     const T big = std::numeric_limits<T>::infinity();
     const std::vector<T> fine{T(0), T(1), T(0), T(0.25), T(0.5), T(0.25)};
-    KD_CHECK_REJECTS("true_labels target distributions must have the shape of student_logits (2, 3), got (2, 2)", kd,
+    KD_CHECK_REJECTS("true_labels as target distributions must have the shape of student_logits (2, 3), got (2, 2)", kd,
                      batch.sv(), batch.tv(), (MatrixView<const T>{fine.data(), 2, 2}), g23);
-    KD_CHECK_REJECTS("true_labels target distributions must have the shape of student_logits (2, 3), got (1, 3)", kd,
+    KD_CHECK_REJECTS("true_labels as target distributions must have the shape of student_logits (2, 3), got (1, 3)", kd,
                      batch.sv(), batch.tv(), (MatrixView<const T>{fine.data(), 1, 3}), g23);
     const std::pair<T, const char*> bad_values[] = {
         {T(-0.5), "true_labels[1, 2] = -0.5: target distributions must be finite and >= 0"},
@@ -245,7 +245,7 @@ KD_TEST(first_fault_is_reported) {
     const std::vector<std::int64_t> bad{5, 5, 5};
     KD_CHECK_THROWS(invalid_argument, "teacher_logits must have the shape of student_logits (2, 3), got (2, 2)",
                     kd.compute_loss(batch.sv(), batch.tv(2, 2), ClassIndices{bad.data(), 3}));
-    KD_CHECK_THROWS(invalid_argument, "true_labels must hold one class index per row (2), got 3",
+    KD_CHECK_THROWS(invalid_argument, "true_labels as class indices must have shape (2,), got (3,)",
                     kd.compute_loss(batch.sv(), batch.tv(), ClassIndices{bad.data(), 3}));
     KD_CHECK_THROWS(invalid_argument, "true_labels[0] = 5 is not a class index in [0, 3) nor ignore_index (-100)",
                     kd.compute_loss(batch.sv(), batch.tv(), ClassIndices{bad.data(), 2}));

@@ -676,3 +676,29 @@ def test_out_unaligned_is_refused_cleanly(rng, method):
     with pytest.raises(ValueError, match="^out must be aligned$"):
         call(kd, method, s, t, None, out=out)
     np.testing.assert_array_equal(out, SENTINEL)
+
+
+# The messages of the C++ core for the same 2-D calls, word for word (tests/cpp/test_validation.cpp): the binding
+# checks what it can before the core does, and must say what the core would.
+SAME_AS_CPP = [
+    ((2, 3), (2, 2), None, {}, "teacher_logits must have the shape of student_logits (2, 3), got (2, 2)"),
+    ((2, 3), (2, 3), np.array([0, 1, 2]), {}, r"true_labels as class indices must have shape (2,), got (3,)"),
+    (
+        (2, 3),
+        (2, 3),
+        np.full((2, 2), 0.5),
+        {},
+        "true_labels as target distributions must have the shape of student_logits (2, 3), got (2, 2)",
+    ),
+    ((2, 0), (2, 0), None, {}, "student_logits must have at least one class, got shape (2, 0)"),
+    ((2, 3), (2, 3), None, {"normalizer": 0.0}, "normalizer must be finite and > 0, got 0"),
+    ((2, 3), (2, 3), None, {"normalizer": -1e-300}, "normalizer must be finite and > 0, got -1e-300"),
+    ((2, 3), (2, 3), None, {"normalizer": float("inf")}, "normalizer must be finite and > 0, got inf"),
+]
+
+
+@pytest.mark.parametrize("student_shape, teacher_shape, labels, kwargs, message", SAME_AS_CPP)
+def test_messages_are_the_cpp_cores(student_shape, teacher_shape, labels, kwargs, message):
+    with pytest.raises(ValueError) as info:
+        DistillationLoss().compute_loss(np.zeros(student_shape), np.zeros(teacher_shape), labels, **kwargs)
+    assert str(info.value) == message

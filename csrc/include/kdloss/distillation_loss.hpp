@@ -227,12 +227,12 @@ private:
                                         detail::format_shape(student.rows, student.cols) + ", got " +
                                         detail::format_shape(teacher.rows, teacher.cols));
         if (labels.kind == Labels<T>::Kind::class_indices && labels.indices.count != student.rows)
-            throw std::invalid_argument("true_labels must hold one class index per row (" +
-                                        std::to_string(student.rows) + "), got " +
-                                        std::to_string(labels.indices.count));
+            throw std::invalid_argument("true_labels as class indices must have shape (" +
+                                        std::to_string(student.rows) + ",), got (" +
+                                        std::to_string(labels.indices.count) + ",)");
         if (labels.kind == Labels<T>::Kind::distributions &&
             (labels.distributions.rows != student.rows || labels.distributions.cols != student.cols))
-            throw std::invalid_argument("true_labels target distributions must have the shape of student_logits " +
+            throw std::invalid_argument("true_labels as target distributions must have the shape of student_logits " +
                                         detail::format_shape(student.rows, student.cols) + ", got " +
                                         detail::format_shape(labels.distributions.rows, labels.distributions.cols));
         if (gradient != nullptr && (gradient->rows != student.rows || gradient->cols != student.cols))
