@@ -26,8 +26,9 @@ class BoundDistillationLoss {
 public:
     BoundDistillationLoss(double temperature, double alpha, const std::string& reduction, std::int64_t ignore_index,
                           std::size_t num_threads)
-        : double_loss_(temperature, alpha, parse_reduction(reduction), ignore_index, num_threads),
-          float_loss_(temperature, alpha, parse_reduction(reduction), ignore_index, num_threads) {}
+        : BoundDistillationLoss(Parameters{temperature, alpha, parse_reduction(reduction), ignore_index, num_threads}) {
+    }
+    explicit BoundDistillationLoss(const Parameters& parameters) : double_loss_(parameters), float_loss_(parameters) {}
 
     double temperature() const { return double_loss_.temperature(); }
     double alpha() const { return double_loss_.alpha(); }

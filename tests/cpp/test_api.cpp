@@ -60,6 +60,29 @@ KD_TEST(defaults_match_python) {
     KD_CHECK_EQ(std::string(kdloss::reduction_name(Reduction::none)), std::string("none"));
 }
 
+// One Parameters value holds them all: the constructor's arguments, the accessors and a rejected setter agree.
+KD_TEST(parameters_are_one_value) {
+    kdloss::Parameters wanted;
+    wanted.temperature = 2.5;
+    wanted.alpha = 0.25;
+    wanted.reduction = Reduction::sum;
+    wanted.ignore_index = -7;
+    wanted.num_threads = 0;  // every hardware thread: resolved when checked
+    DistillationLoss<float> kd(wanted);
+    const kdloss::Parameters& held = kd.parameters();
+    KD_CHECK_EQ(held.temperature, 2.5);
+    KD_CHECK_EQ(held.alpha, 0.25);
+    KD_CHECK(held.reduction == Reduction::sum);
+    KD_CHECK_EQ(held.ignore_index, std::int64_t{-7});
+    KD_CHECK(held.num_threads >= 1 && held.num_threads == kd.num_threads());
+    const DistillationLoss<double> same(2.5, 0.25, Reduction::sum, -7, 0);
+    KD_CHECK_EQ(same.parameters().num_threads, held.num_threads);
+    KD_CHECK_THROWS(std::invalid_argument, "temperature must be finite and > 0, got 0", kd.set_temperature(0.0));
+    KD_CHECK_EQ(kd.temperature(), 2.5);  // a rejected value changes nothing
+    kd.set_alpha(1.0);
+    KD_CHECK_EQ(kd.parameters().alpha, 1.0);
+}
+
 KD_TEST(views_address_rows) {
     double data[12] = {};
     const MatrixView<double> dense{data, 3, 4};

@@ -41,6 +41,35 @@ inline const char* reduction_name(Reduction reduction) noexcept {
     return "mean";
 }
 
+// The most threads a call may be asked for: more would be a typo, and a pool of them would take the machine.
+inline constexpr std::size_t max_threads = 4096;
+
+// The loss's hyper-parameters, one value type: DistillationLoss<T> keeps one, checked. A new parameter is a
+// field here and its check in checked(), whose messages are those of the Python front ends.
+struct Parameters {
+    double temperature = 3.0;
+    double alpha = 0.3;
+    Reduction reduction = Reduction::mean;
+    std::int64_t ignore_index = -100;
+    std::size_t num_threads = 1;  // 1: the calling thread only; 0: every hardware thread
+
+    // These parameters with num_threads 0 made the hardware's count, or std::invalid_argument naming the first
+    // that is out of range.
+    Parameters checked() const {
+        if (!(std::isfinite(temperature) && temperature > 0.0))
+            throw std::invalid_argument("temperature must be finite and > 0, got " +
+                                        detail::format_number(temperature));
+        if (!(alpha >= 0.0 && alpha <= 1.0))
+            throw std::invalid_argument("alpha must be finite and in [0, 1], got " + detail::format_number(alpha));
+        if (num_threads > max_threads)
+            throw std::invalid_argument("num_threads must be at most " + std::to_string(max_threads) + ", got " +
+                                        std::to_string(num_threads));
+        Parameters result = *this;
+        if (num_threads == 0) result.num_threads = detail::ThreadPool::hardware_threads();
+        return result;
+    }
+};
+
 template <class T>
 class DistillationLoss {
     static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>,
@@ -48,27 +77,24 @@ class DistillationLoss {
 
 public:
     static constexpr std::int64_t default_ignore_index = -100;
+    static constexpr std::size_t max_threads = kdloss::max_threads;
 
-    // The most threads a call may be asked for: more would be a typo, and a pool of them would take the machine.
-    static constexpr std::size_t max_threads = 4096;
+    explicit DistillationLoss(const Parameters& parameters) : params_(parameters.checked()) {}
 
     // num_threads: rows are split across up to this many threads of a shared pool; 1 runs on the calling
     // thread only, 0 uses every hardware thread. Results are bitwise identical whatever the count.
     explicit DistillationLoss(double temperature = 3.0, double alpha = 0.3, Reduction reduction = Reduction::mean,
                               std::int64_t ignore_index = default_ignore_index, std::size_t num_threads = 1)
-        : temperature_(checked_temperature(temperature)),
-          alpha_(checked_alpha(alpha)),
-          reduction_(reduction),
-          ignore_index_(ignore_index),
-          num_threads_(num_threads == 0 ? detail::ThreadPool::hardware_threads() : checked_num_threads(num_threads)) {}
+        : DistillationLoss(Parameters{temperature, alpha, reduction, ignore_index, num_threads}) {}
 
-    double temperature() const noexcept { return temperature_; }
-    double alpha() const noexcept { return alpha_; }
-    Reduction reduction() const noexcept { return reduction_; }
-    std::int64_t ignore_index() const noexcept { return ignore_index_; }
-    std::size_t num_threads() const noexcept { return num_threads_; }
-    void set_temperature(double temperature) { temperature_ = checked_temperature(temperature); }
-    void set_alpha(double alpha) { alpha_ = checked_alpha(alpha); }
+    const Parameters& parameters() const noexcept { return params_; }
+    double temperature() const noexcept { return params_.temperature; }
+    double alpha() const noexcept { return params_.alpha; }
+    Reduction reduction() const noexcept { return params_.reduction; }
+    std::int64_t ignore_index() const noexcept { return params_.ignore_index; }
+    std::size_t num_threads() const noexcept { return params_.num_threads; }
+    void set_temperature(double temperature) { set(&Parameters::temperature, temperature); }
+    void set_alpha(double alpha) { set(&Parameters::alpha, alpha); }
 
     // The reduced loss ("none": the sum of the row losses, the quantity whose gradient is returned).
     double compute_loss(MatrixView<const T> student_logits, MatrixView<const T> teacher_logits,
@@ -115,9 +141,10 @@ public:
         const std::size_t counted_rows = count_rows_and_check_labels(true_labels, rows, student_logits.cols);
         if (counted_rows_out != nullptr) *counted_rows_out = counted_rows;
         // The sum over rows is divided by this (1: no division); 0 rows counted divide nothing.
-        const double divisor = normalizer                                          ? *normalizer
-                               : reduction_ == Reduction::mean && counted_rows > 0 ? static_cast<double>(counted_rows)
-                                                                                   : 1.0;
+        const double divisor = normalizer ? *normalizer
+                               : params_.reduction == Reduction::mean && counted_rows > 0
+                                   ? static_cast<double>(counted_rows)
+                                   : 1.0;
 
         const bool labelled = true_labels.kind != Labels<T>::Kind::none;
         detail::BatchProblem<T> problem;
@@ -136,10 +163,10 @@ public:
             problem.targets = true_labels.distributions.data;
             problem.target_stride = true_labels.distributions.row_stride;
         }
-        problem.ignore_index = ignore_index_;
-        problem.temperature = temperature_;
-        problem.soft_weight = labelled ? 1.0 - alpha_ : 1.0;
-        problem.hard_weight = labelled ? alpha_ : 0.0;
+        problem.ignore_index = params_.ignore_index;
+        problem.temperature = params_.temperature;
+        problem.soft_weight = labelled ? 1.0 - params_.alpha : 1.0;
+        problem.hard_weight = labelled ? params_.alpha : 0.0;
         problem.gradient_scale = 1.0 / divisor;
         if (gradient != nullptr) {
             problem.gradient = gradient->data;
@@ -156,7 +183,7 @@ public:
         // wake-up, about four a thread, so that one that wakes late still finds its share; but a run's first
         // row costs a pass of its own (its maxima), so a run takes up to four rows where the threads' shares
         // allow it (benchmarks/README.md, "Kernel design decisions").
-        const std::size_t threads_wanted = std::min(num_threads_, worth_threads);
+        const std::size_t threads_wanted = std::min(params_.num_threads, worth_threads);
         const std::size_t rows_per_task =
             threads_wanted == 1
                 ? rows
@@ -189,32 +216,20 @@ private:
     static constexpr std::size_t min_elements_per_task = 32768;
     static constexpr std::size_t min_elements_per_thread = 65536;
 
-    static double checked_temperature(double temperature) {
-        if (!(std::isfinite(temperature) && temperature > 0.0))
-            throw std::invalid_argument("temperature must be finite and > 0, got " +
-                                        detail::format_number(temperature));
-        return temperature;
-    }
-
-    static std::size_t checked_num_threads(std::size_t num_threads) {
-        if (num_threads > max_threads)
-            throw std::invalid_argument("num_threads must be at most " + std::to_string(max_threads) + ", got " +
-                                        std::to_string(num_threads));
-        return num_threads;
+    // A copy with one field changed and checked, so that a rejected value leaves the object as it was.
+    template <class Field>
+    void set(Field Parameters::* field, Field value) {
+        Parameters changed = params_;
+        changed.*field = value;
+        params_ = changed.checked();
     }
 
     void check_normalizer(std::optional<double> normalizer) const {
         if (!normalizer) return;
         if (!(std::isfinite(*normalizer) && *normalizer > 0.0))
             throw std::invalid_argument("normalizer must be finite and > 0, got " + detail::format_number(*normalizer));
-        if (reduction_ == Reduction::none)
+        if (params_.reduction == Reduction::none)
             throw std::invalid_argument("normalizer needs reduction 'mean' or 'sum', not 'none'");
-    }
-
-    static double checked_alpha(double alpha) {
-        if (!(alpha >= 0.0 && alpha <= 1.0))
-            throw std::invalid_argument("alpha must be finite and in [0, 1], got " + detail::format_number(alpha));
-        return alpha;
     }
 
     static void check_shapes(const MatrixView<const T>& student, const MatrixView<const T>& teacher,
@@ -277,11 +292,11 @@ private:
             std::size_t counted = 0;
             for (std::size_t i = 0; i < rows; ++i) {
                 const std::int64_t label = labels.indices[i];
-                if (label == ignore_index_) continue;
+                if (label == params_.ignore_index) continue;
                 if (label < 0 || static_cast<std::uint64_t>(label) >= classes)
                     throw std::invalid_argument("true_labels[" + std::to_string(i) + "] = " + std::to_string(label) +
                                                 " is not a class index in [0, " + std::to_string(classes) +
-                                                ") nor ignore_index (" + std::to_string(ignore_index_) + ")");
+                                                ") nor ignore_index (" + std::to_string(params_.ignore_index) + ")");
                 ++counted;
             }
             return counted;
@@ -300,11 +315,7 @@ private:
         return rows;
     }
 
-    double temperature_;
-    double alpha_;
-    Reduction reduction_;
-    std::int64_t ignore_index_;
-    std::size_t num_threads_;
+    Parameters params_;
 };
 
 }  // namespace kdloss
