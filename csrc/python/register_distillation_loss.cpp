@@ -16,6 +16,19 @@
 #include "numpy_views.hpp"
 #include "register.hpp"
 
+namespace kdloss::detail {
+
+// DistillationLoss<T>::evaluate with the kernels chosen for this CPU (dispatch.cpp), not those compiled with the
+// module's own flags.
+struct KernelChoice {
+    template <class T, class... Arguments>
+    static double evaluate(const DistillationLoss<T>& loss, Arguments&&... arguments) {
+        return loss.evaluate_with(python::active_kernels().rows<T>(), std::forward<Arguments>(arguments)...);
+    }
+};
+
+}  // namespace kdloss::detail
+
 namespace kdloss::python {
 
 namespace {
@@ -116,8 +129,9 @@ private:
         std::size_t counted_rows = 0;
         {
             py::gil_scoped_release release;
-            value = loss.evaluate_with(active_kernels().rows<T>(), student_view, teacher_view, labels, row_loss_data,
-                                       gradient_array ? &gradient_view : nullptr, normalizer, &counted_rows);
+            value =
+                detail::KernelChoice::evaluate(loss, student_view, teacher_view, labels, row_loss_data,
+                                               gradient_array ? &gradient_view : nullptr, normalizer, &counted_rows);
         }
         py::object loss_result = row_losses ? py::object(*row_losses) : py::object(py::float_(value));
         py::object gradient_result = gradient_array ? py::object(*gradient_array) : py::object(py::none());

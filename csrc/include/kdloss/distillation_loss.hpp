@@ -70,6 +70,11 @@ struct Parameters {
     }
 };
 
+namespace detail {
+// The Python binding's way to run a loss with the kernels it chose for the CPU at run time (dispatch.cpp).
+struct KernelChoice;
+}  // namespace detail
+
 template <class T>
 class DistillationLoss {
     static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>,
@@ -128,8 +133,12 @@ public:
                              normalizer, counted_rows);
     }
 
-    // evaluate() with the row kernel given: the Python module passes the copy compiled for the CPU it runs
-    // on. C++ hosts call evaluate(), which uses the kernel compiled with their own flags.
+private:
+    friend struct detail::KernelChoice;
+
+    // evaluate() with the row kernel given: the Python module passes the copy compiled for the CPU it runs on
+    // (through detail::KernelChoice, which only it defines). C++ hosts call evaluate(), which uses the kernel
+    // compiled with their own flags.
     double evaluate_with(detail::RowsKernel<T> kernel, MatrixView<const T> student_logits,
                          MatrixView<const T> teacher_logits, const Labels<T>& true_labels, T* row_losses,
                          const MatrixView<T>* gradient, std::optional<double> normalizer = std::nullopt,
@@ -211,7 +220,6 @@ public:
         return total / divisor;
     }
 
-private:
     static constexpr std::size_t min_rows_per_task = 4;  // where there are rows enough (see evaluate_with)
     static constexpr std::size_t min_elements_per_task = 32768;
     static constexpr std::size_t min_elements_per_thread = 65536;
