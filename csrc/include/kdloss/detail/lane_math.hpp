@@ -97,15 +97,32 @@ LaneMaxima<T> lane_maxima(const T* student, const T* teacher, std::size_t n) noe
     return scan.maxima;
 }
 
-// Per-lane sums of the exponential pass, in double.
-struct LaneSums {
-    Pack<double> soft_difference;  // Z_s - Z_t
-    Pack<double> teacher_soft;     // Z_t
-    Pack<double> student_hard;     // Z_h
-    Pack<double> teacher_cross;    // sum_c exp(dt_c / T) (dt_c - ds_c)
-    Pack<double> target_mass;      // sum_c y_c
-    Pack<double> target_cross;     // sum_c y_c ds_c
+// The sums a row's loss and gradient are computed from, by name. V is Pack<double> while a pass adds them up
+// a lane at a time (LaneSums), double for one long row (RowSums, row_kernel.hpp), and Pack<double> again when
+// `lanes` rows' losses are computed at once (a block's, or RowLosses in run_rows.hpp).
+template <class V>
+struct Sums {
+    V soft_difference;  // Z_s - Z_t
+    V teacher_soft;     // Z_t
+    V teacher_cross;    // sum_c exp(dt_c / T) (dt_c - ds_c)
+    V student_hard;     // Z_h
+    V target_mass;      // sum_c y_c
+    V target_cross;     // sum_c y_c ds_c
 };
+
+// f(a.x, b.x, ...) for each sum x of the Sums a, b, ...: what is done to every sum alike, written once.
+template <class F, class... S>
+KDLOSS_INLINE void for_each_sum(F&& f, S&&... sums) noexcept {
+    f(sums.soft_difference...);
+    f(sums.teacher_soft...);
+    f(sums.teacher_cross...);
+    f(sums.student_hard...);
+    f(sums.target_mass...);
+    f(sums.target_cross...);
+}
+
+// Per-lane sums of the exponential pass, in double.
+using LaneSums = Sums<Pack<double>>;
 
 // The exponentials e^(ds/T) = 2^(ds log2(e) / T) (see fast_exp2).
 constexpr double log2e = 1.4426950408889634074;
@@ -194,7 +211,7 @@ KDLOSS_NOINLINE LaneMaxima<T> exponentials(const T* student, const T* teacher, c
     constexpr std::size_t chunk = lanes * (std::is_same_v<T, float> ? 64 : 256);  // 64 float terms a lane
     constexpr T minus_infinity = -std::numeric_limits<T>::infinity();
     const Exp2Scale<T> natural = exp2_scale<T>(log2e);  // e^(ds), when it is no power of a soft exponential
-    Pack<double> soft_difference, z_teacher, z_hard, teacher_cross_total, target_mass_total, target_cross_total;
+    LaneSums totals{};
     Pack<T> difference, z_teacher_part, rest_hard, maxima_student;
     Pack<T> teacher_cross, target_mass, target_cross;
     LaneMaximaScan<T, Terms::soft> scan{ahead.next.student, ahead.next.teacher};
@@ -266,21 +283,16 @@ KDLOSS_NOINLINE LaneMaxima<T> exponentials(const T* student, const T* teacher, c
             for (std::size_t lane = 0; lane < lanes; ++lane) lane_index[lane] = static_cast<T>(lane);
             block(n - lanes, Pack<T>::load(lane_index) < Pack<T>(static_cast<T>(lanes - (n - whole))));
         }
-        soft_difference += widen(difference);
-        z_teacher += widen(z_teacher_part);
-        z_hard += widen(maxima_student) + widen(rest_hard);
-        teacher_cross_total += widen(teacher_cross);
-        target_mass_total += widen(target_mass);
-        target_cross_total += widen(target_cross);
+        totals.soft_difference += widen(difference);
+        totals.teacher_soft += widen(z_teacher_part);
+        totals.student_hard += widen(maxima_student) + widen(rest_hard);
+        totals.teacher_cross += widen(teacher_cross);
+        totals.target_mass += widen(target_mass);
+        totals.target_cross += widen(target_cross);
         difference = z_teacher_part = rest_hard = maxima_student = Pack<T>();
         teacher_cross = target_mass = target_cross = Pack<T>();
     }
-    sums.soft_difference += soft_difference;
-    sums.teacher_soft += z_teacher;
-    sums.student_hard += z_hard;
-    sums.teacher_cross += teacher_cross_total;
-    sums.target_mass += target_mass_total;
-    sums.target_cross += target_cross_total;
+    for_each_sum([](Pack<double>& sum, const Pack<double>& total) KDLOSS_INLINE_LAMBDA { sum += total; }, sums, totals);
     return scan.maxima;
 }
 
@@ -288,20 +300,20 @@ KDLOSS_NOINLINE LaneMaxima<T> exponentials(const T* student, const T* teacher, c
 // the label for class-index labels. fast_log, not std::log: it costs a few cycles, which matters for short
 // rows, and it runs on all lanes of a block at once.
 template <class Terms, class V>
-inline V loss_from_sums(V soft_difference, V teacher_soft, V student_hard, V teacher_cross, V target_mass,
-                        V target_cross, V target_logit, double temperature, double soft_weight,
+inline V loss_from_sums(const Sums<V>& sums, V target_logit, double temperature, double soft_weight,
                         double hard_weight) noexcept {
     V loss = 0.0;
     if constexpr (Terms::soft) {
         // log Z_s - log Z_t = log(1 + (Z_s - Z_t) / Z_t), one logarithm instead of two, and exact to the
         // last bits of the difference however small it is.
-        const V kl = teacher_cross / (teacher_soft * temperature) + fast_log(1.0 + soft_difference / teacher_soft);
+        const V kl = sums.teacher_cross / (sums.teacher_soft * temperature) +
+                     fast_log(1.0 + sums.soft_difference / sums.teacher_soft);
         loss = loss + soft_weight * temperature * temperature * kl;
     }
     if constexpr (Terms::hard) {
         V hard;
-        if constexpr (Terms::distribution) hard = target_mass * fast_log(student_hard) - target_cross;
-        else hard = fast_log(student_hard) - target_logit;
+        if constexpr (Terms::distribution) hard = sums.target_mass * fast_log(sums.student_hard) - sums.target_cross;
+        else hard = fast_log(sums.student_hard) - target_logit;
         loss = loss + hard_weight * hard;
     }
     return loss;

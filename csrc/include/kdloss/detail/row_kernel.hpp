@@ -27,9 +27,12 @@ inline namespace KDLOSS_KERNEL_NAMESPACE {
 
 // A long row's sums, from which its loss is computed later, `lanes` rows at once (RowLosses in run_rows.hpp):
 // its two logarithms and divisions cost as much for one row as for sixteen.
-struct RowSums {
-    double soft_difference = 0.0, teacher_soft = 1.0, teacher_cross = 0.0, student_hard = 1.0, target_mass = 1.0,
-           target_cross = 0.0, target_logit = 0.0;
+// The sums of a term the row does not have stay neutral (a sum of 1 where the loss or the gradient divides by
+// it), so that a block of such rows computes harmless values in every lane.
+struct RowSums : Sums<double> {
+    double target_logit = 0.0;  // ds at the label, for class-index labels
+
+    RowSums() noexcept : Sums<double>{0.0, 1.0, 0.0, 1.0, 1.0, 0.0} {}
 };
 
 // Lane maxima found ahead of their row (by a pass of the row before), and the row they are of.
@@ -146,9 +149,8 @@ KDLOSS_NOINLINE void distill_block(const BatchProblem<T>& problem, Exp2Scale<T> 
                                                                  soft, student_soft, teacher_soft, student_hard, m,
                                                                  RowsAhead<T>{{}, next}, sums);
     const Pack<double> target_logit = Pack<double>::load(target_logits);
-    const Pack<double> loss = loss_from_sums<Terms>(
-        sums.soft_difference, sums.teacher_soft, sums.student_hard, sums.teacher_cross, sums.target_mass,
-        sums.target_cross, target_logit, temperature, problem.soft_weight, problem.hard_weight);
+    const Pack<double> loss =
+        loss_from_sums<Terms>(sums, target_logit, temperature, problem.soft_weight, problem.hard_weight);
     double losses[lanes];
     loss.store(losses);
     for (std::size_t lane = 0; lane < count; ++lane) problem.row_losses[rows[lane]] = losses[lane];

@@ -51,10 +51,10 @@ public:
     void flush() noexcept {
         if (count_ == 0) return;
         // Lanes past count_ hold an earlier row's sums, or neutral ones: computed and dropped.
-        const Pack<double> loss = loss_from_sums<Terms>(
-            Pack<double>::load(soft_difference_), Pack<double>::load(teacher_soft_), Pack<double>::load(student_hard_),
-            Pack<double>::load(teacher_cross_), Pack<double>::load(target_mass_), Pack<double>::load(target_cross_),
-            Pack<double>::load(target_logit_), temperature_, soft_weight_, hard_weight_);
+        Sums<Pack<double>> sums;
+        for_each_sum([](Pack<double>& sum, const Column& column) { sum = Pack<double>::load(column); }, sums, columns_);
+        const Pack<double> loss =
+            loss_from_sums<Terms>(sums, Pack<double>::load(target_logit_), temperature_, soft_weight_, hard_weight_);
         double losses[lanes];
         loss.store(losses);
         for (std::size_t k = 0; k < count_; ++k) row_losses_[rows_[k]] = losses[k];
@@ -62,14 +62,11 @@ public:
     }
 
 private:
+    using Column = double[lanes];  // one sum of `lanes` rows, loaded as one Pack
+
     void put(std::size_t k, std::size_t row, const RowSums& sums) noexcept {
         rows_[k] = row;
-        soft_difference_[k] = sums.soft_difference;
-        teacher_soft_[k] = sums.teacher_soft;
-        teacher_cross_[k] = sums.teacher_cross;
-        student_hard_[k] = sums.student_hard;
-        target_mass_[k] = sums.target_mass;
-        target_cross_[k] = sums.target_cross;
+        for_each_sum([k](Column& column, double sum) { column[k] = sum; }, columns_, sums);
         target_logit_[k] = sums.target_logit;
     }
 
@@ -77,8 +74,8 @@ private:
     double temperature_, soft_weight_, hard_weight_;
     std::size_t count_ = 0;
     std::size_t rows_[lanes];
-    double soft_difference_[lanes], teacher_soft_[lanes], teacher_cross_[lanes], student_hard_[lanes],
-        target_mass_[lanes], target_cross_[lanes], target_logit_[lanes];
+    Sums<Column> columns_;
+    double target_logit_[lanes];
 };
 
 template <class T, class Terms, int HardPower>
