@@ -319,12 +319,33 @@ inline V loss_from_sums(const Sums<V>& sums, V target_logit, double temperature,
     return loss;
 }
 
+// The scale of the gradient's hard term (and of a class-index label's -y), and of its soft term.
+template <class T>
+double hard_gradient_scale(const BatchProblem<T>& problem) noexcept {
+    return problem.gradient_scale * problem.hard_weight;
+}
+template <class T>
+double soft_gradient_scale(const BatchProblem<T>& problem) noexcept {
+    return problem.gradient_scale * problem.soft_weight * problem.temperature;
+}
+
 // Gradient coefficients per lane: gradient = soft_q q - soft_p p + hard_h h - hard_y y, folding in the
 // normalising sums, the weights and the reduction's scale. From one row's sums (V = double: the same in
 // every lane) or from a block's (V = Pack<double>: a row per lane).
 template <class T>
 struct GradientCoefficients {
     Pack<T> soft_q, soft_p, hard_h, hard_y;
+    // hard_y's value, which a class-index label's gradient entry subtracts. Rounded once, here: computed again
+    // where it is subtracted, the compiler may fuse its product into the subtraction, which rounds differently.
+    T label_scale;
+
+    // From the sums by name. Class-index labels have a target mass of 1, which their sums do not hold.
+    template <class Terms, class V>
+    static GradientCoefficients from_sums(const Sums<V>& sums, const BatchProblem<T>& problem) noexcept {
+        return GradientCoefficients(sums.teacher_soft + sums.soft_difference, sums.teacher_soft, sums.student_hard,
+                                    Terms::distribution ? sums.target_mass : V(1.0), soft_gradient_scale(problem),
+                                    hard_gradient_scale(problem));
+    }
 
     template <class V>
     GradientCoefficients(V student_soft, V teacher_soft, V student_hard, V target_mass, double soft_scale,
@@ -332,7 +353,8 @@ struct GradientCoefficients {
         : soft_q(narrow<T>(soft_scale / student_soft)),
           soft_p(narrow<T>(soft_scale / teacher_soft)),
           hard_h(narrow<T>(hard_scale * target_mass / student_hard)),
-          hard_y(static_cast<T>(hard_scale)) {}
+          hard_y(static_cast<T>(hard_scale)),
+          label_scale(static_cast<T>(hard_scale)) {}
 };
 
 // gradient[i] for i < n, n >= lanes. A last partial block is computed as the window of the last `lanes`

@@ -50,7 +50,6 @@ KDLOSS_NOINLINE RowSums distill_row(const BatchProblem<T>& problem, Exp2Scale<T>
                                     const T* teacher, std::int64_t class_index, const T* target, RowsAhead<T> ahead,
                                     T* scratch, T* gradient, RowMaxima<T>& maxima) noexcept {
     const std::size_t n = problem.classes;
-    const double temperature = problem.temperature;
     // The student's exponentials in the gradient's row, where there is one: a row's passes then touch a fifth
     // less memory.
     T* student_soft = Terms::gradient ? gradient : scratch;
@@ -85,15 +84,12 @@ KDLOSS_NOINLINE RowSums distill_row(const BatchProblem<T>& problem, Exp2Scale<T>
     }
 
     if constexpr (Terms::gradient) {
-        const double soft_scale = problem.gradient_scale * problem.soft_weight * temperature;
-        const double hard_scale = problem.gradient_scale * problem.hard_weight;
-        const GradientCoefficients<T> coefficients(sums.teacher_soft + sums.soft_difference, sums.teacher_soft,
-                                                   sums.student_hard, sums.target_mass, soft_scale, hard_scale);
+        const auto coefficients = GradientCoefficients<T>::template from_sums<Terms>(sums, problem);
         const LaneMaxima<T> found =
             write_gradient<T, Terms, HardPower>(gradient, student_soft, teacher_soft, student_hard, target,
                                                 coefficients, n, scan_in_exponentials ? RowLogits<T>{} : ahead.next);
         if constexpr (!scan_in_exponentials) maxima = {found, ahead.next};
-        if constexpr (Terms::hard && !Terms::distribution) gradient[class_index] -= static_cast<T>(hard_scale);
+        if constexpr (Terms::hard && !Terms::distribution) gradient[class_index] -= coefficients.label_scale;
     }
     return sums;
 }
@@ -156,16 +152,12 @@ KDLOSS_NOINLINE void distill_block(const BatchProblem<T>& problem, Exp2Scale<T> 
     for (std::size_t lane = 0; lane < count; ++lane) problem.row_losses[rows[lane]] = losses[lane];
 
     if constexpr (Terms::gradient) {
-        const double soft_scale = problem.gradient_scale * problem.soft_weight * temperature;
-        const double hard_scale = problem.gradient_scale * problem.hard_weight;
-        const GradientCoefficients<T> coefficients(
-            sums.teacher_soft + sums.soft_difference, sums.teacher_soft, sums.student_hard,
-            Terms::distribution ? sums.target_mass : Pack<double>(1.0), soft_scale, hard_scale);
+        const auto coefficients = GradientCoefficients<T>::template from_sums<Terms>(sums, problem);
         write_gradient<T, Terms, HardPower>(gradient, student_soft, teacher_soft, student_hard, target, coefficients, m,
                                             RowLogits<T>{});
         if constexpr (Terms::hard && !Terms::distribution)
             for (std::size_t lane = 0; lane < count; ++lane)
-                gradient[static_cast<std::size_t>(class_index[lane]) * lanes + lane] -= static_cast<T>(hard_scale);
+                gradient[static_cast<std::size_t>(class_index[lane]) * lanes + lane] -= coefficients.label_scale;
         T* gradient_rows[lanes] = {};
         for (std::size_t lane = 0; lane < count; ++lane)
             gradient_rows[lane] = problem.gradient + static_cast<std::ptrdiff_t>(rows[lane]) * problem.gradient_stride;
