@@ -3,6 +3,7 @@
 // flags, and equal checksums say that a refactoring of the kernels changed no bit of any result.
 //   g++ -O2 -std=c++17 -Icsrc/include benchmarks/bitwise_check.cpp -pthread && ./a.out
 // (and with -mavx2 -mfma, and -march=native, for the other kernels).
+#include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
