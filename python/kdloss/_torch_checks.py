@@ -14,7 +14,6 @@ from typing import Any, Optional
 
 import torch
 
-from . import _params
 from ._arrays import floating_class_indices_message
 from ._loss import DistillationLoss as NumpyDistillationLoss
 from ._params import Parameters
@@ -38,11 +37,6 @@ def engine(params: Parameters) -> NumpyDistillationLoss:
     never mutated here (their setters are not used), so they are safe to share between threads.
     """
     return NumpyDistillationLoss(**params._asdict())
-
-
-def normalizer_number(value: float) -> float:
-    """A Python-number normaliser, checked as the NumPy class checks it ("finite and > 0")."""
-    return _params.check_normalizer(value)
 
 
 def check_shapes(

@@ -44,7 +44,7 @@ def _loss_and_grad(
 ) -> tuple[Tensor, Tensor]:
     """Loss and d(loss)/d(student) from one native call; the gradient is a new tensor."""
     params = Parameters(temperature, alpha, reduction, ignore_index, num_threads)
-    # kdloss allocates the gradient through NumPy (huge pages: a cheap first touch); the tensor adopts it.
+    # The gradient is a NumPy buffer (the cached one a caller let go of, or a new one); the tensor adopts it.
     loss, gradient = engine(params).loss_and_gradient(
         student.detach(), teacher.detach(), _detached(labels), normalizer=_normalizer_value(normalizer)
     )

@@ -27,9 +27,9 @@ except ImportError as error:  # say how to get it rather than just "No module na
 from torch import Tensor
 
 from . import _torch_ops  # noqa: F401  (registers torch.ops.kdloss.*)
-from ._params import Parameters
+from ._params import Parameters, check_normalizer
 from ._torch_autograd import DistillationFunction
-from ._torch_checks import check_floating_labels, check_shapes, normalizer_number, validated_params
+from ._torch_checks import check_floating_labels, check_shapes, validated_params
 
 __all__ = ["DistillationLoss", "distillation_loss"]
 
@@ -88,7 +88,7 @@ def _prepare_normalizer(normalizer: object) -> Optional[Tensor]:
         return normalizer.detach().reshape(()).to(device="cpu", dtype=torch.float64)
     if isinstance(normalizer, bool) or not isinstance(normalizer, numbers.Real):
         raise TypeError(f"normalizer must be a real number, a one-element tensor or None, got {normalizer!r}")
-    return torch.tensor(normalizer_number(normalizer), dtype=torch.float64)
+    return torch.tensor(check_normalizer(normalizer), dtype=torch.float64)
 
 
 def _runs_eagerly(student: Tensor) -> bool:
