@@ -1,6 +1,6 @@
 // A checksum of the losses, row losses and gradients of many calls (short and long rows, every label form,
-// integer and other temperatures), float and double: build it with the headers of two commits and the same
-// flags, and equal checksums say that a refactoring of the kernels changed no bit of any result.
+// integer and other temperatures, with and without the gradient), float and double: build it with the headers of two
+// commits and the same flags, and equal checksums say that a refactoring of the kernels changed no bit of any result.
 //   g++ -O2 -std=c++17 -Icsrc/include benchmarks/bitwise_check.cpp -pthread && ./a.out
 // (and with -mavx2 -mfma, and -march=native, for the other kernels).
 #include <cmath>
@@ -39,6 +39,10 @@ std::uint64_t run() {
                     const double loss = kd.evaluate({s.data(), B, C}, {t.data(), B, C}, labels, rows.data(), &gv);
                     mix(&loss, sizeof loss);
                     mix(g.data(), g.size() * sizeof(T));
+                    mix(rows.data(), rows.size() * sizeof(T));
+                    // Loss only: the kernels without a gradient pass.
+                    const double alone = kd.evaluate({s.data(), B, C}, {t.data(), B, C}, labels, rows.data(), nullptr);
+                    mix(&alone, sizeof alone);
                     mix(rows.data(), rows.size() * sizeof(T));
                 }
     }

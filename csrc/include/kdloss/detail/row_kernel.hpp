@@ -26,14 +26,9 @@ namespace kdloss::detail {
 inline namespace KDLOSS_KERNEL_NAMESPACE {
 
 // A long row's sums, from which its loss is computed later, `lanes` rows at once (RowLosses in run_rows.hpp):
-// its two logarithms and divisions cost as much for one row as for sixteen.
-// The sums of a term the row does not have stay neutral (a sum of 1 where the loss or the gradient divides by
-// it), so that a block of such rows computes harmless values in every lane.
-struct RowSums : Sums<double> {
-    double target_logit = 0.0;  // ds at the label, for class-index labels
-
-    RowSums() noexcept : Sums<double>{0.0, 1.0, 0.0, 1.0, 1.0, 0.0} {}
-};
+// its logarithms and divisions cost as much for one row as for sixteen.
+template <class Terms>
+using RowSums = typename Terms::template Sums<double>;
 
 // Lane maxima found ahead of their row (by a pass of the row before), and the row they are of.
 template <class T>
@@ -45,16 +40,16 @@ struct RowMaxima {
 // One long row. The rows ahead of it are touched on the way (RowsAhead): the next one's maxima are left
 // in `maxima` for its turn. `soft` is soft_exponent(T), worked out once per call: its two divisions would
 // otherwise hold up the start of every row's exponentials.
-template <class T, class Terms, int HardPower>
-KDLOSS_NOINLINE RowSums distill_row(const BatchProblem<T>& problem, Exp2Scale<T> soft, const T* student,
-                                    const T* teacher, std::int64_t class_index, const T* target, RowsAhead<T> ahead,
-                                    T* scratch, T* gradient, RowMaxima<T>& maxima) noexcept {
+template <class T, class Terms>
+KDLOSS_NOINLINE RowSums<Terms> distill_row(const BatchProblem<T>& problem, Exp2Scale<T> soft, const T* student,
+                                           const T* teacher, std::int64_t class_index, const T* target,
+                                           RowsAhead<T> ahead, T* scratch, T* gradient, RowMaxima<T>& maxima) noexcept {
     const std::size_t n = problem.classes;
     // The student's exponentials in the gradient's row, where there is one: a row's passes then touch a fifth
     // less memory.
     T* student_soft = Terms::gradient ? gradient : scratch;
     T* teacher_soft = Terms::gradient ? scratch : scratch + n;
-    T* student_hard = teacher_soft + n;
+    const RowBuffers<T> row{student_soft, teacher_soft, teacher_soft + n, target};
 
     const LaneMaxima<T> lane_max = maxima.row.student == student && maxima.row.teacher == teacher
                                        ? maxima.lanes
@@ -62,34 +57,25 @@ KDLOSS_NOINLINE RowSums distill_row(const BatchProblem<T>& problem, Exp2Scale<T>
     const T row_student_max = lane_max.student.max();
     const Pack<T> student_max(row_student_max), teacher_max(lane_max.teacher.max());
 
-    LaneSums lane_sums;
-    const LaneMaxima<T> scanned = exponentials<T, typename Terms::without_gradient, HardPower>(
-        student, teacher, target, student_max, teacher_max, soft, student_soft, teacher_soft, student_hard, n, ahead,
-        lane_sums);
+    typename Terms::template Sums<Pack<double>> lane_sums;
+    const LaneMaxima<T> scanned = exponentials<T, typename Terms::without_gradient>(
+        student, teacher, student_max, teacher_max, soft, row, n, ahead, lane_sums);
     maxima.row = {};
     if constexpr (scan_in_exponentials) maxima = {scanned, ahead.next};
 
-    RowSums sums;
-    if constexpr (Terms::soft) {
-        sums.soft_difference = lane_sums.soft_difference.sum();
-        sums.teacher_soft = lane_sums.teacher_soft.sum();
-        sums.teacher_cross = lane_sums.teacher_cross.sum();
-    }
-    if constexpr (Terms::hard) sums.student_hard = lane_sums.student_hard.sum();
-    if constexpr (Terms::distribution) {
-        sums.target_mass = lane_sums.target_mass.sum();
-        sums.target_cross = lane_sums.target_cross.sum();
-    } else if constexpr (Terms::hard) {
-        sums.target_logit = static_cast<double>(student[class_index]) - static_cast<double>(row_student_max);
+    RowSums<Terms> sums;
+    for_each_sum<Terms>([](double& sum, const Pack<double>& lane_sum) { sum = lane_sum.sum(); }, sums, lane_sums);
+    if constexpr (Terms::class_index) {
+        Terms::HardTerm::at_label(sums.hard,
+                                  static_cast<double>(student[class_index]) - static_cast<double>(row_student_max));
     }
 
     if constexpr (Terms::gradient) {
-        const auto coefficients = GradientCoefficients<T>::template from_sums<Terms>(sums, problem);
-        const LaneMaxima<T> found =
-            write_gradient<T, Terms, HardPower>(gradient, student_soft, teacher_soft, student_hard, target,
-                                                coefficients, n, scan_in_exponentials ? RowLogits<T>{} : ahead.next);
+        const auto coefficients = GradientCoefficients<T, Terms>::from_sums(sums, problem);
+        const LaneMaxima<T> found = write_gradient<T, Terms>(gradient, row, coefficients, n,
+                                                             scan_in_exponentials ? RowLogits<T>{} : ahead.next);
         if constexpr (!scan_in_exponentials) maxima = {found, ahead.next};
-        if constexpr (Terms::hard && !Terms::distribution) gradient[class_index] -= coefficients.label_scale;
+        if constexpr (Terms::class_index) gradient[class_index] -= coefficients.hard.label_scale;
     }
     return sums;
 }
@@ -97,7 +83,7 @@ KDLOSS_NOINLINE RowSums distill_row(const BatchProblem<T>& problem, Exp2Scale<T>
 // The rows rows[0 .. count), count <= lanes, none of them ignored: a lane per row. `soft` as for distill_row.
 // `next`, if not null, is where the next block's logits start, lanes x classes contiguous elements of each
 // input, which the exponential pass fetches into cache on the way.
-template <class T, class Terms, int HardPower>
+template <class T, class Terms>
 KDLOSS_NOINLINE void distill_block(const BatchProblem<T>& problem, Exp2Scale<T> soft, const std::size_t* rows,
                                    std::size_t count, RowLogits<T> next, T* scratch) noexcept {
     const std::size_t n = problem.classes;
@@ -107,10 +93,8 @@ KDLOSS_NOINLINE void distill_block(const BatchProblem<T>& problem, Exp2Scale<T> 
     T* student = scratch;
     T* teacher = scratch + m;
     T* target = scratch + 2 * m;
-    T* student_hard = scratch + 3 * m;
-    T* student_soft = student;
-    T* teacher_soft = teacher;
-    T* gradient = student_soft;
+    const RowBuffers<T> row{student, teacher, scratch + 3 * m, target};
+    T* gradient = row.student_soft;
 
     // Lanes past `count` repeat the first row: real data, computed and then dropped, so that the copy
     // below needs no condition.
@@ -119,45 +103,42 @@ KDLOSS_NOINLINE void distill_block(const BatchProblem<T>& problem, Exp2Scale<T> 
     const T* teacher_rows[lanes];
     const T* target_rows[lanes];
     for (std::size_t lane = 0; lane < lanes; ++lane) {
-        const auto row = static_cast<std::ptrdiff_t>(rows[lane < count ? lane : 0]);
-        student_rows[lane] = problem.student + row * problem.student_stride;
-        teacher_rows[lane] = problem.teacher + row * problem.teacher_stride;
-        target_rows[lane] = Terms::distribution ? problem.targets + row * problem.target_stride : nullptr;
+        const auto row_index = static_cast<std::ptrdiff_t>(rows[lane < count ? lane : 0]);
+        student_rows[lane] = problem.student + row_index * problem.student_stride;
+        teacher_rows[lane] = problem.teacher + row_index * problem.teacher_stride;
+        target_rows[lane] = Terms::distribution ? problem.targets + row_index * problem.target_stride : nullptr;
         if (problem.label_kind == LabelKind::class_indices)
-            class_index[lane] = problem.class_indices[row * problem.class_index_stride];
+            class_index[lane] = problem.class_indices[row_index * problem.class_index_stride];
     }
     const Pack<T> student_max = rows_to_lanes(student_rows, n, student);
     const Pack<T> teacher_max = rows_to_lanes(teacher_rows, n, teacher);
     if constexpr (Terms::distribution) rows_to_lanes(target_rows, n, target);
 
-    double target_logits[lanes] = {};
-    if constexpr (Terms::hard && !Terms::distribution) {
+    double label_logits[lanes] = {};
+    if constexpr (Terms::class_index) {
         T maxima[lanes];
         student_max.store(maxima);
         for (std::size_t lane = 0; lane < lanes; ++lane)
-            target_logits[lane] =
+            label_logits[lane] =
                 static_cast<double>(student[static_cast<std::size_t>(class_index[lane]) * lanes + lane]) -
                 static_cast<double>(maxima[lane]);
     }
-    const double temperature = problem.temperature;
-    LaneSums sums;
-    exponentials<T, typename Terms::without_gradient, HardPower>(student, teacher, target, student_max, teacher_max,
-                                                                 soft, student_soft, teacher_soft, student_hard, m,
-                                                                 RowsAhead<T>{{}, next}, sums);
-    const Pack<double> target_logit = Pack<double>::load(target_logits);
+    typename Terms::template Sums<Pack<double>> sums;
+    exponentials<T, typename Terms::without_gradient>(student, teacher, student_max, teacher_max, soft, row, m,
+                                                      RowsAhead<T>{{}, next}, sums);
+    if constexpr (Terms::class_index) Terms::HardTerm::at_label(sums.hard, Pack<double>::load(label_logits));
     const Pack<double> loss =
-        loss_from_sums<Terms>(sums, target_logit, temperature, problem.soft_weight, problem.hard_weight);
+        loss_from_sums<Terms>(sums, problem.temperature, problem.soft_weight, problem.hard_weight);
     double losses[lanes];
     loss.store(losses);
     for (std::size_t lane = 0; lane < count; ++lane) problem.row_losses[rows[lane]] = losses[lane];
 
     if constexpr (Terms::gradient) {
-        const auto coefficients = GradientCoefficients<T>::template from_sums<Terms>(sums, problem);
-        write_gradient<T, Terms, HardPower>(gradient, student_soft, teacher_soft, student_hard, target, coefficients, m,
-                                            RowLogits<T>{});
-        if constexpr (Terms::hard && !Terms::distribution)
+        const auto coefficients = GradientCoefficients<T, Terms>::from_sums(sums, problem);
+        write_gradient<T, Terms>(gradient, row, coefficients, m, RowLogits<T>{});
+        if constexpr (Terms::class_index)
             for (std::size_t lane = 0; lane < count; ++lane)
-                gradient[static_cast<std::size_t>(class_index[lane]) * lanes + lane] -= coefficients.label_scale;
+                gradient[static_cast<std::size_t>(class_index[lane]) * lanes + lane] -= coefficients.hard.label_scale;
         T* gradient_rows[lanes] = {};
         for (std::size_t lane = 0; lane < count; ++lane)
             gradient_rows[lane] = problem.gradient + static_cast<std::ptrdiff_t>(rows[lane]) * problem.gradient_stride;

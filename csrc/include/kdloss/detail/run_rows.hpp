@@ -1,12 +1,16 @@
 #pragma once
 
 // A range of rows of a validated BatchProblem: the function that the dispatcher and the thread pool call.
-// Which terms exist is decided here, once per call, and baked into the row kernels as template arguments.
+// Which terms exist is decided here, from one table of the instantiations (rows_kernel), and baked into the
+// row kernels as template arguments.
 
+#include <array>
 #include <cstddef>
 #include <cstdint>
 
 #include "kdloss/detail/batch_problem.hpp"
+#include "kdloss/detail/cross_entropy.hpp"
+#include "kdloss/detail/forward_kl.hpp"
 #include "kdloss/detail/kernel_namespace.hpp"
 #include "kdloss/detail/row_kernel.hpp"
 
@@ -38,11 +42,11 @@ public:
           temperature_(problem.temperature),
           soft_weight_(problem.soft_weight),
           hard_weight_(problem.hard_weight) {
-        const RowSums neutral;
+        const RowSums<Terms> neutral = RowSums<Terms>::neutral();
         for (std::size_t k = 0; k < lanes; ++k) put(k, 0, neutral);
     }
 
-    void add(std::size_t row, const RowSums& sums) noexcept {
+    void add(std::size_t row, const RowSums<Terms>& sums) noexcept {
         put(count_, row, sums);
         if (++count_ == lanes) flush();
     }
@@ -51,10 +55,10 @@ public:
     void flush() noexcept {
         if (count_ == 0) return;
         // Lanes past count_ hold an earlier row's sums, or neutral ones: computed and dropped.
-        Sums<Pack<double>> sums;
-        for_each_sum([](Pack<double>& sum, const Column& column) { sum = Pack<double>::load(column); }, sums, columns_);
-        const Pack<double> loss =
-            loss_from_sums<Terms>(sums, Pack<double>::load(target_logit_), temperature_, soft_weight_, hard_weight_);
+        typename Terms::template Sums<Pack<double>> sums;
+        for_each_sum<Terms>([](Pack<double>& sum, const Column& column) { sum = Pack<double>::load(column); }, sums,
+                            columns_);
+        const Pack<double> loss = loss_from_sums<Terms>(sums, temperature_, soft_weight_, hard_weight_);
         double losses[lanes];
         loss.store(losses);
         for (std::size_t k = 0; k < count_; ++k) row_losses_[rows_[k]] = losses[k];
@@ -64,21 +68,19 @@ public:
 private:
     using Column = double[lanes];  // one sum of `lanes` rows, loaded as one Pack
 
-    void put(std::size_t k, std::size_t row, const RowSums& sums) noexcept {
+    void put(std::size_t k, std::size_t row, const RowSums<Terms>& sums) noexcept {
         rows_[k] = row;
-        for_each_sum([k](Column& column, double sum) { column[k] = sum; }, columns_, sums);
-        target_logit_[k] = sums.target_logit;
+        for_each_sum<Terms>([k](Column& column, double sum) { column[k] = sum; }, columns_, sums);
     }
 
     double* row_losses_;
     double temperature_, soft_weight_, hard_weight_;
     std::size_t count_ = 0;
     std::size_t rows_[lanes];
-    Sums<Column> columns_;
-    double target_logit_[lanes];
+    typename Terms::template Sums<Column> columns_;
 };
 
-template <class T, class Terms, int HardPower>
+template <class T, class Terms>
 void run_rows_with(const BatchProblem<T>& problem, std::size_t begin, std::size_t end, T* scratch) noexcept {
     const Exp2Scale<T> soft = soft_exponent<T>(problem.temperature);
     if (problem.classes <= block_max_classes<T>) {
@@ -102,11 +104,11 @@ void run_rows_with(const BatchProblem<T>& problem, std::size_t begin, std::size_
             }
             block_rows[count++] = i;
             if (count == lanes) {
-                distill_block<T, Terms, HardPower>(problem, soft, block_rows, count, next_rows(i + 1), scratch);
+                distill_block<T, Terms>(problem, soft, block_rows, count, next_rows(i + 1), scratch);
                 count = 0;
             }
         }
-        if (count > 0) distill_block<T, Terms, HardPower>(problem, soft, block_rows, count, RowLogits<T>{}, scratch);
+        if (count > 0) distill_block<T, Terms>(problem, soft, block_rows, count, RowLogits<T>{}, scratch);
         return;
     }
     // Longer rows stream in well enough by themselves, and fetching one more would push the first out of L2.
@@ -136,44 +138,71 @@ void run_rows_with(const BatchProblem<T>& problem, std::size_t begin, std::size_
         T* gradient = Terms::gradient ? problem.gradient + row * problem.gradient_stride : nullptr;
         const T* target = Terms::distribution ? problem.targets + row * problem.target_stride : nullptr;
         const RowLogits<T> here = logits(i);
-        losses.add(i, distill_row<T, Terms, HardPower>(problem, soft, here.student, here.teacher, class_index, target,
-                                                       ahead, scratch, gradient, maxima));
+        losses.add(i, distill_row<T, Terms>(problem, soft, here.student, here.teacher, class_index, target, ahead,
+                                            scratch, gradient, maxima));
     }
     losses.flush();
 }
 
-template <class T, class Terms>
-void run_rows_choosing_power(const BatchProblem<T>& problem, std::size_t begin, std::size_t end, T* scratch) noexcept {
-    // The hard exponential is a power of the soft one for small integer temperatures (see soft_power).
-    const double temperature = problem.temperature;
-    if constexpr (Terms::soft && Terms::hard) {
-        if (temperature == 1.0) return run_rows_with<T, Terms, 1>(problem, begin, end, scratch);
-        if (temperature == 2.0) return run_rows_with<T, Terms, 2>(problem, begin, end, scratch);
-        if (temperature == 3.0) return run_rows_with<T, Terms, 3>(problem, begin, end, scratch);
-        if (temperature == 4.0) return run_rows_with<T, Terms, 4>(problem, begin, end, scratch);
+// The instantiation of each run-time choice, in one table: rows_kernel_table<T>[gradient][soft][hard][power],
+// where soft says whether there is a soft term, hard is the LabelKind of a hard term (none: no hard term),
+// and power is the temperature where the hard term's e^(ds) is a power of the soft term's e^(ds/T) (an
+// integer from 1 to 4, see soft_power), else 0.
+template <class T>
+using PowerRow = std::array<RowsKernel<T>, 5>;
+
+template <class T, bool Gradient, class Soft, class Hard>
+constexpr RowsKernel<T> rows_instance() noexcept {
+    if constexpr (std::is_same_v<Soft, Absent> && std::is_same_v<Hard, Absent>) return nullptr;  // no loss at all
+    else return &run_rows_with<T, Terms<Soft, Hard, Gradient>>;
+}
+
+template <class T, bool Gradient, class Soft, bool Distribution>
+constexpr PowerRow<T> cross_entropy_by_power() noexcept {
+    if constexpr (std::is_same_v<Soft, Absent>) {
+        const RowsKernel<T> only = rows_instance<T, Gradient, Soft, CrossEntropy<Distribution, 0>>();
+        return {only, only, only, only, only};
+    } else {
+        return {rows_instance<T, Gradient, Soft, CrossEntropy<Distribution, 0>>(),
+                rows_instance<T, Gradient, Soft, CrossEntropy<Distribution, 1>>(),
+                rows_instance<T, Gradient, Soft, CrossEntropy<Distribution, 2>>(),
+                rows_instance<T, Gradient, Soft, CrossEntropy<Distribution, 3>>(),
+                rows_instance<T, Gradient, Soft, CrossEntropy<Distribution, 4>>()};
     }
-    run_rows_with<T, Terms, 0>(problem, begin, end, scratch);
+}
+
+template <class T, bool Gradient, class Soft>
+constexpr std::array<PowerRow<T>, 3> by_hard_term() noexcept {
+    const RowsKernel<T> no_hard = rows_instance<T, Gradient, Soft, Absent>();
+    // In the order of LabelKind: none, class_indices, distributions.
+    return {PowerRow<T>{no_hard, no_hard, no_hard, no_hard, no_hard},
+            cross_entropy_by_power<T, Gradient, Soft, false>(), cross_entropy_by_power<T, Gradient, Soft, true>()};
 }
 
 template <class T, bool Gradient>
-void run_rows_choosing_terms(const BatchProblem<T>& problem, std::size_t begin, std::size_t end, T* scratch) noexcept {
-    const bool labelled = problem.label_kind != LabelKind::none;
-    const bool soft = problem.soft_weight != 0.0;
-    const bool hard = labelled && problem.hard_weight != 0.0;
-    const bool distribution = problem.label_kind == LabelKind::distributions;
+constexpr std::array<std::array<PowerRow<T>, 3>, 2> by_soft_term() noexcept {
+    return {by_hard_term<T, Gradient, Absent>(), by_hard_term<T, Gradient, ForwardKL>()};
+}
+
+template <class T>
+constexpr std::array<std::array<std::array<PowerRow<T>, 3>, 2>, 2> rows_kernel_table = {by_soft_term<T, false>(),
+                                                                                        by_soft_term<T, true>()};
+
+// The row kernel for this problem's terms.
+template <class T>
+RowsKernel<T> rows_kernel(const BatchProblem<T>& problem) noexcept {
     // Soft and hard weights are 1 - alpha and alpha, so at least one term is always present.
-    if (soft && hard && distribution)
-        run_rows_choosing_power<T, Terms<true, true, true, Gradient>>(problem, begin, end, scratch);
-    else if (soft && hard) run_rows_choosing_power<T, Terms<true, true, false, Gradient>>(problem, begin, end, scratch);
-    else if (soft) run_rows_choosing_power<T, Terms<true, false, false, Gradient>>(problem, begin, end, scratch);
-    else if (distribution) run_rows_choosing_power<T, Terms<false, true, true, Gradient>>(problem, begin, end, scratch);
-    else run_rows_choosing_power<T, Terms<false, true, false, Gradient>>(problem, begin, end, scratch);
+    const bool soft = problem.soft_weight != 0.0;
+    const LabelKind hard = problem.hard_weight != 0.0 ? problem.label_kind : LabelKind::none;
+    const double temperature = problem.temperature;
+    const bool integer_power = temperature == 1.0 || temperature == 2.0 || temperature == 3.0 || temperature == 4.0;
+    const std::size_t power = integer_power ? static_cast<std::size_t>(temperature) : 0;
+    return rows_kernel_table<T>[problem.gradient != nullptr][soft][static_cast<std::size_t>(hard)][power];
 }
 
 template <class T>
 void run_rows(const BatchProblem<T>& problem, std::size_t begin, std::size_t end, T* scratch) noexcept {
-    if (problem.gradient != nullptr) run_rows_choosing_terms<T, true>(problem, begin, end, scratch);
-    else run_rows_choosing_terms<T, false>(problem, begin, end, scratch);
+    rows_kernel(problem)(problem, begin, end, scratch);
 }
 
 }  // namespace KDLOSS_KERNEL_NAMESPACE

@@ -1,0 +1,140 @@
+#pragma once
+
+// What a loss is made of, at compile time: a soft term (a divergence between the teacher's and the student's
+// tempered distributions, e.g. ForwardKL in forward_kl.hpp) and a hard term (the cross-entropy against the
+// labels, cross_entropy.hpp), each a policy, or Absent. The passes of lane_math.hpp are written once over
+// Terms; what a term adds to them is all in its policy:
+//   - Sums<V>: the row sums its loss and gradient are computed from, by name, with
+//     for_each_sum(f, sums...) over them and neutral(), sums that give harmless values (a 1 where there is a
+//     division) in the lanes of a block that hold no row;
+//   - Partials<T>: how the exponential pass adds a block of `lanes` elements to them (add), kept in T over a
+//     chunk and added to the double Sums (flush_into), see exponentials in lane_math.hpp;
+//   - the row loss from the sums; Coefficients<T>, what the gradient pass needs, from the sums; and the
+//     gradient pass's term.
+// V is Pack<double> while a pass adds the sums up a lane at a time, double for one long row, and Pack<double>
+// again when `lanes` rows' losses are computed at once.
+
+#include <cstddef>
+#include <type_traits>
+
+#include "kdloss/detail/batch_problem.hpp"
+#include "kdloss/detail/kernel_namespace.hpp"
+#include "kdloss/detail/pack.hpp"
+
+namespace kdloss::detail {
+inline namespace KDLOSS_KERNEL_NAMESPACE {
+
+// e^x = 2^(x log2(e)) (see fast_exp2).
+constexpr double log2e = 1.4426950408889634074;
+
+// A term a loss does not have: no sums, nothing to add.
+struct Absent {
+    static constexpr bool distribution = false;
+    template <class V>
+    struct Sums {
+        static Sums neutral() noexcept { return {}; }
+    };
+    template <class F, class... S>
+    static KDLOSS_INLINE void for_each_sum(F&&, S&&...) noexcept {}
+    template <class T>
+    struct Partials {
+        template <class V>
+        KDLOSS_INLINE void flush_into(V&) noexcept {}
+    };
+    template <class T>
+    struct Coefficients {};
+};
+
+// A row's buffers as the passes see them (each at the row's first element, or `lanes` rows' interleaved):
+// what the exponential pass writes and the gradient pass reads back. Null where the terms have none.
+template <class T>
+struct RowBuffers {
+    T* student_soft;  // e^(ds/T)
+    T* teacher_soft;  // e^(dt/T)
+    T* student_hard;  // e^(ds), when it is no power of e^(ds/T)
+    const T* target;  // the target distribution
+};
+
+// Marks a block all of whose lanes are summed (see exponentials in lane_math.hpp).
+struct EveryLaneSummed {};
+
+// `value` where a lane is summed, `instead` (what leaves a sum unchanged) where it is `skipped`: a Mask, or
+// EveryLaneSummed.
+template <class T, class Skipped>
+KDLOSS_INLINE Pack<T> summed(const Pack<T>& value, T instead, const Skipped& skipped) noexcept {
+    if constexpr (std::is_same_v<Skipped, EveryLaneSummed>) return value;
+    else return select(skipped, instead, value);
+}
+
+template <class Soft, class Hard, class V>
+struct TermSums {
+    typename Soft::template Sums<V> soft;
+    typename Hard::template Sums<V> hard;
+
+    static TermSums neutral() noexcept {
+        return {Soft::template Sums<V>::neutral(), Hard::template Sums<V>::neutral()};
+    }
+};
+
+template <class Soft, class Hard, bool Gradient>
+struct Terms {
+    using SoftTerm = Soft;
+    using HardTerm = Hard;
+    static constexpr bool soft = !std::is_same_v<Soft, Absent>;
+    static constexpr bool hard = !std::is_same_v<Hard, Absent>;
+    static constexpr bool distribution = Hard::distribution;  // hard term against a target distribution
+    static constexpr bool class_index = hard && !distribution;
+    static constexpr bool gradient = Gradient;
+    using without_gradient = Terms<Soft, Hard, false>;
+    template <class V>
+    using Sums = TermSums<Soft, Hard, V>;
+};
+
+// f(a.x, b.x, ...) for each sum x of the term sums a, b, ...: what is done to every sum alike, written once.
+template <class Terms, class F, class... S>
+KDLOSS_INLINE void for_each_sum(F&& f, S&&... sums) noexcept {
+    Terms::SoftTerm::for_each_sum(f, sums.soft...);
+    Terms::HardTerm::for_each_sum(f, sums.hard...);
+}
+
+// A row's loss from its sums (V = double), or `lanes` rows' at once (V = Pack<double>).
+template <class Terms, class V>
+inline V loss_from_sums(const typename Terms::template Sums<V>& sums, double temperature, double soft_weight,
+                        double hard_weight) noexcept {
+    V loss = 0.0;
+    if constexpr (Terms::soft) {
+        loss = loss + soft_weight * temperature * temperature * Terms::SoftTerm::divergence(sums.soft, temperature);
+    }
+    if constexpr (Terms::hard) loss = loss + hard_weight * Terms::HardTerm::loss(sums.hard);
+    return loss;
+}
+
+// The gradient's scales, folding in the weights and the reduction's: its soft term's, and its hard term's.
+template <class T>
+double soft_gradient_scale(const BatchProblem<T>& problem) noexcept {
+    return problem.gradient_scale * problem.soft_weight * problem.temperature;
+}
+template <class T>
+double hard_gradient_scale(const BatchProblem<T>& problem) noexcept {
+    return problem.gradient_scale * problem.hard_weight;
+}
+
+// What the gradient pass needs of each term, per lane: from one row's sums (V = double: the same in every
+// lane) or from a block's (V = Pack<double>: a row per lane).
+template <class T, class Terms>
+struct GradientCoefficients {
+    typename Terms::SoftTerm::template Coefficients<T> soft;
+    typename Terms::HardTerm::template Coefficients<T> hard;
+
+    template <class V>
+    static GradientCoefficients from_sums(const typename Terms::template Sums<V>& sums,
+                                          const BatchProblem<T>& problem) noexcept {
+        GradientCoefficients k;
+        if constexpr (Terms::soft) k.soft = decltype(k.soft)::from_sums(sums.soft, soft_gradient_scale(problem));
+        if constexpr (Terms::hard) k.hard = decltype(k.hard)::from_sums(sums.hard, hard_gradient_scale(problem));
+        return k;
+    }
+};
+
+}  // namespace KDLOSS_KERNEL_NAMESPACE
+}  // namespace kdloss::detail
