@@ -785,10 +785,12 @@ def _float(text: str) -> float:
 
 
 def _temperature(text: str) -> float:
-    """Parse a finite temperature > 0 for argparse."""
+    """Parse a temperature for argparse, checked as DistillationLoss checks it."""
     value = _float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
+    try:
+        DistillationLoss(temperature=value)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
     return value
 
 

@@ -50,7 +50,8 @@ class DistillationLoss:
     Parameters
     ----------
     temperature : float, default 3.0
-        Softmax temperature, finite and > 0. Higher values soften both distributions.
+        Softmax temperature, in [1e-30, 100] (where the loss meets its accuracy). Higher values soften both
+        distributions.
     alpha : float, default 0.3
         Weight of the hard (cross-entropy) term when labels are given, in [0, 1]. Unused without labels.
     reduction : {"mean", "sum", "none"}, default "mean"
@@ -66,7 +67,7 @@ class DistillationLoss:
     Raises
     ------
     ValueError
-        If ``temperature`` is not finite and > 0, ``alpha`` is not in [0, 1], or ``reduction`` is unknown.
+        If ``temperature`` is not in [1e-30, 100], ``alpha`` is not in [0, 1], or ``reduction`` is unknown.
     TypeError
         If a parameter is not a number (or, for ``reduction``, a string).
 
@@ -110,7 +111,7 @@ class DistillationLoss:
 
     @property
     def temperature(self) -> float:
-        """Softmax temperature ``T`` (finite, > 0)."""
+        """Softmax temperature ``T``, in [1e-30, 100]."""
         return self._params.temperature
 
     @temperature.setter

@@ -2,18 +2,22 @@
 
 ``kdloss.DistillationLoss`` keeps one (its ``repr``, ``==`` and pickling read it), and ``kdloss.torch`` passes one to
 its autograd function and spells it out for its operators' schemas. A new parameter is a field here and its
-check in :meth:`Parameters.checked`; the native class checks ranges (``temperature must be finite and > 0``), so
-that C++ hosts get the same messages.
+check in :meth:`Parameters.checked`; the native class checks ranges (``temperature must be in [1e-30, 100]``),
+so that C++ hosts get the same messages.
 """
 
 from __future__ import annotations
 
 import numbers
+import sys
 from typing import Any, NamedTuple
 
 # The native class's limit (DistillationLoss<T>::max_threads), checked here before pybind11 sees the number: one
 # too large for its size_t would get pybind11's "incompatible constructor arguments".
 MAX_THREADS = 4096
+
+# The native class's smallest normaliser (kdloss::min_normalizer), whose reciprocal is finite.
+MIN_NORMALIZER = sys.float_info.min
 
 
 def check_real(name: str, value: Any) -> float:
@@ -55,8 +59,11 @@ def check_normalizer(value: Any) -> float | None:
     if value is None:
         return None
     number = check_real("normalizer", value)
-    if not (0.0 < number < float("inf")):  # as the native class checks it, for meta tensors that never reach it
-        raise ValueError(f"normalizer must be finite and > 0, got {format_number(number)}")
+    if not (MIN_NORMALIZER <= number < float("inf")):  # as the native class checks it, for meta tensors
+        raise ValueError(
+            f"normalizer must be finite and >= {format_number(MIN_NORMALIZER)} (the smallest normal double), "
+            f"got {format_number(number)}"
+        )
     return number
 
 

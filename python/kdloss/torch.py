@@ -205,7 +205,7 @@ class DistillationLoss(torch.nn.Module):
     Parameters
     ----------
     temperature : float, default 3.0
-        Softmax temperature, finite and > 0.
+        Softmax temperature, in [1e-30, 100] (where the loss meets its accuracy).
     alpha : float, default 0.3
         Weight of the hard (cross-entropy) term when labels are given, in [0, 1].
     reduction : {"mean", "sum", "none"}, default "mean"
@@ -261,7 +261,7 @@ class DistillationLoss(torch.nn.Module):
 
     @property
     def temperature(self) -> float:
-        """Softmax temperature ``T`` (finite, > 0); settable."""
+        """Softmax temperature ``T``, in [1e-30, 100]; settable."""
         return self._params.temperature
 
     @temperature.setter

@@ -28,13 +28,20 @@ constexpr double nan = std::numeric_limits<double>::quiet_NaN();
 template <class T>
 void parameter_errors() {
     using Loss = DistillationLoss<T>;
-    KD_CHECK_THROWS(invalid_argument, "temperature must be finite and > 0, got 0", Loss(0.0));
-    KD_CHECK_THROWS(invalid_argument, "temperature must be finite and > 0, got -0", Loss(-0.0));
-    KD_CHECK_THROWS(invalid_argument, "temperature must be finite and > 0, got -1.5", Loss(-1.5));
-    KD_CHECK_THROWS(invalid_argument, "temperature must be finite and > 0, got inf", Loss(inf));
-    KD_CHECK_THROWS(invalid_argument, "temperature must be finite and > 0, got -inf", Loss(-inf));
-    KD_CHECK_THROWS(invalid_argument, "temperature must be finite and > 0, got nan", Loss(nan));
-    KD_CHECK_THROWS(invalid_argument, "temperature must be finite and > 0, got nan", Loss(-nan));
+    KD_CHECK_THROWS(invalid_argument, "temperature must be in [1e-30, 100] (where kdloss is accurate), got 0",
+                    Loss(0.0));
+    KD_CHECK_THROWS(invalid_argument, "temperature must be in [1e-30, 100] (where kdloss is accurate), got -0",
+                    Loss(-0.0));
+    KD_CHECK_THROWS(invalid_argument, "temperature must be in [1e-30, 100] (where kdloss is accurate), got -1.5",
+                    Loss(-1.5));
+    KD_CHECK_THROWS(invalid_argument, "temperature must be in [1e-30, 100] (where kdloss is accurate), got inf",
+                    Loss(inf));
+    KD_CHECK_THROWS(invalid_argument, "temperature must be in [1e-30, 100] (where kdloss is accurate), got -inf",
+                    Loss(-inf));
+    KD_CHECK_THROWS(invalid_argument, "temperature must be in [1e-30, 100] (where kdloss is accurate), got nan",
+                    Loss(nan));
+    KD_CHECK_THROWS(invalid_argument, "temperature must be in [1e-30, 100] (where kdloss is accurate), got nan",
+                    Loss(-nan));
     KD_CHECK_THROWS(invalid_argument, "alpha must be finite and in [0, 1], got -0.1", Loss(3.0, -0.1));
     KD_CHECK_THROWS(invalid_argument, "alpha must be finite and in [0, 1], got 1.0000001", Loss(3.0, 1.0000001));
     KD_CHECK_THROWS(invalid_argument, "alpha must be finite and in [0, 1], got inf", Loss(3.0, inf));
@@ -42,12 +49,17 @@ void parameter_errors() {
     KD_CHECK_THROWS(invalid_argument, "num_threads must be at most 4096, got 4097",
                     Loss(3.0, 0.3, kdloss::Reduction::mean, -100, 4097));
     KD_CHECK_EQ(Loss(3.0, 0.3, kdloss::Reduction::mean, -100, 4096).num_threads(), std::size_t{4096});
-    // The bounds themselves and tiny temperatures are fine.
-    KD_CHECK_NOTHROW(Loss(1e-300, 0.0));
-    KD_CHECK_NOTHROW(Loss(1e300, 1.0));
+    // The temperature's bounds themselves are fine; beyond them, the loss would lose its accuracy.
+    KD_CHECK_NOTHROW(Loss(kdloss::min_temperature, 0.0));
+    KD_CHECK_NOTHROW(Loss(kdloss::max_temperature, 1.0));
+    KD_CHECK_THROWS(invalid_argument, "temperature must be in [1e-30, 100] (where kdloss is accurate), got 1e-300",
+                    Loss(1e-300, 0.0));
+    KD_CHECK_THROWS(invalid_argument, "temperature must be in [1e-30, 100] (where kdloss is accurate), got 1e+300",
+                    Loss(1e300, 1.0));
 
     Loss kd(2.0, 0.25, Reduction::sum, 7);
-    KD_CHECK_THROWS(invalid_argument, "temperature must be finite and > 0, got 0", kd.set_temperature(0.0));
+    KD_CHECK_THROWS(invalid_argument, "temperature must be in [1e-30, 100] (where kdloss is accurate), got 0",
+                    kd.set_temperature(0.0));
     KD_CHECK_THROWS(invalid_argument, "alpha must be finite and in [0, 1], got 2", kd.set_alpha(2.0));
     KD_CHECK_THROWS(invalid_argument, "alpha must be finite and in [0, 1], got nan", kd.set_alpha(nan));
     KD_CHECK_EQ(kd.temperature(), 2.0);  // a failed setter changes nothing
@@ -199,7 +211,8 @@ KD_TEST(shape_and_label_errors_double) { shape_and_label_errors<double>(); }
 KD_TEST(shape_and_label_errors_float) { shape_and_label_errors<float>(); }
 
 // evaluate()'s normalizer (for gradient accumulation): absent (std::nullopt: the reduction's own divisor) or
-// finite and > 0, and not with reduction "none". Nothing is written on an error, the counted-rows output included.
+// finite and >= min_normalizer, and not with reduction "none". Nothing is written on an error, the counted-rows output
+// included.
 template <class T>
 void normalizer_errors() {
     Batch<T> batch;
@@ -208,12 +221,13 @@ void normalizer_errors() {
     const DistillationLoss<T> mean(3.0, 0.5), none(3.0, 0.5, Reduction::none);
     std::size_t counted = 12345;
     const std::pair<double, const char*> bad[] = {
-        {-1.0, "normalizer must be finite and > 0, got -1"},
-        {0.0, "normalizer must be finite and > 0, got 0"},
-        {-0.0, "normalizer must be finite and > 0, got -0"},
-        {-1e-300, "normalizer must be finite and > 0, got -1e-300"},
-        {inf, "normalizer must be finite and > 0, got inf"},
-        {nan, "normalizer must be finite and > 0, got nan"},
+        {-1.0, "normalizer must be finite and >= 2.2250738585072014e-308 (the smallest normal double), got -1"},
+        {0.0, "normalizer must be finite and >= 2.2250738585072014e-308 (the smallest normal double), got 0"},
+        {-0.0, "normalizer must be finite and >= 2.2250738585072014e-308 (the smallest normal double), got -0"},
+        {-1e-300, "normalizer must be finite and >= 2.2250738585072014e-308 (the smallest normal double), got -1e-300"},
+        {1e-320, "normalizer must be finite and >= 2.2250738585072014e-308 (the smallest normal double), got 1e-320"},
+        {inf, "normalizer must be finite and >= 2.2250738585072014e-308 (the smallest normal double), got inf"},
+        {nan, "normalizer must be finite and >= 2.2250738585072014e-308 (the smallest normal double), got nan"},
     };
     for (const auto& entry : bad) {
         const double normalizer = entry.first;  // not a structured binding: lambdas may not capture those in C++17
@@ -257,7 +271,7 @@ KD_TEST(messages_print_shortest_round_trip_numbers) {
                     DistillationLoss<double>(3.0, 1.1));
     KD_CHECK_THROWS(invalid_argument, "alpha must be finite and in [0, 1], got 1e+300",
                     DistillationLoss<double>(3.0, 1e300));
-    KD_CHECK_THROWS(invalid_argument, "temperature must be finite and > 0, got -5e-324",
+    KD_CHECK_THROWS(invalid_argument, "temperature must be in [1e-30, 100] (where kdloss is accurate), got -5e-324",
                     DistillationLoss<double>(-5e-324));
 }
 

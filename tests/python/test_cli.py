@@ -90,6 +90,7 @@ def test_short_demo_prints_progress_and_the_table(tmp_path: Path) -> None:
         (["demo", "--temperature", "-1"], "argument --temperature"),
         (["demo", "--temperature", "inf"], "argument --temperature"),
         (["demo", "--temperature", "nan"], "argument --temperature"),
+        (["demo", "--temperature", "1000"], "temperature must be in [1e-30, 100]"),
         (["demo", "--alpha", "1.5"], "argument --alpha"),
         (["demo", "--alpha", "-0.1"], "argument --alpha"),
         (["demo", "--seed", "-1"], "argument --seed"),

@@ -53,7 +53,21 @@ def expect_error(exc, match, kd, method, s, t, y=None, *, out_shape=None, out_dt
 # parameters
 # ---------------------------------------------------------------------------
 
-BAD_TEMPERATURES = [0.0, -0.0, -1.5, math.nan, math.inf, -math.inf, -1e-300]
+# Out of [1e-30, 100], where the loss meets its accuracy (test_temperature_range.py checks inside it).
+BAD_TEMPERATURES = [
+    0.0,
+    -0.0,
+    -1.5,
+    math.nan,
+    math.inf,
+    -math.inf,
+    -1e-300,
+    1e-310,
+    9.99e-31,
+    100.00000000000001,
+    1e3,
+    1e155,
+]
 BAD_ALPHAS = [-0.1, 1.1, -1e-12, 1.0 + 1e-12, math.nan, math.inf, -math.inf, 2]
 BAD_REDUCTIONS = ["avg", "MEAN", "Sum", "", "mean ", "batchmean"]
 
@@ -125,7 +139,7 @@ def test_reduction_wrong_type(value):
 
 @pytest.mark.parametrize(
     "temperature,alpha",
-    [(1e-3, 0.0), (1e6, 1.0), (2, 0), (2, 1), (np.float32(2.5), np.float64(0.5)), (np.float64(0.1), np.float32(0.25))],
+    [(1e-30, 0.0), (100, 1.0), (2, 0), (2, 1), (np.float32(2.5), np.float64(0.5)), (np.float64(0.1), np.float32(0.25))],
 )
 def test_valid_parameters_accepted(temperature, alpha):
     kd = DistillationLoss(temperature, alpha)
@@ -691,9 +705,34 @@ SAME_AS_CPP = [
         "true_labels as target distributions must have the shape of student_logits (2, 3), got (2, 2)",
     ),
     ((2, 0), (2, 0), None, {}, "student_logits must have at least one class, got shape (2, 0)"),
-    ((2, 3), (2, 3), None, {"normalizer": 0.0}, "normalizer must be finite and > 0, got 0"),
-    ((2, 3), (2, 3), None, {"normalizer": -1e-300}, "normalizer must be finite and > 0, got -1e-300"),
-    ((2, 3), (2, 3), None, {"normalizer": float("inf")}, "normalizer must be finite and > 0, got inf"),
+    (
+        (2, 3),
+        (2, 3),
+        None,
+        {"normalizer": 0.0},
+        "normalizer must be finite and >= 2.2250738585072014e-308 (the smallest normal double), got 0",
+    ),
+    (
+        (2, 3),
+        (2, 3),
+        None,
+        {"normalizer": -1e-300},
+        "normalizer must be finite and >= 2.2250738585072014e-308 (the smallest normal double), got -1e-300",
+    ),
+    (
+        (2, 3),
+        (2, 3),
+        None,
+        {"normalizer": float("inf")},
+        "normalizer must be finite and >= 2.2250738585072014e-308 (the smallest normal double), got inf",
+    ),
+    (
+        (2, 3),
+        (2, 3),
+        None,
+        {"normalizer": 1e-320},  # 1 / normalizer would overflow: an infinite loss, NaN gradient entries
+        "normalizer must be finite and >= 2.2250738585072014e-308 (the smallest normal double), got 1e-320",
+    ),
 ]
 
 

@@ -44,6 +44,15 @@ inline const char* reduction_name(Reduction reduction) noexcept {
 // The most threads a call may be asked for: more would be a typo, and a pool of them would take the machine.
 inline constexpr std::size_t max_threads = 4096;
 
+// The temperatures in which the loss and gradient meet their stated accuracy (float32 1e-5 relative, float64
+// 1e-12; benchmarks/temperature_accuracy.py measures it): above, the two terms of the soft loss cancel to
+// O(1/T^2) of themselves; below 1e-30, e^(ds/T)'s scale leaves float's range.
+inline constexpr double min_temperature = 1e-30;
+inline constexpr double max_temperature = 100.0;
+
+// The smallest normaliser, the smallest normal double: the reduction's scale, 1 / normaliser, stays finite.
+inline constexpr double min_normalizer = std::numeric_limits<double>::min();
+
 // The loss's hyper-parameters, one value type: DistillationLoss<T> keeps one, checked. A new parameter is a
 // field here and its check in checked(), whose messages are those of the Python front ends.
 struct Parameters {
@@ -56,8 +65,9 @@ struct Parameters {
     // These parameters with num_threads 0 made the hardware's count, or std::invalid_argument naming the first
     // that is out of range.
     Parameters checked() const {
-        if (!(std::isfinite(temperature) && temperature > 0.0))
-            throw std::invalid_argument("temperature must be finite and > 0, got " +
+        if (!(temperature >= min_temperature && temperature <= max_temperature))
+            throw std::invalid_argument("temperature must be in [" + detail::format_number(min_temperature) + ", " +
+                                        detail::format_number(max_temperature) + "] (where kdloss is accurate), got " +
                                         detail::format_number(temperature));
         if (!(alpha >= 0.0 && alpha <= 1.0))
             throw std::invalid_argument("alpha must be finite and in [0, 1], got " + detail::format_number(alpha));
@@ -123,9 +133,9 @@ public:
     // anything is written, so on an exception the outputs are untouched. The gradient may not share memory
     // with the inputs: the kernels write into it while they still read them.
     //
-    // For gradient accumulation and sharded batches: a `normalizer` (finite, > 0) replaces the reduction's divisor
-    // (loss and gradient are the sum over rows divided by it, e.g. the number of counted rows over all
-    // micro-batches and processes), and *counted_rows receives the number of rows that count (not ignored).
+    // For gradient accumulation and sharded batches: a `normalizer` (finite, >= min_normalizer) replaces the
+    // reduction's divisor (loss and gradient are the sum over rows divided by it, e.g. the number of counted rows over
+    // all micro-batches and processes), and *counted_rows receives the number of rows that count (not ignored).
     double evaluate(MatrixView<const T> student_logits, MatrixView<const T> teacher_logits,
                     const Labels<T>& true_labels, T* row_losses, const MatrixView<T>* gradient,
                     std::optional<double> normalizer = std::nullopt, std::size_t* counted_rows = nullptr) const {
@@ -234,8 +244,9 @@ private:
 
     void check_normalizer(std::optional<double> normalizer) const {
         if (!normalizer) return;
-        if (!(std::isfinite(*normalizer) && *normalizer > 0.0))
-            throw std::invalid_argument("normalizer must be finite and > 0, got " + detail::format_number(*normalizer));
+        if (!(std::isfinite(*normalizer) && *normalizer >= min_normalizer))
+            throw std::invalid_argument("normalizer must be finite and >= " + detail::format_number(min_normalizer) +
+                                        " (the smallest normal double), got " + detail::format_number(*normalizer));
         if (params_.reduction == Reduction::none)
             throw std::invalid_argument("normalizer needs reduction 'mean' or 'sum', not 'none'");
     }
