@@ -38,9 +38,9 @@ namespace {
 class BoundDistillationLoss {
 public:
     BoundDistillationLoss(double temperature, double alpha, const std::string& reduction, std::int64_t ignore_index,
-                          std::size_t num_threads)
-        : BoundDistillationLoss(Parameters{temperature, alpha, parse_reduction(reduction), ignore_index, num_threads}) {
-    }
+                          std::size_t num_threads, const std::string& divergence)
+        : BoundDistillationLoss(Parameters{temperature, alpha, parse_reduction(reduction), ignore_index, num_threads,
+                                           parse_divergence(divergence)}) {}
     explicit BoundDistillationLoss(const Parameters& parameters) : double_loss_(parameters), float_loss_(parameters) {}
 
     double temperature() const { return double_loss_.temperature(); }
@@ -48,6 +48,7 @@ public:
     std::string reduction() const { return reduction_name(double_loss_.reduction()); }
     std::int64_t ignore_index() const { return double_loss_.ignore_index(); }
     std::size_t num_threads() const { return double_loss_.num_threads(); }
+    std::string divergence() const { return divergence_name(double_loss_.divergence()); }
 
     // Returns (loss, gradient or None, counted rows): the loss is a float, or for reduction "none" an array
     // of the logits' leading shape. normalizer: None for the reduction's own divisor.
@@ -145,17 +146,22 @@ private:
 }  // namespace
 
 void register_distillation_loss(py::module_& module) {
+    py::tuple names(divergence_count);
+    for (std::size_t i = 0; i < divergence_count; ++i) names[i] = divergence_names[i];
+    module.attr("divergence_names") = names;
     module.def("reads_in_place", &has_row_layout, py::arg("array"),
                "Whether the kernels read this array in place (else kdloss's Python layer copies it first).");
     py::class_<BoundDistillationLoss>(module, "DistillationLoss",
                                       "Native engine behind kdloss.DistillationLoss (private; use the Python class).")
-        .def(py::init<double, double, const std::string&, std::int64_t, std::size_t>(), py::arg("temperature"),
-             py::arg("alpha"), py::arg("reduction"), py::arg("ignore_index"), py::arg("num_threads"))
+        .def(py::init<double, double, const std::string&, std::int64_t, std::size_t, const std::string&>(),
+             py::arg("temperature"), py::arg("alpha"), py::arg("reduction"), py::arg("ignore_index"),
+             py::arg("num_threads"), py::arg("divergence"))
         .def_property_readonly("temperature", &BoundDistillationLoss::temperature)
         .def_property_readonly("alpha", &BoundDistillationLoss::alpha)
         .def_property_readonly("reduction", &BoundDistillationLoss::reduction)
         .def_property_readonly("ignore_index", &BoundDistillationLoss::ignore_index)
         .def_property_readonly("num_threads", &BoundDistillationLoss::num_threads)
+        .def_property_readonly("divergence", &BoundDistillationLoss::divergence)
         .def("evaluate", &BoundDistillationLoss::evaluate, py::arg("student_logits"), py::arg("teacher_logits"),
              py::arg("true_labels"), py::arg("out"), py::arg("want_gradient"), py::arg("normalizer"));
 }

@@ -2,12 +2,14 @@ import numpy as np
 
 __version__: str
 
+divergence_names: tuple[str, ...]
+
 def build_info() -> dict[str, object]: ...
 def reads_in_place(array: np.ndarray) -> bool: ...
 
 class DistillationLoss:
     def __init__(
-        self, temperature: float, alpha: float, reduction: str, ignore_index: int, num_threads: int
+        self, temperature: float, alpha: float, reduction: str, ignore_index: int, num_threads: int, divergence: str
     ) -> None: ...
     @property
     def temperature(self) -> float: ...
@@ -19,6 +21,8 @@ class DistillationLoss:
     def ignore_index(self) -> int: ...
     @property
     def num_threads(self) -> int: ...
+    @property
+    def divergence(self) -> str: ...
     def evaluate(
         self,
         student_logits: np.ndarray,

@@ -30,7 +30,7 @@ def clear_gradient_cache() -> None:
 
 
 def _rebuild(*parameters: Any) -> DistillationLoss:
-    """Unpickles: the fields of Parameters, in order (pickles of every earlier release hold the same five)."""
+    """Unpickles: the fields of Parameters, in order (pickles of earlier releases hold the first five)."""
     return DistillationLoss(**Parameters(*parameters)._asdict())
 
 
@@ -45,7 +45,9 @@ class DistillationLoss:
         \ell = \alpha\,\mathrm{CE}(\mathrm{softmax}(s), y)
                + (1-\alpha)\,T^2\,\mathrm{KL}(\mathrm{softmax}(t/T)\,\|\,\mathrm{softmax}(s/T))
 
-    and, without labels, only the :math:`T^2\,\mathrm{KL}` term. Rows are combined by ``reduction``.
+    and, without labels, only the :math:`T^2\,\mathrm{KL}` term. Rows are combined by ``reduction``. With
+    ``divergence="reverse_kl"`` the soft term is :math:`T^2\,\mathrm{KL}(\mathrm{softmax}(s/T)\,\|\,
+    \mathrm{softmax}(t/T))` (MiniLLM's mode-seeking divergence) instead.
 
     Parameters
     ----------
@@ -63,13 +65,19 @@ class DistillationLoss:
     num_threads : int or None, default None
         Rows are split across up to this many threads of a shared pool (None: all cores; 1: the calling
         thread only). Results are bitwise identical whatever the count.
+    divergence : {"forward_kl", "reverse_kl"}, default "forward_kl"
+        The soft term's divergence D(p, q) between the teacher's p = softmax(t/T) and the student's
+        q = softmax(s/T): KL(p || q) (Hinton's) or KL(q || p). With reverse KL, a class that the teacher rules
+        out (a -inf logit) but the student does not makes the row's loss +inf and its gradient NaN where the
+        student has mass.
 
     Raises
     ------
     ValueError
-        If ``temperature`` is not in [1e-30, 100], ``alpha`` is not in [0, 1], or ``reduction`` is unknown.
+        If ``temperature`` is not in [1e-30, 100], ``alpha`` is not in [0, 1], or ``reduction`` or
+        ``divergence`` is unknown.
     TypeError
-        If a parameter is not a number (or, for ``reduction``, a string).
+        If a parameter is not a number (or, for ``reduction`` and ``divergence``, a string).
 
     Notes
     -----
@@ -100,8 +108,9 @@ class DistillationLoss:
         reduction: str = "mean",
         ignore_index: int = -100,
         num_threads: int | None = None,
+        divergence: str = "forward_kl",
     ) -> None:
-        self._set(Parameters.checked(temperature, alpha, reduction, ignore_index, num_threads))
+        self._set(Parameters.checked(temperature, alpha, reduction, ignore_index, num_threads, divergence))
 
     # Setters build a new engine rather than mutate the current one, so a call running in another thread
     # keeps the parameters it started with.
@@ -141,6 +150,11 @@ class DistillationLoss:
     def num_threads(self) -> int | None:
         """Most threads one call uses; None: every hardware thread of the machine the object is on."""
         return self._params.num_threads
+
+    @property
+    def divergence(self) -> str:
+        """The soft term's divergence: "forward_kl" or "reverse_kl"."""
+        return self._params.divergence
 
     def _evaluate(
         self,

@@ -12,9 +12,14 @@ import numbers
 import sys
 from typing import Any, NamedTuple
 
+from . import _core
+
 # The native class's limit (DistillationLoss<T>::max_threads), checked here before pybind11 sees the number: one
 # too large for its size_t would get pybind11's "incompatible constructor arguments".
 MAX_THREADS = 4096
+
+# The divergences the native class knows, as its messages list them ('forward_kl', 'reverse_kl').
+DIVERGENCES = ", ".join(f"'{name}'" for name in _core.divergence_names)
 
 # The native class's smallest normaliser (kdloss::min_normalizer), whose reciprocal is finite.
 MIN_NORMALIZER = sys.float_info.min
@@ -29,6 +34,12 @@ def check_real(name: str, value: Any) -> float:
 def check_reduction(value: Any) -> str:
     if not isinstance(value, str):
         raise TypeError(f"reduction must be one of 'mean', 'sum', 'none', got {value!r}")
+    return value
+
+
+def check_divergence(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"divergence must be one of {DIVERGENCES}, got {value!r}")
     return value
 
 
@@ -82,9 +93,18 @@ class Parameters(NamedTuple):
     reduction: str = "mean"
     ignore_index: int = -100
     num_threads: int | None = None
+    divergence: str = "forward_kl"
 
     @classmethod
-    def checked(cls, temperature: Any, alpha: Any, reduction: Any, ignore_index: Any, num_threads: Any) -> Parameters:
+    def checked(
+        cls,
+        temperature: Any,
+        alpha: Any,
+        reduction: Any,
+        ignore_index: Any,
+        num_threads: Any,
+        divergence: Any = "forward_kl",
+    ) -> Parameters:
         """The arguments' types checked (and numbers made float or int), in the order the messages come in."""
         return cls(
             check_real("temperature", temperature),
@@ -92,11 +112,12 @@ class Parameters(NamedTuple):
             check_reduction(reduction),
             check_ignore_index(ignore_index),
             check_num_threads(num_threads),
+            check_divergence(divergence),
         )
 
-    def native(self) -> tuple[float, float, str, int, int]:
+    def native(self) -> tuple[float, float, str, int, int, str]:
         """The native class's constructor arguments (it checks the ranges)."""
-        return (*self[:4], 0 if self.num_threads is None else self.num_threads)
+        return (*self[:4], 0 if self.num_threads is None else self.num_threads, self.divergence)
 
     def arguments(self) -> str:
         """``temperature=3.0, alpha=0.3, ...``: the keyword arguments that rebuild these, for ``repr``."""

@@ -48,12 +48,13 @@ def gradient_graph(
 ) -> Tensor:
     r"""d(loss)/d(student) as differentiable torch operations (for ``create_graph=True`` only).
 
-    Per counted row, :math:`(1-\alpha)\,T\,(q_T - p_T) + \alpha\,(p_1 \sum_c y_c - y)` (no labels:
-    :math:`T\,(q_T - p_T)`), divided as the reduction divides; the formula the kernel computes, so autograd
-    differentiates the very gradient the kernel returns. Labels were validated by the kernel in the forward pass.
+    Per counted row, :math:`(1-\alpha)\,g_D + \alpha\,(p_1 \sum_c y_c - y)` (no labels: :math:`g_D`), with
+    :math:`g_D` the soft term's gradient (:func:`soft_gradient_graph`), divided as the reduction divides; the
+    formula the kernel computes, so autograd differentiates the very gradient the kernel returns. Labels were
+    validated by the kernel in the forward pass.
     """
     temperature, alpha = params.temperature, params.alpha
-    soft = temperature * (torch.softmax(student / temperature, -1) - torch.softmax(teacher / temperature, -1))
+    soft = soft_gradient_graph(student, teacher, temperature, params.divergence)
     counted = None
     if labels is None:
         rows = soft
@@ -75,6 +76,19 @@ def gradient_graph(
         # A tensor count, not a Python number: this also runs on fake tensors, under torch.compile.
         return rows / (max(student[..., 0].numel(), 1) if counted is None else counted.sum().clamp(min=1))
     return rows
+
+
+def soft_gradient_graph(student: Tensor, teacher: Tensor, temperature: float, divergence: str) -> Tensor:
+    r"""d(T^2 D)/d(student) per row: :math:`T\,(q - p)` for forward KL, and for reverse KL
+    :math:`T\,q\,(r - E_q[r])` with :math:`r = \log q - \log p` (the kernel's formula)."""
+    q = torch.softmax(student / temperature, -1)
+    if divergence == "forward_kl":
+        return temperature * (q - torch.softmax(teacher / temperature, -1))
+    # Where the student has no mass the term is 0 whatever log p says (as in the kernel): no 0 * inf.
+    ratio = torch.log_softmax(student / temperature, -1) - torch.log_softmax(teacher / temperature, -1)
+    ratio = torch.where(q == 0, torch.zeros((), dtype=q.dtype, device=q.device), ratio)
+    mean = (q * ratio).sum(-1, keepdim=True)
+    return temperature * q * (ratio - mean)
 
 
 def _is_one(grad_loss: Tensor) -> bool:

@@ -19,9 +19,11 @@ from ._loss import DistillationLoss as NumpyDistillationLoss
 from ._params import Parameters
 
 
-def validated_params(temperature: Any, alpha: Any, reduction: Any, ignore_index: Any, num_threads: Any) -> Parameters:
+def validated_params(
+    temperature: Any, alpha: Any, reduction: Any, ignore_index: Any, num_threads: Any, divergence: Any = "forward_kl"
+) -> Parameters:
     """The parameters as the NumPy class takes them: its type checks and messages, then its range checks."""
-    params = Parameters.checked(temperature, alpha, reduction, ignore_index, num_threads)
+    params = Parameters.checked(temperature, alpha, reduction, ignore_index, num_threads, divergence)
     # The range checks ("temperature must be in [1e-30, 100]", ...) live in the native class. torch.compile
     # cannot trace its constructor; there the operators' fake implementations run this function for real.
     if not torch.compiler.is_compiling():

@@ -26,6 +26,11 @@ def _normalizer_value(normalizer: Optional[Tensor]) -> Optional[float]:
     return None if normalizer is None else float(normalizer.item())
 
 
+def operator_arguments(params: Parameters, normalizer: Optional[Tensor]) -> tuple:
+    """The operators' arguments after (student, teacher, labels), in their schemas' order."""
+    return (*params[:4], normalizer, params.num_threads, params.divergence)
+
+
 def _detached(labels: Optional[Tensor]) -> Optional[Tensor]:
     return None if labels is None else labels.detach()
 
@@ -41,9 +46,10 @@ def _loss_and_grad(
     ignore_index: int,
     normalizer: Optional[Tensor],
     num_threads: Optional[int],
+    divergence: str = "forward_kl",
 ) -> tuple[Tensor, Tensor]:
     """Loss and d(loss)/d(student) from one native call; the gradient is a new tensor."""
-    params = Parameters(temperature, alpha, reduction, ignore_index, num_threads)
+    params = Parameters(temperature, alpha, reduction, ignore_index, num_threads, divergence)
     # The gradient is a NumPy buffer (the cached one a caller let go of, or a new one); the tensor adopts it.
     loss, gradient = engine(params).loss_and_gradient(
         student.detach(), teacher.detach(), _detached(labels), normalizer=_normalizer_value(normalizer)
@@ -62,8 +68,9 @@ def _loss_and_grad_fake(
     ignore_index: int,
     normalizer: Optional[Tensor],
     num_threads: Optional[int],
+    divergence: str = "forward_kl",
 ) -> tuple[Tensor, Tensor]:
-    params = validated_params(temperature, alpha, reduction, ignore_index, num_threads)
+    params = validated_params(temperature, alpha, reduction, ignore_index, num_threads, divergence)
     check_shapes(student, teacher, labels, params, normalizer is not None)
     return _loss_fake(student, params), torch.empty_like(student, memory_format=torch.contiguous_format)
 
@@ -73,8 +80,8 @@ def _loss_fake(student: Tensor, params: Parameters) -> Tensor:
 
 
 def _save_inputs(ctx: Any, inputs: tuple, *outputs: Tensor) -> None:
-    student, teacher, labels, *params, normalizer, num_threads = inputs
-    ctx.params = Parameters(*params, num_threads)
+    student, teacher, labels, *params, normalizer, num_threads, divergence = inputs
+    ctx.params = Parameters(*params, num_threads, divergence)
     ctx.normalizer = normalizer
     ctx.save_for_backward(student, teacher, labels, *outputs)
 
@@ -86,7 +93,7 @@ def _differentiable_gradient(ctx: Any, grad_loss: Tensor) -> Tensor:
     return gradient * scale_per_row(grad_loss, ctx.params.reduction == "none")
 
 
-_NO_GRADIENT = (None,) * 8  # teacher, labels and the parameters never receive a gradient
+_NO_GRADIENT = (None,) * 9  # teacher, labels and the parameters never receive a gradient
 
 
 def _setup_loss_and_grad(ctx: Any, inputs: tuple, output: tuple) -> None:
@@ -115,9 +122,10 @@ def _loss_only(
     ignore_index: int,
     normalizer: Optional[Tensor],
     num_threads: Optional[int],
+    divergence: str = "forward_kl",
 ) -> Tensor:
     """The loss alone (no gradient buffer), for evaluation."""
-    params = Parameters(temperature, alpha, reduction, ignore_index, num_threads)
+    params = Parameters(temperature, alpha, reduction, ignore_index, num_threads, divergence)
     loss = engine(params).compute_loss(
         student.detach(), teacher.detach(), _detached(labels), normalizer=_normalizer_value(normalizer)
     )
@@ -135,8 +143,9 @@ def _loss_only_fake(
     ignore_index: int,
     normalizer: Optional[Tensor],
     num_threads: Optional[int],
+    divergence: str = "forward_kl",
 ) -> Tensor:
-    params = validated_params(temperature, alpha, reduction, ignore_index, num_threads)
+    params = validated_params(temperature, alpha, reduction, ignore_index, num_threads, divergence)
     check_shapes(student, teacher, labels, params, normalizer is not None)
     return _loss_fake(student, params)
 
@@ -148,7 +157,7 @@ def _backward_loss(ctx: Any, grad_loss: Tensor) -> tuple:
     # functions use loss_and_grad whenever a gradient may be wanted).
     student, teacher, labels = ctx.saved_tensors
     params = ctx.params
-    _, gradient = torch.ops.kdloss.loss_and_grad(student, teacher, labels, *params[:4], ctx.normalizer, params[4])
+    _, gradient = torch.ops.kdloss.loss_and_grad(student, teacher, labels, *operator_arguments(params, ctx.normalizer))
     return (gradient * scale_per_row(grad_loss, params.reduction == "none"), *_NO_GRADIENT)
 
 

@@ -26,10 +26,10 @@ except ImportError as error:  # say how to get it rather than just "No module na
     raise ImportError("kdloss.torch needs PyTorch: pip install 'kdloss[torch]'") from error
 from torch import Tensor
 
-from . import _torch_ops  # noqa: F401  (registers torch.ops.kdloss.*)
 from ._params import Parameters, check_normalizer
 from ._torch_autograd import DistillationFunction
 from ._torch_checks import check_floating_labels, check_shapes, validated_params
+from ._torch_ops import operator_arguments  # also registers torch.ops.kdloss.*
 
 __all__ = ["DistillationLoss", "distillation_loss"]
 
@@ -112,6 +112,7 @@ def distillation_loss(
     ignore_index: int = -100,
     normalizer: Normalizer = None,
     num_threads: Optional[int] = None,
+    divergence: str = "forward_kl",
 ) -> Tensor:
     r"""Knowledge-distillation loss of a batch, differentiable with respect to the student logits.
 
@@ -131,7 +132,7 @@ def distillation_loss(
     true_labels : torch.Tensor, optional
         Integer class indices of the logits' leading shape (entries equal to `ignore_index` are skipped),
         or floating target distributions of the logits' shape. Never receives a gradient.
-    temperature, alpha, reduction, ignore_index, num_threads
+    temperature, alpha, reduction, ignore_index, num_threads, divergence
         As in :class:`DistillationLoss`.
     normalizer : float or torch.Tensor, optional
         Divide the sum of the row losses (and the gradient) by this instead of what `reduction` says, e.g.
@@ -155,7 +156,7 @@ def distillation_loss(
     RuntimeError
         If a tensor is on a device other than the CPU (or meta).
     """
-    params = validated_params(temperature, alpha, reduction, ignore_index, num_threads)
+    params = validated_params(temperature, alpha, reduction, ignore_index, num_threads, divergence)
     return _distillation_loss(params, student_logits, teacher_logits, true_labels, normalizer)
 
 
@@ -186,7 +187,7 @@ def _distillation_loss(
         # .item() of a CPU tensor: eager code, no graph to break.
         number = None if normalizer is None else normalizer.item()
         return DistillationFunction.apply(student, teacher, labels, params, number)
-    args = (teacher, labels, *params[:4], normalizer, params.num_threads)
+    args = (teacher, labels, *operator_arguments(params, normalizer))
     if wants_gradient:
         loss, _ = torch.ops.kdloss.loss_and_grad(student, *args)
         return loss
@@ -215,6 +216,8 @@ class DistillationLoss(torch.nn.Module):
         Rows whose class-index label equals this are left out: no loss, zero gradient, not counted.
     num_threads : int or None, default None
         Most threads one call uses (None: all cores).
+    divergence : {"forward_kl", "reverse_kl"}, default "forward_kl"
+        The soft term's divergence, as in :class:`kdloss.DistillationLoss`.
 
     Raises
     ------
@@ -254,10 +257,11 @@ class DistillationLoss(torch.nn.Module):
         reduction: str = "mean",
         ignore_index: int = -100,
         num_threads: Optional[int] = None,
+        divergence: str = "forward_kl",
     ) -> None:
         super().__init__()
         # Plain Python values (not the NumPy object's properties) so that torch.compile can read them.
-        self._params = validated_params(temperature, alpha, reduction, ignore_index, num_threads)
+        self._params = validated_params(temperature, alpha, reduction, ignore_index, num_threads, divergence)
 
     @property
     def temperature(self) -> float:
@@ -291,6 +295,11 @@ class DistillationLoss(torch.nn.Module):
     def num_threads(self) -> Optional[int]:
         """Most threads one call uses (None: all cores)."""
         return self._params.num_threads
+
+    @property
+    def divergence(self) -> str:
+        """The soft term's divergence: "forward_kl" or "reverse_kl"."""
+        return self._params.divergence
 
     def forward(
         self,

@@ -82,6 +82,7 @@ def check_against_reference(kd, student, teacher, labels=None, *, conditioned=Fa
         alpha=kd.alpha,
         reduction=kd.reduction,
         ignore_index=kd.ignore_index,
+        divergence=kd.divergence,
     )
     dtype = np.result_type(student, teacher, np.float32)
     ref = reference(student, teacher, labels, **params)

@@ -5,6 +5,7 @@ Written from the formulas in the specification only; it never imports ``kdloss``
 Per row ``i`` (``p`` = softmax, ``T`` = temperature)::
 
     soft_i = T^2 * sum_c p(t_i/T)_c * (log p(t_i/T)_c - log p(s_i/T)_c)   (0 * log 0 := 0)
+           (divergence "reverse_kl": the roles of student and teacher swapped)
     hard_i = -sum_c y_ic * log p(s_i)_c                                  (0 * log 0 := 0)
     row_i  = alpha * hard_i + (1 - alpha) * soft_i      (labels given)
     row_i  = soft_i                                     (no labels)
@@ -18,7 +19,8 @@ Gradient of one row with respect to the student logits::
 
     (1 - alpha) * T * (q_T - p_T) + alpha * (p_1 * sum_c y_c - y)
 
-where ``q_T = p(s/T)``, ``p_T = p(t/T)``, ``p_1 = p(s)``; for ``"mean"`` it is
+where ``q_T = p(s/T)``, ``p_T = p(t/T)``, ``p_1 = p(s)`` (reverse KL: ``T * q_T * (log q_T - log p_T - KL)``,
+from d KL(q || p) / d(s/T), 0 where q_T = 0, NaN where the row's KL is infinite); for ``"mean"`` it is
 divided by the number of counted rows; for ``"none"`` it is the gradient of the
 sum of the rows.
 """
@@ -87,6 +89,7 @@ def reference(
     alpha: float,
     reduction: str = "mean",
     ignore_index: int = -100,
+    divergence: str = "forward_kl",
 ) -> RefResult:
     """Full float64 reference: loss, gradient, per-row losses and error scales."""
     s = np.asarray(student, dtype=np.float64)
@@ -123,10 +126,20 @@ def reference(
         lqt = log_softmax(s / T)
         pt = np.exp(lpt)
         qt = np.exp(lqt)
-        # teacher probability exactly 0 contributes 0 (also for -inf student there)
-        soft_terms = np.where(pt == 0, 0.0, pt * (lpt - lqt))
-        soft = T * T * np.sum(soft_terms, axis=-1)
-        soft_grad = T * (qt - pt)
+        if divergence == "forward_kl":
+            # teacher probability exactly 0 contributes 0 (also for -inf student there)
+            soft_terms = np.where(pt == 0, 0.0, pt * (lpt - lqt))
+            soft = T * T * np.sum(soft_terms, axis=-1)
+            soft_grad = T * (qt - pt)
+        elif divergence == "reverse_kl":
+            # student probability exactly 0 contributes 0 (also for -inf teacher there)
+            kl = np.sum(np.where(qt == 0, 0.0, qt * (lqt - lpt)), axis=-1)
+            soft = T * T * kl
+            # An infinite KL has no derivative: NaN where the student has mass.
+            centred = np.where(np.isinf(kl)[:, None], np.nan, (lqt - lpt) - kl[:, None])
+            soft_grad = np.where(qt == 0, 0.0, T * qt * centred)
+        else:
+            raise ValueError("reference: bad divergence")
 
         fin = lambda v: np.where(np.isfinite(v), np.abs(v), 0.0)  # noqa: E731
         smax = np.max(fin(s), axis=-1, keepdims=True)
@@ -142,6 +155,13 @@ def reference(
             )
         )
         soft_gmag = T * (fin(qt) + fin(pt)) * ((fin(s) + fin(t) + smax + tmax) / T + logC)
+        if divergence == "reverse_kl":
+            soft_mag = (
+                T * T * (np.sum(np.where(qt == 0, 0.0, qt * (fin(lpt) + fin(lqt))), axis=-1))
+                + 2.0 * T * (smax[:, 0] + tmax[:, 0])
+                + T * T * logC
+            )
+            soft_gmag = T * fin(qt) * ((fin(s) + fin(t) + 2 * (smax + tmax)) / T + logC + fin(soft)[:, None] / T**2)
 
         # ---------------- hard term ----------------
         if kind is not None:
@@ -228,7 +248,9 @@ def _bf_log_softmax(row):
     return [v - m - lse for v in row]
 
 
-def brute_force_loss(student, teacher, labels=None, *, temperature, alpha, reduction="mean", ignore_index=-100):
+def brute_force_loss(
+    student, teacher, labels=None, *, temperature, alpha, reduction="mean", ignore_index=-100, divergence="forward_kl"
+):
     """Loss and gradient with explicit Python loops (finite logits only)."""
     s = np.asarray(student, dtype=np.float64)
     t = np.asarray(teacher, dtype=np.float64)
@@ -251,8 +273,17 @@ def brute_force_loss(student, teacher, labels=None, *, temperature, alpha, reduc
         n += 1
         lq = _bf_log_softmax([float(v) / T for v in s[i]])
         lp = _bf_log_softmax([float(v) / T for v in t[i]])
-        soft = T * T * math.fsum(math.exp(lp[c]) * (lp[c] - lq[c]) for c in range(C))
-        gsoft = [T * (math.exp(lq[c]) - math.exp(lp[c])) for c in range(C)]
+        if divergence == "forward_kl":
+            soft = T * T * math.fsum(math.exp(lp[c]) * (lp[c] - lq[c]) for c in range(C))
+            gsoft = [T * (math.exp(lq[c]) - math.exp(lp[c])) for c in range(C)]
+        else:  # reverse KL, its gradient from the chain rule through softmax: sum_c dKL/dq_c dq_c/ds_j
+            q = [math.exp(v) for v in lq]
+            soft = T * T * math.fsum(q[c] * (lq[c] - lp[c]) for c in range(C))
+            d_kl_d_q = [lq[c] - lp[c] + 1.0 for c in range(C)]
+            gsoft = [
+                T * math.fsum(d_kl_d_q[c] * q[c] * ((1.0 if c == j else 0.0) - q[j]) for c in range(C))
+                for j in range(C)
+            ]
         if lab is None:
             rows.append(soft)
             grads.append(gsoft)

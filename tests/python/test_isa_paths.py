@@ -15,7 +15,13 @@ import kdloss
 import pytest
 
 HERE = Path(__file__).parent
-SUITES = ["test_reference_agreement.py", "test_gradient_fd.py", "test_masks_nonfinite.py", "test_kernel_shapes.py"]
+SUITES = [
+    "test_reference_agreement.py",
+    "test_gradient_fd.py",
+    "test_masks_nonfinite.py",
+    "test_kernel_shapes.py",
+    "test_divergences.py",
+]
 
 
 def _run(env_isa: str, *args: str) -> subprocess.CompletedProcess[str]:

@@ -29,7 +29,8 @@ def test_reference_check_values():
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("form", ["none", "index", "soft"])
 @pytest.mark.parametrize("alpha", [0.0, 0.3, 1.0])
-def test_reference_matches_brute_force(reduction, form, alpha):
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl"])
+def test_reference_matches_brute_force(reduction, form, alpha, divergence):
     rng = np.random.default_rng(1234)
     B, C = 5, 7
     s = rng.normal(size=(B, C)) * 3
@@ -41,7 +42,7 @@ def test_reference_matches_brute_force(reduction, form, alpha):
         y[1] = -100
     else:
         y = rng.random((B, C))
-    kw = dict(temperature=2.5, alpha=alpha, reduction=reduction)
+    kw = dict(temperature=2.5, alpha=alpha, reduction=reduction, divergence=divergence)
     r = reference(s, t, y, **kw)
     bl, bg = brute_force_loss(s, t, y, **kw)
     np.testing.assert_allclose(r.loss, bl, rtol=1e-13, atol=1e-15)

@@ -410,11 +410,13 @@ def test_gradient_accumulation_with_normalizer_equals_full_batch(gen, form):
 
 
 def test_module_parameters_repr_and_validation():
-    kd = DistillationLoss(2.0, 0.25, reduction="sum", ignore_index=-1, num_threads=1)
+    kd = DistillationLoss(2.0, 0.25, reduction="sum", ignore_index=-1, num_threads=1, divergence="reverse_kl")
     assert repr(kd) == (
-        "DistillationLoss(temperature=2.0, alpha=0.25, reduction='sum', ignore_index=-1, num_threads=1)"
+        "DistillationLoss(temperature=2.0, alpha=0.25, reduction='sum', ignore_index=-1, num_threads=1, "
+        "divergence='reverse_kl')"
     )
-    assert (kd.temperature, kd.alpha, kd.reduction, kd.ignore_index, kd.num_threads) == (2.0, 0.25, "sum", -1, 1)
+    parameters = (kd.temperature, kd.alpha, kd.reduction, kd.ignore_index, kd.num_threads, kd.divergence)
+    assert parameters == (2.0, 0.25, "sum", -1, 1, "reverse_kl")
     assert list(kd.state_dict()) == [] and list(kd.parameters()) == []
     kd.temperature, kd.alpha = 4.0, 0.5
     assert (kd.temperature, kd.alpha) == (4.0, 0.5)

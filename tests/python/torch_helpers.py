@@ -18,7 +18,9 @@ LABEL_FORMS = ("none", "index", "soft")
 # ------------------------------------------------------------------------------------------------------------
 
 
-def plain_torch_loss(s, t, y, *, temperature, alpha, reduction="mean", ignore_index=IGNORE, normalizer=None):
+def plain_torch_loss(
+    s, t, y, *, temperature, alpha, reduction="mean", ignore_index=IGNORE, normalizer=None, divergence="forward_kl"
+):
     """The distillation loss from torch primitives (autograd gives its gradient).
 
     For reduction "mean" with class-index labels this is
@@ -30,15 +32,10 @@ def plain_torch_loss(s, t, y, *, temperature, alpha, reduction="mean", ignore_in
     counted = torch.ones(s2.shape[0], dtype=torch.bool)
     if y is not None and not y.is_floating_point():
         counted = y.reshape(-1) != ignore_index
-    soft = (
-        F.kl_div(
-            F.log_softmax(s2 / temperature, dim=-1),
-            F.log_softmax(t2 / temperature, dim=-1),
-            log_target=True,
-            reduction="none",
-        ).sum(-1)
-        * temperature**2
-    )
+    student, teacher = F.log_softmax(s2 / temperature, dim=-1), F.log_softmax(t2 / temperature, dim=-1)
+    # kl_div(input, target) is KL(target || input): forward KL(teacher || student), or reverse.
+    pair = (student, teacher) if divergence == "forward_kl" else (teacher, student)
+    soft = F.kl_div(*pair, log_target=True, reduction="none").sum(-1) * temperature**2
     if y is None:
         rows = soft
     else:

@@ -18,6 +18,7 @@
 #include "kdloss/detail/batch_problem.hpp"
 #include "kdloss/detail/run_rows.hpp"
 #include "kdloss/detail/thread_pool.hpp"
+#include "kdloss/divergence.hpp"
 #include "kdloss/messages.hpp"
 #include "kdloss/views.hpp"
 
@@ -61,6 +62,7 @@ struct Parameters {
     Reduction reduction = Reduction::mean;
     std::int64_t ignore_index = -100;
     std::size_t num_threads = 1;  // 1: the calling thread only; 0: every hardware thread
+    Divergence divergence = Divergence::forward_kl;
 
     // These parameters with num_threads 0 made the hardware's count, or std::invalid_argument naming the first
     // that is out of range.
@@ -74,6 +76,8 @@ struct Parameters {
         if (num_threads > max_threads)
             throw std::invalid_argument("num_threads must be at most " + std::to_string(max_threads) + ", got " +
                                         std::to_string(num_threads));
+        if (static_cast<std::size_t>(divergence) >= divergence_count)        // an integer cast to the enumeration
+            parse_divergence(std::to_string(static_cast<int>(divergence)));  // throws, listing the names
         Parameters result = *this;
         if (num_threads == 0) result.num_threads = detail::ThreadPool::hardware_threads();
         return result;
@@ -99,8 +103,9 @@ public:
     // num_threads: rows are split across up to this many threads of a shared pool; 1 runs on the calling
     // thread only, 0 uses every hardware thread. Results are bitwise identical whatever the count.
     explicit DistillationLoss(double temperature = 3.0, double alpha = 0.3, Reduction reduction = Reduction::mean,
-                              std::int64_t ignore_index = default_ignore_index, std::size_t num_threads = 1)
-        : DistillationLoss(Parameters{temperature, alpha, reduction, ignore_index, num_threads}) {}
+                              std::int64_t ignore_index = default_ignore_index, std::size_t num_threads = 1,
+                              Divergence divergence = Divergence::forward_kl)
+        : DistillationLoss(Parameters{temperature, alpha, reduction, ignore_index, num_threads, divergence}) {}
 
     const Parameters& parameters() const noexcept { return params_; }
     double temperature() const noexcept { return params_.temperature; }
@@ -108,6 +113,7 @@ public:
     Reduction reduction() const noexcept { return params_.reduction; }
     std::int64_t ignore_index() const noexcept { return params_.ignore_index; }
     std::size_t num_threads() const noexcept { return params_.num_threads; }
+    Divergence divergence() const noexcept { return params_.divergence; }
     void set_temperature(double temperature) { set(&Parameters::temperature, temperature); }
     void set_alpha(double alpha) { set(&Parameters::alpha, alpha); }
 
@@ -183,6 +189,7 @@ private:
             problem.target_stride = true_labels.distributions.row_stride;
         }
         problem.ignore_index = params_.ignore_index;
+        problem.divergence = params_.divergence;
         problem.temperature = params_.temperature;
         problem.soft_weight = labelled ? 1.0 - params_.alpha : 1.0;
         problem.hard_weight = labelled ? params_.alpha : 0.0;

@@ -7,6 +7,8 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "kdloss/divergence.hpp"
+
 namespace kdloss::detail {
 
 enum class LabelKind { none, class_indices, distributions };
@@ -27,6 +29,7 @@ struct BatchProblem {
     const T* targets = nullptr;
     std::ptrdiff_t target_stride = 0;
 
+    Divergence divergence = Divergence::forward_kl;
     double temperature = 1.0;
     double soft_weight = 1.0;     // (1 - alpha) with labels, 1 without; 0 drops the soft term entirely
     double hard_weight = 0.0;     // alpha with labels, 0 without; 0 drops the hard term entirely

@@ -53,7 +53,7 @@ struct ForwardKL {
             const Pack<T> e_student = fast_exp2(ds, soft);
             const Pack<T> e_teacher = fast_exp2(dt, soft);
             e_student.store(row.student_soft + i);
-            e_teacher.store(row.teacher_soft + i);
+            e_teacher.store(row.divergence_term + i);
             const Pack<T> dt_summed = summed(dt, minus_infinity, skipped);
             const Pack<T> e_teacher_summed = summed(e_teacher, T(0), skipped);
             difference += summed(Pack<T>(e_student - e_teacher), T(0), skipped);
@@ -83,13 +83,14 @@ struct ForwardKL {
                fast_log(1.0 + sums.soft_difference / sums.teacher_soft);
     }
 
-    // The gradient's soft term: scale (q - p) = q_scale e^(ds/T) - p_scale e^(dt/T).
+    // The gradient's soft term: weight T (q - p) = q_scale e^(ds/T) - p_scale e^(dt/T).
     template <class T>
     struct Coefficients {
         Pack<T> q_scale, p_scale;
 
         template <class V>
-        static Coefficients from_sums(const Sums<V>& sums, double scale) noexcept {
+        static Coefficients from_sums(const Sums<V>& sums, double weight, double temperature) noexcept {
+            const double scale = weight * temperature;
             return {narrow<T>(scale / (sums.teacher_soft + sums.soft_difference)),
                     narrow<T>(scale / sums.teacher_soft)};
         }
@@ -98,7 +99,7 @@ struct ForwardKL {
         // (to exactly 0 for a single class), comes first and the hard term after it.
         KDLOSS_INLINE Pack<T> gradient(std::size_t i, const Pack<T>& e_student,
                                        const RowBuffers<T>& row) const noexcept {
-            return q_scale * e_student - p_scale * Pack<T>::load(row.teacher_soft + i);
+            return q_scale * e_student - p_scale * Pack<T>::load(row.divergence_term + i);
         }
     };
 };

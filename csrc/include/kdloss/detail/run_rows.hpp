@@ -12,6 +12,7 @@
 #include "kdloss/detail/cross_entropy.hpp"
 #include "kdloss/detail/forward_kl.hpp"
 #include "kdloss/detail/kernel_namespace.hpp"
+#include "kdloss/detail/reverse_kl.hpp"
 #include "kdloss/detail/row_kernel.hpp"
 
 namespace kdloss::detail {
@@ -145,7 +146,8 @@ void run_rows_with(const BatchProblem<T>& problem, std::size_t begin, std::size_
 }
 
 // The instantiation of each run-time choice, in one table: rows_kernel_table<T>[gradient][soft][hard][power],
-// where soft says whether there is a soft term, hard is the LabelKind of a hard term (none: no hard term),
+// where soft is 0 without a soft term, else 1 + its Divergence; hard is the LabelKind of a hard term (none: no
+// hard term),
 // and power is the temperature where the hard term's e^(ds) is a power of the soft term's e^(ds/T) (an
 // integer from 1 to 4, see soft_power), else 0.
 template <class T>
@@ -179,20 +181,23 @@ constexpr std::array<PowerRow<T>, 3> by_hard_term() noexcept {
             cross_entropy_by_power<T, Gradient, Soft, false>(), cross_entropy_by_power<T, Gradient, Soft, true>()};
 }
 
+// In the order of Divergence, after Absent. A new divergence is its policy and an entry here.
+static_assert(divergence_count == 2, "each Divergence needs its policy in by_soft_term");
 template <class T, bool Gradient>
-constexpr std::array<std::array<PowerRow<T>, 3>, 2> by_soft_term() noexcept {
-    return {by_hard_term<T, Gradient, Absent>(), by_hard_term<T, Gradient, ForwardKL>()};
+constexpr std::array<std::array<PowerRow<T>, 3>, 1 + divergence_count> by_soft_term() noexcept {
+    return {by_hard_term<T, Gradient, Absent>(), by_hard_term<T, Gradient, ForwardKL>(),
+            by_hard_term<T, Gradient, ReverseKL>()};
 }
 
 template <class T>
-constexpr std::array<std::array<std::array<PowerRow<T>, 3>, 2>, 2> rows_kernel_table = {by_soft_term<T, false>(),
-                                                                                        by_soft_term<T, true>()};
+constexpr std::array<std::array<std::array<PowerRow<T>, 3>, 1 + divergence_count>, 2> rows_kernel_table = {
+    by_soft_term<T, false>(), by_soft_term<T, true>()};
 
 // The row kernel for this problem's terms.
 template <class T>
 RowsKernel<T> rows_kernel(const BatchProblem<T>& problem) noexcept {
     // Soft and hard weights are 1 - alpha and alpha, so at least one term is always present.
-    const bool soft = problem.soft_weight != 0.0;
+    const std::size_t soft = problem.soft_weight != 0.0 ? 1 + static_cast<std::size_t>(problem.divergence) : 0;
     const LabelKind hard = problem.hard_weight != 0.0 ? problem.label_kind : LabelKind::none;
     const double temperature = problem.temperature;
     const bool integer_power = temperature == 1.0 || temperature == 2.0 || temperature == 3.0 || temperature == 4.0;

@@ -49,10 +49,10 @@ struct Absent {
 // what the exponential pass writes and the gradient pass reads back. Null where the terms have none.
 template <class T>
 struct RowBuffers {
-    T* student_soft;  // e^(ds/T)
-    T* teacher_soft;  // e^(dt/T)
-    T* student_hard;  // e^(ds), when it is no power of e^(ds/T)
-    const T* target;  // the target distribution
+    T* student_soft;     // e^(ds/T)
+    T* divergence_term;  // what the divergence's gradient pass reads beside e^(ds/T): e^(dt/T), or ds - dt
+    T* student_hard;     // e^(ds), when it is no power of e^(ds/T)
+    const T* target;     // the target distribution
 };
 
 // Marks a block all of whose lanes are summed (see exponentials in lane_math.hpp).
@@ -109,11 +109,9 @@ inline V loss_from_sums(const typename Terms::template Sums<V>& sums, double tem
     return loss;
 }
 
-// The gradient's scales, folding in the weights and the reduction's: its soft term's, and its hard term's.
-template <class T>
-double soft_gradient_scale(const BatchProblem<T>& problem) noexcept {
-    return problem.gradient_scale * problem.soft_weight * problem.temperature;
-}
+// The scale of the gradient's hard term, folding in its weight and the reduction's scale. (A divergence's
+// coefficients get the soft weight times the reduction's scale, and the temperature, which the derivative of
+// T^2 D with respect to the logits s brings in as each divergence says.)
 template <class T>
 double hard_gradient_scale(const BatchProblem<T>& problem) noexcept {
     return problem.gradient_scale * problem.hard_weight;
@@ -130,7 +128,9 @@ struct GradientCoefficients {
     static GradientCoefficients from_sums(const typename Terms::template Sums<V>& sums,
                                           const BatchProblem<T>& problem) noexcept {
         GradientCoefficients k;
-        if constexpr (Terms::soft) k.soft = decltype(k.soft)::from_sums(sums.soft, soft_gradient_scale(problem));
+        if constexpr (Terms::soft)
+            k.soft = decltype(k.soft)::from_sums(sums.soft, problem.gradient_scale * problem.soft_weight,
+                                                 problem.temperature);
         if constexpr (Terms::hard) k.hard = decltype(k.hard)::from_sums(sums.hard, hard_gradient_scale(problem));
         return k;
     }

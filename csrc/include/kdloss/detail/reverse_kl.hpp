@@ -1,0 +1,110 @@
+#pragma once
+
+// The reverse Kullback-Leibler divergence KL(q || p), MiniLLM's mode-seeking soft term, as a policy of
+// terms.hpp. With the notation of forward_kl.hpp (ds, dt centred logits, Z_s, Z_t their sums of exp(. / T)):
+//   KL(q || p) = sum_c q_c (ds_c - dt_c) / T - log Z_s + log Z_t,
+//   d (T^2 KL) / d s_j = q_j (r_j - E_q[r]),   r = ds - dt,
+// since d KL / d(s_j / T) = q_j (log q_j - log p_j - KL) and log q_j - log p_j - KL = (r_j - E_q[r]) / T. The
+// gradient pass needs r, which the exponential pass stores where forward KL stores e^(dt/T).
+//
+// A class the student rules out (q_c = 0, a -inf logit or an exponential flushed to 0) contributes nothing, to
+// the loss or the gradient, whatever the teacher says there. A class that only the teacher rules out makes the
+// divergence infinite: the row's loss is +inf, and its gradient NaN where the student has mass (the loss has no
+// derivative there) and 0 elsewhere.
+
+#include <cstddef>
+#include <limits>
+
+#include "kdloss/detail/kernel_namespace.hpp"
+#include "kdloss/detail/pack.hpp"
+#include "kdloss/detail/simd_math.hpp"
+#include "kdloss/detail/terms.hpp"
+
+namespace kdloss::detail {
+inline namespace KDLOSS_KERNEL_NAMESPACE {
+
+struct ReverseKL {
+    template <class V>
+    struct Sums {
+        // Z_t is summed as Z_t - Z_s, for the reason forward_kl.hpp gives with the roles swapped: the loss
+        // needs log Z_t - log Z_s, tiny when student and teacher agree.
+        V student_soft;     // Z_s
+        V soft_difference;  // Z_t - Z_s
+        V student_cross;    // sum_c exp(ds_c / T) (ds_c - dt_c)
+
+        static Sums neutral() noexcept { return {1.0, 0.0, 0.0}; }
+    };
+
+    template <class F, class... S>
+    static KDLOSS_INLINE void for_each_sum(F&& f, S&&... sums) noexcept {
+        f(sums.student_soft...);
+        f(sums.soft_difference...);
+        f(sums.student_cross...);
+    }
+
+    template <class T>
+    struct Partials {
+        Pack<T> student_soft, difference, student_cross;
+
+        // The block at element i of a row, given its centred logits; stores e^(ds/T) and r = ds - dt, and
+        // returns e^(ds/T).
+        template <class Skipped>
+        KDLOSS_INLINE Pack<T> add(std::size_t i, const Pack<T>& ds, const Pack<T>& ds_summed, const Pack<T>& dt,
+                                  Exp2Scale<T> soft, const Skipped& skipped, const RowBuffers<T>& row) noexcept {
+            constexpr T minus_infinity = -std::numeric_limits<T>::infinity();
+            const Pack<T> e_student = fast_exp2(ds, soft);
+            const Pack<T> e_teacher = fast_exp2(dt, soft);
+            e_student.store(row.student_soft + i);
+            Pack<T>(ds - dt).store(row.divergence_term + i);
+            const Pack<T> dt_summed = summed(dt, minus_infinity, skipped);
+            const Pack<T> e_student_summed = summed(e_student, T(0), skipped);
+            student_soft += e_student_summed;
+            difference += summed(Pack<T>(e_teacher - e_student), T(0), skipped);
+            // Where the student's probability is 0 (flushed, or a skipped lane) the term is 0, even at a teacher
+            // -inf: the comparison fast_exp2 makes for the same flush.
+            student_cross = select(ds_summed < Pack<T>(soft.lowest_x), student_cross,
+                                   student_cross + e_student_summed * (ds_summed - dt_summed));
+            return e_student;
+        }
+
+        KDLOSS_INLINE void flush_into(Sums<Pack<double>>& totals) noexcept {
+            totals.student_soft += widen(student_soft);
+            totals.soft_difference += widen(difference);
+            totals.student_cross += widen(student_cross);
+            student_soft = difference = student_cross = Pack<T>();
+        }
+    };
+
+    // KL(q || p), with log Z_s - log Z_t = -log(1 + (Z_t - Z_s) / Z_s) as in forward_kl.hpp.
+    template <class V>
+    static KDLOSS_INLINE V divergence(const Sums<V>& sums, double temperature) noexcept {
+        return sums.student_cross / (sums.student_soft * temperature) +
+               fast_log(1.0 + sums.soft_difference / sums.student_soft);
+    }
+
+    // The gradient's soft term: weight q (r - E_q[r]) = scale e^(ds/T) (r - mean).
+    template <class T>
+    struct Coefficients {
+        Pack<T> scale, mean;
+
+        template <class V>
+        static Coefficients from_sums(const Sums<V>& sums, double weight, double) noexcept {
+            Pack<T> mean = narrow<T>(sums.student_cross / sums.student_soft);
+            // An infinite mean (a class only the teacher rules out) leaves no derivative: NaN, not -inf.
+            mean = select(mean == Pack<T>(std::numeric_limits<T>::infinity()),
+                          Pack<T>(std::numeric_limits<T>::quiet_NaN()), mean);
+            return {narrow<T>(weight / sums.student_soft), mean};
+        }
+
+        // At element i, given e^(ds/T) there. The centred difference r - mean is where the terms cancel, in T,
+        // as exactly as they can; where the student has no mass, r may be infinite, and the term is 0.
+        KDLOSS_INLINE Pack<T> gradient(std::size_t i, const Pack<T>& e_student,
+                                       const RowBuffers<T>& row) const noexcept {
+            const Pack<T> r = Pack<T>::load(row.divergence_term + i);
+            return select(e_student == Pack<T>(), Pack<T>(), scale * e_student * (r - mean));
+        }
+    };
+};
+
+}  // namespace KDLOSS_KERNEL_NAMESPACE
+}  // namespace kdloss::detail

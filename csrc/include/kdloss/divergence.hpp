@@ -1,0 +1,42 @@
+#pragma once
+
+// Which divergence D(p, q) the soft term T^2 D measures, between the teacher's p = softmax(t/T) and the
+// student's q = softmax(s/T).
+
+#include <cstddef>
+#include <stdexcept>
+#include <string>
+#include <string_view>
+
+namespace kdloss {
+
+enum class Divergence {
+    forward_kl,  // KL(p || q): Hinton's, mean-seeking
+    reverse_kl,  // KL(q || p): MiniLLM's, mode-seeking
+};
+
+// The names, in the order of the enumerators: what Python passes and what messages list.
+inline constexpr const char* divergence_names[] = {"forward_kl", "reverse_kl"};
+inline constexpr std::size_t divergence_count = sizeof(divergence_names) / sizeof(divergence_names[0]);
+
+inline Divergence parse_divergence(std::string_view name) {
+    for (std::size_t i = 0; i < divergence_count; ++i)
+        if (name == divergence_names[i]) return static_cast<Divergence>(i);
+    std::string message = "divergence must be one of ";
+    for (std::size_t i = 0; i < divergence_count; ++i) {
+        message += i == 0 ? "'" : ", '";
+        message += divergence_names[i];
+        message += '\'';
+    }
+    message += ", got '";
+    message += name;
+    message += '\'';
+    throw std::invalid_argument(message);
+}
+
+inline const char* divergence_name(Divergence divergence) noexcept {
+    const auto index = static_cast<std::size_t>(divergence);
+    return index < divergence_count ? divergence_names[index] : divergence_names[0];
+}
+
+}  // namespace kdloss
