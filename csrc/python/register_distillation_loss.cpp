@@ -25,6 +25,10 @@ struct KernelChoice {
     static double evaluate(const DistillationLoss<T>& loss, Arguments&&... arguments) {
         return loss.evaluate_with(python::active_kernels().rows<T>(), std::forward<Arguments>(arguments)...);
     }
+    template <class T, class... Arguments>
+    static LossParts loss_parts(const DistillationLoss<T>& loss, Arguments&&... arguments) {
+        return loss.loss_parts_with(python::active_kernels().rows<T>(), std::forward<Arguments>(arguments)...);
+    }
 };
 
 }  // namespace kdloss::detail
@@ -62,11 +66,29 @@ public:
                              std::string(py::str(student.dtype())));
     }
 
+    // Returns (soft, hard): floats, or for reduction "none" arrays of the logits' leading shape.
+    py::tuple parts(const py::array& student, const py::array& teacher, const py::object& labels,
+                    std::optional<double> normalizer) const {
+        if (student.dtype().equal(py::dtype::of<double>()))
+            return parts_as(double_loss_, student, teacher, labels, normalizer);
+        if (student.dtype().equal(py::dtype::of<float>()))
+            return parts_as(float_loss_, student, teacher, labels, normalizer);
+        throw py::type_error("student_logits must be a float32 or float64 array, got dtype " +
+                             std::string(py::str(student.dtype())));
+    }
+
 private:
+    // The logits and labels as the core's views, after the binding's checks (buffers and dtypes); `holder`
+    // keeps the labels' array alive while the views are used.
     template <class T>
-    static py::tuple evaluate_as(const DistillationLoss<T>& loss, const py::array& student, const py::array& teacher,
-                                 const py::object& labels_object, const py::object& out_object, bool want_gradient,
-                                 std::optional<double> normalizer) {
+    struct Inputs {
+        MatrixView<const T> student, teacher;
+        Labels<T> labels;
+        std::optional<py::array> holder;
+    };
+
+    template <class T>
+    static Inputs<T> inputs_as(const py::array& student, const py::array& teacher, const py::object& labels_object) {
         const auto dtype = py::dtype::of<T>();
         if (!teacher.dtype().equal(dtype))
             throw py::type_error("teacher_logits must have the dtype of student_logits (" +
@@ -74,26 +96,34 @@ private:
         if (!same_shape(student, teacher))
             throw py::value_error("teacher_logits must have the shape of student_logits " + shape_text(student) +
                                   ", got " + shape_text(teacher));
-        const MatrixView<const T> student_view = logits_view<T>(student, "student_logits");
-        const MatrixView<const T> teacher_view = logits_view<T>(teacher, "teacher_logits");
-
-        Labels<T> labels;
-        std::optional<py::array> labels_holder;
+        Inputs<T> inputs{logits_view<T>(student, "student_logits"), logits_view<T>(teacher, "teacher_logits"), {}, {}};
         if (!labels_object.is_none()) {
             if (!py::isinstance<py::array>(labels_object)) throw py::type_error("true_labels must be a numpy.ndarray");
-            const auto& labels_array = labels_holder.emplace(py::reinterpret_borrow<py::array>(labels_object));
+            const auto& labels_array = inputs.holder.emplace(py::reinterpret_borrow<py::array>(labels_object));
             if (labels_array.dtype().equal(py::dtype::of<std::int64_t>())) {
-                labels = class_indices_view(labels_array, student);
+                inputs.labels = class_indices_view(labels_array, student);
             } else if (labels_array.dtype().equal(dtype)) {
                 if (!same_shape(labels_array, student))
                     throw py::value_error("true_labels as target distributions must have the shape of student_logits " +
                                           shape_text(student) + ", got " + shape_text(labels_array));
-                labels = logits_view<T>(labels_array, "true_labels");
+                inputs.labels = logits_view<T>(labels_array, "true_labels");
             } else {
                 throw py::type_error("true_labels must be int64 class indices or " + std::string(py::str(dtype)) +
                                      " target distributions, got dtype " + std::string(py::str(labels_array.dtype())));
             }
         }
+        return inputs;
+    }
+
+    template <class T>
+    static py::tuple evaluate_as(const DistillationLoss<T>& loss, const py::array& student, const py::array& teacher,
+                                 const py::object& labels_object, const py::object& out_object, bool want_gradient,
+                                 std::optional<double> normalizer) {
+        const auto dtype = py::dtype::of<T>();
+        const Inputs<T> inputs = inputs_as<T>(student, teacher, labels_object);
+        const MatrixView<const T>& student_view = inputs.student;
+        const MatrixView<const T>& teacher_view = inputs.teacher;
+        const Labels<T>& labels = inputs.labels;
 
         std::optional<py::array_t<T>> gradient_array;
         if (!out_object.is_none()) {
@@ -139,6 +169,27 @@ private:
         return py::make_tuple(std::move(loss_result), std::move(gradient_result), counted_rows);
     }
 
+    template <class T>
+    static py::tuple parts_as(const DistillationLoss<T>& loss, const py::array& student, const py::array& teacher,
+                              const py::object& labels_object, std::optional<double> normalizer) {
+        const Inputs<T> inputs = inputs_as<T>(student, teacher, labels_object);
+        std::optional<py::array_t<T>> soft_rows, hard_rows;
+        if (loss.reduction() == Reduction::none) {
+            std::vector<py::ssize_t> leading(student.shape(), student.shape() + student.ndim() - 1);
+            soft_rows.emplace(leading);
+            hard_rows.emplace(leading);
+        }
+        LossParts parts;
+        {
+            py::gil_scoped_release release;
+            parts = detail::KernelChoice::loss_parts(loss, inputs.student, inputs.teacher, inputs.labels,
+                                                     soft_rows ? soft_rows->mutable_data() : nullptr,
+                                                     hard_rows ? hard_rows->mutable_data() : nullptr, normalizer);
+        }
+        if (soft_rows) return py::make_tuple(*soft_rows, *hard_rows);
+        return py::make_tuple(parts.soft, parts.hard);
+    }
+
     DistillationLoss<double> double_loss_;
     DistillationLoss<float> float_loss_;
 };
@@ -163,7 +214,9 @@ void register_distillation_loss(py::module_& module) {
         .def_property_readonly("num_threads", &BoundDistillationLoss::num_threads)
         .def_property_readonly("divergence", &BoundDistillationLoss::divergence)
         .def("evaluate", &BoundDistillationLoss::evaluate, py::arg("student_logits"), py::arg("teacher_logits"),
-             py::arg("true_labels"), py::arg("out"), py::arg("want_gradient"), py::arg("normalizer"));
+             py::arg("true_labels"), py::arg("out"), py::arg("want_gradient"), py::arg("normalizer"))
+        .def("parts", &BoundDistillationLoss::parts, py::arg("student_logits"), py::arg("teacher_logits"),
+             py::arg("true_labels"), py::arg("normalizer"));
 }
 
 }  // namespace kdloss::python

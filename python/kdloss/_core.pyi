@@ -32,3 +32,10 @@ class DistillationLoss:
         want_gradient: bool,
         normalizer: float | None,
     ) -> tuple[float | np.ndarray, np.ndarray | None, int]: ...
+    def parts(
+        self,
+        student_logits: np.ndarray,
+        teacher_logits: np.ndarray,
+        true_labels: np.ndarray | None,
+        normalizer: float | None,
+    ) -> tuple[float | np.ndarray, float | np.ndarray]: ...

@@ -230,6 +230,30 @@ class DistillationLoss:
 
     __call__ = compute_loss
 
+    def loss_parts(
+        self,
+        student_logits: npt.ArrayLike,
+        teacher_logits: npt.ArrayLike,
+        true_labels: npt.ArrayLike | None = None,
+        *,
+        normalizer: float | None = None,
+    ) -> tuple[Loss, Loss]:
+        """The loss's two terms apart, each reduced as the loss is: what a trainer logs every step.
+
+        Arguments as :meth:`compute_loss`. Both terms are computed whatever ``alpha`` is, for the time of one
+        :meth:`compute_loss` call.
+
+        Returns
+        -------
+        (soft, hard)
+            The soft term :math:`T^2 D(p, q)` and the hard term, the cross-entropy against the labels (0.0
+            without labels), such that the loss is ``alpha * hard + (1 - alpha) * soft`` with labels and
+            ``soft`` without. Floats, or for ``reduction="none"`` arrays of the logits' leading shape.
+        """
+        student, teacher = _arrays.logits_pair(student_logits, teacher_logits)
+        labels = _arrays.true_labels(true_labels, student.dtype, student.shape)
+        return self._engine.parts(student, teacher, labels, _normalizer(normalizer))
+
     def sum_and_count(
         self,
         student_logits: npt.ArrayLike,

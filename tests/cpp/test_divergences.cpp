@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstddef>
+#include <cstdint>
 #include <random>
 #include <stdexcept>
 #include <string>
@@ -86,6 +87,30 @@ KD_TEST(divergence_names_round_trip_and_unknown_ones_are_refused) {
     KD_CHECK_THROWS(std::invalid_argument, "divergence must be one of 'forward_kl', 'reverse_kl', got '7'",
                     DistillationLoss<double>(3.0, 0.3, kdloss::Reduction::mean, -100, 1, static_cast<Divergence>(7)));
     KD_CHECK(DistillationLoss<float>().divergence() == Divergence::forward_kl);
+}
+
+KD_TEST(loss_parts_recombine_into_the_loss) {
+    std::mt19937_64 rng(3);
+    std::normal_distribution<double> normal(0.0, 3.0);
+    const std::size_t rows = 9, classes = 300;
+    std::vector<double> s(rows * classes), t(rows * classes), soft_rows(rows), hard_rows(rows);
+    for (double& x : s) x = normal(rng);
+    for (double& x : t) x = normal(rng);
+    std::vector<std::int64_t> labels(rows, 5);
+    labels[2] = -100;
+    for (Divergence divergence : {Divergence::forward_kl, Divergence::reverse_kl}) {
+        const DistillationLoss<double> kd(2.0, 0.3, kdloss::Reduction::mean, -100, 1, divergence);
+        const kdloss::ClassIndices indices{labels.data(), rows};
+        const kdloss::LossParts parts = kd.loss_parts({s.data(), rows, classes}, {t.data(), rows, classes}, indices,
+                                                      soft_rows.data(), hard_rows.data());
+        const double loss = kd.compute_loss({s.data(), rows, classes}, {t.data(), rows, classes}, indices);
+        KD_CHECK_CLOSE(loss, 0.3 * parts.hard + 0.7 * parts.soft, 1e-14, 0.0);
+        KD_CHECK(soft_rows[2] == 0.0 && hard_rows[2] == 0.0);  // the ignored row
+        const kdloss::LossParts unlabelled = kd.loss_parts({s.data(), rows, classes}, {t.data(), rows, classes});
+        KD_CHECK_EQ(unlabelled.hard, 0.0);
+        KD_CHECK_CLOSE(unlabelled.soft, kd.compute_loss({s.data(), rows, classes}, {t.data(), rows, classes}), 1e-15,
+                       0.0);
+    }
 }
 
 }  // namespace test_divergences

@@ -84,6 +84,12 @@ struct Parameters {
     }
 };
 
+// A loss's two terms, reduced as the loss is (DistillationLoss<T>::loss_parts).
+struct LossParts {
+    double soft = 0.0;  // T^2 D(p, q)
+    double hard = 0.0;  // the cross-entropy against the labels; 0 without labels
+};
+
 namespace detail {
 // The Python binding's way to run a loss with the kernels it chose for the CPU at run time (dispatch.cpp).
 struct KernelChoice;
@@ -149,8 +155,25 @@ public:
                              normalizer, counted_rows);
     }
 
+    // The loss's two terms apart, each reduced as the loss is: the soft term T^2 D and the hard term, the
+    // cross-entropy (0 without labels), so that the loss is alpha hard + (1 - alpha) soft with labels and soft
+    // without. Both are computed whatever alpha is, for one loss call's time (no gradient). Each row's terms go
+    // to soft_rows[i] and hard_rows[i] when they are not null (ignored rows: 0); "none" returns their sums.
+    LossParts loss_parts(MatrixView<const T> student_logits, MatrixView<const T> teacher_logits,
+                         const Labels<T>& true_labels = {}, T* soft_rows = nullptr, T* hard_rows = nullptr,
+                         std::optional<double> normalizer = std::nullopt) const {
+        return loss_parts_with(detail::run_rows<T>, student_logits, teacher_logits, true_labels, soft_rows, hard_rows,
+                               normalizer);
+    }
+
 private:
     friend struct detail::KernelChoice;
+
+    // A checked call: what the kernels run, and what the sum over rows is divided by.
+    struct Call {
+        detail::BatchProblem<T> problem;
+        double divisor = 1.0;
+    };
 
     // evaluate() with the row kernel given: the Python module passes the copy compiled for the CPU it runs on
     // (through detail::KernelChoice, which only it defines). C++ hosts call evaluate(), which uses the kernel
@@ -159,20 +182,64 @@ private:
                          MatrixView<const T> teacher_logits, const Labels<T>& true_labels, T* row_losses,
                          const MatrixView<T>* gradient, std::optional<double> normalizer = std::nullopt,
                          std::size_t* counted_rows_out = nullptr) const {
+        Call call = prepare(student_logits, teacher_logits, true_labels, gradient, normalizer, counted_rows_out);
+        const std::size_t rows = call.problem.rows;
+        if (rows == 0) return 0.0;
+        // Left uninitialised: the kernels write every row's loss.
+        const std::unique_ptr<double[]> row_loss_buffer(new double[rows]);
+        call.problem.row_losses = row_loss_buffer.get();
+        run(kernel, call.problem);
+        // Row losses are added in row order, whichever threads computed them, so results are reproducible.
+        double total = 0.0;
+        for (std::size_t i = 0; i < rows; ++i) {
+            total += row_loss_buffer[i];
+            if (row_losses != nullptr) row_losses[i] = static_cast<T>(row_loss_buffer[i]);
+        }
+        return total / call.divisor;
+    }
+
+    // loss_parts() with the row kernel given, as evaluate_with().
+    LossParts loss_parts_with(detail::RowsKernel<T> kernel, MatrixView<const T> student_logits,
+                              MatrixView<const T> teacher_logits, const Labels<T>& true_labels, T* soft_rows,
+                              T* hard_rows, std::optional<double> normalizer = std::nullopt) const {
+        Call call = prepare(student_logits, teacher_logits, true_labels, nullptr, normalizer, nullptr);
+        const std::size_t rows = call.problem.rows;
+        if (rows == 0) return {};
+        call.problem.soft_weight = 1.0;  // both terms, whatever alpha is
+        if (call.problem.label_kind != detail::LabelKind::none) call.problem.hard_weight = 1.0;
+        const std::unique_ptr<double[]> buffer(new double[2 * rows]);
+        call.problem.row_losses = buffer.get();
+        call.problem.row_hard_losses = buffer.get() + rows;
+        run(kernel, call.problem);
+        LossParts parts;
+        for (std::size_t i = 0; i < rows; ++i) {
+            parts.soft += buffer[i];
+            parts.hard += buffer[rows + i];
+            if (soft_rows != nullptr) soft_rows[i] = static_cast<T>(buffer[i]);
+            if (hard_rows != nullptr) hard_rows[i] = static_cast<T>(buffer[rows + i]);
+        }
+        parts.soft /= call.divisor;
+        parts.hard /= call.divisor;
+        return parts;
+    }
+
+    // Every check, then the problem the kernels run (its row_losses still to be given).
+    Call prepare(MatrixView<const T> student_logits, MatrixView<const T> teacher_logits, const Labels<T>& true_labels,
+                 const MatrixView<T>* gradient, std::optional<double> normalizer, std::size_t* counted_rows_out) const {
         check_normalizer(normalizer);
         check_shapes(student_logits, teacher_logits, true_labels, gradient);
         if (gradient != nullptr) check_apart(*gradient, student_logits, teacher_logits, true_labels);
         const std::size_t rows = student_logits.rows;
         const std::size_t counted_rows = count_rows_and_check_labels(true_labels, rows, student_logits.cols);
         if (counted_rows_out != nullptr) *counted_rows_out = counted_rows;
+        Call call;
         // The sum over rows is divided by this (1: no division); 0 rows counted divide nothing.
-        const double divisor = normalizer ? *normalizer
-                               : params_.reduction == Reduction::mean && counted_rows > 0
-                                   ? static_cast<double>(counted_rows)
-                                   : 1.0;
+        call.divisor = normalizer                                                 ? *normalizer
+                       : params_.reduction == Reduction::mean && counted_rows > 0 ? static_cast<double>(counted_rows)
+                                                                                  : 1.0;
 
         const bool labelled = true_labels.kind != Labels<T>::Kind::none;
-        detail::BatchProblem<T> problem;
+        detail::BatchProblem<T>& problem = call.problem;
         problem.rows = rows;
         problem.classes = student_logits.cols;
         problem.student = student_logits.data;
@@ -193,13 +260,17 @@ private:
         problem.temperature = params_.temperature;
         problem.soft_weight = labelled ? 1.0 - params_.alpha : 1.0;
         problem.hard_weight = labelled ? params_.alpha : 0.0;
-        problem.gradient_scale = 1.0 / divisor;
+        problem.gradient_scale = 1.0 / call.divisor;
         if (gradient != nullptr) {
             problem.gradient = gradient->data;
             problem.gradient_stride = gradient->row_stride;
         }
-        if (rows == 0) return 0.0;
+        return call;
+    }
 
+    // Runs the kernel over every row of `problem` (at least one), on up to num_threads threads.
+    void run(detail::RowsKernel<T> kernel, const detail::BatchProblem<T>& problem) const {
+        const std::size_t rows = problem.rows;
         // A thread is only worth waking for enough work: below ~65k elements a parallel call loses more to
         // the wake-up than it gains.
         const std::size_t worth_threads = std::max<std::size_t>(1, rows * problem.classes / min_elements_per_thread);
@@ -220,21 +291,11 @@ private:
         const std::size_t scratch_per_thread = detail::scratch_elements<T>(problem.classes);
         // Left uninitialised: the kernels write every element before reading it, and zeroing tens of
         // kilobytes of scratch would be a fifth of a small call.
-        const std::unique_ptr<double[]> row_loss_buffer(new double[rows]);
         const std::unique_ptr<T[]> scratch(new T[threads * scratch_per_thread]);
-        problem.row_losses = row_loss_buffer.get();
         detail::ThreadPool::run(tasks, threads, [&](std::size_t task, std::size_t worker) {
             const std::size_t begin = task * rows_per_task;
             kernel(problem, begin, std::min(rows, begin + rows_per_task), scratch.get() + worker * scratch_per_thread);
         });
-
-        // Row losses are added in row order, whichever threads computed them, so results are reproducible.
-        double total = 0.0;
-        for (std::size_t i = 0; i < rows; ++i) {
-            total += row_loss_buffer[i];
-            if (row_losses != nullptr) row_losses[i] = static_cast<T>(row_loss_buffer[i]);
-        }
-        return total / divisor;
     }
 
     static constexpr std::size_t min_rows_per_task = 4;  // where there are rows enough (see evaluate_with)

@@ -36,7 +36,10 @@ struct BatchProblem {
     double gradient_scale = 1.0;  // 1 / (counted rows) for "mean", 1 otherwise
 
     double* row_losses = nullptr;  // one per row, always written (0 for ignored rows)
-    T* gradient = nullptr;         // null: loss only
+    // Loss parts: not null, row_losses gets each row's soft term T^2 D and this its hard term CE, unweighted
+    // (0 for a term the problem does not have).
+    double* row_hard_losses = nullptr;
+    T* gradient = nullptr;  // null: loss only
     std::ptrdiff_t gradient_stride = 0;
 };
 

@@ -127,11 +127,7 @@ KDLOSS_NOINLINE void distill_block(const BatchProblem<T>& problem, Exp2Scale<T> 
     exponentials<T, typename Terms::without_gradient>(student, teacher, student_max, teacher_max, soft, row, m,
                                                       RowsAhead<T>{{}, next}, sums);
     if constexpr (Terms::class_index) Terms::HardTerm::at_label(sums.hard, Pack<double>::load(label_logits));
-    const Pack<double> loss =
-        loss_from_sums<Terms>(sums, problem.temperature, problem.soft_weight, problem.hard_weight);
-    double losses[lanes];
-    loss.store(losses);
-    for (std::size_t lane = 0; lane < count; ++lane) problem.row_losses[rows[lane]] = losses[lane];
+    store_row_losses<Terms>(problem, sums, rows, count);
 
     if constexpr (Terms::gradient) {
         const auto coefficients = GradientCoefficients<T, Terms>::from_sums(sums, problem);

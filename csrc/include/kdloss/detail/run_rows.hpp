@@ -21,6 +21,7 @@ inline namespace KDLOSS_KERNEL_NAMESPACE {
 template <class T, class Terms>
 void zero_ignored_row(const BatchProblem<T>& problem, std::size_t i) noexcept {
     problem.row_losses[i] = 0.0;
+    if (problem.row_hard_losses != nullptr) problem.row_hard_losses[i] = 0.0;
     if constexpr (Terms::gradient) {
         T* gradient = problem.gradient + static_cast<std::ptrdiff_t>(i) * problem.gradient_stride;
         for (std::size_t c = 0; c < problem.classes; ++c) gradient[c] = T(0);
@@ -34,15 +35,10 @@ bool is_ignored(const BatchProblem<T>& problem, std::size_t i) noexcept {
 }
 
 // Long rows' losses from their sums, `lanes` rows at a time: one row per lane of loss_from_sums, as in a block.
-template <class Terms>
+template <class T, class Terms>
 class RowLosses {
 public:
-    template <class T>
-    explicit RowLosses(const BatchProblem<T>& problem) noexcept
-        : row_losses_(problem.row_losses),
-          temperature_(problem.temperature),
-          soft_weight_(problem.soft_weight),
-          hard_weight_(problem.hard_weight) {
+    explicit RowLosses(const BatchProblem<T>& problem) noexcept : problem_(problem) {
         const RowSums<Terms> neutral = RowSums<Terms>::neutral();
         for (std::size_t k = 0; k < lanes; ++k) put(k, 0, neutral);
     }
@@ -59,10 +55,7 @@ public:
         typename Terms::template Sums<Pack<double>> sums;
         for_each_sum<Terms>([](Pack<double>& sum, const Column& column) { sum = Pack<double>::load(column); }, sums,
                             columns_);
-        const Pack<double> loss = loss_from_sums<Terms>(sums, temperature_, soft_weight_, hard_weight_);
-        double losses[lanes];
-        loss.store(losses);
-        for (std::size_t k = 0; k < count_; ++k) row_losses_[rows_[k]] = losses[k];
+        store_row_losses<Terms>(problem_, sums, rows_, count_);
         count_ = 0;
     }
 
@@ -74,8 +67,7 @@ private:
         for_each_sum<Terms>([k](Column& column, double sum) { column[k] = sum; }, columns_, sums);
     }
 
-    double* row_losses_;
-    double temperature_, soft_weight_, hard_weight_;
+    const BatchProblem<T>& problem_;
     std::size_t count_ = 0;
     std::size_t rows_[lanes];
     typename Terms::template Sums<Column> columns_;
@@ -119,7 +111,7 @@ void run_rows_with(const BatchProblem<T>& problem, std::size_t begin, std::size_
         const auto row = static_cast<std::ptrdiff_t>(i);
         return {problem.student + row * problem.student_stride, problem.teacher + row * problem.teacher_stride};
     };
-    RowLosses<Terms> losses(problem);
+    RowLosses<T, Terms> losses(problem);
     RowMaxima<T> maxima;
     for (std::size_t i = begin; i < end; ++i) {
         if (is_ignored(problem, i)) {

@@ -109,6 +109,37 @@ inline V loss_from_sums(const typename Terms::template Sums<V>& sums, double tem
     return loss;
 }
 
+// A row's soft term T^2 D and hard term CE apart, unweighted (0 for a term it does not have), from its sums.
+template <class Terms, class V>
+inline void loss_parts_from_sums(const typename Terms::template Sums<V>& sums, double temperature, V& soft,
+                                 V& hard) noexcept {
+    soft = hard = 0.0;
+    if constexpr (Terms::soft) soft = temperature * temperature * Terms::SoftTerm::divergence(sums.soft, temperature);
+    if constexpr (Terms::hard) hard = Terms::HardTerm::loss(sums.hard);
+}
+
+// Each row's loss, or (problem.row_hard_losses not null) its two terms apart, from `lanes` rows' sums: rows
+// rows[0 .. count).
+template <class Terms, class T>
+inline void store_row_losses(const BatchProblem<T>& problem, const typename Terms::template Sums<Pack<double>>& sums,
+                             const std::size_t* rows, std::size_t count) noexcept {
+    double losses[lanes];
+    if (problem.row_hard_losses == nullptr) {
+        loss_from_sums<Terms>(sums, problem.temperature, problem.soft_weight, problem.hard_weight).store(losses);
+        for (std::size_t lane = 0; lane < count; ++lane) problem.row_losses[rows[lane]] = losses[lane];
+        return;
+    }
+    Pack<double> soft, hard;
+    loss_parts_from_sums<Terms>(sums, problem.temperature, soft, hard);
+    double hard_losses[lanes];
+    soft.store(losses);
+    hard.store(hard_losses);
+    for (std::size_t lane = 0; lane < count; ++lane) {
+        problem.row_losses[rows[lane]] = losses[lane];
+        problem.row_hard_losses[rows[lane]] = hard_losses[lane];
+    }
+}
+
 // The scale of the gradient's hard term, folding in its weight and the reduction's scale. (A divergence's
 // coefficients get the soft weight times the reduction's scale, and the temperature, which the derivative of
 // T^2 D with respect to the logits s brings in as each divergence says.)
