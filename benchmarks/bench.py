@@ -40,6 +40,10 @@ What is timed, for every shape (B, C) and dtype (float32, float64), with class-i
     ``kdloss.torch.DistillationLoss`` forward + backward at (4, 256, 32000) and (8, 128256) float32 and (64, 32000)
     float64, one and two threads, against the raw call on the same tensors and PyTorch eager (issue 14's targets).
 
+``Divergences`` (a section of its own, ``divergences.py``; when ``--shapes`` is not given)
+    Each divergence's ``loss_and_gradient`` against forward KL's, and ``loss_parts`` against ``compute_loss``, one
+    thread, at 256x1000 and 8x128256 float32 and 64x32000 float64 (issue 16's targets).
+
 How it is timed: each candidate is first warmed up and calibrated (batches of 1, 2, 4, ... calls until a batch
 takes a few ms), then all candidates of one shape/dtype are sampled round-robin (rotating the order each
 round) with the garbage collector off; a sample is a batch of calls sized so that every candidate gets about
@@ -72,6 +76,8 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
+from divergences import DEFAULT_SHAPES as DIVERGENCE_SHAPES  # benchmarks/, next to this script
+from divergences import run_divergences
 
 # The implementations, inputs and timer shared with ``python -m kdloss bench`` (installed with the package).
 from kdloss._bench import (
@@ -86,7 +92,7 @@ from kdloss._bench import (
     parse_shape,
     proc_status_kib,
 )
-from torch_steps import DEFAULT_STEP_SHAPES, run_steps  # noqa: E402  (benchmarks/, next to this script)
+from torch_steps import DEFAULT_STEP_SHAPES, run_steps
 
 DEFAULT_SHAPES = ((256, 1000), (64, 32000), (8, 128256), (4096, 10), (32, 100))
 DEFAULT_DTYPES = DTYPES
@@ -636,6 +642,8 @@ def run(args: argparse.Namespace) -> int:
     step_shapes = args.step_shapes if args.step_shapes is not None else ([] if args.shapes else DEFAULT_STEP_SHAPES)
     if torch is not None and step_shapes and step_shapes != ["none"]:
         step_cells = run_steps(step_shapes, max(budget, 0.5), (min_rounds, max_rounds), not args.no_memory)
+    # The divergences' section (divergences.py), with the default shapes only.
+    divergence_cells = None if args.shapes else run_divergences(DIVERGENCE_SHAPES, budget, (min_rounds, max_rounds))
 
     elapsed = time.perf_counter() - started
     load_end = _load_average()
@@ -657,6 +665,7 @@ def run(args: argparse.Namespace) -> int:
         },
         "results": cells,
         "torch_steps": step_cells,
+        "divergences": divergence_cells,
         "notes": notes,
         "total_time_s": elapsed,
     }

@@ -40,3 +40,16 @@ def test_bench_quick_run_prints_table(tmp_path: Path) -> None:
     assert any(line.startswith("32x100 ") and "float32" in line for line in done.stdout.splitlines()), done.stdout
     report = json.loads(json_path.read_text())
     assert [cell["shape"] for cell in report["results"]] == [[32, 100]]
+
+
+DIVERGENCES = BENCH.parent / "divergences.py"
+
+
+@pytest.mark.skipif(not DIVERGENCES.is_file(), reason="benchmarks/divergences.py is not next to the tests")
+def test_divergences_quick_run_prints_its_targets(tmp_path: Path) -> None:
+    command = [sys.executable, str(DIVERGENCES), "--shapes", "32x100:float32", "--budget", "0.05"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT_S, cwd=tmp_path)
+    assert done.returncode == 0, f"stdout:\n{done.stdout}\nstderr:\n{done.stderr}"
+    lines = done.stdout.splitlines()
+    assert any(line.startswith("32x100 ") and "float32" in line for line in lines), done.stdout
+    assert "targets (issue 16):" in lines, done.stdout
