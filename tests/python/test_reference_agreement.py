@@ -258,8 +258,8 @@ def test_empty_batch(reduction, dtype, form):
 )
 def test_rows_labelled_ignore_index_are_left_out(reduction, dtype, ignore_index, classes, seed):
     """Rows whose class index is ignore_index (the default -100, -1, or a class index such as 0 or 4) have a
-    zero loss and gradient, and the rest are the reference's and those of the batch without the ignored
-    rows ("mean" divides by the rows kept)."""
+    zero loss and gradient (written over whatever an out= held), and the rest are the reference's and those of
+    the batch without the ignored rows ("mean" divides by the rows kept)."""
     B, C = 12, classes
     rng = np.random.default_rng(seed)
     s = logits(rng, (B, C), dtype)
@@ -274,6 +274,8 @@ def test_rows_labelled_ignore_index_are_left_out(reduction, dtype, ignore_index,
     ref, loss, grad = check_against_reference(kd, s, t, y)
     assert not grad[ignored].any(), "ignored rows must have a zero gradient"
     assert grad[~ignored].any()
+    out = np.full(s.shape, np.nan, dtype=dtype)  # a fresh gradient may hold zeros by chance; this one does not
+    np.testing.assert_array_equal(kd.compute_gradient(s, t, y, out=out), grad)
     if reduction == "none":
         assert not np.asarray(loss)[ignored].any()
     # the same loss as simply dropping the ignored rows (so "mean" divides by the kept count)
