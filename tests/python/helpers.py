@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import numpy as np
+from hypothesis import example
+from hypothesis import strategies as st
 from reference import reference
 
 EPS64 = float(np.finfo(np.float64).eps)
@@ -107,3 +109,37 @@ def check_types(loss, grad, student, dtype, reduction):
     assert isinstance(grad, np.ndarray)
     assert grad.dtype == dtype, f"gradient dtype {grad.dtype} != compute dtype {dtype}"
     assert grad.shape == student.shape, f"gradient shape {grad.shape} != {student.shape}"
+
+
+# Seeds of the NumPy generators that make a Hypothesis example's arrays: Hypothesis draws the parameters that
+# matter (shapes, dtypes, label forms, ...), and the values in the arrays are just noise.
+SEEDS = st.integers(0, 2**32 - 1)
+
+
+def with_examples(cases):
+    """Gives a ``@given`` test one explicit ``@example`` per case (a dict of its arguments), run first and
+    every time: the boundaries a test must always check, where drawn examples are left to chance."""
+
+    def decorate(test):
+        for case in reversed(cases):  # decorators apply bottom-up: the cases then run in the order given
+            test = example(**case)(test)
+        return test
+
+    return decorate
+
+
+def cases(fixed=({},), **cycled):
+    """Explicit examples for ``with_examples``: each dict of ``fixed`` (e.g. every boundary, or every pair of
+    values two axes can take), with the values of each ``cycled`` axis taken in turn, so that each value of
+    every axis is in at least one example (there are more examples than ``fixed`` when an axis is longer)."""
+    fixed = list(fixed)
+    n = max([len(fixed)] + [len(values) for values in cycled.values()])
+    return [
+        {**fixed[i % len(fixed)], **{name: values[i % len(values)] for name, values in cycled.items()}}
+        for i in range(n)
+    ]
+
+
+# Temperatures: the integers 1 to 4, for which the kernels raise the soft exponentials to a power instead of
+# computing the hard ones (soft_power in lane_math.hpp), or any in [0.1, 20].
+TEMPERATURES = st.one_of(st.sampled_from([1.0, 2.0, 3.0, 4.0]), st.floats(0.1, 20.0))

@@ -3,13 +3,28 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import pickle
 
 import numpy as np
 import pytest
-from helpers import assert_grad_close, assert_loss_close, check_against_reference, check_types
+from helpers import (
+    SEEDS,
+    assert_grad_close,
+    assert_loss_close,
+    cases,
+    check_against_reference,
+    check_types,
+    with_examples,
+)
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from kdloss import DistillationLoss
 from reference import reference
+
+# hypothesis imports mypy_extensions lazily while reporting a failure; under
+# filterwarnings=error its DeprecationWarning would hide the real failure.
+pytestmark = pytest.mark.filterwarnings("ignore:mypy_extensions.TypedDict is deprecated:DeprecationWarning")
 
 REDUCTIONS = ["mean", "sum", "none"]
 
@@ -143,12 +158,34 @@ def test_call_equals_compute_loss(rng, reduction, labels):
         np.testing.assert_array_equal(kd(s, t), b)
 
 
-@pytest.mark.parametrize("reduction", REDUCTIONS)
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("labels", ["none", "index", "soft"])
-@pytest.mark.parametrize("one_d", [False, True])
-def test_loss_and_gradient_equals_separate_calls(rng, reduction, dtype, labels, one_d):
-    s, t, y = data(rng, dtype=dtype)
+@settings(max_examples=20)
+@given(
+    reduction=st.sampled_from(REDUCTIONS),
+    dtype=st.sampled_from([np.float32, np.float64]),
+    labels=st.sampled_from(["none", "index", "soft"]),
+    one_d=st.booleans(),
+    batch=st.integers(2, 40),
+    classes=st.integers(1, 300),
+    seed=SEEDS,
+)
+@with_examples(
+    cases(
+        [
+            dict(labels=labels, one_d=one_d)
+            for labels, one_d in itertools.product(["none", "index", "soft"], [False, True])
+        ],
+        reduction=REDUCTIONS,
+        dtype=[np.float32, np.float64],
+        batch=[6],
+        classes=[9],
+        seed=[0],
+    )
+)
+def test_loss_and_gradient_equals_separate_calls(reduction, dtype, labels, one_d, batch, classes, seed):
+    """loss_and_gradient returns a (loss, gradient) pair bitwise equal to compute_loss's and
+    compute_gradient's, of the same types, called positionally or by keyword, for a batch or one row."""
+    rng = np.random.default_rng(seed)
+    s, t, y = data(rng, B=batch, C=classes, dtype=dtype)
     y = {"none": None, "index": y, "soft": rng.random(s.shape).astype(dtype)}[labels]
     if one_d:
         s, t = s[0].copy(), t[0].copy()
@@ -261,8 +298,10 @@ DTYPE_PAIRS = [
 
 
 @pytest.mark.parametrize("sd,td", DTYPE_PAIRS)
-@pytest.mark.parametrize("reduction", REDUCTIONS)
-def test_dtype_conversions(rng, sd, td, reduction):
+def test_dtype_conversions(rng, sd, td):
+    """Logits of any real dtype pair compute in np.result_type(student, teacher, float32): the reference's
+    results, in that dtype, bitwise those of converting by hand first, and an out= of that dtype is filled,
+    for every reduction."""
     B, C = 5, 8
     s = (
         (rng.standard_normal((B, C)) * 4).astype(sd)
@@ -277,19 +316,20 @@ def test_dtype_conversions(rng, sd, td, reduction):
     expected_dtype = np.result_type(s, t, np.float32)
     assert expected_dtype in (np.float32, np.float64)
     y = rng.integers(0, C, size=B)
-    kd = DistillationLoss(2.0, 0.3, reduction=reduction)
-    ref, loss, grad = check_against_reference(kd, s, t, y)
-    assert grad.dtype == expected_dtype
-    if reduction == "none":
-        assert loss.dtype == expected_dtype
-    # same values as converting by hand first
-    s2 = s.astype(expected_dtype)
-    t2 = t.astype(expected_dtype)
-    np.testing.assert_array_equal(kd.compute_loss(s2, t2, y), loss)
-    np.testing.assert_array_equal(kd.compute_gradient(s2, t2, y), grad)
-    out = np.empty(s.shape, dtype=expected_dtype)
-    assert kd.compute_gradient(s, t, y, out=out) is out
-    np.testing.assert_array_equal(out, grad)
+    for reduction in REDUCTIONS:
+        kd = DistillationLoss(2.0, 0.3, reduction=reduction)
+        ref, loss, grad = check_against_reference(kd, s, t, y)
+        assert grad.dtype == expected_dtype
+        if reduction == "none":
+            assert loss.dtype == expected_dtype
+        # same values as converting by hand first
+        s2 = s.astype(expected_dtype)
+        t2 = t.astype(expected_dtype)
+        np.testing.assert_array_equal(kd.compute_loss(s2, t2, y), loss)
+        np.testing.assert_array_equal(kd.compute_gradient(s2, t2, y), grad)
+        out = np.empty(s.shape, dtype=expected_dtype)
+        assert kd.compute_gradient(s, t, y, out=out) is out
+        np.testing.assert_array_equal(out, grad)
 
 
 @pytest.mark.parametrize("label_dtype", [np.float16, np.float32, np.float64])
@@ -329,13 +369,18 @@ def _same(a, b, dtype):
     np.testing.assert_allclose(a, b, rtol=tol, atol=tol * max(np.abs(b).max(initial=0.0), 1e-300))
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize(
     "layout", ["fortran", "reversed_rows", "reversed_cols", "strided_rows", "strided_cols", "row_slice", "broadcast"]
 )
-@pytest.mark.parametrize("reduction", REDUCTIONS)
-def test_non_contiguous_inputs(rng, dtype, layout, reduction):
+@settings(max_examples=6)
+@given(dtype=st.sampled_from([np.float32, np.float64]), reduction=st.sampled_from(REDUCTIONS), seed=SEEDS)
+@with_examples(cases(dtype=[np.float32, np.float64], reduction=REDUCTIONS, seed=[0]))
+def test_non_contiguous_inputs(layout, dtype, reduction, seed):
+    """Non-contiguous logits (Fortran order, reversed or strided rows or columns, a row slice of a wider
+    array, a broadcast row) and labels give what their contiguous copies give, the reference's results, and
+    a C-contiguous gradient."""
     B, C = 6, 50
+    rng = np.random.default_rng(seed)
     big_s = (rng.standard_normal((2 * B, 2 * C)) * 2).astype(dtype)
     big_t = (rng.standard_normal((2 * B, 2 * C)) * 2).astype(dtype)
     if layout == "fortran":

@@ -6,9 +6,18 @@ the differentiated function is the sum of the per-row losses.
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
+from helpers import SEEDS, TEMPERATURES, cases, with_examples
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from kdloss import DistillationLoss
+
+# hypothesis imports mypy_extensions lazily while reporting a failure; under
+# filterwarnings=error its DeprecationWarning would hide the real failure.
+pytestmark = pytest.mark.filterwarnings("ignore:mypy_extensions.TypedDict is deprecated:DeprecationWarning")
 
 
 def fd_gradient(kd, s, t, y, h):
@@ -54,11 +63,32 @@ def _labels(rng, form, B, C):
     return rng.random((B, C)) * 2  # unnormalised soft targets
 
 
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-@pytest.mark.parametrize("form", ["none", "index", "onehot", "soft"])
-@pytest.mark.parametrize("temperature,alpha", [(3.0, 0.3), (0.5, 0.7), (1.0, 0.0), (2.0, 1.0)])
-def test_gradient_matches_finite_differences(rng, reduction, form, temperature, alpha):
+@settings(max_examples=20)
+@given(
+    reduction=st.sampled_from(["mean", "sum", "none"]),
+    form=st.sampled_from(["none", "index", "onehot", "soft"]),
+    temperature=TEMPERATURES,
+    alpha=st.one_of(st.sampled_from([0.0, 1.0]), st.floats(0.0, 1.0)),
+    seed=SEEDS,
+)
+@with_examples(
+    cases(
+        [
+            dict(form=form, temperature=temperature, alpha=alpha)
+            for form, (temperature, alpha) in itertools.product(
+                ["none", "index", "onehot", "soft"], [(3.0, 0.3), (0.5, 0.7), (1.0, 0.0), (2.0, 1.0)]
+            )
+        ],
+        reduction=["mean", "sum", "none"],
+        seed=[0],
+    )
+)
+def test_gradient_matches_finite_differences(reduction, form, temperature, alpha, seed):
+    """The gradient is the central finite difference of the returned loss (the sum of the rows for "none"),
+    for every reduction and label form (class indices with an ignored row, one-hot, unnormalised soft
+    targets), temperature and alpha, the endpoints included."""
     B, C = 3, 5
+    rng = np.random.default_rng(seed)
     s = rng.standard_normal((B, C)) * 2
     t = rng.standard_normal((B, C)) * 2
     y = _labels(rng, form, B, C)

@@ -5,6 +5,9 @@ at a time (one per lane), transposed in tiles; longer rows run along the row, an
 the window of the row's last 16 classes, which overlaps the vector before it and must not count those
 classes twice. These tests put the row's maximum, -inf masks, NaN and the label inside that overlap, for
 every tail length.
+
+The boundary lengths and batch sizes are explicit Hypothesis examples, run every time; the drawn examples add
+lengths and batch sizes in between and beyond.
 """
 
 from __future__ import annotations
@@ -12,9 +15,15 @@ from __future__ import annotations
 import kdloss
 import numpy as np
 import pytest
-from helpers import assert_grad_close, assert_loss_close, check_against_reference
+from helpers import SEEDS, assert_grad_close, assert_loss_close, check_against_reference, with_examples
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from kdloss import DistillationLoss
 from reference import reference
+
+# hypothesis imports mypy_extensions lazily while reporting a failure; under
+# filterwarnings=error its DeprecationWarning would hide the real failure.
+pytestmark = pytest.mark.filterwarnings("ignore:mypy_extensions.TypedDict is deprecated:DeprecationWarning")
 
 DTYPES = [np.float32, np.float64]
 # The longest rows that run in blocks, as the library says (block_max_classes in batch_problem.hpp): a changed
@@ -45,10 +54,6 @@ def long_rows(dtype):
     return list(range(first, first + LANES + 1)) + [1000, 1024, 4095]
 
 
-def dtypes_and(rows_of):
-    return [(dtype, classes) for dtype in DTYPES for classes in rows_of(dtype)]
-
-
 FORMS = ["none", "index", "soft"]
 
 
@@ -62,24 +67,68 @@ def labels_for(rng, form, B, C, dtype):
     return y
 
 
-@pytest.mark.parametrize("dtype, classes", dtypes_and(lambda dtype: short_rows(dtype) + long_rows(dtype)))
-@pytest.mark.parametrize("form", FORMS)
-def test_every_row_length(rng, dtype, classes, form):
-    rows = LANES + 3  # a full block and a partial one
-    s = (rng.standard_normal((rows, classes)) * 3).astype(dtype)
-    t = (rng.standard_normal((rows, classes)) * 3).astype(dtype)
+@st.composite
+def dtype_and_row_length(draw, kind):
+    """(dtype, classes): a row length that runs in blocks ("short"), along the row ("long", with a last partial
+    vector: "long_with_tail"), or either ("any")."""
+    dtype = draw(st.sampled_from(DTYPES))
+    block_max = BLOCK_MAX_CLASSES[dtype]
+    if kind == "short":
+        classes = draw(st.integers(1, block_max))
+    elif kind == "any":
+        classes = draw(st.one_of(st.integers(1, 2 * block_max + 2 * LANES), st.integers(1, 5000)))
+    else:
+        classes = draw(st.integers(block_max + 1, 5000))
+        if kind == "long_with_tail" and classes % LANES == 0:
+            classes += 1
+    return dtype, classes
+
+
+@settings(max_examples=20)
+@given(dtype_and_classes=dtype_and_row_length("any"), seed=SEEDS)
+@with_examples(
+    [
+        dict(dtype_and_classes=(dtype, classes), seed=classes)
+        for dtype in DTYPES
+        for classes in short_rows(dtype) + long_rows(dtype)
+    ]
+)
+def test_every_row_length_around_the_kernel_boundaries_matches_the_reference(dtype_and_classes, seed):
+    """Every row length around the kernels' boundaries (each short length up to two vectors and a bit, a block
+    row's tiles, the longest block row, and each tail length of the first long rows), in a full block and a
+    partial one, gives the reference's loss and gradient: without labels, with class indices and with target
+    distributions, for reduction "none" and "mean"."""
+    dtype, classes = dtype_and_classes
+    rng = np.random.default_rng(seed)
+    batch = LANES + 3  # a full block and a partial one
+    s = (rng.standard_normal((batch, classes)) * 3).astype(dtype)
+    t = (rng.standard_normal((batch, classes)) * 3).astype(dtype)
     # Errors are measured against the size of the terms (conditioned): with two classes or one, a float32
     # loss is a small difference of O(1) terms.
-    for kd in (DistillationLoss(3.0, 0.3, reduction="none"), DistillationLoss(2.5, 0.4)):
-        check_against_reference(kd, s, t, labels_for(rng, form, rows, classes, dtype), conditioned=True)
+    for form in FORMS:
+        for kd in (DistillationLoss(3.0, 0.3, reduction="none"), DistillationLoss(2.5, 0.4)):
+            check_against_reference(kd, s, t, labels_for(rng, form, batch, classes, dtype), conditioned=True)
 
 
-@pytest.mark.parametrize("dtype, classes", dtypes_and(lambda dtype: [c for c in long_rows(dtype) if c % LANES]))
-def test_maxima_and_masks_in_the_overlap_of_the_last_vector(rng, dtype, classes):
-    rows = 4
+@settings(max_examples=10)
+@given(dtype_and_classes=dtype_and_row_length("long_with_tail"), seed=SEEDS)
+@with_examples(
+    [
+        dict(dtype_and_classes=(dtype, classes), seed=classes)
+        for dtype in DTYPES
+        for classes in long_rows(dtype)
+        if classes % LANES
+    ]
+)
+def test_maxima_masks_and_labels_in_the_overlap_of_the_last_vector_count_once(dtype_and_classes, seed):
+    """A long row's last partial vector overlaps the one before it: a maximum (once, or twice), a teacher
+    mask, a mask of both and the label placed in that overlap are each counted once, for every tail length."""
+    dtype, classes = dtype_and_classes
+    rng = np.random.default_rng(seed)
+    batch = 4
     overlap = range(classes - LANES, classes - classes % LANES)  # what the last window shares with the one before
-    s = (rng.standard_normal((rows, classes)) * 3).astype(dtype)
-    t = (rng.standard_normal((rows, classes)) * 3).astype(dtype)
+    s = (rng.standard_normal((batch, classes)) * 3).astype(dtype)
+    t = (rng.standard_normal((batch, classes)) * 3).astype(dtype)
     first = overlap[0]
     s[0, first] = t[0, first + 1] = 40.0  # each row's maximum, once (a double count would show in Z)
     s[1, first], s[1, first + 2] = 40.0, 40.0  # a maximum twice, both in the overlap
@@ -103,13 +152,27 @@ def test_nan_in_the_overlap_or_the_tail_is_nan(rng, dtype, classes):
     assert np.isnan(grad[0]).all() and np.isnan(grad[1]).all() and np.isfinite(grad[2]).all()
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("rows", [1, LANES - 1, LANES, LANES + 1, 2 * LANES - 1, 2 * LANES, 2 * LANES + 1, 3 * LANES])
-@pytest.mark.parametrize("classes", [10, 100, 128])
-def test_blocks_of_rows(rng, dtype, rows, classes):
-    s = (rng.standard_normal((rows, classes)) * 3).astype(dtype)
-    t = (rng.standard_normal((rows, classes)) * 3).astype(dtype)
-    y = rng.integers(0, classes, size=rows)
+BLOCK_BATCHES = [1, LANES - 1, LANES, LANES + 1, 2 * LANES - 1, 2 * LANES, 2 * LANES + 1, 3 * LANES]
+
+
+@settings(max_examples=15)
+@given(dtype_and_classes=dtype_and_row_length("short"), batch=st.integers(1, 4 * LANES), seed=SEEDS)
+@with_examples(
+    [
+        dict(dtype_and_classes=(dtype, classes), batch=batch, seed=batch)
+        for dtype in DTYPES
+        for batch in BLOCK_BATCHES
+        for classes in sorted({10, 100, 128, BLOCK_MAX_CLASSES[dtype]})
+    ]
+)
+def test_batches_of_short_rows_in_full_and_partial_blocks_match_the_reference(dtype_and_classes, batch, seed):
+    """Short rows run `lanes` rows at a time: batches of one row, around one, two and three full blocks, and
+    in between, give the reference's per-row losses and gradient (class-index labels)."""
+    dtype, classes = dtype_and_classes
+    rng = np.random.default_rng(seed)
+    s = (rng.standard_normal((batch, classes)) * 3).astype(dtype)
+    t = (rng.standard_normal((batch, classes)) * 3).astype(dtype)
+    y = rng.integers(0, classes, size=batch)
     kd = DistillationLoss(3.0, 0.3, reduction="none")
     ref = reference(s, t, y, temperature=3.0, alpha=0.3, reduction="none")
     loss, grad = kd.loss_and_gradient(s, t, y)

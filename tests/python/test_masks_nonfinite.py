@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
-from helpers import assert_grad_close, assert_loss_close, check_against_reference
+from helpers import SEEDS, assert_grad_close, assert_loss_close, cases, check_against_reference, with_examples
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from kdloss import DistillationLoss
 from reference import reference
+
+# hypothesis imports mypy_extensions lazily while reporting a failure; under
+# filterwarnings=error its DeprecationWarning would hide the real failure.
+pytestmark = pytest.mark.filterwarnings("ignore:mypy_extensions.TypedDict is deprecated:DeprecationWarning")
 
 REDUCTIONS = ["mean", "sum", "none"]
 DTYPES = [np.float32, np.float64]
@@ -19,15 +27,32 @@ def _base(rng, dtype, B=4, C=7):
     return s, t
 
 
-@pytest.mark.parametrize("reduction", REDUCTIONS)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("form", ["none", "index", "soft"])
-def test_teacher_mask_is_finite_and_exact(rng, reduction, dtype, form):
-    s, t = _base(rng, dtype)
+@settings(max_examples=10)
+@given(
+    reduction=st.sampled_from(REDUCTIONS),
+    dtype=st.sampled_from(DTYPES),
+    form=st.sampled_from(["none", "index", "soft"]),
+    seed=SEEDS,
+)
+@with_examples(
+    cases(
+        [dict(form=form, dtype=dtype) for form, dtype in itertools.product(["none", "index", "soft"], DTYPES)],
+        reduction=REDUCTIONS,
+        seed=[0],
+    )
+)
+def test_teacher_mask_is_finite_and_exact(reduction, dtype, form, seed):
+    """-inf teacher logits (one, several, all but one class of a row) are masks: a finite loss and gradient,
+    the reference's, with every label form."""
+    s, t = _base(np.random.default_rng(seed), dtype)
     t[0, 2] = NINF
     t[1, [0, 3, 6]] = NINF
     t[3, :6] = NINF  # only one class left for the teacher
-    y = {"none": None, "index": np.array([1, 2, 4, 6]), "soft": rng.random(s.shape).astype(dtype)}[form]
+    y = {
+        "none": None,
+        "index": np.array([1, 2, 4, 6]),
+        "soft": np.random.default_rng(seed + 1).random(s.shape).astype(dtype),
+    }[form]
     kd = DistillationLoss(2.0, 0.3, reduction=reduction)
     ref, loss, grad = check_against_reference(kd, s, t, y)
     assert np.all(np.isfinite(loss)) and np.all(np.isfinite(grad))
@@ -133,44 +158,78 @@ def test_soft_label_mass_on_student_masked_class_is_inf(rng, dtype):
     assert np.all(np.isfinite(grad))
 
 
-@pytest.mark.parametrize("reduction", REDUCTIONS)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize(
-    "where,value",
-    [("student", np.nan), ("teacher", np.nan), ("student", np.inf), ("teacher", np.inf)],
+@settings(max_examples=20)
+@given(
+    reduction=st.sampled_from(REDUCTIONS),
+    dtype=st.sampled_from(DTYPES),
+    where=st.sampled_from(["student", "teacher"]),
+    value=st.sampled_from([np.nan, np.inf]),
+    form=st.sampled_from(["none", "index"]),
+    row=st.integers(0, 3),
+    column=st.integers(0, 6),
+    seed=SEEDS,
 )
-@pytest.mark.parametrize("form", ["none", "index"])
-def test_nan_and_posinf_propagate_as_nan(rng, reduction, dtype, where, value, form):
-    s, t = _base(rng, dtype)
-    (s if where == "student" else t)[2, 4] = value
+@with_examples(
+    cases(
+        [
+            dict(where=where, value=value, form=form)
+            for where, value, form in itertools.product(["student", "teacher"], [np.nan, np.inf], ["none", "index"])
+        ],
+        reduction=REDUCTIONS,
+        dtype=DTYPES,
+        row=[2],
+        column=[4],
+        seed=[0],
+    )
+)
+def test_nan_and_posinf_propagate_as_nan(reduction, dtype, where, value, form, row, column, seed):
+    """A NaN or +inf student or teacher logit makes its row's loss and whole gradient row NaN (so a reduced
+    loss too), and leaves the other rows finite, with or without labels."""
+    s, t = _base(np.random.default_rng(seed), dtype)
+    (s if where == "student" else t)[row, column] = value
     y = None if form == "none" else np.array([0, 1, 2, 3])
     kd = DistillationLoss(2.0, 0.3, reduction=reduction)
     ref, loss, grad = check_against_reference(kd, s, t, y)
     if reduction == "none":
-        assert np.isnan(loss[2])
-        assert np.all(np.isfinite(np.delete(loss, 2))), "other rows are unaffected"
+        assert np.isnan(loss[row])
+        assert np.all(np.isfinite(np.delete(loss, row))), "other rows are unaffected"
     else:
         assert np.isnan(loss)
-    assert np.isnan(grad[2]).all()
-    assert np.all(np.isfinite(np.delete(grad, 2, axis=0)))
+    assert np.isnan(grad[row]).all()
+    assert np.all(np.isfinite(np.delete(grad, row, axis=0)))
 
 
-@pytest.mark.parametrize("reduction", REDUCTIONS)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("where", ["student", "teacher", "both"])
-def test_all_neginf_row_is_nan(rng, reduction, dtype, where):
-    s, t = _base(rng, dtype)
+@settings(max_examples=10)
+@given(
+    reduction=st.sampled_from(REDUCTIONS),
+    dtype=st.sampled_from(DTYPES),
+    where=st.sampled_from(["student", "teacher", "both"]),
+    row=st.integers(0, 3),
+    seed=SEEDS,
+)
+@with_examples(
+    cases(
+        [dict(where=where, dtype=dtype) for where, dtype in itertools.product(["student", "teacher", "both"], DTYPES)],
+        reduction=REDUCTIONS,
+        row=[1],
+        seed=[0],
+    )
+)
+def test_all_neginf_row_is_nan(reduction, dtype, where, row, seed):
+    """A row whose student or teacher logits (or both) are all -inf has no softmax: its loss and gradient
+    row are NaN (so a reduced loss too), and the other rows stay finite."""
+    s, t = _base(np.random.default_rng(seed), dtype)
     if where in ("student", "both"):
-        s[1, :] = NINF
+        s[row, :] = NINF
     if where in ("teacher", "both"):
-        t[1, :] = NINF
+        t[row, :] = NINF
     kd = DistillationLoss(2.0, 0.3, reduction=reduction)
     ref, loss, grad = check_against_reference(kd, s, t, None)
     if reduction == "none":
-        assert np.isnan(loss[1]) and np.isfinite(np.delete(loss, 1)).all()
+        assert np.isnan(loss[row]) and np.isfinite(np.delete(loss, row)).all()
     else:
         assert np.isnan(loss)
-    assert np.isnan(grad[1]).all()
+    assert np.isnan(grad[row]).all()
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

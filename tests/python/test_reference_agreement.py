@@ -3,20 +3,35 @@ forms, shapes and extreme inputs, at the specification's tolerances."""
 
 from __future__ import annotations
 
+import itertools
+
+import kdloss
 import numpy as np
 import pytest
 from helpers import (
+    SEEDS,
+    TEMPERATURES,
     assert_grad_close,
     assert_loss_close,
+    cases,
     check_against_reference,
     check_types,
+    with_examples,
 )
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from kdloss import DistillationLoss
 from reference import reference
+
+# hypothesis imports mypy_extensions lazily while reporting a failure; under
+# filterwarnings=error its DeprecationWarning would hide the real failure.
+pytestmark = pytest.mark.filterwarnings("ignore:mypy_extensions.TypedDict is deprecated:DeprecationWarning")
 
 REDUCTIONS = ["mean", "sum", "none"]
 DTYPES = [np.float32, np.float64]
 LABEL_FORMS = ["none", "index", "index_ignore", "onehot", "soft"]
+# The longest float64 rows that run in blocks, as the library says (see test_kernel_shapes.py).
+BLOCK_MAX_F64 = kdloss.build_info()["block_max_classes"]["float64"]
 
 
 def make_labels(rng, form, B, C, dtype, ignore_index=-100):
@@ -42,33 +57,72 @@ def logits(rng, shape, dtype, scale=3.0):
     return (rng.standard_normal(shape) * scale).astype(dtype)
 
 
-@pytest.mark.parametrize("reduction", REDUCTIONS)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("form", LABEL_FORMS)
-@pytest.mark.parametrize("temperature,alpha", [(3.0, 0.3), (1.0, 0.5), (0.25, 0.9), (7.5, 0.05)])
-def test_agreement_2d(rng, reduction, dtype, form, temperature, alpha):
-    B, C = 17, 33
-    s = logits(rng, (B, C), dtype)
-    t = logits(rng, (B, C), dtype)
-    y = make_labels(rng, form, B, C, dtype)
+@settings(max_examples=40)
+@given(
+    reduction=st.sampled_from(REDUCTIONS),
+    dtype=st.sampled_from(DTYPES),
+    form=st.sampled_from(LABEL_FORMS),
+    temperature=TEMPERATURES,
+    alpha=st.floats(0.0, 1.0),
+    batch=st.integers(1, 40),
+    # Tolerances relative to max|gradient| (not to the size of the terms, as test_properties.py's): with very few
+    # classes a float32 gradient can be a small difference of larger terms, and a single class's exactly 0.
+    classes=st.integers(8, 64),
+    seed=SEEDS,
+)
+@with_examples(
+    cases(
+        [dict(form=form, dtype=dtype) for form, dtype in itertools.product(LABEL_FORMS, DTYPES)],
+        reduction=REDUCTIONS,
+        temperature=[3.0, 1.0, 0.25, 7.5],
+        alpha=[0.3, 0.5, 0.9, 0.05],
+        batch=[17],
+        classes=[33],
+        seed=[0],
+    )
+)
+def test_batches_match_the_reference_in_every_label_form(
+    reduction, dtype, form, temperature, alpha, batch, classes, seed
+):
+    """A batch's loss and gradient are the reference's, for every reduction, dtype and label form (none, class
+    indices, some of them ignored, one-hot and soft targets), temperature and alpha."""
+    rng = np.random.default_rng(seed)
+    s = logits(rng, (batch, classes), dtype)
+    t = logits(rng, (batch, classes), dtype)
+    y = make_labels(rng, form, batch, classes, dtype)
     kd = DistillationLoss(temperature, alpha, reduction=reduction)
     check_against_reference(kd, s, t, y)
 
 
-@pytest.mark.parametrize("reduction", REDUCTIONS)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("form", ["index", "onehot", "soft"])
-@pytest.mark.parametrize("alpha", [0.0, 1.0])
-def test_agreement_alpha_endpoints(rng, reduction, dtype, form, alpha):
+@pytest.mark.parametrize("alpha", [0.0, 1.0], ids=["soft_term_only", "hard_term_only"])
+@settings(max_examples=15)
+@given(
+    reduction=st.sampled_from(REDUCTIONS),
+    dtype=st.sampled_from(DTYPES),
+    form=st.sampled_from(["index", "onehot", "soft"]),
+    temperature=TEMPERATURES,
+    seed=SEEDS,
+)
+@with_examples(
+    cases(
+        [dict(form=form, dtype=dtype) for form, dtype in itertools.product(["index", "onehot", "soft"], DTYPES)],
+        reduction=REDUCTIONS,
+        temperature=[2.0],
+        seed=[0],
+    )
+)
+def test_alpha_0_and_1_leave_only_the_soft_or_the_hard_term(alpha, reduction, dtype, form, temperature, seed):
+    """alpha = 0 drops the hard term and alpha = 1 the soft one: the reference's loss and gradient, and at
+    alpha = 0 those of the labels-free (pure soft) loss."""
     B, C = 9, 12
+    rng = np.random.default_rng(seed)
     s = logits(rng, (B, C), dtype)
     t = logits(rng, (B, C), dtype)
     y = make_labels(rng, form, B, C, dtype)
-    kd = DistillationLoss(2.0, alpha, reduction=reduction)
+    kd = DistillationLoss(temperature, alpha, reduction=reduction)
     ref, loss, grad = check_against_reference(kd, s, t, y)
-    # alpha = 0 is the pure soft loss; alpha = 1 the pure hard loss
     if alpha == 0.0:
-        pure = reference(s, t, None, temperature=2.0, alpha=0.0, reduction=reduction)
+        pure = reference(s, t, None, temperature=temperature, alpha=0.0, reduction=reduction)
         assert_loss_close(loss, pure.loss, dtype)
         assert_grad_close(grad, pure.grad, dtype)
 
@@ -103,11 +157,20 @@ def test_onehot_equals_index_labels(rng, dtype):
         np.testing.assert_allclose(g1, g2, rtol=0, atol=tol * np.abs(g1).max())
 
 
-@pytest.mark.parametrize("reduction", REDUCTIONS)
-@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("form", ["none", "index", "ignored", "soft", "onehot"])
-def test_agreement_1d(rng, reduction, dtype, form):
+@settings(max_examples=10)
+@given(
+    reduction=st.sampled_from(REDUCTIONS),
+    dtype=st.sampled_from(DTYPES),
+    seed=SEEDS,
+)
+@with_examples(cases(reduction=REDUCTIONS, dtype=DTYPES, seed=[0]))
+def test_one_row_of_logits_is_one_row_of_a_batch(form, reduction, dtype, seed):
+    """1-D logits (C,), with a scalar class index (ignored or not) or a target row, give the reference's loss
+    (0-d for "none") and gradient (C,), bitwise those of the same row as a batch of one; an ignored row gives
+    0 and a zero gradient."""
     C = 21
+    rng = np.random.default_rng(seed)
     s = logits(rng, (C,), dtype)
     t = logits(rng, (C,), dtype)
     if form == "none":
@@ -177,11 +240,28 @@ def test_empty_batch(reduction, dtype, form):
     np.testing.assert_array_equal(l2, loss)
 
 
-@pytest.mark.parametrize("reduction", REDUCTIONS)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("ignore_index", [-100, -1, 0, 4])
-def test_ignore_index(rng, reduction, dtype, ignore_index):
-    B, C = 12, 6
+@settings(max_examples=20)
+@given(
+    reduction=st.sampled_from(REDUCTIONS),
+    dtype=st.sampled_from(DTYPES),
+    ignore_index=st.integers(-150, 8),
+    classes=st.integers(2, 40),
+    seed=SEEDS,
+)
+@with_examples(
+    cases(
+        [dict(ignore_index=i, reduction=r) for i, r in itertools.product([-100, -1, 0, 4], REDUCTIONS)],
+        dtype=DTYPES,
+        classes=[6],
+        seed=[0],
+    )
+)
+def test_rows_labelled_ignore_index_are_left_out(reduction, dtype, ignore_index, classes, seed):
+    """Rows whose class index is ignore_index (the default -100, -1, or a class index such as 0 or 4) have a
+    zero loss and gradient (written over whatever an out= held), and the rest are the reference's and those of
+    the batch without the ignored rows ("mean" divides by the rows kept)."""
+    B, C = 12, classes
+    rng = np.random.default_rng(seed)
     s = logits(rng, (B, C), dtype)
     t = logits(rng, (B, C), dtype)
     y = rng.integers(0, C, size=B)
@@ -194,6 +274,8 @@ def test_ignore_index(rng, reduction, dtype, ignore_index):
     ref, loss, grad = check_against_reference(kd, s, t, y)
     assert not grad[ignored].any(), "ignored rows must have a zero gradient"
     assert grad[~ignored].any()
+    out = np.full(s.shape, np.nan, dtype=dtype)  # a fresh gradient may hold zeros by chance; this one does not
+    np.testing.assert_array_equal(kd.compute_gradient(s, t, y, out=out), grad)
     if reduction == "none":
         assert not np.asarray(loss)[ignored].any()
     # the same loss as simply dropping the ignored rows (so "mean" divides by the kept count)
@@ -239,12 +321,27 @@ def test_all_rows_ignored(rng, reduction, dtype, shape):
     np.testing.assert_array_equal(grad, np.zeros(shape, dtype=dtype))
 
 
-@pytest.mark.parametrize("reduction", REDUCTIONS)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("temperature", [1.0, 3.0, 20.0])
-@pytest.mark.parametrize("form", ["none", "index", "soft"])
-def test_huge_logits(rng, reduction, dtype, temperature, form):
+@settings(max_examples=15)
+@given(
+    reduction=st.sampled_from(REDUCTIONS),
+    dtype=st.sampled_from(DTYPES),
+    temperature=st.one_of(st.sampled_from([1.0, 3.0, 20.0]), TEMPERATURES),
+    form=st.sampled_from(["none", "index", "soft"]),
+    seed=SEEDS,
+)
+@with_examples(
+    cases(
+        [dict(form=form, dtype=dtype) for form, dtype in itertools.product(["none", "index", "soft"], DTYPES)],
+        reduction=REDUCTIONS,
+        temperature=[1.0, 3.0, 20.0],
+        seed=[0],
+    )
+)
+def test_logits_up_to_1e4_give_finite_results_that_match_the_reference(reduction, dtype, temperature, form, seed):
+    """Logits spread over [-1e4, 1e4] (exponentials far beyond any float's range unless shifted by the row's
+    maximum) give a finite loss and gradient, the reference's."""
     B, C = 6, 300
+    rng = np.random.default_rng(seed)
     s = rng.uniform(-1e4, 1e4, (B, C)).astype(dtype)
     t = rng.uniform(-1e4, 1e4, (B, C)).astype(dtype)
     y = make_labels(rng, form, B, C, dtype)
@@ -312,33 +409,47 @@ def test_float64_wide_rows(reduction):
     check_against_reference(DistillationLoss(2.0, 0.3, reduction=reduction), s, t, y)
 
 
-@pytest.mark.parametrize(
-    "C", [1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 32, 33, 63, 64, 65, 99, 100, 101, 127, 128, 129, 160, 161, 1000]
-)
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_many_row_widths(rng, C, dtype):
-    # Widths around SIMD lane multiples exercise vectorised loop tails.
+ROW_WIDTHS = [1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 32, 33, 63, 64, 65, 99, 100, 101, 127, 128, 129, 160, 161, 1000]
+
+
+@settings(max_examples=10)
+@given(dtype=st.sampled_from(DTYPES), classes=st.integers(1, 1100), seed=SEEDS)
+@with_examples([dict(dtype=dtype, classes=classes, seed=0) for classes in ROW_WIDTHS for dtype in DTYPES])
+def test_row_widths_around_multiples_of_the_vector_width_match_the_reference(dtype, classes, seed):
+    """Widths around multiples of the SIMD lanes exercise the vectorised loops' tails: per-row losses and the
+    gradient with class indices, and the mean without labels, are the reference's."""
     B = 4
-    s = logits(rng, (B, C), dtype)
-    t = logits(rng, (B, C), dtype)
-    y = rng.integers(0, C, size=B)
+    rng = np.random.default_rng(seed)
+    s = logits(rng, (B, classes), dtype)
+    t = logits(rng, (B, classes), dtype)
+    y = rng.integers(0, classes, size=B)
     check_against_reference(DistillationLoss(1.7, 0.45, reduction="none"), s, t, y)
     check_against_reference(DistillationLoss(1.7, 0.45, reduction="mean"), s, t, None)
 
 
-@pytest.mark.parametrize("C", [10, 100, 128, 129])
-@pytest.mark.parametrize("B", [1, 15, 16, 17, 40])
-@pytest.mark.parametrize("labels", ["index", "soft", "none"])
-def test_many_batch_sizes_with_ignored_rows(rng, B, C, labels):
-    # Short rows are processed sixteen at a time, skipping ignored ones: batch sizes around that multiple,
-    # with ignored rows scattered among them, exercise partly filled blocks.
+@settings(max_examples=10)
+@given(batch=st.integers(1, 60), classes=st.integers(1, 300), seed=SEEDS)
+@with_examples(
+    [
+        dict(batch=batch, classes=classes, seed=0)
+        for classes in (10, 100, BLOCK_MAX_F64, BLOCK_MAX_F64 + 1)
+        for batch in (1, 15, 16, 17, 40)
+    ]
+)
+def test_batch_sizes_around_a_block_with_ignored_rows_match_the_reference(batch, classes, seed):
+    """Short rows are processed sixteen at a time, skipping ignored ones: batch sizes around that multiple,
+    with ignored rows scattered among them, give the reference's results for partly filled blocks (and for
+    the first long rows), with class indices, target distributions and no labels, in every reduction."""
+    B, C = batch, classes
+    rng = np.random.default_rng(seed)
     s = logits(rng, (B, C), np.float64)
     t = logits(rng, (B, C), np.float64)
-    y = {"index": rng.integers(0, C, size=B), "soft": rng.random((B, C)), "none": None}[labels]
-    if labels == "index":
-        y[rng.random(B) < 0.3] = -100
-    for reduction in REDUCTIONS:
-        check_against_reference(DistillationLoss(3.0, 0.6, reduction=reduction), s, t, y)
+    for labels in ("index", "soft", "none"):
+        y = {"index": rng.integers(0, C, size=B), "soft": rng.random((B, C)), "none": None}[labels]
+        if labels == "index":
+            y[rng.random(B) < 0.3] = -100
+        for reduction in REDUCTIONS:
+            check_against_reference(DistillationLoss(3.0, 0.6, reduction=reduction), s, t, y)
 
 
 def test_single_class(rng):

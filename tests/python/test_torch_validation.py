@@ -45,14 +45,16 @@ def error_of(call):
 
 
 @pytest.mark.parametrize("bad", PARAMETER_ERRORS, ids=repr)
-@pytest.mark.parametrize("device", ["cpu", "meta"])
-def test_parameters_are_checked_as_the_numpy_class_checks_them(bad, device):
+def test_parameters_are_checked_as_the_numpy_class_checks_them(bad):
+    """A bad parameter raises the NumPy class's error and message from the functional form (with and without
+    autograd), the module's constructor and its setters, for CPU and meta tensors alike."""
     want = error_of(lambda: kdloss.DistillationLoss(**bad))
-    s = torch.zeros(2, 3, device=device, requires_grad=True)
-    t = torch.zeros(2, 3, device=device)
-    assert error_of(lambda: kdt.distillation_loss(s, t, **bad)) == want
-    with torch.no_grad():
-        assert error_of(lambda: kdt.distillation_loss(s, t, **bad)) == want
+    for device in ("cpu", "meta"):
+        s = torch.zeros(2, 3, device=device, requires_grad=True)
+        t = torch.zeros(2, 3, device=device)
+        assert error_of(lambda s=s, t=t: kdt.distillation_loss(s, t, **bad)) == want, device
+        with torch.no_grad():
+            assert error_of(lambda s=s, t=t: kdt.distillation_loss(s, t, **bad)) == want, device
     assert error_of(lambda: kdt.DistillationLoss(**bad)) == want
     module = kdt.DistillationLoss()
     for name in ("temperature", "alpha"):
@@ -81,9 +83,9 @@ SHAPE_ERRORS = {
 
 
 @pytest.mark.parametrize("case", SHAPE_ERRORS, ids=str)
-@pytest.mark.parametrize("device", ["cpu", "meta"])
-@pytest.mark.parametrize("requires_grad", [True, False], ids=["train", "eval"])
-def test_shapes_are_checked_as_the_numpy_class_checks_them(case, device, requires_grad):
+def test_shapes_are_checked_as_the_numpy_class_checks_them(case):
+    """A bad shape (or normaliser) raises the NumPy class's error and message from the functional form and the
+    module, for CPU and meta tensors, in training (the student requires grad) and in evaluation."""
     student_shape, teacher_shape, labels, kwargs = SHAPE_ERRORS[case]
     kwargs = dict(kwargs)
     reduction = kwargs.pop("reduction", "mean")
@@ -97,11 +99,18 @@ def test_shapes_are_checked_as_the_numpy_class_checks_them(case, device, require
         )
     )
 
-    s = torch.zeros(student_shape, dtype=torch.float64, device=device, requires_grad=requires_grad)
-    t = torch.zeros(teacher_shape, dtype=torch.float64, device=device)
-    y = None if numpy_labels is None else torch.from_numpy(numpy_labels).to(device)
-    assert error_of(lambda: kdt.distillation_loss(s, t, y, reduction=reduction, **kwargs)) == want
-    assert error_of(lambda: kdt.DistillationLoss(reduction=reduction)(s, t, y, **kwargs)) == want
+    for device in ("cpu", "meta"):
+        for requires_grad in (True, False):
+            s = torch.zeros(student_shape, dtype=torch.float64, device=device, requires_grad=requires_grad)
+            t = torch.zeros(teacher_shape, dtype=torch.float64, device=device)
+            y = None if numpy_labels is None else torch.from_numpy(numpy_labels).to(device)
+            where = f"{device}, requires_grad={requires_grad}"
+            assert (
+                error_of(lambda s=s, t=t, y=y: kdt.distillation_loss(s, t, y, reduction=reduction, **kwargs)) == want
+            ), where
+            assert (
+                error_of(lambda s=s, t=t, y=y: kdt.DistillationLoss(reduction=reduction)(s, t, y, **kwargs)) == want
+            ), where
 
 
 def test_operators_called_directly_check_on_meta_tensors():
