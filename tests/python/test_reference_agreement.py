@@ -409,7 +409,10 @@ def test_float64_wide_rows(reduction):
     check_against_reference(DistillationLoss(2.0, 0.3, reduction=reduction), s, t, y)
 
 
-ROW_WIDTHS = [1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 32, 33, 63, 64, 65, 99, 100, 101, 127, 128, 129, 160, 161, 1000]
+# Around multiples of the kernels' lanes and the longest rows that run in blocks, as the library reports them.
+_INFO = kdloss.build_info()
+_AROUND = [_INFO["lanes"] * k for k in (1, 2, 4)] + list(_INFO["block_max_classes"].values())
+ROW_WIDTHS = sorted({1, 2, 3, 4, 5, 7, 8, 9, 99, 100, 101, 1000} | {n + d for n in _AROUND for d in (-1, 0, 1)})
 
 
 @settings(max_examples=10)
