@@ -18,20 +18,19 @@ namespace kdloss::detail {
 inline namespace KDLOSS_KERNEL_NAMESPACE {
 
 // e^(ds) where the temperature T is an integer <= 4: (e^(ds/T))^T, a multiply or two where an exponential
-// costs twenty operations.
-template <int Power, class V>
-KDLOSS_INLINE V soft_power(V soft_exponential) noexcept {
-    static_assert(Power >= 1 && Power <= 4);
-    const V e = soft_exponential;
-    if constexpr (Power == 1) return e;
-    if constexpr (Power == 2) return e * e;
-    if constexpr (Power == 3) return e * e * e;
-    if constexpr (Power == 4) return (e * e) * (e * e);
+// costs twenty operations. `power` is a run-time value (RowBuffers::hard_power): a branch on it, the same in
+// every block, costs next to nothing, where a kernel for each power would be compiled four times over.
+template <class V>
+KDLOSS_INLINE V soft_power(V e, int power) noexcept {
+    if (power == 1) return e;
+    if (power == 2) return e * e;
+    if (power == 3) return e * e * e;
+    return (e * e) * (e * e);
 }
 
-// Distribution: against target distributions, else class indices. SoftPower: the temperature, when e^(ds) is
-// that power of the soft term's e^(ds/T) (see soft_power); 0 when it is an exponential of its own.
-template <bool Distribution, int SoftPower>
+// Distribution: against target distributions, else class indices. e^(ds) is an exponential of its own, or a
+// power of the soft term's e^(ds/T) (RowBuffers::hard_power, see soft_power).
+template <bool Distribution>
 struct CrossEntropy {
     static constexpr bool distribution = Distribution;
 
@@ -68,16 +67,19 @@ struct CrossEntropy {
         Pack<T> rest, maxima, target_mass, target_cross;
         const Exp2Scale<T> natural = exp2_scale<T>(log2e);  // e^(ds), when it is no power of e^(ds/T)
 
-        // The block at element i of a row, given its centred logits and (SoftPower) e^(ds/T).
+        // The block at element i of a row, given its centred logits and (row.hard_power) e^(ds/T).
         template <class Skipped>
         KDLOSS_INLINE void add(std::size_t i, const Pack<T>& ds, const Pack<T>& ds_summed, const Pack<T>& e_student,
                                const Skipped& skipped, const RowBuffers<T>& row) noexcept {
             const Mask<T> at_max = ds_summed == Pack<T>();
             Pack<T> e_hard;
-            if constexpr (SoftPower == 0) e_hard = fast_exp2(ds, natural);
-            else e_hard = soft_power<SoftPower>(e_student);
-            // A power of the soft exponential is cheaper to recompute in the gradient pass than to store.
-            if constexpr (SoftPower == 0) e_hard.store(row.student_hard + i);
+            if (row.hard_power == 0) {
+                e_hard = fast_exp2(ds, natural);
+                e_hard.store(row.student_hard + i);
+            } else {
+                // A power of the soft exponential is cheaper to recompute in the gradient pass than to store.
+                e_hard = soft_power(e_student, row.hard_power);
+            }
             const Pack<T> e_hard_summed = summed(e_hard, T(0), skipped);
             if constexpr (count_maxima) rest = select(at_max, rest, rest + e_hard_summed);
             else rest += e_hard_summed;
@@ -124,8 +126,8 @@ struct CrossEntropy {
         // Adds the term at element i to g, given e^(ds/T) there.
         KDLOSS_INLINE void add_to_gradient(Pack<T>& g, std::size_t i, const Pack<T>& e_student,
                                            const RowBuffers<T>& row) const noexcept {
-            if constexpr (SoftPower == 0) g += h_scale * Pack<T>::load(row.student_hard + i);
-            else g += h_scale * soft_power<SoftPower>(e_student);
+            if (row.hard_power == 0) g += h_scale * Pack<T>::load(row.student_hard + i);
+            else g += h_scale * soft_power(e_student, row.hard_power);
             if constexpr (Distribution) g = g - y_scale * Pack<T>::load(row.target + i);
         }
     };

@@ -137,52 +137,33 @@ void run_rows_with(const BatchProblem<T>& problem, std::size_t begin, std::size_
     losses.flush();
 }
 
-// The instantiation of each run-time choice, in one table: rows_kernel_table<T>[gradient][soft][hard][power],
-// where soft is 0 without a soft term, else 1 + its Divergence; hard is the LabelKind of a hard term (none: no
-// hard term),
-// and power is the temperature where the hard term's e^(ds) is a power of the soft term's e^(ds/T) (an
-// integer from 1 to 4, see soft_power), else 0.
-template <class T>
-using PowerRow = std::array<RowsKernel<T>, 5>;
-
+// The instantiation of each run-time choice, in one table: rows_kernel_table<T>[gradient][soft][hard], where
+// soft is 0 without a soft term, else 1 + its Divergence, and hard is the LabelKind of a hard term (none: no
+// hard term). Everything else a call chooses is a run-time value inside the kernels: each entry here is
+// compiled in full, so the table is kept to the choices that change which passes run and what they sum.
 template <class T, bool Gradient, class Soft, class Hard>
 constexpr RowsKernel<T> rows_instance() noexcept {
     if constexpr (std::is_same_v<Soft, Absent> && std::is_same_v<Hard, Absent>) return nullptr;  // no loss at all
     else return &run_rows_with<T, Terms<Soft, Hard, Gradient>>;
 }
 
-template <class T, bool Gradient, class Soft, bool Distribution>
-constexpr PowerRow<T> cross_entropy_by_power() noexcept {
-    if constexpr (std::is_same_v<Soft, Absent>) {
-        const RowsKernel<T> only = rows_instance<T, Gradient, Soft, CrossEntropy<Distribution, 0>>();
-        return {only, only, only, only, only};
-    } else {
-        return {rows_instance<T, Gradient, Soft, CrossEntropy<Distribution, 0>>(),
-                rows_instance<T, Gradient, Soft, CrossEntropy<Distribution, 1>>(),
-                rows_instance<T, Gradient, Soft, CrossEntropy<Distribution, 2>>(),
-                rows_instance<T, Gradient, Soft, CrossEntropy<Distribution, 3>>(),
-                rows_instance<T, Gradient, Soft, CrossEntropy<Distribution, 4>>()};
-    }
-}
-
+// In the order of LabelKind: none, class_indices, distributions.
 template <class T, bool Gradient, class Soft>
-constexpr std::array<PowerRow<T>, 3> by_hard_term() noexcept {
-    const RowsKernel<T> no_hard = rows_instance<T, Gradient, Soft, Absent>();
-    // In the order of LabelKind: none, class_indices, distributions.
-    return {PowerRow<T>{no_hard, no_hard, no_hard, no_hard, no_hard},
-            cross_entropy_by_power<T, Gradient, Soft, false>(), cross_entropy_by_power<T, Gradient, Soft, true>()};
+constexpr std::array<RowsKernel<T>, 3> by_hard_term() noexcept {
+    return {rows_instance<T, Gradient, Soft, Absent>(), rows_instance<T, Gradient, Soft, CrossEntropy<false>>(),
+            rows_instance<T, Gradient, Soft, CrossEntropy<true>>()};
 }
 
 // In the order of Divergence, after Absent. A new divergence is its policy and an entry here.
 static_assert(divergence_count == 2, "each Divergence needs its policy in by_soft_term");
 template <class T, bool Gradient>
-constexpr std::array<std::array<PowerRow<T>, 3>, 1 + divergence_count> by_soft_term() noexcept {
+constexpr std::array<std::array<RowsKernel<T>, 3>, 1 + divergence_count> by_soft_term() noexcept {
     return {by_hard_term<T, Gradient, Absent>(), by_hard_term<T, Gradient, ForwardKL>(),
             by_hard_term<T, Gradient, ReverseKL>()};
 }
 
 template <class T>
-constexpr std::array<std::array<std::array<PowerRow<T>, 3>, 1 + divergence_count>, 2> rows_kernel_table = {
+constexpr std::array<std::array<std::array<RowsKernel<T>, 3>, 1 + divergence_count>, 2> rows_kernel_table = {
     by_soft_term<T, false>(), by_soft_term<T, true>()};
 
 // The row kernel for this problem's terms.
@@ -191,10 +172,7 @@ RowsKernel<T> rows_kernel(const BatchProblem<T>& problem) noexcept {
     // Soft and hard weights are 1 - alpha and alpha, so at least one term is always present.
     const std::size_t soft = problem.soft_weight != 0.0 ? 1 + static_cast<std::size_t>(problem.divergence) : 0;
     const LabelKind hard = problem.hard_weight != 0.0 ? problem.label_kind : LabelKind::none;
-    const double temperature = problem.temperature;
-    const bool integer_power = temperature == 1.0 || temperature == 2.0 || temperature == 3.0 || temperature == 4.0;
-    const std::size_t power = integer_power ? static_cast<std::size_t>(temperature) : 0;
-    return rows_kernel_table<T>[problem.gradient != nullptr][soft][static_cast<std::size_t>(hard)][power];
+    return rows_kernel_table<T>[problem.gradient != nullptr][soft][static_cast<std::size_t>(hard)];
 }
 
 template <class T>

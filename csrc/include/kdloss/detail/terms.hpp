@@ -53,7 +53,15 @@ struct RowBuffers {
     T* divergence_term;  // what the divergence's gradient pass reads beside e^(ds/T): e^(dt/T), or ds - dt
     T* student_hard;     // e^(ds), when it is no power of e^(ds/T)
     const T* target;     // the target distribution
+    int hard_power;      // e^(ds) is e^(ds/T) to this power; 0: it is in student_hard (cross_entropy.hpp)
 };
+
+// The power of e^(ds/T) that is e^(ds), when the soft term computes e^(ds/T) at all: the temperature, if it is
+// an integer from 1 to 4; else 0, and the hard term computes e^(ds) itself.
+inline int hard_power(bool soft_term, double temperature) noexcept {
+    const bool integer = temperature == 1.0 || temperature == 2.0 || temperature == 3.0 || temperature == 4.0;
+    return soft_term && integer ? static_cast<int>(temperature) : 0;
+}
 
 // Marks a block all of whose lanes are summed (see exponentials in lane_math.hpp).
 struct EveryLaneSummed {};
