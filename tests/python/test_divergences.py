@@ -143,7 +143,7 @@ def test_the_parameter_in_repr_equality_and_pickles(divergence):
 
 
 def test_an_unknown_divergence_is_refused_by_name():
-    names = "'forward_kl', 'reverse_kl'"
+    names = "'forward_kl', 'reverse_kl', 'jsd', 'skew_forward_kl', 'skew_reverse_kl'"
     with pytest.raises(ValueError, match=re.escape(f"divergence must be one of {names}, got 'jensen'")):
         DistillationLoss(divergence="jensen")
     with pytest.raises(TypeError, match=re.escape(f"divergence must be one of {names}, got 1")):
