@@ -94,12 +94,13 @@ def soft_gradient_graph(
     - skew reverse KL, :math:`m = \lambda q + (1-\lambda) p`: :math:`T\,q\,(v - E_q[v])`,
       :math:`v = \log(q/m) - \lambda\,q/m`; :math:`\lambda = 0` is reverse KL.
 
-    These are the formulas the kernel computes, written so that autograd can differentiate them again with
-    finite results wherever the kernel's gradient is finite: every log-probability comes from ``log_softmax``,
-    a mixture's log from ``logaddexp`` of the two weighted logs (never the log of a sum of rounded
-    probabilities), and each ``-inf`` is replaced by a finite stand-in *before* an operation whose derivative
-    would multiply it (``torch.where`` masks a value, not the NaN that ``0 * inf`` leaves in its derivative). A
-    class that both sides rule out therefore contributes nothing, to the gradient or to its derivatives.
+    These are the derivatives the kernel returns (it arranges them differently, for float precision), written so
+    that autograd can differentiate them again, with finite results wherever the kernel's gradient is finite:
+    every log-probability comes from ``log_softmax``, a mixture's log from ``logaddexp`` of the two weighted logs
+    (never the log of a sum of rounded probabilities), and each ``-inf`` is replaced by a finite stand-in *before*
+    an operation whose derivative would multiply it (``torch.where`` masks a value, not the NaN that ``0 * inf``
+    leaves in its derivative). A class that both sides rule out therefore contributes nothing, to the gradient or
+    to its derivatives.
     """
     if divergence == "jsd":
         divergence = "forward_kl" if beta == 0 else "reverse_kl" if beta == 1 else divergence
