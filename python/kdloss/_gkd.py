@@ -118,7 +118,7 @@ def generalized_jsd_loss(
     >>> labels = torch.tensor([[2, -100]])  # the second position is masked
     >>> loss = kdloss.torch.generalized_jsd_loss(student, teacher, labels, beta=0.5)
     >>> round(loss.item(), 6)
-    0.003862
+    0.011711
     >>> loss.backward()
     >>> student.grad[0, 1].tolist()  # masked: no gradient
     [0.0, 0.0, 0.0]
@@ -169,11 +169,15 @@ def generalized_jsd_loss(
         elif isinstance(num_items_in_batch, Tensor):
             result_dtype = _trl_division_dtype(result_dtype, num_items_in_batch)
     elif reduction == "batchmean":
-        normalizer = _count(kept).clamp(min=1) * square if kept is not None else max(student_logits.shape[0], 1) * square
+        normalizer = (
+            _count(kept).clamp(min=1) * square if kept is not None else max(student_logits.shape[0], 1) * square
+        )
     elif reduction == "sum":
         normalizer = square
     else:  # "mean": TRL's jsd.mean() over every element of its (kept positions, V) tensor
-        elements = (_count(kept) if kept is not None else math.prod(student_logits.shape[:-1])) * student_logits.shape[-1]
+        elements = (_count(kept) if kept is not None else math.prod(student_logits.shape[:-1])) * student_logits.shape[
+            -1
+        ]
         empty_mean = torch.as_tensor(elements) == 0
         normalizer = (elements.clamp(min=1) if isinstance(elements, Tensor) else max(elements, 1)) * square
     if isinstance(normalizer, float) and normalizer == 1:
