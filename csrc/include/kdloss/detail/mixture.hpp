@@ -44,20 +44,25 @@
 namespace kdloss::detail {
 inline namespace KDLOSS_KERNEL_NAMESPACE {
 
-// m = teacher p + student q; the loss weighs Σ p log u by teacher_term and Σ q log v by student_term.
+// m = teacher p + student q; the loss weighs Σ p log u by teacher_term and Σ q log v by student_term. The
+// weights' logarithms are exact to the last bit: log(1 - w) by log1p, since log of the rounded 1 - w would
+// shift every term of a small loss by an ulp of 1.
 struct MixtureWeights {
     Divergence divergence;
     double teacher, student;
     double teacher_term, student_term;
+    double log_teacher, log_student;
 };
 
 template <class T>
 MixtureWeights mixture_weights(const BatchProblem<T>& problem) noexcept {
     const double beta = problem.beta, skew = problem.skew;
     switch (problem.divergence) {
-        case Divergence::skew_forward_kl: return {problem.divergence, skew, 1.0 - skew, 1.0, 0.0};
-        case Divergence::skew_reverse_kl: return {problem.divergence, 1.0 - skew, skew, 0.0, 1.0};
-        default: return {Divergence::jsd, beta, 1.0 - beta, beta, 1.0 - beta};
+        case Divergence::skew_forward_kl:
+            return {problem.divergence, skew, 1.0 - skew, 1.0, 0.0, std::log(skew), std::log1p(-skew)};
+        case Divergence::skew_reverse_kl:
+            return {problem.divergence, 1.0 - skew, skew, 0.0, 1.0, std::log1p(-skew), std::log(skew)};
+        default: return {Divergence::jsd, beta, 1.0 - beta, beta, 1.0 - beta, std::log(beta), std::log1p(-beta)};
     }
 }
 
@@ -179,8 +184,8 @@ struct Mixture {
                     Pack<T>(static_cast<T>(w.student)),
                     Pack<T>(static_cast<T>(w.teacher_term)),
                     Pack<T>(static_cast<T>(w.student_term)),
-                    Pack<T>(static_cast<T>(std::log(w.teacher))),
-                    Pack<T>(static_cast<T>(std::log(w.student))),
+                    Pack<T>(static_cast<T>(w.log_teacher)),
+                    Pack<T>(static_cast<T>(w.log_student)),
                     Pack<T>(static_cast<T>(w.student / w.teacher)),
                     Pack<T>(),
                     Pack<T>()};
@@ -200,12 +205,12 @@ struct Mixture {
             const Pack<T> teacher_part = teacher * e_teacher, student_part = student * (student_scale * e_student);
             const Pack<T> mixture = teacher_part + student_part;
             const Pack<T> scale = select(mixture < Pack<T>(std::numeric_limits<T>::min()), T(4294967296.0), T(1));
-            const Pack<T> to_mixture = scale / (mixture * scale);
-            const Pack<T> x = teacher_part * to_mixture, y = student_part * to_mixture;
+            const Pack<T> to_mixture = T(1) / (mixture * scale);
+            const Pack<T> x = (teacher_part * scale) * to_mixture, y = (student_part * scale) * to_mixture;
             Pack<T> term, g;
             if (divergence == Divergence::skew_forward_kl) {
                 // D = sum p log(p / m), log(p / m) = log(x / skew); G = -(1 - skew) p / m.
-                term = select(no_teacher, T(0), p * (fast_log(x) - log_teacher));
+                term = select(no_teacher, T(0), p * (log_one_minus(y, x) - log_teacher));
                 if constexpr (Gradient) g = T(0) - student_over_teacher * x;
             } else if (divergence == Divergence::skew_reverse_kl) {
                 // D = sum q log(q / m), log(q / m) = log(y / skew); G = log y + x (log_one_minus_plus).
@@ -215,7 +220,7 @@ struct Mixture {
             } else {
                 // D = beta sum p log(x / beta) + (1 - beta) sum q log(y / (1 - beta)); G = (1 - beta) log y.
                 const Pack<T> log_y = log_one_minus(x, y);
-                term = select(no_teacher, T(0), teacher_term * p * (fast_log(x) - log_teacher)) +
+                term = select(no_teacher, T(0), teacher_term * p * (log_one_minus(y, x) - log_teacher)) +
                        select(no_student, T(0), student_term * q * (log_y - log_student));
                 if constexpr (Gradient) g = student * log_y;
             }
