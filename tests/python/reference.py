@@ -23,6 +23,34 @@ where ``q_T = p(s/T)``, ``p_T = p(t/T)``, ``p_1 = p(s)`` (reverse KL: ``T * q_T 
 from d KL(q || p) / d(s/T), 0 where q_T = 0, NaN where the row's KL is infinite); for ``"mean"`` it is
 divided by the number of counted rows; for ``"none"`` it is the gradient of the
 sum of the rows.
+
+The mixture divergences (p = p_T teacher, q = q_T student, soft = T^2 * D)::
+
+    "jsd"              D = beta KL(p || m) + (1 - beta) KL(q || m),  m = beta p + (1 - beta) q
+                       (beta == 0: forward KL, beta == 1: reverse KL, by definition)
+    "skew_forward_kl"  D = KL(p || m),  m = skew p + (1 - skew) q     (skew == 0: forward KL)
+    "skew_reverse_kl"  D = KL(q || m),  m = skew q + (1 - skew) p     (skew == 0: reverse KL)
+
+Their soft gradients, d soft / d s = T * d D / d(s/T), from dD/dq_c and the softmax's Jacobian
+(dq_c/da_j = q_c (1[c=j] - q_j))::
+
+    "jsd"              dD/dq_c = (1 - beta) log(q_c/m_c)      ->  T (1 - beta) q_j (log(q_j/m_j) - KL(q || m))
+    "skew_forward_kl"  dD/dq_c = -p_c (1 - skew) / m_c        ->  T (q_j W - p_j w_j),
+                                                                  w = (1 - skew) q / m, W = sum_c p_c w_c
+    "skew_reverse_kl"  dD/dq_c = log(q_c/m_c) + 1 - skew q_c/m_c
+                                                              ->  T q_j (v_j - E_q[v]),  v = log(q/m) - skew q/m
+
+Each log ratio of a mixture is taken from the difference of the two log-probabilities,
+d = log p - log q, as a log-sum-exp of the weights' logs (never from log m itself, nor from a sum of
+probabilities)::
+
+    log(m/q) = logaddexp(log w_q, log w_p + d)      log(m/p) = logaddexp(log w_p, log w_q - d)
+
+with log(1 - x) as log1p(-x): exact when one side rules a class out (d = +-inf), and free of the
+cancellation of log m - log q (of the size of log q's rounding) that would swamp the ~beta^2 size of
+KL(q || m) at a small beta.  A class both sides rule out contributes nothing (its d is NaN and is
+masked), and where one side has mass the mixture's log ratio is finite (log of a weight), so these
+divergences are finite wherever either side has mass.
 """
 
 from __future__ import annotations
@@ -33,7 +61,9 @@ from dataclasses import dataclass
 import numpy as np
 
 __all__ = [
+    "DIVERGENCES",
     "log_softmax",
+    "mixture_log_ratios",
     "RefResult",
     "reference",
     "reference_loss",
@@ -54,6 +84,92 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
         z = x - m
         lse = np.log(np.sum(np.exp(z), axis=-1, keepdims=True))
         return z - lse
+
+
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl")
+
+
+def plain_divergence(divergence: str, beta: float = 0.5, skew: float = 0.1) -> str:
+    """The divergence a parameter value makes it by definition: jsd at beta 0 / 1 is forward / reverse KL,
+    a skew KL at skew 0 its plain KL; any other (divergence, parameter) is itself."""
+    if divergence == "jsd" and beta == 0.0:
+        return "forward_kl"
+    if divergence == "jsd" and beta == 1.0:
+        return "reverse_kl"
+    if divergence in ("skew_forward_kl", "skew_reverse_kl") and skew == 0.0:
+        return divergence[len("skew_") :]
+    return divergence
+
+
+def mixture_log_ratios(lp, lq, w_p: float):
+    """``log(m/q)`` and ``log(m/p)`` for the mixture ``m = w_p p + (1 - w_p) q`` (0 < w_p < 1) of the
+    distributions with log-probabilities ``lp`` and ``lq``, from ``d = lp - lq`` and the weights (see the module's
+    docstring).  NaN where both sides rule the class out (to be masked by the caller).
+
+    ``log(m/q) = log(w_q + w_p e^d)`` is ``log w_q + log1p(r)`` with ``r = (w_p / w_q) e^d`` where ``r <= 1``, and
+    ``log w_p + d + log1p(1/r)`` where ``r > 1`` (and symmetrically ``log(m/p)``): each log1p's argument at most
+    1 and, unlike ``exp(log w_p - log w_q + d)``, ``r`` is not exposed to the rounding of a large ``log w_p``
+    (a tiny weight), so both ratios are good to a few ulps of their own size (``~ w_p`` for a tiny ``w_p``).
+    """
+    w_q = 1.0 - w_p  # rounded; used only in the ratio r, whose relative error it is
+    log_wp, log_wq = math.log(w_p), math.log1p(-w_p)  # exact logs of the weights
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore", under="ignore"):
+        d = lp - lq
+        r = (w_p / w_q) * np.exp(d)  # w_p p / (w_q q)
+        r_inv = (w_q / w_p) * np.exp(-d)
+        log_m_q = np.where(r <= 1.0, log_wq + np.log1p(r), log_wp + d + np.log1p(r_inv))
+        log_m_p = np.where(r_inv <= 1.0, log_wp + np.log1p(r_inv), log_wq - d + np.log1p(r))
+    return log_m_q, log_m_p
+
+
+def _check_parameters(divergence, beta, skew):
+    if divergence not in DIVERGENCES:
+        raise ValueError("reference: bad divergence")
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError("reference: beta must be in [0, 1]")
+    if not 0.0 <= skew < 1.0:
+        raise ValueError("reference: skew must be in [0, 1)")
+
+
+def _soft_term(divergence, beta, skew, lpt, lqt, pt, qt, T):
+    """Per-row T^2 D and its gradient T dD/da (a = s/T) for the divergence as ``plain_divergence`` names it."""
+    if divergence == "forward_kl":
+        # teacher probability exactly 0 contributes 0 (also for -inf student there)
+        soft_terms = np.where(pt == 0, 0.0, pt * (lpt - lqt))
+        return T * T * np.sum(soft_terms, axis=-1), T * (qt - pt)
+    if divergence == "reverse_kl":
+        # student probability exactly 0 contributes 0 (also for -inf teacher there)
+        kl = np.sum(np.where(qt == 0, 0.0, qt * (lqt - lpt)), axis=-1)
+        # An infinite KL has no derivative: NaN where the student has mass.
+        centred = np.where(np.isinf(kl)[:, None], np.nan, (lqt - lpt) - kl[:, None])
+        return T * T * kl, np.where(qt == 0, 0.0, T * qt * centred)
+    if divergence == "jsd":
+        # m = beta p + (1 - beta) q; a = log(m/q), b = log(m/p)
+        a, b = mixture_log_ratios(lpt, lqt, beta)
+        kl_pm = np.sum(np.where(pt == 0, 0.0, -pt * b), axis=-1)
+        kl_qm = np.sum(np.where(qt == 0, 0.0, -qt * a), axis=-1)
+        soft = T * T * (beta * kl_pm + (1.0 - beta) * kl_qm)
+        grad = np.where(qt == 0, 0.0, T * (1.0 - beta) * qt * (-a - kl_qm[:, None]))
+        return soft, grad
+    if divergence == "skew_forward_kl":
+        # m = skew p + (1 - skew) q; w = (1 - skew) q / m = exp(log(1 - skew) - log(m/q))
+        a, b = mixture_log_ratios(lpt, lqt, skew)
+        soft = T * T * np.sum(np.where(pt == 0, 0.0, -pt * b), axis=-1)
+        pw = np.where(pt == 0, 0.0, pt * np.exp(math.log1p(-skew) - a))  # p w, 0 where q = 0 (a = inf)
+        big_w = np.sum(pw, axis=-1, keepdims=True)
+        grad = T * (np.where(qt == 0, 0.0, qt * big_w) - pw)
+        return soft, grad
+    if divergence == "skew_reverse_kl":
+        # m = skew q + (1 - skew) p; log(q/m) = -a, skew q / m = skew exp(-a). The gradient only needs v up to a
+        # constant (v - E_q[v]): v - skew = -a - skew expm1(-a) is v without the constant skew, which would
+        # otherwise cancel in v - E_q[v] when m ~ q (a skew near 1).
+        _, a = mixture_log_ratios(lqt, lpt, skew)
+        kl = np.sum(np.where(qt == 0, 0.0, -qt * a), axis=-1)
+        v = -a - skew * np.expm1(-a)
+        mean_v = np.sum(np.where(qt == 0, 0.0, qt * v), axis=-1, keepdims=True)
+        grad = np.where(qt == 0, 0.0, T * qt * (v - mean_v))
+        return T * T * kl, grad
+    raise ValueError("reference: bad divergence")
 
 
 @dataclass
@@ -90,8 +206,13 @@ def reference(
     reduction: str = "mean",
     ignore_index: int = -100,
     divergence: str = "forward_kl",
+    beta: float = 0.5,
+    skew: float = 0.1,
 ) -> RefResult:
     """Full float64 reference: loss, gradient, per-row losses and error scales."""
+    beta, skew = float(beta), float(skew)
+    _check_parameters(divergence, beta, skew)
+    plain = plain_divergence(divergence, beta, skew)
     s = np.asarray(student, dtype=np.float64)
     t = np.asarray(teacher, dtype=np.float64)
     if s.shape != t.shape or s.ndim not in (1, 2) or s.shape[-1] < 1:
@@ -126,20 +247,7 @@ def reference(
         lqt = log_softmax(s / T)
         pt = np.exp(lpt)
         qt = np.exp(lqt)
-        if divergence == "forward_kl":
-            # teacher probability exactly 0 contributes 0 (also for -inf student there)
-            soft_terms = np.where(pt == 0, 0.0, pt * (lpt - lqt))
-            soft = T * T * np.sum(soft_terms, axis=-1)
-            soft_grad = T * (qt - pt)
-        elif divergence == "reverse_kl":
-            # student probability exactly 0 contributes 0 (also for -inf teacher there)
-            kl = np.sum(np.where(qt == 0, 0.0, qt * (lqt - lpt)), axis=-1)
-            soft = T * T * kl
-            # An infinite KL has no derivative: NaN where the student has mass.
-            centred = np.where(np.isinf(kl)[:, None], np.nan, (lqt - lpt) - kl[:, None])
-            soft_grad = np.where(qt == 0, 0.0, T * qt * centred)
-        else:
-            raise ValueError("reference: bad divergence")
+        soft, soft_grad = _soft_term(plain, beta, skew, lpt, lqt, pt, qt, T)
 
         fin = lambda v: np.where(np.isfinite(v), np.abs(v), 0.0)  # noqa: E731
         smax = np.max(fin(s), axis=-1, keepdims=True)
@@ -155,13 +263,22 @@ def reference(
             )
         )
         soft_gmag = T * (fin(qt) + fin(pt)) * ((fin(s) + fin(t) + smax + tmax) / T + logC)
-        if divergence == "reverse_kl":
+        if plain == "reverse_kl":
             soft_mag = (
                 T * T * (np.sum(np.where(qt == 0, 0.0, qt * (fin(lpt) + fin(lqt))), axis=-1))
                 + 2.0 * T * (smax[:, 0] + tmax[:, 0])
                 + T * T * logC
             )
             soft_gmag = T * fin(qt) * ((fin(s) + fin(t) + 2 * (smax + tmax)) / T + logC + fin(soft)[:, None] / T**2)
+        elif plain != "forward_kl":
+            # A mixture: terms of both sides, each log ratio as large as either side's log-probability.
+            both = fin(pt) + fin(qt)
+            soft_mag = (
+                T * T * np.sum(both * (fin(lpt) + fin(lqt)), axis=-1)
+                + 2.0 * T * (smax[:, 0] + tmax[:, 0])
+                + T * T * logC
+            )
+            soft_gmag = T * both * ((fin(s) + fin(t) + 2 * (smax + tmax)) / T + logC + fin(soft)[:, None] / T**2)
 
         # ---------------- hard term ----------------
         if kind is not None:
@@ -248,10 +365,58 @@ def _bf_log_softmax(row):
     return [v - m - lse for v in row]
 
 
+def _bf_kl(u, v):
+    """KL(u || v) of probability lists, 0 log 0 = 0."""
+    return math.fsum(u[c] * math.log(u[c] / v[c]) for c in range(len(u)) if u[c] != 0.0)
+
+
+def _bf_divergence(divergence, beta, skew, p, q):
+    """D(p, q) and its partial derivatives dD/dq_c, straight from the definitions with m a plain sum of
+    probabilities (un-simplified: the terms of the product rule written out, none cancelled by hand)."""
+    C = len(p)
+    if divergence == "forward_kl":
+        return _bf_kl(p, q), [-p[c] / q[c] for c in range(C)]
+    if divergence == "reverse_kl":
+        return _bf_kl(q, p), [math.log(q[c] / p[c]) + 1.0 for c in range(C)]
+    if divergence == "jsd":
+        m = [beta * p[c] + (1.0 - beta) * q[c] for c in range(C)]
+        d = beta * _bf_kl(p, m) + (1.0 - beta) * _bf_kl(q, m)
+        # d/dq_c [beta p_c log(p_c/m_c)] = -beta p_c (1 - beta) / m_c
+        # d/dq_c [(1 - beta) q_c log(q_c/m_c)] = (1 - beta) (log(q_c/m_c) + 1 - q_c (1 - beta) / m_c)
+        dq = [
+            -beta * p[c] * (1.0 - beta) / m[c]
+            + (1.0 - beta) * (math.log(q[c] / m[c]) + 1.0 - q[c] * (1.0 - beta) / m[c])
+            for c in range(C)
+        ]
+        return d, dq
+    if divergence == "skew_forward_kl":
+        m = [skew * p[c] + (1.0 - skew) * q[c] for c in range(C)]
+        return _bf_kl(p, m), [-p[c] * (1.0 - skew) / m[c] for c in range(C)]
+    if divergence == "skew_reverse_kl":
+        m = [skew * q[c] + (1.0 - skew) * p[c] for c in range(C)]
+        return _bf_kl(q, m), [math.log(q[c] / m[c]) + 1.0 - q[c] * skew / m[c] for c in range(C)]
+    raise ValueError("brute force: bad divergence")
+
+
 def brute_force_loss(
-    student, teacher, labels=None, *, temperature, alpha, reduction="mean", ignore_index=-100, divergence="forward_kl"
+    student,
+    teacher,
+    labels=None,
+    *,
+    temperature,
+    alpha,
+    reduction="mean",
+    ignore_index=-100,
+    divergence="forward_kl",
+    beta=0.5,
+    skew=0.1,
 ):
-    """Loss and gradient with explicit Python loops (finite logits only)."""
+    """Loss and gradient with explicit Python loops (finite logits only).
+
+    The soft term's gradient is the chain rule through the softmax, sum_c dD/dq_c dq_c/ds_j with
+    dq_c/ds_j = q_c (1[c=j] - q_j) / T, from the un-simplified partials of ``_bf_divergence``; the special
+    parameter values (jsd's beta 0 and 1, a skew of 0) are the plain KLs by definition."""
+    divergence = plain_divergence(divergence, float(beta), float(skew))
     s = np.asarray(student, dtype=np.float64)
     t = np.asarray(teacher, dtype=np.float64)
     one_d = s.ndim == 1
@@ -276,13 +441,12 @@ def brute_force_loss(
         if divergence == "forward_kl":
             soft = T * T * math.fsum(math.exp(lp[c]) * (lp[c] - lq[c]) for c in range(C))
             gsoft = [T * (math.exp(lq[c]) - math.exp(lp[c])) for c in range(C)]
-        else:  # reverse KL, its gradient from the chain rule through softmax: sum_c dKL/dq_c dq_c/ds_j
+        else:
             q = [math.exp(v) for v in lq]
-            soft = T * T * math.fsum(q[c] * (lq[c] - lp[c]) for c in range(C))
-            d_kl_d_q = [lq[c] - lp[c] + 1.0 for c in range(C)]
+            d, d_d_q = _bf_divergence(divergence, float(beta), float(skew), [math.exp(v) for v in lp], q)
+            soft = T * T * d
             gsoft = [
-                T * math.fsum(d_kl_d_q[c] * q[c] * ((1.0 if c == j else 0.0) - q[j]) for c in range(C))
-                for j in range(C)
+                T * math.fsum(d_d_q[c] * q[c] * ((1.0 if c == j else 0.0) - q[j]) for c in range(C)) for j in range(C)
             ]
         if lab is None:
             rows.append(soft)
