@@ -42,9 +42,9 @@ namespace {
 class BoundDistillationLoss {
 public:
     BoundDistillationLoss(double temperature, double alpha, const std::string& reduction, std::int64_t ignore_index,
-                          std::size_t num_threads, const std::string& divergence)
+                          std::size_t num_threads, const std::string& divergence, double beta, double skew)
         : BoundDistillationLoss(Parameters{temperature, alpha, parse_reduction(reduction), ignore_index, num_threads,
-                                           parse_divergence(divergence)}) {}
+                                           parse_divergence(divergence), beta, skew}) {}
     explicit BoundDistillationLoss(const Parameters& parameters) : double_loss_(parameters), float_loss_(parameters) {}
 
     double temperature() const { return double_loss_.temperature(); }
@@ -53,6 +53,8 @@ public:
     std::int64_t ignore_index() const { return double_loss_.ignore_index(); }
     std::size_t num_threads() const { return double_loss_.num_threads(); }
     std::string divergence() const { return divergence_name(double_loss_.divergence()); }
+    double beta() const { return double_loss_.beta(); }
+    double skew() const { return double_loss_.skew(); }
 
     // Returns (loss, gradient or None, counted rows): the loss is a float, or for reduction "none" an array
     // of the logits' leading shape. normalizer: None for the reduction's own divisor.
@@ -204,15 +206,18 @@ void register_distillation_loss(py::module_& module) {
                "Whether the kernels read this array in place (else kdloss's Python layer copies it first).");
     py::class_<BoundDistillationLoss>(module, "DistillationLoss",
                                       "Native engine behind kdloss.DistillationLoss (private; use the Python class).")
-        .def(py::init<double, double, const std::string&, std::int64_t, std::size_t, const std::string&>(),
+        .def(py::init<double, double, const std::string&, std::int64_t, std::size_t, const std::string&, double,
+                      double>(),
              py::arg("temperature"), py::arg("alpha"), py::arg("reduction"), py::arg("ignore_index"),
-             py::arg("num_threads"), py::arg("divergence"))
+             py::arg("num_threads"), py::arg("divergence"), py::arg("beta"), py::arg("skew"))
         .def_property_readonly("temperature", &BoundDistillationLoss::temperature)
         .def_property_readonly("alpha", &BoundDistillationLoss::alpha)
         .def_property_readonly("reduction", &BoundDistillationLoss::reduction)
         .def_property_readonly("ignore_index", &BoundDistillationLoss::ignore_index)
         .def_property_readonly("num_threads", &BoundDistillationLoss::num_threads)
         .def_property_readonly("divergence", &BoundDistillationLoss::divergence)
+        .def_property_readonly("beta", &BoundDistillationLoss::beta)
+        .def_property_readonly("skew", &BoundDistillationLoss::skew)
         .def("evaluate", &BoundDistillationLoss::evaluate, py::arg("student_logits"), py::arg("teacher_logits"),
              py::arg("true_labels"), py::arg("out"), py::arg("want_gradient"), py::arg("normalizer"))
         .def("parts", &BoundDistillationLoss::parts, py::arg("student_logits"), py::arg("teacher_logits"),

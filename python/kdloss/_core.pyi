@@ -9,7 +9,15 @@ def reads_in_place(array: np.ndarray) -> bool: ...
 
 class DistillationLoss:
     def __init__(
-        self, temperature: float, alpha: float, reduction: str, ignore_index: int, num_threads: int, divergence: str
+        self,
+        temperature: float,
+        alpha: float,
+        reduction: str,
+        ignore_index: int,
+        num_threads: int,
+        divergence: str,
+        beta: float,
+        skew: float,
     ) -> None: ...
     @property
     def temperature(self) -> float: ...
@@ -23,6 +31,10 @@ class DistillationLoss:
     def num_threads(self) -> int: ...
     @property
     def divergence(self) -> str: ...
+    @property
+    def beta(self) -> float: ...
+    @property
+    def skew(self) -> float: ...
     def evaluate(
         self,
         student_logits: np.ndarray,

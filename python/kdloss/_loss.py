@@ -30,7 +30,7 @@ def clear_gradient_cache() -> None:
 
 
 def _rebuild(*parameters: Any) -> DistillationLoss:
-    """Unpickles: the fields of Parameters, in order (pickles of earlier releases hold the first five)."""
+    """Unpickles: the fields of Parameters, in order (pickles of earlier releases hold the first five or six)."""
     return DistillationLoss(**Parameters(*parameters)._asdict())
 
 
@@ -45,9 +45,9 @@ class DistillationLoss:
         \ell = \alpha\,\mathrm{CE}(\mathrm{softmax}(s), y)
                + (1-\alpha)\,T^2\,\mathrm{KL}(\mathrm{softmax}(t/T)\,\|\,\mathrm{softmax}(s/T))
 
-    and, without labels, only the :math:`T^2\,\mathrm{KL}` term. Rows are combined by ``reduction``. With
-    ``divergence="reverse_kl"`` the soft term is :math:`T^2\,\mathrm{KL}(\mathrm{softmax}(s/T)\,\|\,
-    \mathrm{softmax}(t/T))` (MiniLLM's mode-seeking divergence) instead.
+    and, without labels, only the :math:`T^2\,\mathrm{KL}` term. Rows are combined by ``reduction``. Other
+    divergences replace the KL of the soft term, :math:`T^2\,D(p, q)` with :math:`p = \mathrm{softmax}(t/T)`
+    and :math:`q = \mathrm{softmax}(s/T)` (see ``divergence``).
 
     Parameters
     ----------
@@ -65,17 +65,31 @@ class DistillationLoss:
     num_threads : int or None, default None
         Rows are split across up to this many threads of a shared pool (None: all cores; 1: the calling
         thread only). Results are bitwise identical whatever the count.
-    divergence : {"forward_kl", "reverse_kl"}, default "forward_kl"
+    divergence : {"forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl"}, default "forward_kl"
         The soft term's divergence D(p, q) between the teacher's p = softmax(t/T) and the student's
-        q = softmax(s/T): KL(p || q) (Hinton's) or KL(q || p). With reverse KL, a class that the teacher rules
-        out (a -inf logit) but the student does not makes the row's loss +inf and its gradient NaN where the
-        student has mass.
+        q = softmax(s/T):
+
+        - "forward_kl": KL(p || q), Hinton's;
+        - "reverse_kl": KL(q || p), MiniLLM's mode-seeking one. A class that the teacher rules out (a -inf
+          logit) but the student does not makes the row's loss +inf and its gradient NaN where the student
+          has mass;
+        - "jsd": GKD's generalized Jensen-Shannon divergence beta KL(p || m) + (1 - beta) KL(q || m),
+          m = beta p + (1 - beta) q, as TRL's ``generalized_jsd_loss`` computes it: beta = 0 is KL(p || q) and
+          beta = 1 is KL(q || p);
+        - "skew_forward_kl": KL(p || skew p + (1 - skew) q), DistiLLM's; skew = 0 is KL(p || q);
+        - "skew_reverse_kl": KL(q || skew q + (1 - skew) p), DistiLLM's; skew = 0 is KL(q || p).
+
+        The mixtures are finite wherever either side has mass.
+    beta : float, default 0.5
+        The weight of "jsd"'s mixture, in [0, 1]. Unused by the other divergences.
+    skew : float, default 0.1
+        The weight of the skew divergences' mixture, in [0, 1). Unused by the other divergences.
 
     Raises
     ------
     ValueError
-        If ``temperature`` is not in [1e-30, 100], ``alpha`` is not in [0, 1], or ``reduction`` or
-        ``divergence`` is unknown.
+        If ``temperature`` is not in [1e-30, 100], ``alpha`` or ``beta`` is not in [0, 1], ``skew`` is not in
+        [0, 1), or ``reduction`` or ``divergence`` is unknown.
     TypeError
         If a parameter is not a number (or, for ``reduction`` and ``divergence``, a string).
 
@@ -109,8 +123,10 @@ class DistillationLoss:
         ignore_index: int = -100,
         num_threads: int | None = None,
         divergence: str = "forward_kl",
+        beta: float = 0.5,
+        skew: float = 0.1,
     ) -> None:
-        self._set(Parameters.checked(temperature, alpha, reduction, ignore_index, num_threads, divergence))
+        self._set(Parameters.checked(temperature, alpha, reduction, ignore_index, num_threads, divergence, beta, skew))
 
     # Setters build a new engine rather than mutate the current one, so a call running in another thread
     # keeps the parameters it started with.
@@ -153,8 +169,18 @@ class DistillationLoss:
 
     @property
     def divergence(self) -> str:
-        """The soft term's divergence: "forward_kl" or "reverse_kl"."""
+        """The soft term's divergence: "forward_kl", "reverse_kl", "jsd", "skew_forward_kl" or "skew_reverse_kl"."""
         return self._params.divergence
+
+    @property
+    def beta(self) -> float:
+        """The weight of "jsd"'s mixture, in [0, 1]."""
+        return self._params.beta
+
+    @property
+    def skew(self) -> float:
+        """The weight of the skew divergences' mixture, in [0, 1)."""
+        return self._params.skew
 
     def _evaluate(
         self,
@@ -360,5 +386,5 @@ class DistillationLoss:
 
     __hash__ = None  # type: ignore[assignment]  # mutable through the setters
 
-    def __reduce__(self) -> tuple[Any, tuple[float, float, str, int, int | None]]:
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
         return (_rebuild, tuple(self._params))

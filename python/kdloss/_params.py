@@ -18,7 +18,7 @@ from . import _core
 # too large for its size_t would get pybind11's "incompatible constructor arguments".
 MAX_THREADS = 4096
 
-# The divergences the native class knows, as its messages list them ('forward_kl', 'reverse_kl').
+# The divergences the native class knows, as its messages list them ('forward_kl', 'reverse_kl', ...).
 DIVERGENCES = ", ".join(f"'{name}'" for name in _core.divergence_names)
 
 # The native class's smallest normaliser (kdloss::min_normalizer), whose reciprocal is finite.
@@ -94,6 +94,8 @@ class Parameters(NamedTuple):
     ignore_index: int = -100
     num_threads: int | None = None
     divergence: str = "forward_kl"
+    beta: float = 0.5
+    skew: float = 0.1
 
     @classmethod
     def checked(
@@ -104,6 +106,8 @@ class Parameters(NamedTuple):
         ignore_index: Any,
         num_threads: Any,
         divergence: Any = "forward_kl",
+        beta: Any = 0.5,
+        skew: Any = 0.1,
     ) -> Parameters:
         """The arguments' types checked (and numbers made float or int), in the order the messages come in."""
         return cls(
@@ -113,11 +117,13 @@ class Parameters(NamedTuple):
             check_ignore_index(ignore_index),
             check_num_threads(num_threads),
             check_divergence(divergence),
+            check_real("beta", beta),
+            check_real("skew", skew),
         )
 
-    def native(self) -> tuple[float, float, str, int, int, str]:
+    def native(self) -> tuple[float, float, str, int, int, str, float, float]:
         """The native class's constructor arguments (it checks the ranges)."""
-        return (*self[:4], 0 if self.num_threads is None else self.num_threads, self.divergence)
+        return (*self[:4], 0 if self.num_threads is None else self.num_threads, *self[5:])
 
     def arguments(self) -> str:
         """``temperature=3.0, alpha=0.3, ...``: the keyword arguments that rebuild these, for ``repr``."""

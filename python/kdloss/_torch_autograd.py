@@ -81,6 +81,8 @@ def gradient_graph(
 def soft_gradient_graph(student: Tensor, teacher: Tensor, temperature: float, divergence: str) -> Tensor:
     r"""d(T^2 D)/d(student) per row: :math:`T\,(q - p)` for forward KL, and for reverse KL
     :math:`T\,q\,(r - E_q[r])` with :math:`r = \log q - \log p` (the kernel's formula)."""
+    if divergence not in ("forward_kl", "reverse_kl"):
+        raise NotImplementedError(f"second derivatives of divergence {divergence!r} are not implemented yet")
     q = torch.softmax(student / temperature, -1)
     if divergence == "forward_kl":
         return temperature * (q - torch.softmax(teacher / temperature, -1))

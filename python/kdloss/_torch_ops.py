@@ -28,7 +28,7 @@ def _normalizer_value(normalizer: Optional[Tensor]) -> Optional[float]:
 
 def operator_arguments(params: Parameters, normalizer: Optional[Tensor]) -> tuple:
     """The operators' arguments after (student, teacher, labels), in their schemas' order."""
-    return (*params[:4], normalizer, params.num_threads, params.divergence)
+    return (*params[:4], normalizer, *params[4:])
 
 
 def _detached(labels: Optional[Tensor]) -> Optional[Tensor]:
@@ -47,9 +47,11 @@ def _loss_and_grad(
     normalizer: Optional[Tensor],
     num_threads: Optional[int],
     divergence: str = "forward_kl",
+    beta: float = 0.5,
+    skew: float = 0.1,
 ) -> tuple[Tensor, Tensor]:
     """Loss and d(loss)/d(student) from one native call; the gradient is a new tensor."""
-    params = Parameters(temperature, alpha, reduction, ignore_index, num_threads, divergence)
+    params = Parameters(temperature, alpha, reduction, ignore_index, num_threads, divergence, beta, skew)
     # The gradient is a NumPy buffer (the cached one a caller let go of, or a new one); the tensor adopts it.
     loss, gradient = engine(params).loss_and_gradient(
         student.detach(), teacher.detach(), _detached(labels), normalizer=_normalizer_value(normalizer)
@@ -69,8 +71,10 @@ def _loss_and_grad_fake(
     normalizer: Optional[Tensor],
     num_threads: Optional[int],
     divergence: str = "forward_kl",
+    beta: float = 0.5,
+    skew: float = 0.1,
 ) -> tuple[Tensor, Tensor]:
-    params = validated_params(temperature, alpha, reduction, ignore_index, num_threads, divergence)
+    params = validated_params(temperature, alpha, reduction, ignore_index, num_threads, divergence, beta, skew)
     check_shapes(student, teacher, labels, params, normalizer is not None)
     return _loss_fake(student, params), torch.empty_like(student, memory_format=torch.contiguous_format)
 
@@ -80,8 +84,9 @@ def _loss_fake(student: Tensor, params: Parameters) -> Tensor:
 
 
 def _save_inputs(ctx: Any, inputs: tuple, *outputs: Tensor) -> None:
-    student, teacher, labels, *params, normalizer, num_threads, divergence = inputs
-    ctx.params = Parameters(*params, num_threads, divergence)
+    student, teacher, labels, *params = inputs
+    ctx.params = Parameters(*params[:4], *params[5:])
+    normalizer = params[4]
     ctx.normalizer = normalizer
     ctx.save_for_backward(student, teacher, labels, *outputs)
 
@@ -93,7 +98,7 @@ def _differentiable_gradient(ctx: Any, grad_loss: Tensor) -> Tensor:
     return gradient * scale_per_row(grad_loss, ctx.params.reduction == "none")
 
 
-_NO_GRADIENT = (None,) * 9  # teacher, labels and the parameters never receive a gradient
+_NO_GRADIENT = (None,) * 11  # teacher, labels and the parameters never receive a gradient
 
 
 def _setup_loss_and_grad(ctx: Any, inputs: tuple, output: tuple) -> None:
@@ -123,9 +128,11 @@ def _loss_only(
     normalizer: Optional[Tensor],
     num_threads: Optional[int],
     divergence: str = "forward_kl",
+    beta: float = 0.5,
+    skew: float = 0.1,
 ) -> Tensor:
     """The loss alone (no gradient buffer), for evaluation."""
-    params = Parameters(temperature, alpha, reduction, ignore_index, num_threads, divergence)
+    params = Parameters(temperature, alpha, reduction, ignore_index, num_threads, divergence, beta, skew)
     loss = engine(params).compute_loss(
         student.detach(), teacher.detach(), _detached(labels), normalizer=_normalizer_value(normalizer)
     )
@@ -144,8 +151,10 @@ def _loss_only_fake(
     normalizer: Optional[Tensor],
     num_threads: Optional[int],
     divergence: str = "forward_kl",
+    beta: float = 0.5,
+    skew: float = 0.1,
 ) -> Tensor:
-    params = validated_params(temperature, alpha, reduction, ignore_index, num_threads, divergence)
+    params = validated_params(temperature, alpha, reduction, ignore_index, num_threads, divergence, beta, skew)
     check_shapes(student, teacher, labels, params, normalizer is not None)
     return _loss_fake(student, params)
 

@@ -113,6 +113,8 @@ def distillation_loss(
     normalizer: Normalizer = None,
     num_threads: Optional[int] = None,
     divergence: str = "forward_kl",
+    beta: float = 0.5,
+    skew: float = 0.1,
 ) -> Tensor:
     r"""Knowledge-distillation loss of a batch, differentiable with respect to the student logits.
 
@@ -132,7 +134,7 @@ def distillation_loss(
     true_labels : torch.Tensor, optional
         Integer class indices of the logits' leading shape (entries equal to `ignore_index` are skipped),
         or floating target distributions of the logits' shape. Never receives a gradient.
-    temperature, alpha, reduction, ignore_index, num_threads, divergence
+    temperature, alpha, reduction, ignore_index, num_threads, divergence, beta, skew
         As in :class:`DistillationLoss`.
     normalizer : float or torch.Tensor, optional
         Divide the sum of the row losses (and the gradient) by this instead of what `reduction` says, e.g.
@@ -156,7 +158,7 @@ def distillation_loss(
     RuntimeError
         If a tensor is on a device other than the CPU (or meta).
     """
-    params = validated_params(temperature, alpha, reduction, ignore_index, num_threads, divergence)
+    params = validated_params(temperature, alpha, reduction, ignore_index, num_threads, divergence, beta, skew)
     return _distillation_loss(params, student_logits, teacher_logits, true_labels, normalizer)
 
 
@@ -216,8 +218,12 @@ class DistillationLoss(torch.nn.Module):
         Rows whose class-index label equals this are left out: no loss, zero gradient, not counted.
     num_threads : int or None, default None
         Most threads one call uses (None: all cores).
-    divergence : {"forward_kl", "reverse_kl"}, default "forward_kl"
+    divergence : {"forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl"}, default "forward_kl"
         The soft term's divergence, as in :class:`kdloss.DistillationLoss`.
+    beta : float, default 0.5
+        The weight of "jsd"'s mixture, in [0, 1].
+    skew : float, default 0.1
+        The weight of the skew divergences' mixture, in [0, 1).
 
     Raises
     ------
@@ -258,10 +264,14 @@ class DistillationLoss(torch.nn.Module):
         ignore_index: int = -100,
         num_threads: Optional[int] = None,
         divergence: str = "forward_kl",
+        beta: float = 0.5,
+        skew: float = 0.1,
     ) -> None:
         super().__init__()
         # Plain Python values (not the NumPy object's properties) so that torch.compile can read them.
-        self._params = validated_params(temperature, alpha, reduction, ignore_index, num_threads, divergence)
+        self._params = validated_params(
+            temperature, alpha, reduction, ignore_index, num_threads, divergence, beta, skew
+        )
 
     @property
     def temperature(self) -> float:
@@ -298,8 +308,18 @@ class DistillationLoss(torch.nn.Module):
 
     @property
     def divergence(self) -> str:
-        """The soft term's divergence: "forward_kl" or "reverse_kl"."""
+        """The soft term's divergence, as in :class:`kdloss.DistillationLoss`."""
         return self._params.divergence
+
+    @property
+    def beta(self) -> float:
+        """The weight of "jsd"'s mixture, in [0, 1]."""
+        return self._params.beta
+
+    @property
+    def skew(self) -> float:
+        """The weight of the skew divergences' mixture, in [0, 1)."""
+        return self._params.skew
 
     def forward(
         self,

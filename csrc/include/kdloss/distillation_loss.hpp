@@ -63,6 +63,8 @@ struct Parameters {
     std::int64_t ignore_index = -100;
     std::size_t num_threads = 1;  // 1: the calling thread only; 0: every hardware thread
     Divergence divergence = Divergence::forward_kl;
+    double beta = 0.5;  // jsd's mixture weight (see Divergence)
+    double skew = 0.1;  // the skew divergences' weight (see Divergence)
 
     // These parameters with num_threads 0 made the hardware's count, or std::invalid_argument naming the first
     // that is out of range.
@@ -78,6 +80,10 @@ struct Parameters {
                                         std::to_string(num_threads));
         if (static_cast<std::size_t>(divergence) >= divergence_count)        // an integer cast to the enumeration
             parse_divergence(std::to_string(static_cast<int>(divergence)));  // throws, listing the names
+        if (!(beta >= 0.0 && beta <= 1.0))
+            throw std::invalid_argument("beta must be in [0, 1], got " + detail::format_number(beta));
+        if (!(skew >= 0.0 && skew < 1.0))
+            throw std::invalid_argument("skew must be in [0, 1), got " + detail::format_number(skew));
         Parameters result = *this;
         if (num_threads == 0) result.num_threads = detail::ThreadPool::hardware_threads();
         return result;
@@ -110,8 +116,9 @@ public:
     // thread only, 0 uses every hardware thread. Results are bitwise identical whatever the count.
     explicit DistillationLoss(double temperature = 3.0, double alpha = 0.3, Reduction reduction = Reduction::mean,
                               std::int64_t ignore_index = default_ignore_index, std::size_t num_threads = 1,
-                              Divergence divergence = Divergence::forward_kl)
-        : DistillationLoss(Parameters{temperature, alpha, reduction, ignore_index, num_threads, divergence}) {}
+                              Divergence divergence = Divergence::forward_kl, double beta = 0.5, double skew = 0.1)
+        : DistillationLoss(
+              Parameters{temperature, alpha, reduction, ignore_index, num_threads, divergence, beta, skew}) {}
 
     const Parameters& parameters() const noexcept { return params_; }
     double temperature() const noexcept { return params_.temperature; }
@@ -120,6 +127,8 @@ public:
     std::int64_t ignore_index() const noexcept { return params_.ignore_index; }
     std::size_t num_threads() const noexcept { return params_.num_threads; }
     Divergence divergence() const noexcept { return params_.divergence; }
+    double beta() const noexcept { return params_.beta; }
+    double skew() const noexcept { return params_.skew; }
     void set_temperature(double temperature) { set(&Parameters::temperature, temperature); }
     void set_alpha(double alpha) { set(&Parameters::alpha, alpha); }
 
@@ -257,6 +266,8 @@ private:
         }
         problem.ignore_index = params_.ignore_index;
         problem.divergence = params_.divergence;
+        problem.beta = params_.beta;
+        problem.skew = params_.skew;
         problem.temperature = params_.temperature;
         problem.soft_weight = labelled ? 1.0 - params_.alpha : 1.0;
         problem.hard_weight = labelled ? params_.alpha : 0.0;

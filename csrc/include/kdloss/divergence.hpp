@@ -1,7 +1,7 @@
 #pragma once
 
 // Which divergence D(p, q) the soft term T^2 D measures, between the teacher's p = softmax(t/T) and the
-// student's q = softmax(s/T).
+// student's q = softmax(s/T). The mixtures take a parameter of the loss: beta for jsd, skew for the skew ones.
 
 #include <cstddef>
 #include <stdexcept>
@@ -11,12 +11,17 @@
 namespace kdloss {
 
 enum class Divergence {
-    forward_kl,  // KL(p || q): Hinton's, mean-seeking
-    reverse_kl,  // KL(q || p): MiniLLM's, mode-seeking
+    forward_kl,       // KL(p || q): Hinton's, mean-seeking
+    reverse_kl,       // KL(q || p): MiniLLM's, mode-seeking
+    jsd,              // beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q: GKD's generalized
+                      // Jensen-Shannon (TRL's); beta = 0 is KL(p || q) and beta = 1 KL(q || p), as in TRL
+    skew_forward_kl,  // KL(p || skew p + (1 - skew) q): DistiLLM's; skew = 0 is KL(p || q)
+    skew_reverse_kl,  // KL(q || skew q + (1 - skew) p): DistiLLM's; skew = 0 is KL(q || p)
 };
 
 // The names, in the order of the enumerators: what Python passes and what messages list.
-inline constexpr const char* divergence_names[] = {"forward_kl", "reverse_kl"};
+inline constexpr const char* divergence_names[] = {"forward_kl", "reverse_kl", "jsd", "skew_forward_kl",
+                                                   "skew_reverse_kl"};
 inline constexpr std::size_t divergence_count = sizeof(divergence_names) / sizeof(divergence_names[0]);
 
 inline Divergence parse_divergence(std::string_view name) {

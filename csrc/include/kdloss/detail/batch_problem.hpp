@@ -30,6 +30,8 @@ struct BatchProblem {
     std::ptrdiff_t target_stride = 0;
 
     Divergence divergence = Divergence::forward_kl;
+    double beta = 0.5;  // jsd's
+    double skew = 0.1;  // the skew divergences'
     double temperature = 1.0;
     double soft_weight = 1.0;     // (1 - alpha) with labels, 1 without; 0 drops the soft term entirely
     double hard_weight = 0.0;     // alpha with labels, 0 without; 0 drops the hard term entirely

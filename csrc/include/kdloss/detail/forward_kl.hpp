@@ -19,6 +19,8 @@ namespace kdloss::detail {
 inline namespace KDLOSS_KERNEL_NAMESPACE {
 
 struct ForwardKL {
+    static constexpr bool second_pass = false;
+
     template <class V>
     struct Sums {
         // The loss needs log Z_s - log Z_t, which is tiny when student and teacher agree; Z_s and Z_t each

@@ -187,6 +187,35 @@ KDLOSS_NOINLINE LaneMaxima<T> exponentials(const T* student, const T* teacher, P
     return scan.maxima;
 }
 
+// The second pass, n >= lanes, of a divergence that needs its row sums first (Soft::second_pass, mixture.hpp),
+// over the exponentials the first pass stored: adds its sums to `sums`, kept in T over chunks as in exponentials, and
+// with the gradient stores what the policy returns over row.divergence_term. A last partial block is the
+// window of the last `lanes` elements, its overlapping lanes left out of the sums; since it reads what the
+// block before writes over, it is computed first and stored last.
+template <class T, class Soft, bool Gradient>
+KDLOSS_NOINLINE void second_pass(const RowBuffers<T>& row, std::size_t n,
+                                 typename Soft::template SecondPass<T, Gradient> pass,
+                                 typename Soft::template Sums<Pack<double>>& sums) noexcept {
+    constexpr std::size_t chunk = lanes * (std::is_same_v<T, float> ? 64 : 256);
+    const std::size_t whole = n - n % lanes;
+    Pack<T> last;
+    if (whole != n) {
+        T lane_index[lanes];
+        for (std::size_t lane = 0; lane < lanes; ++lane) lane_index[lane] = static_cast<T>(lane);
+        last = pass.add(n - lanes, Pack<T>::load(lane_index) < Pack<T>(static_cast<T>(lanes - (n - whole))), row);
+    }
+    for (std::size_t begin = 0; begin < whole; begin += chunk) {
+        const std::size_t end = whole - begin < chunk ? whole : begin + chunk;
+        for (std::size_t i = begin; i < end; i += lanes) {
+            const Pack<T> stored = pass.add(i, EveryLaneSummed{}, row);
+            if constexpr (Gradient) stored.store(row.divergence_term + i);
+        }
+        pass.flush_into(sums);
+    }
+    if constexpr (Gradient)
+        if (whole != n) last.store(row.divergence_term + n - lanes);
+}
+
 // gradient[i] for i < n, n >= lanes. A last partial block is computed as the window of the last `lanes`
 // elements: its lanes that overlap the block before compute and store the same values again.
 // `row.student_soft` may be `gradient` itself (distill_row keeps the student's exponentials there): each

@@ -24,6 +24,8 @@ namespace kdloss::detail {
 inline namespace KDLOSS_KERNEL_NAMESPACE {
 
 struct ReverseKL {
+    static constexpr bool second_pass = false;
+
     template <class V>
     struct Sums {
         // Z_t is summed as Z_t - Z_s, for the reason forward_kl.hpp gives with the roles swapped: the loss

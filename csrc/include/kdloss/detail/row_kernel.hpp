@@ -4,7 +4,8 @@
 //
 // distill_row: one long row (more than block_max_classes<T> >= lanes classes), spread over the lanes. Two
 // passes over the row and one over its exponentials: (1) the maxima; (2) the exponentials, with their
-// sums; (3) the gradient, written once; (2) or (3) runs the next row's pass (1) in its loop. The student's
+// sums; (3) the gradient, written once; (2) or (3) runs the next row's pass (1) in its loop. A divergence
+// with a second pass (mixture.hpp) runs it over the exponentials between (2) and (3). The student's
 // exponentials are kept in the gradient's row until (3) writes over them, the others in per-thread scratch.
 // A row's loss waits for fifteen more rows' (RowLosses, run_rows.hpp).
 //
@@ -70,6 +71,13 @@ KDLOSS_NOINLINE RowSums<Terms> distill_row(const BatchProblem<T>& problem, Exp2S
         Terms::HardTerm::at_label(sums.hard,
                                   static_cast<double>(student[class_index]) - static_cast<double>(row_student_max));
     }
+    if constexpr (Terms::second_pass) {
+        using Soft = typename Terms::SoftTerm;
+        typename Soft::template Sums<Pack<double>> more{};
+        second_pass<T, Soft, Terms::gradient>(
+            row, n, Soft::template SecondPass<T, Terms::gradient>::from_sums(sums.soft, problem), more);
+        Soft::for_each_sum([](double& sum, const Pack<double>& lane_sum) { sum += lane_sum.sum(); }, sums.soft, more);
+    }
 
     if constexpr (Terms::gradient) {
         const auto coefficients = GradientCoefficients<T, Terms>::from_sums(sums, problem);
@@ -127,6 +135,11 @@ KDLOSS_NOINLINE void distill_block(const BatchProblem<T>& problem, Exp2Scale<T> 
     typename Terms::template Sums<Pack<double>> sums;
     exponentials<T, typename Terms::without_gradient>(student, teacher, student_max, teacher_max, soft, row, m,
                                                       RowsAhead<T>{{}, next}, sums);
+    if constexpr (Terms::second_pass) {
+        using Soft = typename Terms::SoftTerm;
+        second_pass<T, Soft, Terms::gradient>(
+            row, m, Soft::template SecondPass<T, Terms::gradient>::from_sums(sums.soft, problem), sums.soft);
+    }
     if constexpr (Terms::class_index) Terms::HardTerm::at_label(sums.hard, Pack<double>::load(label_logits));
     store_row_losses<Terms>(problem, sums, rows, count);
 

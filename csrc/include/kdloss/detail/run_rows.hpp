@@ -12,6 +12,7 @@
 #include "kdloss/detail/cross_entropy.hpp"
 #include "kdloss/detail/forward_kl.hpp"
 #include "kdloss/detail/kernel_namespace.hpp"
+#include "kdloss/detail/mixture.hpp"
 #include "kdloss/detail/reverse_kl.hpp"
 #include "kdloss/detail/row_kernel.hpp"
 
@@ -138,7 +139,7 @@ void run_rows_with(const BatchProblem<T>& problem, std::size_t begin, std::size_
 }
 
 // The instantiation of each run-time choice, in one table: rows_kernel_table<T>[gradient][soft][hard], where
-// soft is 0 without a soft term, else 1 + its Divergence, and hard is the LabelKind of a hard term (none: no
+// soft is the SoftTerm (mixture.hpp), and hard is the LabelKind of a hard term (none: no
 // hard term). Everything else a call chooses is a run-time value inside the kernels: each entry here is
 // compiled in full, so the table is kept to the choices that change which passes run and what they sum.
 template <class T, bool Gradient, class Soft, class Hard>
@@ -154,23 +155,24 @@ constexpr std::array<RowsKernel<T>, 3> by_hard_term() noexcept {
             rows_instance<T, Gradient, Soft, CrossEntropy<true>>()};
 }
 
-// In the order of Divergence, after Absent. A new divergence is its policy and an entry here.
-static_assert(divergence_count == 2, "each Divergence needs its policy in by_soft_term");
+// In the order of SoftTerm. A new divergence is its policy, an entry here and its case in soft_term.
+static_assert(divergence_count == 5, "each Divergence needs its SoftTerm in soft_term (mixture.hpp)");
+constexpr std::size_t soft_terms = 4;
 template <class T, bool Gradient>
-constexpr std::array<std::array<RowsKernel<T>, 3>, 1 + divergence_count> by_soft_term() noexcept {
+constexpr std::array<std::array<RowsKernel<T>, 3>, soft_terms> by_soft_term() noexcept {
     return {by_hard_term<T, Gradient, Absent>(), by_hard_term<T, Gradient, ForwardKL>(),
-            by_hard_term<T, Gradient, ReverseKL>()};
+            by_hard_term<T, Gradient, ReverseKL>(), by_hard_term<T, Gradient, Mixture>()};
 }
 
 template <class T>
-constexpr std::array<std::array<std::array<RowsKernel<T>, 3>, 1 + divergence_count>, 2> rows_kernel_table = {
+constexpr std::array<std::array<std::array<RowsKernel<T>, 3>, soft_terms>, 2> rows_kernel_table = {
     by_soft_term<T, false>(), by_soft_term<T, true>()};
 
 // The row kernel for this problem's terms.
 template <class T>
 RowsKernel<T> rows_kernel(const BatchProblem<T>& problem) noexcept {
     // Soft and hard weights are 1 - alpha and alpha, so at least one term is always present.
-    const std::size_t soft = problem.soft_weight != 0.0 ? 1 + static_cast<std::size_t>(problem.divergence) : 0;
+    const auto soft = static_cast<std::size_t>(soft_term(problem));
     const LabelKind hard = problem.hard_weight != 0.0 ? problem.label_kind : LabelKind::none;
     return rows_kernel_table<T>[problem.gradient != nullptr][soft][static_cast<std::size_t>(hard)];
 }

@@ -30,6 +30,7 @@ constexpr double log2e = 1.4426950408889634074;
 // A term a loss does not have: no sums, nothing to add.
 struct Absent {
     static constexpr bool distribution = false;
+    static constexpr bool second_pass = false;
     template <class V>
     struct Sums {
         static Sums neutral() noexcept { return {}; }
@@ -93,6 +94,7 @@ struct Terms {
     static constexpr bool distribution = Hard::distribution;  // hard term against a target distribution
     static constexpr bool class_index = hard && !distribution;
     static constexpr bool gradient = Gradient;
+    static constexpr bool second_pass = Soft::second_pass;
     using without_gradient = Terms<Soft, Hard, false>;
     template <class V>
     using Sums = TermSums<Soft, Hard, V>;

@@ -1,0 +1,248 @@
+#pragma once
+
+// The divergences against a mixture m = a p + b q of the teacher's p = softmax(t/T) and the student's
+// q = softmax(s/T), as one policy of terms.hpp:
+//   jsd              D = beta KL(p || m) + (1 - beta) KL(q || m),  m = beta p + (1 - beta) q
+//   skew_forward_kl  D = KL(p || m),                               m = skew p + (1 - skew) q
+//   skew_reverse_kl  D = KL(q || m),                               m = (1 - skew) p + skew q
+// Each is D = Σ_c [w_p p_c log u_c + w_q q_c log v_c] with u = p/m and v = q/m, weights (w_p, w_q) =
+// (beta, 1 - beta), (1, 0) and (0, 1). Which one, and its parameter, are run-time values (MixtureWeights): one
+// compiled kernel serves all three, a branch the same in every block telling which logarithms a block takes.
+//
+// The logarithms need the row's Z_s and Z_t, so the divergence takes a second pass (SecondPass), over the
+// exponentials the first one stored: p = e^(dt/T) / Z_t and q = e^(ds/T) / Z_s, each to T's precision
+// relative to itself, and m a sum of two non-negative terms, which cannot cancel. log u = log(p/m) is then a
+// logarithm of a number known to a few ulps, so exact to a few ulps absolutely, whatever the magnitudes; the
+// log of each side's probability alone (log p = dt/T - log Z_t) would carry the rounding of |dt/T|, which is
+// larger wherever the logits are. Where either side's exponential is 0 (a -inf logit, or one below T's
+// smallest normal number, which each exponential is flushed to) its term is 0, as 0 log 0 is: what is left
+// out is below 1e-38 of the row.
+//
+// The gradient. With G_j = dD/dq_j (q taken as free), d(T^2 D)/ds_j = T q_j (G_j - E_q[G]), where G may be
+// shifted by any constant. With x = (the teacher's part of m) / m and 1 - x = (the student's part) / m:
+//   jsd: G = (1 - beta) log(1 - x),  skew_forward_kl: G = -(1 - skew) u,
+//   skew_reverse_kl: G = log(1 - x) + x,
+// the mixture's own derivatives cancelling in jsd's. Each is shifted so that G -> 0 where the student's mass
+// dominates (x -> 0): where a row saturates, the student's confident class has q near 1 and a gradient near 0,
+// G - E_q[G] is a difference of two numbers near 0 there, not of two near a constant, and keeps its relative
+// precision (log_one_minus_plus). The second pass stores G where the first stored e^(dt/T), and sums E_q[G] on
+// the way: the gradient pass is then reverse_kl.hpp's, q (G - E_q[G]) centred in T as exactly as it can be.
+// Every mixture is finite wherever either side has mass: m > 0 there.
+
+#include <cmath>
+#include <cstddef>
+#include <limits>
+#include <type_traits>
+
+#include "kdloss/detail/batch_problem.hpp"
+#include "kdloss/detail/kernel_namespace.hpp"
+#include "kdloss/detail/pack.hpp"
+#include "kdloss/detail/simd_math.hpp"
+#include "kdloss/detail/terms.hpp"
+#include "kdloss/divergence.hpp"
+
+namespace kdloss::detail {
+inline namespace KDLOSS_KERNEL_NAMESPACE {
+
+// m = teacher p + student q; the loss weighs Σ p log u by teacher_term and Σ q log v by student_term.
+struct MixtureWeights {
+    Divergence divergence;
+    double teacher, student;
+    double teacher_term, student_term;
+};
+
+template <class T>
+MixtureWeights mixture_weights(const BatchProblem<T>& problem) noexcept {
+    const double beta = problem.beta, skew = problem.skew;
+    switch (problem.divergence) {
+        case Divergence::skew_forward_kl: return {problem.divergence, skew, 1.0 - skew, 1.0, 0.0};
+        case Divergence::skew_reverse_kl: return {problem.divergence, 1.0 - skew, skew, 0.0, 1.0};
+        default: return {Divergence::jsd, beta, 1.0 - beta, beta, 1.0 - beta};
+    }
+}
+
+// The soft term a problem's divergence is computed as: each KL by its own policy, and the mixtures by Mixture,
+// except where their parameter makes them a KL exactly (jsd at beta 0 and 1, TRL's definition; skew 0).
+enum class SoftTerm { none, forward_kl, reverse_kl, mixture };
+
+template <class T>
+SoftTerm soft_term(const BatchProblem<T>& problem) noexcept {
+    if (problem.soft_weight == 0.0) return SoftTerm::none;
+    switch (problem.divergence) {
+        case Divergence::forward_kl: return SoftTerm::forward_kl;
+        case Divergence::reverse_kl: return SoftTerm::reverse_kl;
+        case Divergence::jsd:
+            return problem.beta == 0.0   ? SoftTerm::forward_kl
+                   : problem.beta == 1.0 ? SoftTerm::reverse_kl
+                                         : SoftTerm::mixture;
+        case Divergence::skew_forward_kl: return problem.skew == 0.0 ? SoftTerm::forward_kl : SoftTerm::mixture;
+        case Divergence::skew_reverse_kl: return problem.skew == 0.0 ? SoftTerm::reverse_kl : SoftTerm::mixture;
+    }
+    return SoftTerm::forward_kl;
+}
+
+// log(1 - x) + x for x in [0, 1], given x and y = 1 - x each to T's relative precision. For x <= 1/4 by the
+// series log(1 - x) = -2 atanh(w), w = x / (2 - x) = x / (1 + y), where x - 2w = -x w leaves
+//   log(1 - x) + x = -w (x + 2 w^2 (1/3 + w^2/5 + w^4/7 + ...)),
+// terms of one sign, exact relative to the result however small x is (the result is -x^2/2 there, which
+// log(y) + x would lose to cancellation); elsewhere log(y) + x, where no more than a tenth cancels.
+template <class T>
+KDLOSS_INLINE Pack<T> log_one_minus_plus(const Pack<T>& x, const Pack<T>& y) noexcept {
+    const Pack<T> w = x / (T(1) + y);
+    const Pack<T> w2 = w * w;
+    // w <= 1/7: terms to w^18/21 (double) or w^8/11 (float) leave out less than T's rounding.
+    constexpr int terms = std::is_same_v<T, float> ? 5 : 10;
+    Pack<T> series = T(1) / T(2 * terms + 1);
+    for (int k = terms - 1; k >= 1; --k) series = series * w2 + T(1) / T(2 * k + 1);
+    const Pack<T> near = T(0) - w * (x + T(2) * w2 * series);
+    return select(x > Pack<T>(T(0.25)), fast_log(y) + x, near);
+}
+
+struct Mixture {
+    static constexpr bool second_pass = true;
+
+    template <class V>
+    struct Sums {
+        V student_soft;  // Z_s
+        V teacher_soft;  // Z_t
+        V divergence;    // D itself, from the second pass
+        V mean;          // E_q[G], from the second pass
+
+        static Sums neutral() noexcept { return {1.0, 1.0, 0.0, 0.0}; }
+    };
+
+    template <class F, class... S>
+    static KDLOSS_INLINE void for_each_sum(F&& f, S&&... sums) noexcept {
+        f(sums.student_soft...);
+        f(sums.teacher_soft...);
+        f(sums.divergence...);
+        f(sums.mean...);
+    }
+
+    // The first pass: the exponentials, stored, and their sums.
+    template <class T>
+    struct Partials {
+        Pack<T> student_soft, teacher_soft;
+
+        template <class Skipped>
+        KDLOSS_INLINE Pack<T> add(std::size_t i, const Pack<T>& ds, const Pack<T>&, const Pack<T>& dt,
+                                  Exp2Scale<T> soft, const Skipped& skipped, const RowBuffers<T>& row) noexcept {
+            const Pack<T> e_student = fast_exp2(ds, soft);
+            const Pack<T> e_teacher = fast_exp2(dt, soft);
+            e_student.store(row.student_soft + i);
+            e_teacher.store(row.divergence_term + i);
+            student_soft += summed(e_student, T(0), skipped);
+            teacher_soft += summed(e_teacher, T(0), skipped);
+            return e_student;
+        }
+
+        KDLOSS_INLINE void flush_into(Sums<Pack<double>>& totals) noexcept {
+            totals.student_soft += widen(student_soft);
+            totals.teacher_soft += widen(teacher_soft);
+            student_soft = teacher_soft = Pack<T>();
+        }
+    };
+
+    // The second pass, once Z_s and Z_t are known (from one row's sums, V = double, or a block's, V =
+    // Pack<double>): D's terms and, for the gradient, E_q[G], with G returned for the caller to store over
+    // e^(dt/T) (see second_pass in lane_math.hpp).
+    template <class T, bool Gradient>
+    struct SecondPass {
+        Divergence divergence;
+        Pack<T> inverse_student, inverse_teacher;  // 1 / Z_s, 1 / Z_t
+        Pack<T> student_scale;                     // Z_t / Z_s
+        T teacher, student;                        // the mixture's weights
+        T teacher_term, student_term;              // the loss's
+        T log_student;                             // log(student)
+        Pack<T> divergence_sum, mean;              // partial sums over a chunk
+
+        template <class V>
+        static SecondPass from_sums(const Sums<V>& sums, const BatchProblem<T>& problem) noexcept {
+            const MixtureWeights w = mixture_weights(problem);
+            return {w.divergence,
+                    narrow<T>(1.0 / sums.student_soft),
+                    narrow<T>(1.0 / sums.teacher_soft),
+                    narrow<T>(sums.teacher_soft / sums.student_soft),
+                    static_cast<T>(w.teacher),
+                    static_cast<T>(w.student),
+                    static_cast<T>(w.teacher_term),
+                    static_cast<T>(w.student_term),
+                    static_cast<T>(std::log(w.student)),
+                    Pack<T>(),
+                    Pack<T>()};
+        }
+
+        // The block at element i; returns G (Gradient), or nothing of use.
+        template <class Skipped>
+        KDLOSS_INLINE Pack<T> add(std::size_t i, const Skipped& skipped, const RowBuffers<T>& row) noexcept {
+            const Pack<T> e_student = Pack<T>::load(row.student_soft + i);
+            const Pack<T> e_teacher = Pack<T>::load(row.divergence_term + i);
+            const Pack<T> q = inverse_student * e_student, p = inverse_teacher * e_teacher;
+            // u = p / m and v = q / m as e^(dt/T) / m' and (Z_t / Z_s) e^(ds/T) / m', m' = Z_t m: quotients of
+            // normal numbers (or 0) where p, q and m may be subnormal and 1 / m overflow.
+            const Pack<T> student_part = student_scale * e_student;
+            const Pack<T> scaled_mixture = teacher * e_teacher + student * student_part;
+            const Mask<T> no_teacher = e_teacher == Pack<T>(), no_student = e_student == Pack<T>();
+            // Below, x = (teacher's part of m) / m and y = (student's part) / m, each as exact as u and v,
+            // with x + y = 1.
+            Pack<T> term, g;
+            if (divergence == Divergence::skew_forward_kl) {
+                const Pack<T> u = e_teacher / scaled_mixture;
+                term = select(no_teacher, T(0), p * fast_log(u));
+                if constexpr (Gradient) g = T(0) - student * u;
+            } else {
+                const Pack<T> x = teacher * e_teacher / scaled_mixture;
+                const Pack<T> y = student * student_part / scaled_mixture;
+                // H = log y + x: log(y) itself, and so log v = log y - log(student), is H - x.
+                const Pack<T> h = log_one_minus_plus(x, y);
+                const Pack<T> log_v = (h - x) - log_student;
+                if (divergence == Divergence::skew_reverse_kl) {
+                    term = select(no_student, T(0), q * log_v);
+                    if constexpr (Gradient) g = h;
+                } else {
+                    term = select(no_teacher, T(0), teacher_term * p * fast_log(e_teacher / scaled_mixture)) +
+                           select(no_student, T(0), student_term * q * log_v);
+                    if constexpr (Gradient) g = student * (h - x);
+                }
+            }
+            divergence_sum += summed(term, T(0), skipped);
+            if constexpr (Gradient) {
+                // Where the student has no mass G may be NaN (0 / 0) or infinite; it weighs nothing there.
+                g = select(no_student, T(0), g);
+                mean += summed(Pack<T>(q * g), T(0), skipped);
+            }
+            return g;
+        }
+
+        KDLOSS_INLINE void flush_into(Sums<Pack<double>>& totals) noexcept {
+            totals.divergence += widen(divergence_sum);
+            totals.mean += widen(mean);
+            divergence_sum = mean = Pack<T>();
+        }
+    };
+
+    template <class V>
+    static KDLOSS_INLINE V divergence(const Sums<V>& sums, double) noexcept {
+        return sums.divergence;
+    }
+
+    // The gradient's soft term: weight T q (G - E_q[G]) = scale e^(ds/T) (G - mean).
+    template <class T>
+    struct Coefficients {
+        Pack<T> scale, mean;
+
+        template <class V>
+        static Coefficients from_sums(const Sums<V>& sums, double weight, double temperature) noexcept {
+            return {narrow<T>(weight * temperature / sums.student_soft), narrow<T>(sums.mean)};
+        }
+
+        KDLOSS_INLINE Pack<T> gradient(std::size_t i, const Pack<T>& e_student,
+                                       const RowBuffers<T>& row) const noexcept {
+            const Pack<T> g = Pack<T>::load(row.divergence_term + i);
+            return select(e_student == Pack<T>(), Pack<T>(), scale * e_student * (g - mean));
+        }
+    };
+};
+
+}  // namespace KDLOSS_KERNEL_NAMESPACE
+}  // namespace kdloss::detail
