@@ -75,6 +75,10 @@ __all__ = [
 def log_softmax(x: np.ndarray) -> np.ndarray:
     """Log-softmax over the last axis in float64, via max-subtraction.
 
+    The normaliser's log is log1p of the other classes' exponentials (the largest one's is exactly 1), so that
+    the log-probability of a row's dominant class, ~ -(its tail), keeps its relative precision where the row
+    is saturated (a low temperature): the divergences of two saturated rows compare those tails.
+
     A row containing NaN or +inf, or made only of -inf, yields NaN everywhere;
     -inf entries of an otherwise finite row give -inf.
     """
@@ -82,8 +86,12 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
     with np.errstate(invalid="ignore", over="ignore", divide="ignore", under="ignore"):
         m = np.max(x, axis=-1, keepdims=True)
         z = x - m
-        lse = np.log(np.sum(np.exp(z), axis=-1, keepdims=True))
-        return z - lse
+        e = np.exp(z)
+        if x.shape[-1]:
+            np.put_along_axis(e, np.argmax(x, axis=-1)[..., None], 0.0, axis=-1)  # the largest: exp(0) = 1
+        lse = np.log1p(np.sum(e, axis=-1, keepdims=True))
+        bad = ~np.isfinite(m) | np.isnan(np.sum(x, axis=-1, keepdims=True))  # NaN, +inf, or all -inf
+        return np.where(bad, np.nan, z - lse)
 
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl")
@@ -101,6 +109,24 @@ def plain_divergence(divergence: str, beta: float = 0.5, skew: float = 0.1) -> s
     return divergence
 
 
+def _log1p_weighted_exp(d, weights):
+    """``log(1 + (w_p / w_q) e^d)`` for ``weights = (w_p, w_q)`` (positive, summing to 1, the smaller given exactly:
+    see ``_weights``), to a few ulps of its own size: log1p of ``r = (w_p / w_q) e^d`` where ``r <= 1``, else
+    ``log(w_p / w_q) + d + log1p(1/r)``, ``log(w_p / w_q)`` from the weights' exact logs; ``r`` is not exposed to
+    the rounding of a large ``log w_p`` (a tiny weight), as ``exp(log w_p - log w_q + d)`` would be."""
+    (w_p, log_wp), (w_q, log_wq) = weights
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore", under="ignore"):
+        r = (w_p / w_q) * np.exp(d)
+        r_inv = (w_q / w_p) * np.exp(-d)
+        return np.where(r <= 1.0, np.log1p(r), (log_wp - log_wq) + d + np.log1p(r_inv))
+
+
+def _weights(w: float):
+    """((w, log w), (1 - w, log(1 - w))) with log(1 - w) = log1p(-w) exact and 1 - w rounded (used only in
+    ratios, whose relative error it is)."""
+    return (w, math.log(w)), (1.0 - w, math.log1p(-w))
+
+
 def mixture_log_ratios(lp, lq, w_p: float):
     """``log(m/q)`` and ``log(m/p)`` for the mixture ``m = w_p p + (1 - w_p) q`` (0 < w_p < 1) of the
     distributions with log-probabilities ``lp`` and ``lq``, from ``d = lp - lq`` and the weights (see the module's
@@ -108,18 +134,35 @@ def mixture_log_ratios(lp, lq, w_p: float):
 
     ``log(m/q) = log(w_q + w_p e^d)`` is ``log w_q + log1p(r)`` with ``r = (w_p / w_q) e^d`` where ``r <= 1``, and
     ``log w_p + d + log1p(1/r)`` where ``r > 1`` (and symmetrically ``log(m/p)``): each log1p's argument at most
-    1 and, unlike ``exp(log w_p - log w_q + d)``, ``r`` is not exposed to the rounding of a large ``log w_p``
-    (a tiny weight), so both ratios are good to a few ulps of their own size (``~ w_p`` for a tiny ``w_p``).
+    1, ``r`` not exposed to the rounding of a large ``log w_p`` (a tiny weight), as ``exp(log w_p - log w_q + d)``
+    would be, and the weights' logs added once, so both ratios are good to a few ulps of their own size (``~ w_p``
+    for a tiny ``w_p``).
     """
-    w_q = 1.0 - w_p  # rounded; used only in the ratio r, whose relative error it is
-    log_wp, log_wq = math.log(w_p), math.log1p(-w_p)  # exact logs of the weights
+    (w_p, log_wp), (w_q, log_wq) = _weights(w_p)
     with np.errstate(invalid="ignore", over="ignore", divide="ignore", under="ignore"):
         d = lp - lq
         r = (w_p / w_q) * np.exp(d)  # w_p p / (w_q q)
         r_inv = (w_q / w_p) * np.exp(-d)
         log_m_q = np.where(r <= 1.0, log_wq + np.log1p(r), log_wp + d + np.log1p(r_inv))
         log_m_p = np.where(r_inv <= 1.0, log_wp + np.log1p(r_inv), log_wq - d + np.log1p(r))
+        # Where m ~ q (or m ~ p) the ratio's log is small and the forms above, sums of a weight's log and a
+        # log1p, would leave it only an ulp of that log: there m/q = 1 + w_p expm1(d), m/p = 1 + w_q expm1(-d).
+        near_q, near_p = w_p * np.expm1(d), w_q * np.expm1(-d)
+        log_m_q = np.where(np.abs(near_q) <= 0.5, np.log1p(near_q), log_m_q)
+        log_m_p = np.where(np.abs(near_p) <= 0.5, np.log1p(near_p), log_m_p)
     return log_m_q, log_m_p
+
+
+def _x_plus_log1m(x, log1m):
+    """``x + log(1 - x)`` for 0 <= x <= 1 (``log1m`` = log(1 - x), given accurately by the caller), to a few ulps
+    of its own size ~ -x^2/2: its series below 1/4."""
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        small = np.where(x < 0.25, x, 0.0)
+        total, power = np.zeros_like(small), small.copy()
+        for n in range(2, 32):  # 0.25^31 / 31 < 1e-20
+            power = power * small
+            total -= power / n
+        return np.where(x < 0.25, total, x + log1m)
 
 
 def _check_parameters(divergence, beta, skew):
@@ -131,6 +174,17 @@ def _check_parameters(divergence, beta, skew):
         raise ValueError("reference: skew must be in [0, 1)")
 
 
+def _centred_gradient(qt, phi, T):
+    """``T q_j (phi_j - E_q[phi])``, the soft gradient from ``phi_c = dD/dq_c`` (up to a constant) and the
+    softmax's Jacobian, with ``phi`` shifted to vanish at the student's most probable class k: there q_k ~ 1 and
+    ``phi_k - E_q[phi] = sum_{c != k} q_c (phi_k - phi_c)`` is small in a saturated row (a low temperature), which
+    ``phi_k - E_q[phi]`` taken as it is would give only to an ulp of ``phi_k``. 0 where the student has no mass."""
+    k = np.argmax(np.where(np.isnan(qt), np.inf, qt), axis=-1)[:, None]
+    shifted = np.where(qt == 0, 0.0, phi - np.take_along_axis(phi, k, axis=-1))
+    mean = np.sum(qt * shifted, axis=-1, keepdims=True)
+    return np.where(qt == 0, 0.0, T * qt * (shifted - mean))
+
+
 def _soft_term(divergence, beta, skew, lpt, lqt, pt, qt, T):
     """Per-row T^2 D and its gradient T dD/da (a = s/T) for the divergence as ``plain_divergence`` names it."""
     if divergence == "forward_kl":
@@ -140,35 +194,39 @@ def _soft_term(divergence, beta, skew, lpt, lqt, pt, qt, T):
     if divergence == "reverse_kl":
         # student probability exactly 0 contributes 0 (also for -inf teacher there)
         kl = np.sum(np.where(qt == 0, 0.0, qt * (lqt - lpt)), axis=-1)
-        # An infinite KL has no derivative: NaN where the student has mass.
-        centred = np.where(np.isinf(kl)[:, None], np.nan, (lqt - lpt) - kl[:, None])
-        return T * T * kl, np.where(qt == 0, 0.0, T * qt * centred)
+        # dKL/dq_c = log(q_c/p_c) + 1. An infinite KL has no derivative: NaN where the student has mass.
+        grad = _centred_gradient(qt, lqt - lpt, T)
+        return T * T * kl, np.where(np.isinf(kl)[:, None] & (qt != 0), np.nan, grad)
     if divergence == "jsd":
-        # m = beta p + (1 - beta) q; a = log(m/q), b = log(m/p)
+        # m = beta p + (1 - beta) q; a = log(m/q), b = log(m/p); dD/dq_c = (1 - beta) log(q_c/m_c), here without
+        # the constant -(1 - beta) log(1 - beta): -(1 - beta) log(1 + beta/(1 - beta) p/q), which is small (to its
+        # own relative precision) where the student dominates, as at the class the gradient's shift is taken.
         a, b = mixture_log_ratios(lpt, lqt, beta)
         kl_pm = np.sum(np.where(pt == 0, 0.0, -pt * b), axis=-1)
         kl_qm = np.sum(np.where(qt == 0, 0.0, -qt * a), axis=-1)
         soft = T * T * (beta * kl_pm + (1.0 - beta) * kl_qm)
-        grad = np.where(qt == 0, 0.0, T * (1.0 - beta) * qt * (-a - kl_qm[:, None]))
-        return soft, grad
+        with np.errstate(invalid="ignore"):
+            phi = -(1.0 - beta) * _log1p_weighted_exp(lpt - lqt, _weights(beta))
+        return soft, _centred_gradient(qt, phi, T)
     if divergence == "skew_forward_kl":
-        # m = skew p + (1 - skew) q; w = (1 - skew) q / m = exp(log(1 - skew) - log(m/q))
+        # m = skew p + (1 - skew) q; dD/dq_c = -(1 - skew) p_c / m_c = -(1 - skew) exp(-log(m/p)), 0 where p = 0
         a, b = mixture_log_ratios(lpt, lqt, skew)
         soft = T * T * np.sum(np.where(pt == 0, 0.0, -pt * b), axis=-1)
-        pw = np.where(pt == 0, 0.0, pt * np.exp(math.log1p(-skew) - a))  # p w, 0 where q = 0 (a = inf)
-        big_w = np.sum(pw, axis=-1, keepdims=True)
-        grad = T * (np.where(qt == 0, 0.0, qt * big_w) - pw)
-        return soft, grad
+        return soft, _centred_gradient(qt, np.where(pt == 0, 0.0, -(1.0 - skew) * np.exp(-b)), T)
     if divergence == "skew_reverse_kl":
-        # m = skew q + (1 - skew) p; log(q/m) = -a, skew q / m = skew exp(-a). The gradient only needs v up to a
-        # constant (v - E_q[v]): v - skew = -a - skew expm1(-a) is v without the constant skew, which would
-        # otherwise cancel in v - E_q[v] when m ~ q (a skew near 1).
+        # m = skew q + (1 - skew) p; a = log(m/q) = log(skew) + log1p(r), r = (1 - skew)/skew p/q. dD/dq_c =
+        # log(q_c/m_c) + 1 - skew q_c/m_c is, but for a constant, x + log(1 - x) with x = r/(1 + r): ~ -x^2/2
+        # where the student dominates (as at the class the gradient's shift is taken), whose two terms ~ x would
+        # cancel to an ulp of x.
         _, a = mixture_log_ratios(lqt, lpt, skew)
         kl = np.sum(np.where(qt == 0, 0.0, -qt * a), axis=-1)
-        v = -a - skew * np.expm1(-a)
-        mean_v = np.sum(np.where(qt == 0, 0.0, qt * v), axis=-1, keepdims=True)
-        grad = np.where(qt == 0, 0.0, T * qt * (v - mean_v))
-        return T * T * kl, grad
+        with np.errstate(invalid="ignore", over="ignore", under="ignore"):
+            d = lpt - lqt
+            r, r_inv = ((1.0 - skew) / skew) * np.exp(d), (skew / (1.0 - skew)) * np.exp(-d)
+            x = np.where(r <= 1.0, r / (1.0 + r), 1.0 / (1.0 + r_inv))
+            log1m = -_log1p_weighted_exp(d, _weights(skew)[::-1])  # log(1 - x) = -log1p(r)
+        phi = _x_plus_log1m(x, log1m)
+        return T * T * kl, _centred_gradient(qt, phi, T)
     raise ValueError("reference: bad divergence")
 
 

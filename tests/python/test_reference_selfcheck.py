@@ -178,7 +178,14 @@ def _mp_soft(student_row, teacher_row, temperature, divergence, beta, skew, inde
             if u[c]
         )
 
-    if divergence == "jsd":  # beta KL(p || beta p + (1 - beta) q) + (1 - beta) KL(q || (1 - beta) q + beta p)
+    def kl(u, v):
+        return mp.fsum(u[c] * mp.log(u[c] / v[c]) for c in range(len(u)) if u[c])
+
+    if divergence == "forward_kl":
+        d = kl(p, q)
+    elif divergence == "reverse_kl":
+        d = kl(q, p)
+    elif divergence == "jsd":  # beta KL(p || beta p + (1 - beta) q) + (1 - beta) KL(q || (1 - beta) q + beta p)
         d = beta * kl_mix_small_u(p, q, beta) + (1 - mp.mpf(beta)) * kl_mix(q, p, beta, True)
     elif divergence == "skew_forward_kl":
         d = kl_mix_small_u(p, q, skew)
@@ -377,3 +384,32 @@ def test_reference_refuses_parameters_out_of_range():
             reference(s, s, temperature=1.0, alpha=0.0, divergence="jsd", **bad)
     with pytest.raises(ValueError):
         reference(s, s, temperature=1.0, alpha=0.0, divergence="js")
+
+
+@pytest.mark.parametrize(
+    "divergence,beta,skew", DIVERGENCE_CASES + [("jsd", 1e-6, 0.1), ("skew_reverse_kl", 0.5, 0.99)]
+)
+def test_reference_saturated_rows_match_mpmath(divergence, beta, skew):
+    """At a low temperature rows saturate: q and p almost one-hot, on the same class or not, D and the gradient
+    tiny beside their terms (the softmax's Jacobian q (1 - q)). The losses to ~1e-13 of themselves and the
+    gradient to ~1e-14 of the batch's largest entry, against 50-digit values: the dominant class's log-probability
+    from log1p of the tail, a mixture's log ratio near 0 from log1p(w expm1(d)), and the gradient's dD/dq shifted
+    to vanish at the student's dominant class. (Row 0's D ~ 1e-14 is second order in logit differences ~0.5
+    among logits/T ~ 100, whose ulps alone move it ~4e-14; a skew of 0.99 costs another 1/(1 - skew).)"""
+    mpmath = pytest.importorskip("mpmath")
+    mpmath.mp.dps = 50
+    rng = np.random.default_rng(47)
+    T = 0.1
+    s, t = rng.normal(size=(4, 6)) * 3, rng.normal(size=(4, 6)) * 3
+    t[0] = s[0] + rng.normal(size=6) * 0.05  # saturated on the same class, close
+    t[1, np.argmax(s[1])] = t[1].max() + 2.0  # the same class, far apart elsewhere
+    params = dict(temperature=T, alpha=0.3, reduction="sum", divergence=divergence, beta=beta, skew=skew)
+    ref = reference(s, t, **dict(params, reduction="none"))
+    grad = reference(s, t, **params).grad
+    scale = np.abs(grad).max()
+    for i in range(len(s)):
+        exact = float(_mp_soft(s[i], t[i], T, divergence, beta, skew))
+        assert abs(ref.loss[i] - exact) <= (1e-11 if skew == 0.99 else 1e-13) * exact, (i, ref.loss[i], exact)
+        for j in range(s.shape[1]):
+            derivative = mpmath.diff(lambda x, i=i, j=j: _mp_soft(s[i], t[i], T, divergence, beta, skew, j, x), s[i, j])
+            assert abs(grad[i, j] - float(derivative)) <= 1e-14 * scale, (i, j, grad[i, j], float(derivative))
