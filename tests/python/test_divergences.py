@@ -325,6 +325,33 @@ def test_logits_up_to_1e4_and_rows_of_200000_classes(case):
             assert np.all(np.isfinite(kd.compute_loss(s, t)))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    "case", DEFAULTS + [Case("jsd", 0.2), Case("jsd", 0.9), Case("skew_forward_kl", skew=0.9)], ids=str
+)
+def test_probabilities_near_the_smallest_normal_number(case, dtype):
+    """A class whose probability, on one side or both, is near the smallest normal number (logits ~700 apart in
+    float64, ~87 in float32, well within 1e4): the mixture (a weight times it) is subnormal there, its reciprocal
+    out of range. Finite losses and gradients, the reference's to a few ulps of 1 (the rows' losses are tiny:
+    their relative precision is the business of test_saturated_rows_at_a_low_temperature)."""
+    centre = math.log(np.finfo(dtype).tiny)
+    rows = []
+    for z in np.arange(centre + 10, centre - 20, -0.5):
+        rows += [
+            ([0.0, z], [0.0, -3000.0]),
+            ([0.0, -3000.0], [0.0, z]),
+            ([0.0, z], [0.0, z - 2]),
+            ([0.0, z], [0.0, z + 2]),
+        ]
+    s, t = (np.array([row[i] for row in rows], dtype) for i in (0, 1))
+    losses, gradient = case.kd(1.0, reduction="none").loss_and_gradient(s, t)
+    ref = case.ref(s, t, temperature=1.0, alpha=0.3, reduction="none")
+    bad = ~np.isfinite(losses) | ~np.all(np.isfinite(gradient), axis=-1)
+    assert not bad.any(), f"non-finite at student {s[bad][:3].tolist()}, teacher {t[bad][:3].tolist()}"
+    atol = 8 * np.finfo(dtype).eps
+    assert np.abs(losses - ref.loss).max() <= atol and np.abs(gradient - ref.grad).max() <= atol
+
+
 @pytest.mark.parametrize("case", DEFAULTS + [Case("reverse_kl")], ids=str)
 def test_thread_counts_give_bitwise_equal_results(case):
     rng = np.random.default_rng(2)
