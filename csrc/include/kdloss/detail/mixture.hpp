@@ -88,12 +88,14 @@ SoftTerm soft_term(const BatchProblem<T>& problem) noexcept {
 
 // log(1 - x) for x in [0, 1], given x and y = 1 - x each to T's relative precision: log(y), corrected by the
 // part of x that y lost to rounding, ((1 - y) - x) / y, where 1 - y is exact (y >= 1/2; the factor 2 - y for
-// 1 / y is good enough for a correction of an ulp). Exact relative to itself however small x is: for x below
-// an ulp, log(y) is 0 and the correction -x.
+// 1 / y is good enough for a correction of an ulp); and below an ulp of 1, where y rounds to 1 or just under
+// it and log(y)'s own rounding would be most of the result, -x itself (x^2 / 2 is below its last bit). Exact
+// relative to itself however small x is.
 template <class T>
 KDLOSS_INLINE Pack<T> log_one_minus(const Pack<T>& x, const Pack<T>& y) noexcept {
     const Pack<T> correction = ((T(1) - y) - x) * (T(2) - y);
-    return fast_log(y) + select(x > Pack<T>(T(0.5)), Pack<T>(), correction);
+    const Pack<T> result = fast_log(y) + select(x > Pack<T>(T(0.5)), Pack<T>(), correction);
+    return select(x < Pack<T>(std::numeric_limits<T>::epsilon()), T(0) - x, result);
 }
 
 // log(1 - x) + x for x in [0, 1], given x and y = 1 - x each to T's relative precision. For x <= 1/4 by the
