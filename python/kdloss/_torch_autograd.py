@@ -15,6 +15,7 @@ saved buffer would be a constant to autograd, and its derivative silently zero.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Optional, Union
 
 import torch
@@ -54,7 +55,7 @@ def gradient_graph(
     validated by the kernel in the forward pass.
     """
     temperature, alpha = params.temperature, params.alpha
-    soft = soft_gradient_graph(student, teacher, temperature, params.divergence)
+    soft = soft_gradient_graph(student, teacher, temperature, params.divergence, params.beta, params.skew)
     counted = None
     if labels is None:
         rows = soft
@@ -78,19 +79,75 @@ def gradient_graph(
     return rows
 
 
-def soft_gradient_graph(student: Tensor, teacher: Tensor, temperature: float, divergence: str) -> Tensor:
-    r"""d(T^2 D)/d(student) per row: :math:`T\,(q - p)` for forward KL, and for reverse KL
-    :math:`T\,q\,(r - E_q[r])` with :math:`r = \log q - \log p` (the kernel's formula)."""
-    if divergence not in ("forward_kl", "reverse_kl"):
-        raise NotImplementedError(f"second derivatives of divergence {divergence!r} are not implemented yet")
+def soft_gradient_graph(
+    student: Tensor, teacher: Tensor, temperature: float, divergence: str, beta: float = 0.5, skew: float = 0.1
+) -> Tensor:
+    r"""d(T^2 D)/d(student) per row, with :math:`p`, :math:`q` the teacher's and student's softmax at :math:`T`:
+
+    - forward KL: :math:`T\,(q - p)`;
+    - reverse KL: :math:`T\,q\,(r - E_q[r])`, :math:`r = \log q - \log p`;
+    - JSD, :math:`0 < \beta < 1`: :math:`T\,(1-\beta)\,q\,(r - E_q[r])`, :math:`r = \log q - \log m`,
+      :math:`m = \beta p + (1-\beta) q` (:math:`E_q[r] = \mathrm{KL}(q\,\|\,m)`); :math:`\beta = 0` and
+      :math:`\beta = 1` are forward and reverse KL exactly (TRL's convention, and the kernel's);
+    - skew forward KL, :math:`m = \lambda p + (1-\lambda) q`: :math:`T\,(q\,W - p\,w)`,
+      :math:`w = (1-\lambda)\,q/m`, :math:`W = \sum p\,w`; :math:`\lambda = 0` is forward KL;
+    - skew reverse KL, :math:`m = \lambda q + (1-\lambda) p`: :math:`T\,q\,(v - E_q[v])`,
+      :math:`v = \log(q/m) - \lambda\,q/m`; :math:`\lambda = 0` is reverse KL.
+
+    These are the derivatives the kernel returns (it arranges them differently, for float precision), written so
+    that autograd can differentiate them again, with finite results wherever the kernel's gradient is finite:
+    every log-probability comes from ``log_softmax``, a mixture's log from ``logaddexp`` of the two weighted logs
+    (never the log of a sum of rounded probabilities), and each ``-inf`` is replaced by a finite stand-in *before*
+    an operation whose derivative would multiply it (``torch.where`` masks a value, not the NaN that ``0 * inf``
+    leaves in its derivative). A class that both sides rule out therefore contributes nothing, to the gradient or
+    to its derivatives.
+    """
+    if divergence == "jsd":
+        divergence = "forward_kl" if beta == 0 else "reverse_kl" if beta == 1 else divergence
+    elif divergence in ("skew_forward_kl", "skew_reverse_kl") and skew == 0:
+        divergence = divergence.removeprefix("skew_")
+    if divergence not in ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl"):
+        raise ValueError(f"unknown divergence {divergence!r}")  # validated long before; a guard for new ones
     q = torch.softmax(student / temperature, -1)
     if divergence == "forward_kl":
         return temperature * (q - torch.softmax(teacher / temperature, -1))
-    # Where the student has no mass the term is 0 whatever log p says (as in the kernel): no 0 * inf.
-    ratio = torch.log_softmax(student / temperature, -1) - torch.log_softmax(teacher / temperature, -1)
-    ratio = torch.where(q == 0, torch.zeros((), dtype=q.dtype, device=q.device), ratio)
-    mean = (q * ratio).sum(-1, keepdim=True)
-    return temperature * q * (ratio - mean)
+    log_q = torch.log_softmax(student / temperature, -1)
+    log_p = torch.log_softmax(teacher / temperature, -1)
+    zero = torch.zeros((), dtype=q.dtype, device=q.device)
+    # Where the student has no mass its factor q is 0 whatever the log-ratio says (as in the kernel): no 0 * inf.
+    student_rules_out = q == 0
+    if divergence == "reverse_kl":
+        ratio = torch.where(student_rules_out, zero, log_q - log_p)
+        return temperature * q * (ratio - (q * ratio).sum(-1, keepdim=True))
+    if divergence == "jsd":
+        # d/dq_i of beta KL(p||m) + (1-beta) KL(q||m) is (1-beta) log(q_i/m_i): the p/m terms cancel.
+        log_m = _log_mixture(log_p, log_q, beta)
+        ratio = torch.where(student_rules_out, zero, log_q - log_m)  # finite: m >= (1-beta) q > 0 where q > 0
+        return (temperature * (1 - beta)) * q * (ratio - (q * ratio).sum(-1, keepdim=True))
+    if divergence == "skew_forward_kl":
+        log_m = _log_mixture(log_p, log_q, skew)
+        # w = (1-skew) q/m in [0, 1], from logs; 0 where the student has no mass (m may be 0 there too).
+        log_w = torch.where(student_rules_out, -math.inf, log_q - log_m)
+        pw = torch.exp(log_p) * torch.exp(log_w + math.log1p(-skew))
+        return temperature * (q * pw.sum(-1, keepdim=True) - pw)
+    # skew_reverse_kl: d/dq_i of KL(q || skew q + (1-skew) p) is log(q_i/m_i) + 1 - skew q_i/m_i; the 1 cancels.
+    log_m = _log_mixture(log_q, log_p, skew)
+    ratio = torch.where(student_rules_out, zero, log_q - log_m)  # finite: m >= skew q > 0 where q > 0
+    v = ratio - skew * torch.exp(ratio)
+    return temperature * q * (v - (q * v).sum(-1, keepdim=True))
+
+
+def _log_mixture(log_a: Tensor, log_b: Tensor, weight: float) -> Tensor:
+    """log(weight e^log_a + (1-weight) e^log_b) for 0 < weight < 1, as ``logaddexp`` of the weighted logs.
+
+    ``-inf`` where both are ``-inf`` (a class both sides rule out), with derivative 0 there rather than the NaN
+    of logaddexp's derivative at (-inf, -inf): the inputs are made finite first, the result masked after.
+    """
+    neither = (log_a == -math.inf) & (log_b == -math.inf)
+    zero = torch.zeros((), dtype=log_a.dtype, device=log_a.device)
+    log_a = torch.where(neither, zero, log_a) + math.log(weight)
+    log_b = torch.where(neither, zero, log_b) + math.log1p(-weight)
+    return torch.where(neither, -math.inf, torch.logaddexp(log_a, log_b))
 
 
 def _is_one(grad_loss: Tensor) -> bool:

@@ -31,7 +31,7 @@ from ._torch_autograd import DistillationFunction
 from ._torch_checks import check_floating_labels, check_shapes, validated_params
 from ._torch_ops import operator_arguments  # also registers torch.ops.kdloss.*
 
-__all__ = ["DistillationLoss", "distillation_loss"]
+__all__ = ["DistillationLoss", "distillation_loss", "generalized_jsd_loss"]
 
 Normalizer = Union[float, Tensor, None]
 """A positive finite number, a one-element tensor holding one (e.g. an all-reduced count), or None."""
@@ -352,3 +352,7 @@ class DistillationLoss(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return ", ".join(f"{name}={value!r}" for name, value in self._params._asdict().items())
+
+
+# TRL's GKD loss on this module's distillation_loss; imported last, since it calls back into this module.
+from ._gkd import generalized_jsd_loss  # noqa: E402

@@ -176,4 +176,34 @@ KD_TEST(log_is_accurate_on_positive_numbers) {
     KD_CHECK_EQ(ys[2], 0.0);
 }
 
+// The float log (the mixture divergences' per-element ratios): every positive normal float between 2^-126 and
+// 2^11, and a dense sweep near 1, where the result is tiny.
+KD_TEST(float_log_is_accurate_on_positive_normal_numbers) {
+    std::vector<float> xs;
+    for (float x = std::numeric_limits<float>::min(); x < 2048.0f; x *= 1.00037f) xs.push_back(x);
+    for (int i = -200000; i <= 200000; ++i) xs.push_back(std::nextafter(1.0f, i < 0 ? 0.0f : 2.0f) + i * 1e-7f);
+    while (xs.size() % lanes) xs.push_back(1.0f);
+    double worst = 0.0;
+    for (std::size_t i = 0; i < xs.size(); i += lanes) {
+        float ys[lanes];
+        kdloss::detail::fast_log(Pack<float>::load(xs.data() + i)).store(ys);
+        for (std::size_t k = 0; k < lanes; ++k) {
+            const long double exact = std::log(static_cast<long double>(xs[i + k]));
+            if (exact == 0) {
+                KD_CHECK_EQ(ys[k], 0.0f);
+                continue;
+            }
+            worst = std::max(worst, ulps(ys[k], exact));
+        }
+    }
+    KD_CHECK(worst <= 2.5);
+    float special[lanes] = {std::numeric_limits<float>::infinity(), std::numeric_limits<float>::quiet_NaN()};
+    for (std::size_t k = 2; k < lanes; ++k) special[k] = 1.0f;
+    float ys[lanes];
+    kdloss::detail::fast_log(Pack<float>::load(special)).store(ys);
+    KD_CHECK_EQ(ys[0], std::numeric_limits<float>::infinity());
+    KD_CHECK(std::isnan(ys[1]));
+    KD_CHECK_EQ(ys[2], 0.0f);
+}
+
 }  // namespace test_simd_math

@@ -86,6 +86,10 @@ def check_against_reference(kd, student, teacher, labels=None, *, conditioned=Fa
         ignore_index=kd.ignore_index,
         divergence=kd.divergence,
     )
+    if kd.divergence == "jsd":
+        params["beta"] = kd.beta
+    elif kd.divergence.startswith("skew_"):
+        params["skew"] = kd.skew
     dtype = np.result_type(student, teacher, np.float32)
     ref = reference(student, teacher, labels, **params)
     loss = kd.compute_loss(student, teacher, labels)

@@ -23,6 +23,34 @@ where ``q_T = p(s/T)``, ``p_T = p(t/T)``, ``p_1 = p(s)`` (reverse KL: ``T * q_T 
 from d KL(q || p) / d(s/T), 0 where q_T = 0, NaN where the row's KL is infinite); for ``"mean"`` it is
 divided by the number of counted rows; for ``"none"`` it is the gradient of the
 sum of the rows.
+
+The mixture divergences (p = p_T teacher, q = q_T student, soft = T^2 * D)::
+
+    "jsd"              D = beta KL(p || m) + (1 - beta) KL(q || m),  m = beta p + (1 - beta) q
+                       (beta == 0: forward KL, beta == 1: reverse KL, by definition)
+    "skew_forward_kl"  D = KL(p || m),  m = skew p + (1 - skew) q     (skew == 0: forward KL)
+    "skew_reverse_kl"  D = KL(q || m),  m = skew q + (1 - skew) p     (skew == 0: reverse KL)
+
+Their soft gradients, d soft / d s = T * d D / d(s/T), from dD/dq_c and the softmax's Jacobian
+(dq_c/da_j = q_c (1[c=j] - q_j))::
+
+    "jsd"              dD/dq_c = (1 - beta) log(q_c/m_c)      ->  T (1 - beta) q_j (log(q_j/m_j) - KL(q || m))
+    "skew_forward_kl"  dD/dq_c = -p_c (1 - skew) / m_c        ->  T (q_j W - p_j w_j),
+                                                                  w = (1 - skew) q / m, W = sum_c p_c w_c
+    "skew_reverse_kl"  dD/dq_c = log(q_c/m_c) + 1 - skew q_c/m_c
+                                                              ->  T q_j (v_j - E_q[v]),  v = log(q/m) - skew q/m
+
+Each log ratio of a mixture is taken from the difference of the two log-probabilities,
+d = log p - log q, as a log-sum-exp of the weights' logs (never from log m itself, nor from a sum of
+probabilities)::
+
+    log(m/q) = logaddexp(log w_q, log w_p + d)      log(m/p) = logaddexp(log w_p, log w_q - d)
+
+with log(1 - x) as log1p(-x): exact when one side rules a class out (d = +-inf), and free of the
+cancellation of log m - log q (of the size of log q's rounding) that would swamp the ~beta^2 size of
+KL(q || m) at a small beta.  A class both sides rule out contributes nothing (its d is NaN and is
+masked), and where one side has mass the mixture's log ratio is finite (log of a weight), so these
+divergences are finite wherever either side has mass.
 """
 
 from __future__ import annotations
@@ -33,7 +61,9 @@ from dataclasses import dataclass
 import numpy as np
 
 __all__ = [
+    "DIVERGENCES",
     "log_softmax",
+    "mixture_log_ratios",
     "RefResult",
     "reference",
     "reference_loss",
@@ -45,6 +75,10 @@ __all__ = [
 def log_softmax(x: np.ndarray) -> np.ndarray:
     """Log-softmax over the last axis in float64, via max-subtraction.
 
+    The normaliser's log is log1p of the other classes' exponentials (the largest one's is exactly 1), so that
+    the log-probability of a row's dominant class, ~ -(its tail), keeps its relative precision where the row
+    is saturated (a low temperature): the divergences of two saturated rows compare those tails.
+
     A row containing NaN or +inf, or made only of -inf, yields NaN everywhere;
     -inf entries of an otherwise finite row give -inf.
     """
@@ -52,8 +86,148 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
     with np.errstate(invalid="ignore", over="ignore", divide="ignore", under="ignore"):
         m = np.max(x, axis=-1, keepdims=True)
         z = x - m
-        lse = np.log(np.sum(np.exp(z), axis=-1, keepdims=True))
-        return z - lse
+        e = np.exp(z)
+        if x.shape[-1]:
+            np.put_along_axis(e, np.argmax(x, axis=-1)[..., None], 0.0, axis=-1)  # the largest: exp(0) = 1
+        lse = np.log1p(np.sum(e, axis=-1, keepdims=True))
+        bad = ~np.isfinite(m) | np.isnan(np.sum(x, axis=-1, keepdims=True))  # NaN, +inf, or all -inf
+        return np.where(bad, np.nan, z - lse)
+
+
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl")
+
+
+def plain_divergence(divergence: str, beta: float = 0.5, skew: float = 0.1) -> str:
+    """The divergence a parameter value makes it by definition: jsd at beta 0 / 1 is forward / reverse KL,
+    a skew KL at skew 0 its plain KL; any other (divergence, parameter) is itself."""
+    if divergence == "jsd" and beta == 0.0:
+        return "forward_kl"
+    if divergence == "jsd" and beta == 1.0:
+        return "reverse_kl"
+    if divergence in ("skew_forward_kl", "skew_reverse_kl") and skew == 0.0:
+        return divergence[len("skew_") :]
+    return divergence
+
+
+def _log1p_weighted_exp(d, weights):
+    """``log(1 + (w_p / w_q) e^d)`` for ``weights = (w_p, w_q)`` (positive, summing to 1, the smaller given exactly:
+    see ``_weights``), to a few ulps of its own size: log1p of ``r = (w_p / w_q) e^d`` where ``r <= 1``, else
+    ``log(w_p / w_q) + d + log1p(1/r)``, ``log(w_p / w_q)`` from the weights' exact logs; ``r`` is not exposed to
+    the rounding of a large ``log w_p`` (a tiny weight), as ``exp(log w_p - log w_q + d)`` would be."""
+    (w_p, log_wp), (w_q, log_wq) = weights
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore", under="ignore"):
+        r = (w_p / w_q) * np.exp(d)
+        r_inv = (w_q / w_p) * np.exp(-d)
+        return np.where(r <= 1.0, np.log1p(r), (log_wp - log_wq) + d + np.log1p(r_inv))
+
+
+def _weights(w: float):
+    """((w, log w), (1 - w, log(1 - w))) with log(1 - w) = log1p(-w) exact and 1 - w rounded (used only in
+    ratios, whose relative error it is)."""
+    return (w, math.log(w)), (1.0 - w, math.log1p(-w))
+
+
+def mixture_log_ratios(lp, lq, w_p: float):
+    """``log(m/q)`` and ``log(m/p)`` for the mixture ``m = w_p p + (1 - w_p) q`` (0 < w_p < 1) of the
+    distributions with log-probabilities ``lp`` and ``lq``, from ``d = lp - lq`` and the weights (see the module's
+    docstring).  NaN where both sides rule the class out (to be masked by the caller).
+
+    ``log(m/q) = log(w_q + w_p e^d)`` is ``log w_q + log1p(r)`` with ``r = (w_p / w_q) e^d`` where ``r <= 1``, and
+    ``log w_p + d + log1p(1/r)`` where ``r > 1`` (and symmetrically ``log(m/p)``): each log1p's argument at most
+    1, ``r`` not exposed to the rounding of a large ``log w_p`` (a tiny weight), as ``exp(log w_p - log w_q + d)``
+    would be, and the weights' logs added once, so both ratios are good to a few ulps of their own size (``~ w_p``
+    for a tiny ``w_p``).
+    """
+    (w_p, log_wp), (w_q, log_wq) = _weights(w_p)
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore", under="ignore"):
+        d = lp - lq
+        r = (w_p / w_q) * np.exp(d)  # w_p p / (w_q q)
+        r_inv = (w_q / w_p) * np.exp(-d)
+        log_m_q = np.where(r <= 1.0, log_wq + np.log1p(r), log_wp + d + np.log1p(r_inv))
+        log_m_p = np.where(r_inv <= 1.0, log_wp + np.log1p(r_inv), log_wq - d + np.log1p(r))
+        # Where m ~ q (or m ~ p) the ratio's log is small and the forms above, sums of a weight's log and a
+        # log1p, would leave it only an ulp of that log: there m/q = 1 + w_p expm1(d), m/p = 1 + w_q expm1(-d).
+        near_q, near_p = w_p * np.expm1(d), w_q * np.expm1(-d)
+        log_m_q = np.where(np.abs(near_q) <= 0.5, np.log1p(near_q), log_m_q)
+        log_m_p = np.where(np.abs(near_p) <= 0.5, np.log1p(near_p), log_m_p)
+    return log_m_q, log_m_p
+
+
+def _x_plus_log1m(x, log1m):
+    """``x + log(1 - x)`` for 0 <= x <= 1 (``log1m`` = log(1 - x), given accurately by the caller), to a few ulps
+    of its own size ~ -x^2/2: its series below 1/4."""
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        small = np.where(x < 0.25, x, 0.0)
+        total, power = np.zeros_like(small), small.copy()
+        for n in range(2, 32):  # 0.25^31 / 31 < 1e-20
+            power = power * small
+            total -= power / n
+        return np.where(x < 0.25, total, x + log1m)
+
+
+def _check_parameters(divergence, beta, skew):
+    if divergence not in DIVERGENCES:
+        raise ValueError("reference: bad divergence")
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError("reference: beta must be in [0, 1]")
+    if not 0.0 <= skew < 1.0:
+        raise ValueError("reference: skew must be in [0, 1)")
+
+
+def _centred_gradient(qt, phi, T):
+    """``T q_j (phi_j - E_q[phi])``, the soft gradient from ``phi_c = dD/dq_c`` (up to a constant) and the
+    softmax's Jacobian, with ``phi`` shifted to vanish at the student's most probable class k: there q_k ~ 1 and
+    ``phi_k - E_q[phi] = sum_{c != k} q_c (phi_k - phi_c)`` is small in a saturated row (a low temperature), which
+    ``phi_k - E_q[phi]`` taken as it is would give only to an ulp of ``phi_k``. 0 where the student has no mass."""
+    k = np.argmax(np.where(np.isnan(qt), np.inf, qt), axis=-1)[:, None]
+    shifted = np.where(qt == 0, 0.0, phi - np.take_along_axis(phi, k, axis=-1))
+    mean = np.sum(qt * shifted, axis=-1, keepdims=True)
+    return np.where(qt == 0, 0.0, T * qt * (shifted - mean))
+
+
+def _soft_term(divergence, beta, skew, lpt, lqt, pt, qt, T):
+    """Per-row T^2 D and its gradient T dD/da (a = s/T) for the divergence as ``plain_divergence`` names it."""
+    if divergence == "forward_kl":
+        # teacher probability exactly 0 contributes 0 (also for -inf student there)
+        soft_terms = np.where(pt == 0, 0.0, pt * (lpt - lqt))
+        return T * T * np.sum(soft_terms, axis=-1), T * (qt - pt)
+    if divergence == "reverse_kl":
+        # student probability exactly 0 contributes 0 (also for -inf teacher there)
+        kl = np.sum(np.where(qt == 0, 0.0, qt * (lqt - lpt)), axis=-1)
+        # dKL/dq_c = log(q_c/p_c) + 1. An infinite KL has no derivative: NaN where the student has mass.
+        grad = _centred_gradient(qt, lqt - lpt, T)
+        return T * T * kl, np.where(np.isinf(kl)[:, None] & (qt != 0), np.nan, grad)
+    if divergence == "jsd":
+        # m = beta p + (1 - beta) q; a = log(m/q), b = log(m/p); dD/dq_c = (1 - beta) log(q_c/m_c), here without
+        # the constant -(1 - beta) log(1 - beta): -(1 - beta) log(1 + beta/(1 - beta) p/q), which is small (to its
+        # own relative precision) where the student dominates, as at the class the gradient's shift is taken.
+        a, b = mixture_log_ratios(lpt, lqt, beta)
+        kl_pm = np.sum(np.where(pt == 0, 0.0, -pt * b), axis=-1)
+        kl_qm = np.sum(np.where(qt == 0, 0.0, -qt * a), axis=-1)
+        soft = T * T * (beta * kl_pm + (1.0 - beta) * kl_qm)
+        with np.errstate(invalid="ignore"):
+            phi = -(1.0 - beta) * _log1p_weighted_exp(lpt - lqt, _weights(beta))
+        return soft, _centred_gradient(qt, phi, T)
+    if divergence == "skew_forward_kl":
+        # m = skew p + (1 - skew) q; dD/dq_c = -(1 - skew) p_c / m_c = -(1 - skew) exp(-log(m/p)), 0 where p = 0
+        a, b = mixture_log_ratios(lpt, lqt, skew)
+        soft = T * T * np.sum(np.where(pt == 0, 0.0, -pt * b), axis=-1)
+        return soft, _centred_gradient(qt, np.where(pt == 0, 0.0, -(1.0 - skew) * np.exp(-b)), T)
+    if divergence == "skew_reverse_kl":
+        # m = skew q + (1 - skew) p; a = log(m/q) = log(skew) + log1p(r), r = (1 - skew)/skew p/q. dD/dq_c =
+        # log(q_c/m_c) + 1 - skew q_c/m_c is, but for a constant, x + log(1 - x) with x = r/(1 + r): ~ -x^2/2
+        # where the student dominates (as at the class the gradient's shift is taken), whose two terms ~ x would
+        # cancel to an ulp of x.
+        _, a = mixture_log_ratios(lqt, lpt, skew)
+        kl = np.sum(np.where(qt == 0, 0.0, -qt * a), axis=-1)
+        with np.errstate(invalid="ignore", over="ignore", under="ignore"):
+            d = lpt - lqt
+            r, r_inv = ((1.0 - skew) / skew) * np.exp(d), (skew / (1.0 - skew)) * np.exp(-d)
+            x = np.where(r <= 1.0, r / (1.0 + r), 1.0 / (1.0 + r_inv))
+            log1m = -_log1p_weighted_exp(d, _weights(skew)[::-1])  # log(1 - x) = -log1p(r)
+        phi = _x_plus_log1m(x, log1m)
+        return T * T * kl, _centred_gradient(qt, phi, T)
+    raise ValueError("reference: bad divergence")
 
 
 @dataclass
@@ -90,8 +264,13 @@ def reference(
     reduction: str = "mean",
     ignore_index: int = -100,
     divergence: str = "forward_kl",
+    beta: float = 0.5,
+    skew: float = 0.1,
 ) -> RefResult:
     """Full float64 reference: loss, gradient, per-row losses and error scales."""
+    beta, skew = float(beta), float(skew)
+    _check_parameters(divergence, beta, skew)
+    plain = plain_divergence(divergence, beta, skew)
     s = np.asarray(student, dtype=np.float64)
     t = np.asarray(teacher, dtype=np.float64)
     if s.shape != t.shape or s.ndim not in (1, 2) or s.shape[-1] < 1:
@@ -126,20 +305,7 @@ def reference(
         lqt = log_softmax(s / T)
         pt = np.exp(lpt)
         qt = np.exp(lqt)
-        if divergence == "forward_kl":
-            # teacher probability exactly 0 contributes 0 (also for -inf student there)
-            soft_terms = np.where(pt == 0, 0.0, pt * (lpt - lqt))
-            soft = T * T * np.sum(soft_terms, axis=-1)
-            soft_grad = T * (qt - pt)
-        elif divergence == "reverse_kl":
-            # student probability exactly 0 contributes 0 (also for -inf teacher there)
-            kl = np.sum(np.where(qt == 0, 0.0, qt * (lqt - lpt)), axis=-1)
-            soft = T * T * kl
-            # An infinite KL has no derivative: NaN where the student has mass.
-            centred = np.where(np.isinf(kl)[:, None], np.nan, (lqt - lpt) - kl[:, None])
-            soft_grad = np.where(qt == 0, 0.0, T * qt * centred)
-        else:
-            raise ValueError("reference: bad divergence")
+        soft, soft_grad = _soft_term(plain, beta, skew, lpt, lqt, pt, qt, T)
 
         fin = lambda v: np.where(np.isfinite(v), np.abs(v), 0.0)  # noqa: E731
         smax = np.max(fin(s), axis=-1, keepdims=True)
@@ -155,13 +321,22 @@ def reference(
             )
         )
         soft_gmag = T * (fin(qt) + fin(pt)) * ((fin(s) + fin(t) + smax + tmax) / T + logC)
-        if divergence == "reverse_kl":
+        if plain == "reverse_kl":
             soft_mag = (
                 T * T * (np.sum(np.where(qt == 0, 0.0, qt * (fin(lpt) + fin(lqt))), axis=-1))
                 + 2.0 * T * (smax[:, 0] + tmax[:, 0])
                 + T * T * logC
             )
             soft_gmag = T * fin(qt) * ((fin(s) + fin(t) + 2 * (smax + tmax)) / T + logC + fin(soft)[:, None] / T**2)
+        elif plain != "forward_kl":
+            # A mixture: terms of both sides, each log ratio as large as either side's log-probability.
+            both = fin(pt) + fin(qt)
+            soft_mag = (
+                T * T * np.sum(both * (fin(lpt) + fin(lqt)), axis=-1)
+                + 2.0 * T * (smax[:, 0] + tmax[:, 0])
+                + T * T * logC
+            )
+            soft_gmag = T * both * ((fin(s) + fin(t) + 2 * (smax + tmax)) / T + logC + fin(soft)[:, None] / T**2)
 
         # ---------------- hard term ----------------
         if kind is not None:
@@ -248,10 +423,58 @@ def _bf_log_softmax(row):
     return [v - m - lse for v in row]
 
 
+def _bf_kl(u, v):
+    """KL(u || v) of probability lists, 0 log 0 = 0."""
+    return math.fsum(u[c] * math.log(u[c] / v[c]) for c in range(len(u)) if u[c] != 0.0)
+
+
+def _bf_divergence(divergence, beta, skew, p, q):
+    """D(p, q) and its partial derivatives dD/dq_c, straight from the definitions with m a plain sum of
+    probabilities (un-simplified: the terms of the product rule written out, none cancelled by hand)."""
+    C = len(p)
+    if divergence == "forward_kl":
+        return _bf_kl(p, q), [-p[c] / q[c] for c in range(C)]
+    if divergence == "reverse_kl":
+        return _bf_kl(q, p), [math.log(q[c] / p[c]) + 1.0 for c in range(C)]
+    if divergence == "jsd":
+        m = [beta * p[c] + (1.0 - beta) * q[c] for c in range(C)]
+        d = beta * _bf_kl(p, m) + (1.0 - beta) * _bf_kl(q, m)
+        # d/dq_c [beta p_c log(p_c/m_c)] = -beta p_c (1 - beta) / m_c
+        # d/dq_c [(1 - beta) q_c log(q_c/m_c)] = (1 - beta) (log(q_c/m_c) + 1 - q_c (1 - beta) / m_c)
+        dq = [
+            -beta * p[c] * (1.0 - beta) / m[c]
+            + (1.0 - beta) * (math.log(q[c] / m[c]) + 1.0 - q[c] * (1.0 - beta) / m[c])
+            for c in range(C)
+        ]
+        return d, dq
+    if divergence == "skew_forward_kl":
+        m = [skew * p[c] + (1.0 - skew) * q[c] for c in range(C)]
+        return _bf_kl(p, m), [-p[c] * (1.0 - skew) / m[c] for c in range(C)]
+    if divergence == "skew_reverse_kl":
+        m = [skew * q[c] + (1.0 - skew) * p[c] for c in range(C)]
+        return _bf_kl(q, m), [math.log(q[c] / m[c]) + 1.0 - q[c] * skew / m[c] for c in range(C)]
+    raise ValueError("brute force: bad divergence")
+
+
 def brute_force_loss(
-    student, teacher, labels=None, *, temperature, alpha, reduction="mean", ignore_index=-100, divergence="forward_kl"
+    student,
+    teacher,
+    labels=None,
+    *,
+    temperature,
+    alpha,
+    reduction="mean",
+    ignore_index=-100,
+    divergence="forward_kl",
+    beta=0.5,
+    skew=0.1,
 ):
-    """Loss and gradient with explicit Python loops (finite logits only)."""
+    """Loss and gradient with explicit Python loops (finite logits only).
+
+    The soft term's gradient is the chain rule through the softmax, sum_c dD/dq_c dq_c/ds_j with
+    dq_c/ds_j = q_c (1[c=j] - q_j) / T, from the un-simplified partials of ``_bf_divergence``; the special
+    parameter values (jsd's beta 0 and 1, a skew of 0) are the plain KLs by definition."""
+    divergence = plain_divergence(divergence, float(beta), float(skew))
     s = np.asarray(student, dtype=np.float64)
     t = np.asarray(teacher, dtype=np.float64)
     one_d = s.ndim == 1
@@ -276,13 +499,12 @@ def brute_force_loss(
         if divergence == "forward_kl":
             soft = T * T * math.fsum(math.exp(lp[c]) * (lp[c] - lq[c]) for c in range(C))
             gsoft = [T * (math.exp(lq[c]) - math.exp(lp[c])) for c in range(C)]
-        else:  # reverse KL, its gradient from the chain rule through softmax: sum_c dKL/dq_c dq_c/ds_j
+        else:
             q = [math.exp(v) for v in lq]
-            soft = T * T * math.fsum(q[c] * (lq[c] - lp[c]) for c in range(C))
-            d_kl_d_q = [lq[c] - lp[c] + 1.0 for c in range(C)]
+            d, d_d_q = _bf_divergence(divergence, float(beta), float(skew), [math.exp(v) for v in lp], q)
+            soft = T * T * d
             gsoft = [
-                T * math.fsum(d_kl_d_q[c] * q[c] * ((1.0 if c == j else 0.0) - q[j]) for c in range(C))
-                for j in range(C)
+                T * math.fsum(d_d_q[c] * q[c] * ((1.0 if c == j else 0.0) - q[j]) for c in range(C)) for j in range(C)
             ]
         if lab is None:
             rows.append(soft)

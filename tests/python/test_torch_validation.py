@@ -35,6 +35,16 @@ PARAMETER_ERRORS = [
     dict(num_threads=1.5),
     dict(num_threads=True),
     dict(num_threads=2**64),
+    dict(beta=1.5),
+    dict(beta=-0.1),
+    dict(beta=math.nan),
+    dict(beta="0.5"),
+    dict(beta=True),
+    dict(divergence="jsd", beta=-1e-300),
+    dict(skew=1.0),
+    dict(skew=math.inf),
+    dict(skew=None),
+    dict(divergence="skew_reverse_kl", skew=1),
 ]
 
 

@@ -51,6 +51,10 @@ inline constexpr std::size_t max_threads = 4096;
 inline constexpr double min_temperature = 1e-30;
 inline constexpr double max_temperature = 100.0;
 
+// The smallest positive beta and skew: a mixture weight below it leaves float's normal range in the kernels'
+// products (and the mixture divergence is then within rounding of its plain KL anyway).
+inline constexpr double min_mixture_weight = 1e-30;
+
 // The smallest normaliser, the smallest normal double: the reduction's scale, 1 / normaliser, stays finite.
 inline constexpr double min_normalizer = std::numeric_limits<double>::min();
 
@@ -82,8 +86,14 @@ struct Parameters {
             parse_divergence(std::to_string(static_cast<int>(divergence)));  // throws, listing the names
         if (!(beta >= 0.0 && beta <= 1.0))
             throw std::invalid_argument("beta must be in [0, 1], got " + detail::format_number(beta));
+        if (beta > 0.0 && beta < min_mixture_weight)
+            throw std::invalid_argument("beta must be 0 or at least " + detail::format_number(min_mixture_weight) +
+                                        " (where kdloss is accurate), got " + detail::format_number(beta));
         if (!(skew >= 0.0 && skew < 1.0))
             throw std::invalid_argument("skew must be in [0, 1), got " + detail::format_number(skew));
+        if (skew > 0.0 && skew < min_mixture_weight)
+            throw std::invalid_argument("skew must be 0 or at least " + detail::format_number(min_mixture_weight) +
+                                        " (where kdloss is accurate), got " + detail::format_number(skew));
         Parameters result = *this;
         if (num_threads == 0) result.num_threads = detail::ThreadPool::hardware_threads();
         return result;

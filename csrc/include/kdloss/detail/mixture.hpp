@@ -44,20 +44,25 @@
 namespace kdloss::detail {
 inline namespace KDLOSS_KERNEL_NAMESPACE {
 
-// m = teacher p + student q; the loss weighs Σ p log u by teacher_term and Σ q log v by student_term.
+// m = teacher p + student q; the loss weighs Σ p log u by teacher_term and Σ q log v by student_term. The
+// weights' logarithms are exact to the last bit: log(1 - w) by log1p, since log of the rounded 1 - w would
+// shift every term of a small loss by an ulp of 1.
 struct MixtureWeights {
     Divergence divergence;
     double teacher, student;
     double teacher_term, student_term;
+    double log_teacher, log_student;
 };
 
 template <class T>
 MixtureWeights mixture_weights(const BatchProblem<T>& problem) noexcept {
     const double beta = problem.beta, skew = problem.skew;
     switch (problem.divergence) {
-        case Divergence::skew_forward_kl: return {problem.divergence, skew, 1.0 - skew, 1.0, 0.0};
-        case Divergence::skew_reverse_kl: return {problem.divergence, 1.0 - skew, skew, 0.0, 1.0};
-        default: return {Divergence::jsd, beta, 1.0 - beta, beta, 1.0 - beta};
+        case Divergence::skew_forward_kl:
+            return {problem.divergence, skew, 1.0 - skew, 1.0, 0.0, std::log(skew), std::log1p(-skew)};
+        case Divergence::skew_reverse_kl:
+            return {problem.divergence, 1.0 - skew, skew, 0.0, 1.0, std::log1p(-skew), std::log(skew)};
+        default: return {Divergence::jsd, beta, 1.0 - beta, beta, 1.0 - beta, std::log(beta), std::log1p(-beta)};
     }
 }
 
@@ -79,6 +84,18 @@ SoftTerm soft_term(const BatchProblem<T>& problem) noexcept {
         case Divergence::skew_reverse_kl: return problem.skew == 0.0 ? SoftTerm::reverse_kl : SoftTerm::mixture;
     }
     return SoftTerm::forward_kl;
+}
+
+// log(1 - x) for x in [0, 1], given x and y = 1 - x each to T's relative precision: log(y), corrected by the
+// part of x that y lost to rounding, ((1 - y) - x) / y, where 1 - y is exact (y >= 1/2; the factor 2 - y for
+// 1 / y is good enough for a correction of an ulp); and below an ulp of 1, where y rounds to 1 or just under
+// it and log(y)'s own rounding would be most of the result, -x itself (x^2 / 2 is below its last bit). Exact
+// relative to itself however small x is.
+template <class T>
+KDLOSS_INLINE Pack<T> log_one_minus(const Pack<T>& x, const Pack<T>& y) noexcept {
+    const Pack<T> correction = ((T(1) - y) - x) * (T(2) - y);
+    const Pack<T> result = fast_log(y) + select(x > Pack<T>(T(0.5)), Pack<T>(), correction);
+    return select(x < Pack<T>(std::numeric_limits<T>::epsilon()), T(0) - x, result);
 }
 
 // log(1 - x) + x for x in [0, 1], given x and y = 1 - x each to T's relative precision. For x <= 1/4 by the
@@ -151,10 +168,12 @@ struct Mixture {
         Divergence divergence;
         Pack<T> inverse_student, inverse_teacher;  // 1 / Z_s, 1 / Z_t
         Pack<T> student_scale;                     // Z_t / Z_s
-        T teacher, student;                        // the mixture's weights
-        T teacher_term, student_term;              // the loss's
-        T log_student;                             // log(student)
-        Pack<T> divergence_sum, mean;              // partial sums over a chunk
+        // Packs, not scalars: a scalar would be broadcast again at each use inside the loop.
+        Pack<T> teacher, student;            // the mixture's weights
+        Pack<T> teacher_term, student_term;  // the loss's
+        Pack<T> log_teacher, log_student;    // the mixture's weights' logarithms
+        Pack<T> student_over_teacher;        // student / teacher
+        Pack<T> divergence_sum, mean;        // partial sums over a chunk
 
         template <class V>
         static SecondPass from_sums(const Sums<V>& sums, const BatchProblem<T>& problem) noexcept {
@@ -163,11 +182,13 @@ struct Mixture {
                     narrow<T>(1.0 / sums.student_soft),
                     narrow<T>(1.0 / sums.teacher_soft),
                     narrow<T>(sums.teacher_soft / sums.student_soft),
-                    static_cast<T>(w.teacher),
-                    static_cast<T>(w.student),
-                    static_cast<T>(w.teacher_term),
-                    static_cast<T>(w.student_term),
-                    static_cast<T>(std::log(w.student)),
+                    Pack<T>(static_cast<T>(w.teacher)),
+                    Pack<T>(static_cast<T>(w.student)),
+                    Pack<T>(static_cast<T>(w.teacher_term)),
+                    Pack<T>(static_cast<T>(w.student_term)),
+                    Pack<T>(static_cast<T>(w.log_teacher)),
+                    Pack<T>(static_cast<T>(w.log_student)),
+                    Pack<T>(static_cast<T>(w.student / w.teacher)),
                     Pack<T>(),
                     Pack<T>()};
         }
@@ -178,32 +199,32 @@ struct Mixture {
             const Pack<T> e_student = Pack<T>::load(row.student_soft + i);
             const Pack<T> e_teacher = Pack<T>::load(row.divergence_term + i);
             const Pack<T> q = inverse_student * e_student, p = inverse_teacher * e_teacher;
-            // u = p / m and v = q / m as e^(dt/T) / m' and (Z_t / Z_s) e^(ds/T) / m', m' = Z_t m: quotients of
-            // normal numbers (or 0) where p, q and m may be subnormal and 1 / m overflow.
-            const Pack<T> student_part = student_scale * e_student;
-            const Pack<T> scaled_mixture = teacher * e_teacher + student * student_part;
             const Mask<T> no_teacher = e_teacher == Pack<T>(), no_student = e_student == Pack<T>();
-            // Below, x = (teacher's part of m) / m and y = (student's part) / m, each as exact as u and v,
-            // with x + y = 1.
+            // x = (the teacher's part of m) / m and y = (the student's part) / m, x + y = 1, as quotients of
+            // e^(dt/T) and (Z_t / Z_s) e^(ds/T), by m' = Z_t m: each is exact to T's precision relative to
+            // itself, where p, q and m may be subnormal. One reciprocal for all; where m' is so small that it
+            // would overflow, numerators and denominator are scaled by 2^32 first (exactly).
+            const Pack<T> teacher_part = teacher * e_teacher, student_part = student * (student_scale * e_student);
+            const Pack<T> mixture = teacher_part + student_part;
+            const Pack<T> scale = select(mixture < Pack<T>(std::numeric_limits<T>::min()), T(4294967296.0), T(1));
+            const Pack<T> to_mixture = T(1) / (mixture * scale);
+            const Pack<T> x = (teacher_part * scale) * to_mixture, y = (student_part * scale) * to_mixture;
             Pack<T> term, g;
             if (divergence == Divergence::skew_forward_kl) {
-                const Pack<T> u = e_teacher / scaled_mixture;
-                term = select(no_teacher, T(0), p * fast_log(u));
-                if constexpr (Gradient) g = T(0) - student * u;
-            } else {
-                const Pack<T> x = teacher * e_teacher / scaled_mixture;
-                const Pack<T> y = student * student_part / scaled_mixture;
-                // H = log y + x: log(y) itself, and so log v = log y - log(student), is H - x.
+                // D = sum p log(p / m), log(p / m) = log(x / skew); G = -(1 - skew) p / m.
+                term = select(no_teacher, T(0), p * (log_one_minus(y, x) - log_teacher));
+                if constexpr (Gradient) g = T(0) - student_over_teacher * x;
+            } else if (divergence == Divergence::skew_reverse_kl) {
+                // D = sum q log(q / m), log(q / m) = log(y / skew); G = log y + x (log_one_minus_plus).
                 const Pack<T> h = log_one_minus_plus(x, y);
-                const Pack<T> log_v = (h - x) - log_student;
-                if (divergence == Divergence::skew_reverse_kl) {
-                    term = select(no_student, T(0), q * log_v);
-                    if constexpr (Gradient) g = h;
-                } else {
-                    term = select(no_teacher, T(0), teacher_term * p * fast_log(e_teacher / scaled_mixture)) +
-                           select(no_student, T(0), student_term * q * log_v);
-                    if constexpr (Gradient) g = student * (h - x);
-                }
+                term = select(no_student, T(0), q * ((h - x) - log_student));
+                if constexpr (Gradient) g = h;
+            } else {
+                // D = beta sum p log(x / beta) + (1 - beta) sum q log(y / (1 - beta)); G = (1 - beta) log y.
+                const Pack<T> log_y = log_one_minus(x, y);
+                term = select(no_teacher, T(0), teacher_term * p * (log_one_minus(y, x) - log_teacher)) +
+                       select(no_student, T(0), student_term * q * (log_y - log_student));
+                if constexpr (Gradient) g = student * log_y;
             }
             divergence_sum += summed(term, T(0), skipped);
             if constexpr (Gradient) {

@@ -139,33 +139,38 @@ void run_rows_with(const BatchProblem<T>& problem, std::size_t begin, std::size_
 }
 
 // The instantiation of each run-time choice, in one table: rows_kernel_table<T>[gradient][soft][hard], where
-// soft is the SoftTerm (mixture.hpp), and hard is the LabelKind of a hard term (none: no
-// hard term). Everything else a call chooses is a run-time value inside the kernels: each entry here is
-// compiled in full, so the table is kept to the choices that change which passes run and what they sum.
+// soft is the SoftTerm (mixture.hpp), and hard (then + 2 where e^(ds) is a power of e^(ds/T), see hard_power) is the
+// LabelKind of a hard term (none: no hard term). Everything else a call chooses is a run-time value inside the kernels:
+// each entry here is compiled in full, so the table is kept to the choices that change which passes run and what they
+// sum.
 template <class T, bool Gradient, class Soft, class Hard>
 constexpr RowsKernel<T> rows_instance() noexcept {
     if constexpr (std::is_same_v<Soft, Absent> && std::is_same_v<Hard, Absent>) return nullptr;  // no loss at all
     else return &run_rows_with<T, Terms<Soft, Hard, Gradient>>;
 }
 
-// In the order of LabelKind: none, class_indices, distributions.
+// In the order of LabelKind: none, class_indices, distributions; then the last two with e^(ds) a power.
 template <class T, bool Gradient, class Soft>
-constexpr std::array<RowsKernel<T>, 3> by_hard_term() noexcept {
-    return {rows_instance<T, Gradient, Soft, Absent>(), rows_instance<T, Gradient, Soft, CrossEntropy<false>>(),
-            rows_instance<T, Gradient, Soft, CrossEntropy<true>>()};
+constexpr std::array<RowsKernel<T>, 5> by_hard_term() noexcept {
+    // A hard term without a soft one computes its own e^(ds) (hard_power is 0 then).
+    constexpr bool powered = !std::is_same_v<Soft, Absent>;
+    return {rows_instance<T, Gradient, Soft, Absent>(), rows_instance<T, Gradient, Soft, CrossEntropy<false, false>>(),
+            rows_instance<T, Gradient, Soft, CrossEntropy<true, false>>(),
+            rows_instance<T, Gradient, Soft, CrossEntropy<false, powered>>(),
+            rows_instance<T, Gradient, Soft, CrossEntropy<true, powered>>()};
 }
 
 // In the order of SoftTerm. A new divergence is its policy, an entry here and its case in soft_term.
 static_assert(divergence_count == 5, "each Divergence needs its SoftTerm in soft_term (mixture.hpp)");
 constexpr std::size_t soft_terms = 4;
 template <class T, bool Gradient>
-constexpr std::array<std::array<RowsKernel<T>, 3>, soft_terms> by_soft_term() noexcept {
+constexpr std::array<std::array<RowsKernel<T>, 5>, soft_terms> by_soft_term() noexcept {
     return {by_hard_term<T, Gradient, Absent>(), by_hard_term<T, Gradient, ForwardKL>(),
             by_hard_term<T, Gradient, ReverseKL>(), by_hard_term<T, Gradient, Mixture>()};
 }
 
 template <class T>
-constexpr std::array<std::array<std::array<RowsKernel<T>, 3>, soft_terms>, 2> rows_kernel_table = {
+constexpr std::array<std::array<std::array<RowsKernel<T>, 5>, soft_terms>, 2> rows_kernel_table = {
     by_soft_term<T, false>(), by_soft_term<T, true>()};
 
 // The row kernel for this problem's terms.
@@ -174,7 +179,8 @@ RowsKernel<T> rows_kernel(const BatchProblem<T>& problem) noexcept {
     // Soft and hard weights are 1 - alpha and alpha, so at least one term is always present.
     const auto soft = static_cast<std::size_t>(soft_term(problem));
     const LabelKind hard = problem.hard_weight != 0.0 ? problem.label_kind : LabelKind::none;
-    return rows_kernel_table<T>[problem.gradient != nullptr][soft][static_cast<std::size_t>(hard)];
+    const bool powered = hard != LabelKind::none && hard_power(soft != 0, problem.temperature) != 0;
+    return rows_kernel_table<T>[problem.gradient != nullptr][soft][static_cast<std::size_t>(hard) + (powered ? 2 : 0)];
 }
 
 template <class T>

@@ -17,9 +17,11 @@
 // subnormal): each exponential here is added to a sum that is at least 1, so the flushed values could not
 // change a bit of it, and exact zeros are what the masks expect.
 //
-// log: x = 2^e m with m in [sqrt(1/2), sqrt(2)), then log m = 2 atanh(f), f = (m - 1) / (m + 1), by its odd
-// series (double: to f^19, for row sums, >= 1, and their ratios; float: to f^9, for the mixture divergences'
-// per-element ratios, subnormal ones included); within about one ulp, two just above 1.
+// log, of positive normal numbers (NaN and +inf pass through; 0 and subnormals give finite values, which the
+// callers weigh by 0 or by less than the smallest normal number): x = 2^e m with m in [sqrt(1/2), sqrt(2)).
+// double (row sums, >= 1, and their ratios, and the double mixture divergences' ratios): log m = 2 atanh(f),
+// f = (m - 1) / (m + 1), by its odd series to f^19; float (the mixture divergences' per-element ratios):
+// Cephes' polynomial in m - 1, without a division. Within about one ulp, two just above 1.
 // tests/cpp/test_simd_math.cpp checks them over their whole domains.
 
 #include <cstddef>
@@ -234,29 +236,30 @@ KDLOSS_INLINE V fast_log(V x) noexcept {
     constexpr float sqrt2 = 1.41421356f;
     constexpr float two_23 = 8388608.0f;
 
-    // A subnormal x is scaled into the normal range first, and its exponent corrected after.
-    const auto subnormal = x < V(std::numeric_limits<float>::min());
-    const V normal = select(subnormal, x * two_23, x);
-    const auto bits = to_bits(normal);
+    const auto bits = to_bits(x);
     // The biased exponent in the mantissa of 2^23, as in the double log: 2^23 + exponent exactly.
     V exponent = from_bits((bits >> 23) | to_bits(V(two_23))) - (two_23 + 127.0f);
-    exponent = select(subnormal, exponent - 23.0f, exponent);
-    V m = from_bits((bits & mantissa_mask) | exponent_one);  // in [1, 2)
+    const V m = from_bits((bits & mantissa_mask) | exponent_one);  // in [1, 2)
+    // t = m - 1 (or m / 2 - 1 above sqrt 2), in [sqrt(1/2) - 1, sqrt(2) - 1), exactly (Sterbenz).
     const auto high = m > V(sqrt2);
-    m = select(high, m * 0.5f, m);
+    const V t = select(high, m * 0.5f - 1.0f, m - 1.0f);
     exponent = select(high, exponent + 1.0f, exponent);
-    const V f = (m - 1.0f) / (m + 1.0f);
-    const V s = f * f;
-    // |f| <= 0.172: the first term left out, f^11 / 11, is 2e-9 of the result.
-    V p = 1.0f / 9.0f;
-    p = p * s + 1.0f / 7.0f;
-    p = p * s + 1.0f / 5.0f;
-    p = p * s + 1.0f / 3.0f;
-    const V log_m = 2.0f * f + 2.0f * f * s * p;
-    const V result = exponent * ln2_hi + (log_m + exponent * ln2_lo);
-    // log 0 = -inf; NaN and +inf pass through unchanged (negative x never comes here).
-    return select(x == V(0.0f), -std::numeric_limits<float>::infinity(),
-                  select((x != x) | (x > V(std::numeric_limits<float>::max())), x, result));
+    // log(1 + t) = t - t^2/2 + t^3 P(t): Cephes' logf polynomial, without the division of the double log's
+    // series (the mixture divergences take one or two logarithms an element).
+    const V t2 = t * t;
+    V p = 7.0376836292e-2f;
+    p = p * t - 1.1514610310e-1f;
+    p = p * t + 1.1676998740e-1f;
+    p = p * t - 1.2420140846e-1f;
+    p = p * t + 1.4249322787e-1f;
+    p = p * t - 1.6668057665e-1f;
+    p = p * t + 2.0000714765e-1f;
+    p = p * t - 2.4999993993e-1f;
+    p = p * t + 3.3333331174e-1f;
+    const V tail = p * t * t2 + exponent * ln2_lo - 0.5f * t2;
+    const V result = (t + tail) + exponent * ln2_hi;
+    // NaN and +inf pass through unchanged.
+    return select((x != x) | (x > V(std::numeric_limits<float>::max())), x, result);
 }
 
 }  // namespace KDLOSS_KERNEL_NAMESPACE
