@@ -104,29 +104,17 @@ def primitive_loss(
     skew=0.1,
 ):
     """The distillation loss from torch primitives, any divergence (torch_helpers.plain_torch_loss's rules)."""
-    c = s.shape[-1]
-    s2, t2 = s.reshape(-1, c), t.reshape(-1, c)
-    counted = torch.ones(s2.shape[0], dtype=torch.bool)
-    if y is not None and not y.is_floating_point():
-        counted = y.reshape(-1) != ignore_index
-    log_q, log_p = F.log_softmax(s2 / temperature, dim=-1), F.log_softmax(t2 / temperature, dim=-1)
-    soft = soft_divergence(log_p, log_q, divergence, beta, skew) * temperature**2
-    if y is None:
-        rows = soft
-    else:
-        if y.is_floating_point():
-            hard = -(y.reshape(-1, c) * F.log_softmax(s2, dim=-1)).sum(-1)
-        else:
-            hard = F.cross_entropy(s2, y.reshape(-1), ignore_index=ignore_index, reduction="none")
-        rows = alpha * hard + (1 - alpha) * soft
-    rows = torch.where(counted, rows, torch.zeros_like(rows))
-    if reduction == "none":
-        return rows.reshape(s.shape[:-1])
-    if normalizer is not None:
-        return rows.sum() / normalizer
-    if reduction == "sum":
-        return rows.sum()
-    return rows.sum() / counted.sum().clamp(min=1)
+    return plain_torch_loss(
+        s,
+        t,
+        y,
+        temperature=temperature,
+        alpha=alpha,
+        reduction=reduction,
+        ignore_index=ignore_index,
+        normalizer=normalizer,
+        soft_divergence=lambda log_p, log_q: soft_divergence(log_p, log_q, divergence, beta, skew),
+    )
 
 
 def test_the_oracle_is_the_plain_one_for_the_plain_divergences(gen):

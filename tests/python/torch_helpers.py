@@ -19,9 +19,20 @@ LABEL_FORMS = ("none", "index", "soft")
 
 
 def plain_torch_loss(
-    s, t, y, *, temperature, alpha, reduction="mean", ignore_index=IGNORE, normalizer=None, divergence="forward_kl"
+    s,
+    t,
+    y,
+    *,
+    temperature,
+    alpha,
+    reduction="mean",
+    ignore_index=IGNORE,
+    normalizer=None,
+    divergence="forward_kl",
+    soft_divergence=None,
 ):
-    """The distillation loss from torch primitives (autograd gives its gradient).
+    """The distillation loss from torch primitives (autograd gives its gradient). ``soft_divergence(log_p,
+    log_q)``, when given, is the soft term's per-row D in place of the KL that ``divergence`` names.
 
     For reduction "mean" with class-index labels this is
     ``kl_div(log_softmax(s/T), log_softmax(t/T), log_target=True, reduction='sum') * T² * (1-α) / N
@@ -33,9 +44,12 @@ def plain_torch_loss(
     if y is not None and not y.is_floating_point():
         counted = y.reshape(-1) != ignore_index
     student, teacher = F.log_softmax(s2 / temperature, dim=-1), F.log_softmax(t2 / temperature, dim=-1)
-    # kl_div(input, target) is KL(target || input): forward KL(teacher || student), or reverse.
-    pair = (student, teacher) if divergence == "forward_kl" else (teacher, student)
-    soft = F.kl_div(*pair, log_target=True, reduction="none").sum(-1) * temperature**2
+    if soft_divergence is not None:
+        soft = soft_divergence(teacher, student) * temperature**2
+    else:
+        # kl_div(input, target) is KL(target || input): forward KL(teacher || student), or reverse.
+        pair = (student, teacher) if divergence == "forward_kl" else (teacher, student)
+        soft = F.kl_div(*pair, log_target=True, reduction="none").sum(-1) * temperature**2
     if y is None:
         rows = soft
     else:
