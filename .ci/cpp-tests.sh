@@ -106,7 +106,7 @@ aarch64=0
 if install_aarch64; then aarch64=1; fi
 # The suite runs sanitized once, with one compiler: ASan and UBSan check the program against the language's
 # rules (bounds, lifetimes, overflow), which the source breaks or not whichever compiler instruments it, so a
-# second compiler's sanitized run checked the same rules again for ~100 s more of CPU. clang++'s is kept when it
+# second compiler's sanitized run checked the same rules again for ~140 s more of CPU. clang++'s is kept when it
 # has the sanitizer runtimes: its -fsanitize=undefined also checks float-to-integer conversions
 # (float-cast-overflow, which g++'s leaves out, and the kernels convert floats to integers), and it builds in
 # half g++'s time. Without them g++'s runs.
@@ -232,9 +232,9 @@ consumer() {
 # --- two lanes ------------------------------------------------------------------------------------
 # Most of a suite's time goes into one process (the unity translation unit; under qemu, one long test), so
 # one suite at a time left a core idle. Two lanes of suites run at once, of about the same CPU time each
-# (in seconds of CPU with today's sources, here: lane 1, aarch64 60 to build and 215 to run under qemu, then
-# sanitized 105 with clang++ or 140 with g++; lane 2, g++ plain 105, portable 115, clang++ plain 60, the
-# consumer 35). Each lane's report is printed when both are done.
+# (seconds of CPU when this was written: lane 1, aarch64 95 to build and 220 to run under qemu,
+# then sanitized 120 with clang++, ~170 with g++; lane 2, g++ plain 140, portable 175, clang++ plain 65,
+# the consumer 50). Each lane's report is printed when both are done.
 # lane NAME JOB...: runs each JOB (a command line: "suite CXX MODE", "consumer CXX") in turn, its report in
 # $work/lane.NAME and its counts and summary lines in $work/lane.NAME.result.
 lane() {
