@@ -192,9 +192,8 @@ KDLOSS_NOINLINE LaneMaxima<T> exponentials(const T* student, const T* teacher, P
 // with the gradient stores what the policy returns over row.divergence_term. A last partial block is the
 // window of the last `lanes` elements, its overlapping lanes left out of the sums; since it reads what the
 // block before writes over, it is computed first and stored last.
-template <class T, class Soft, bool Gradient>
-KDLOSS_NOINLINE void second_pass(const RowBuffers<T>& row, std::size_t n,
-                                 typename Soft::template SecondPass<T, Gradient> pass,
+template <class T, class Soft, bool Gradient, class Pass>
+KDLOSS_NOINLINE void second_pass(const RowBuffers<T>& row, std::size_t n, Pass pass,
                                  typename Soft::template Sums<Pack<double>>& sums) noexcept {
     constexpr std::size_t chunk = lanes * (std::is_same_v<T, float> ? 64 : 256);
     const std::size_t whole = n - n % lanes;

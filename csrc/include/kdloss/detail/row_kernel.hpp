@@ -74,8 +74,8 @@ KDLOSS_NOINLINE RowSums<Terms> distill_row(const BatchProblem<T>& problem, Exp2S
     if constexpr (Terms::second_pass) {
         using Soft = typename Terms::SoftTerm;
         typename Soft::template Sums<Pack<double>> more{};
-        second_pass<T, Soft, Terms::gradient>(
-            row, n, Soft::template SecondPass<T, Terms::gradient>::from_sums(sums.soft, problem), more);
+        Soft::template with_second_pass<T, Terms::gradient>(
+            sums.soft, problem, [&](const auto& pass) { second_pass<T, Soft, Terms::gradient>(row, n, pass, more); });
         Soft::for_each_sum([](double& sum, const Pack<double>& lane_sum) { sum += lane_sum.sum(); }, sums.soft, more);
     }
 
@@ -137,8 +137,9 @@ KDLOSS_NOINLINE void distill_block(const BatchProblem<T>& problem, Exp2Scale<T> 
                                                       RowsAhead<T>{{}, next}, sums);
     if constexpr (Terms::second_pass) {
         using Soft = typename Terms::SoftTerm;
-        second_pass<T, Soft, Terms::gradient>(
-            row, m, Soft::template SecondPass<T, Terms::gradient>::from_sums(sums.soft, problem), sums.soft);
+        Soft::template with_second_pass<T, Terms::gradient>(sums.soft, problem, [&](const auto& pass) {
+            second_pass<T, Soft, Terms::gradient>(row, m, pass, sums.soft);
+        });
     }
     if constexpr (Terms::class_index) Terms::HardTerm::at_label(sums.hard, Pack<double>::load(label_logits));
     store_row_losses<Terms>(problem, sums, rows, count);
