@@ -1,9 +1,13 @@
-"""kdloss.SparseTeacher and kdloss.SparseTeacherWriter.
+"""kdloss.SparseTeacher and kdloss.SparseTeacherWriter, and the float64 reference of the sparse soft term.
 
 The container: construction and what it refuses (with the exact messages), reading NumPy arrays and torch tensors
 in place, the content checks of ``validate`` naming the first bad row, indexing as views, the tail computed to
 full precision, the files on disk (NumPy alone reads them; written whole or not at all; loaded memory-mapped),
 the writer that builds a cache batch by batch, and concatenation.
+
+The reference (``sparse_soft_reference`` in reference.py) is itself checked: a cache listing every class is the
+dense reference; its hand-derived gradient is torch autograd's of the scattered formula and mpmath's derivative
+of the KL between the coarse-grained distributions, which mpmath also checks the loss against.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import numpy as np
 import pytest
 from kdloss import DistillationLoss, SparseTeacher, SparseTeacherWriter
 from kdloss import _sparse_teacher as sparse_module
+from reference import SPARSE_TAILS, dense_equivalent, reference, scatter_teacher, sparse_soft_reference
 
 INDEX_DTYPES = [np.int32, np.int64]
 LOGPROB_DTYPES = [np.float16, np.float32, np.float64]
@@ -863,3 +868,236 @@ def test_concatenate_refuses_caches_that_differ():
     refused(ValueError, "caches[1] has temperature 2.0, caches[0] None", [cache(), cache(temperature=2.0)])
     refused(ValueError, "caches[1] has vocab_size 5, caches[0] 4", [cache(vocab_size=4), cache(vocab_size=5)])
     refused(ValueError, "caches[1] has method None, caches[0] 'a'", [cache(method="a"), cache()])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The reference of the sparse soft term, checked
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _teacher_cache(rng, rows, classes, k, temperature, *, empty=0.25, scale=3.0):
+    """Student logits and a valid sparse teacher of k classes a row: the listed ones the teacher's own (so the
+    row has a tail), some slots empty, some rows of sampled-teacher weights (count / num_samples, summing to 1)."""
+    student = rng.normal(size=(rows, classes)) * scale
+    teacher = rng.normal(size=(rows, classes)) * scale
+    indices, logprobs = dense_equivalent(teacher, temperature)
+    indices, logprobs = indices[:, :k].copy(), logprobs[:, :k].copy()
+    logprobs[rng.random((rows, k)) < empty] = -np.inf
+    for row in range(0, rows, 3):  # a sampled row: weights count / n over the classes drawn
+        n = 16
+        counts = np.bincount(rng.integers(0, k, n), minlength=k)
+        logprobs[row] = np.where(counts > 0, np.log(np.maximum(counts, 1) / n), -np.inf)
+    return student, indices, logprobs
+
+
+def _torch_sparse_soft(student, indices, logprobs, temperature, tail):
+    """The soft term written from the issue's formulas with torch primitives, on the teacher scattered over the
+    classes, in float64; autograd differentiates it."""
+    torch = pytest.importorskip("torch")
+    listed, log_p = scatter_teacher(indices, logprobs, student.shape[-1])
+    listed, log_p = torch.tensor(listed), torch.tensor(log_p)
+    s = torch.tensor(student, dtype=torch.float64, requires_grad=True)
+    log_q = torch.log_softmax(s / temperature, dim=-1)
+    p = torch.where(listed, log_p.exp(), 0.0)
+    listed_p = p.sum(-1)
+    if tail == "bucket":
+        kl_terms = torch.where(p > 0, p * (log_p - log_q), 0.0).sum(-1)
+        r = torch.where(listed.all(-1), 0.0, (1 - listed_p).clamp(min=0))
+        # Where every class is listed the tail is 0 and Q_u unused: all of log q there keeps logsumexp's backward
+        # free of NaN (exp(-inf - -inf)), which the zero gradient of the unused branch would multiply into NaN.
+        hidden = listed & ~listed.all(-1, keepdim=True)
+        unlisted = torch.logsumexp(torch.where(hidden, -math.inf, log_q), dim=-1)
+        tail_terms = torch.where(r > 0, r * (torch.log(r) - unlisted), 0.0)
+        soft = temperature**2 * (kl_terms + tail_terms)
+    else:
+        pn = p / listed_p[:, None]
+        soft = temperature**2 * torch.where(pn > 0, pn * (torch.log(pn) - log_q), 0.0).sum(-1)
+    soft.sum().backward()
+    return soft.detach().numpy(), s.grad.numpy()
+
+
+@pytest.mark.parametrize("tail", SPARSE_TAILS)
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0, 7.0])
+@pytest.mark.parametrize("lead", [(), (6,), (2, 3)])
+def test_a_cache_of_every_class_is_the_dense_reference(rng, tail, temperature, lead):
+    """K = C (the top-k of k = C): both tails give the dense forward-KL soft term and gradient to 1e-12, whatever
+    the order of the slots, also with classes both sides rule out (-inf logits, listed as empty slots)."""
+    classes = 9
+    student = rng.normal(size=(*lead, classes)) * 3
+    teacher = rng.normal(size=(*lead, classes)) * 3
+    if lead:
+        teacher.reshape(-1, classes)[0, [2, 5]] = -np.inf
+        student.reshape(-1, classes)[0, 5] = -np.inf
+    rows = (-1, classes)  # the dense reference takes (B, C)
+    dense = reference(
+        student.reshape(rows), teacher.reshape(rows), temperature=temperature, alpha=0.0, reduction="none"
+    )
+    indices, logprobs = dense_equivalent(teacher, temperature)
+    assert indices.shape == (*lead, classes) and indices.dtype == np.int64
+    shuffled = rng.permuted(np.arange(classes))
+    for order in (np.arange(classes), shuffled):
+        sparse = sparse_soft_reference(student, indices[..., order], logprobs[..., order], temperature, tail)
+        assert sparse.soft.shape == lead and sparse.grad.shape == student.shape
+        np.testing.assert_allclose(sparse.soft, dense.rows.reshape(lead), rtol=1e-12, atol=1e-15)
+        tolerance = 1e-12 * np.abs(dense.grad).max()
+        np.testing.assert_allclose(sparse.grad, dense.grad.reshape(student.shape), rtol=0, atol=tolerance)
+
+
+def test_dense_equivalent_is_the_top_k_order():
+    indices, logprobs = dense_equivalent(np.array([[1.0, 3.0, 1.0, -np.inf, 3.0]]), 2.0)
+    np.testing.assert_array_equal(indices, [[1, 4, 0, 2, 3]])  # ties: the lower index first
+    log_z = math.log(2 * math.exp(1.5) + 2 * math.exp(0.5))
+    np.testing.assert_allclose(logprobs, [[1.5 - log_z, 1.5 - log_z, 0.5 - log_z, 0.5 - log_z, -np.inf]], rtol=1e-15)
+
+
+@pytest.mark.parametrize("tail", SPARSE_TAILS)
+@pytest.mark.parametrize("temperature", [0.3, 1.0, 2.5])
+@pytest.mark.parametrize("classes, k", [(1, 1), (5, 2), (12, 5), (40, 8), (33, 33)])
+def test_the_hand_derived_gradient_is_autograds(rng, tail, temperature, classes, k):
+    student, indices, logprobs = _teacher_cache(rng, 12, classes, k, temperature)
+    if tail == "renormalize":  # a row with nothing listed has no renormalised teacher (the reference gives 0)
+        keep = np.isfinite(logprobs).any(axis=1)
+        student, indices, logprobs = student[keep], indices[keep], logprobs[keep]
+    ref = sparse_soft_reference(student, indices, logprobs, temperature, tail)
+    soft, grad = _torch_sparse_soft(student, indices, logprobs, temperature, tail)
+    np.testing.assert_allclose(ref.soft, soft, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(ref.grad, grad, rtol=0, atol=1e-12 * max(np.abs(grad).max(), 1e-300))
+
+
+def _mp_coarse_kl(student_row, indices_row, logprobs_row, temperature, tail, index=None, value=None):
+    """T^2 times the KL between the teacher and the student coarse-grained to K + 1 bins (the listed classes and
+    the rest), from the probabilities themselves (optionally with student_row[index] = value, an mpf,
+    for derivatives); "renormalize": T^2 sum pn_k log(pn_k / q_k). 0 log 0 = 0; the tail 0 when every class is
+    listed. At the caller's precision (mpmath.diff raises it for its differences)."""
+    mp = pytest.importorskip("mpmath").mp
+    T = mp.mpf(temperature)
+    s = [mp.mpf(float(v)) for v in student_row]
+    if index is not None:
+        s[index] = value
+    top = max(s)
+    weights = [mp.exp((v - top) / T) for v in s]
+    z = mp.fsum(weights)
+    q = [w / z for w in weights]
+    listed = {int(c): mp.exp(mp.mpf(float(lp))) for c, lp in zip(indices_row, logprobs_row) if lp != -np.inf}
+    if tail == "renormalize":
+        total = mp.fsum(listed.values())
+        return T * T * mp.fsum(p / total * mp.log(p / total / q[c]) for c, p in listed.items() if p)
+    bins = [(p, q[c]) for c, p in listed.items()]
+    if len(listed) < len(s):
+        rest = 1 - mp.fsum(listed.values())
+        bins.append((max(rest, mp.mpf(0)), mp.fsum(q[c] for c in range(len(s)) if c not in listed)))
+    return T * T * mp.fsum(p * mp.log(p / qb) for p, qb in bins if p)
+
+
+def _hard_rows(temperature):
+    """Rows where a careless formula loses digits: a tail of 1e-12 behind a class of log-probability ~ -1e-12; a
+    student whose unlisted classes hold ~1e-20 of its mass (1 - sum q_k would be 0); a student ruling out a
+    class it does not list; every class listed with probabilities summing to 1 - 1e-9 (no tail by definition)."""
+    classes = 6
+    student = np.array(
+        [
+            [2.0, 0.5, -1.0, 0.3, -0.7, 1.1],
+            [30.0, 29.0, 28.5, -15.0, -16.0, -14.0],
+            [1.0, -np.inf, 0.5, 2.0, -0.5, 0.0],
+            [0.3, -0.2, 0.9, -1.4, 0.0, 0.6],
+        ]
+    )
+    indices = np.array([[3, 1, 0, 0, 0, 0], [0, 1, 2, 0, 0, 0], [3, 0, 5, 0, 0, 0], [5, 4, 3, 2, 1, 0]])
+    logprobs = np.full((4, classes), -np.inf)
+    logprobs[0, :2] = [-1.2e-12, math.log(2e-13)]
+    logprobs[1, :3] = np.log([0.6, 0.3, 0.09])
+    logprobs[2, :3] = np.log([0.5, 0.2, 0.25])
+    p = np.array([0.3, 0.25, 0.2, 0.15, 0.07, 0.03 - 1e-9])
+    logprobs[3] = np.log(p)
+    return student, indices, logprobs
+
+
+@pytest.mark.parametrize("tail", SPARSE_TAILS)
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 3.0])
+def test_the_reference_is_the_coarse_grained_kl_to_full_precision(rng, tail, temperature):
+    mp = pytest.importorskip("mpmath").mp
+    hard = _hard_rows(temperature)
+    drawn = _teacher_cache(rng, 9, 7, 4, temperature)
+    for student, indices, logprobs in (hard, drawn):
+        ref = sparse_soft_reference(student, indices, logprobs, temperature, tail)
+        for i in range(student.shape[0]):
+            with mp.workdps(60):
+                exact = float(_mp_coarse_kl(student[i], indices[i], logprobs[i], temperature, tail))
+            assert np.isfinite(ref.soft[i])
+            assert abs(ref.soft[i] - exact) <= 1e-13 * abs(exact) + 1e-300, (i, ref.soft[i], exact)
+
+
+@pytest.mark.parametrize("tail", SPARSE_TAILS)
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+def test_the_reference_gradient_is_the_derivative_of_the_coarse_grained_kl(tail, temperature):
+    mpmath = pytest.importorskip("mpmath")
+    student, indices, logprobs = _hard_rows(temperature)
+    ref = sparse_soft_reference(student, indices, logprobs, temperature, tail)
+    for i in range(student.shape[0]):
+        scale = np.abs(ref.grad[i]).max()
+        for j in range(student.shape[1]):
+            if student[i, j] == -np.inf:
+                continue  # not a point the loss is differentiable at; checked below
+            with mpmath.mp.workdps(60):
+                exact = mpmath.diff(
+                    lambda x, i=i, j=j: _mp_coarse_kl(student[i], indices[i], logprobs[i], temperature, tail, j, x),
+                    mpmath.mpf(float(student[i, j])),
+                )
+            assert abs(ref.grad[i, j] - float(exact)) <= 1e-13 * scale, (i, j, ref.grad[i, j], float(exact))
+
+
+def test_a_class_the_student_rules_out_has_the_gradient_of_dense_forward_kl():
+    """Listed with teacher mass: loss +inf, gradient -T p_j (finite); unlisted: no mass, no gradient."""
+    T = 2.0
+    student = np.array([[0.5, -np.inf, 1.0, -np.inf]])
+    indices, logprobs = np.array([[1, 2]]), np.log([[0.25, 0.5]])
+    for tail in SPARSE_TAILS:
+        ref = sparse_soft_reference(student, indices, logprobs, T, tail)
+        assert ref.soft[0] == np.inf
+        expected_p = 0.25 if tail == "bucket" else 0.25 / 0.75
+        assert ref.grad[0, 1] == pytest.approx(-T * expected_p, rel=1e-15)
+        assert ref.grad[0, 3] == 0.0
+
+
+def test_a_tail_the_student_cannot_hold_is_an_infinite_loss_without_a_gradient():
+    """bucket: r > 0 but every unlisted class ruled out (Q_u = 0): the loss is +inf, the unlisted gradient NaN."""
+    student = np.array([[0.5, -np.inf, 1.0, -np.inf]])
+    ref = sparse_soft_reference(student, np.array([[0, 2]]), np.log([[0.25, 0.5]]), 2.0, "bucket")
+    assert ref.soft[0] == np.inf
+    assert np.isnan(ref.grad[0, [1, 3]]).all() and np.isfinite(ref.grad[0, [0, 2]]).all()
+
+
+def test_both_tails_agree_for_a_teacher_whose_listed_mass_is_one(rng):
+    """A sampled teacher's weights sum to 1: there is no tail to bucket, and nothing to renormalise."""
+    student = rng.normal(size=(20, 30)) * 2
+    indices = np.argsort(rng.random((20, 30)), axis=1)[:, :6]
+    counts = rng.multinomial(64, np.full(6, 1 / 6), size=20)
+    logprobs = np.where(counts > 0, np.log(np.maximum(counts, 1) / 64), -np.inf)
+    bucket = sparse_soft_reference(student, indices, logprobs, 1.5, "bucket")
+    renormalize = sparse_soft_reference(student, indices, logprobs, 1.5, "renormalize")
+    np.testing.assert_allclose(bucket.soft, renormalize.soft, rtol=1e-13, atol=1e-13)
+    np.testing.assert_allclose(bucket.grad, renormalize.grad, rtol=0, atol=1e-14)
+
+
+def test_a_row_that_lists_nothing_contributes_nothing():
+    student = np.array([[0.3, -1.0, 2.0], [1.0, 1.0, 1.0]])
+    indices, logprobs = np.array([[0, 1], [2, 0]]), np.array([[-np.inf, -np.inf], [math.log(0.5), -np.inf]])
+    for tail in SPARSE_TAILS:
+        ref = sparse_soft_reference(student, indices, logprobs, 2.0, tail)
+        assert ref.soft[0] == 0.0 and np.all(ref.grad[0] == 0.0)
+        assert ref.soft[1] > 0
+
+
+@pytest.mark.parametrize(
+    "indices, logprobs",
+    [
+        ([[0, 0]], [[-1.0, -2.0]]),  # a class listed twice
+        ([[0, 3]], [[-1.0, -2.0]]),  # out of range
+        ([[0, -1]], [[-1.0, -2.0]]),
+        ([[0, 1]], [[np.nan, -2.0]]),
+        ([[0, 1]], [[np.inf, -2.0]]),
+    ],
+)
+def test_the_reference_refuses_a_bad_cache(indices, logprobs):
+    with pytest.raises(ValueError, match="^reference: "):
+        sparse_soft_reference(np.zeros((1, 3)), np.array(indices), np.array(logprobs), 1.0, "bucket")
