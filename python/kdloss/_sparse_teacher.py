@@ -442,7 +442,8 @@ class SparseTeacher:
         overwrite : bool, default False
             Whether an existing cache at ``path`` may be replaced (only a directory with a kdloss cache's
             metadata, never another file or directory). The old cache stays whole until the new one is
-            complete, and is then removed; a cache memory-mapped from ``path`` may be saved over itself.
+            complete, and is then removed; a cache memory-mapped from ``path`` may be saved over itself (on POSIX
+            systems; Windows refuses to move files that are mapped, and the save then fails, leaving the old cache).
 
         Raises
         ------
@@ -688,6 +689,12 @@ def _write_npy(file: Path, array: np.ndarray) -> None:
         os.fsync(handle.fileno())
 
 
+def _discard(temporary: Path, arrays: list[np.memmap]) -> None:
+    """A writer's clean-up: its memory maps dropped (unmapped), its temporary directory removed."""
+    arrays.clear()
+    shutil.rmtree(temporary, ignore_errors=True)
+
+
 def _write_metadata(directory: Path, metadata: dict[str, Any]) -> None:
     with open(directory / METADATA_FILE, "w", encoding="utf-8") as handle:
         json.dump(metadata, handle, indent=2)
@@ -799,12 +806,14 @@ class SparseTeacherWriter:
         self._rows_written = 0
         _check_target(self._path, self._overwrite)
         self._temporary = _temporary_directory(self._path)
-        self._cleanup = weakref.finalize(self, shutil.rmtree, self._temporary, ignore_errors=True)
+        # The memory maps (indices, logprobs) are held in this list, which the clean-up empties before it removes
+        # their files: a file still mapped cannot be deleted on Windows.
+        self._arrays: list[np.memmap] = []
+        self._cleanup = weakref.finalize(self, _discard, self._temporary, self._arrays)
         try:
             full = (*self._shape, self._k)
-            open_memmap = np.lib.format.open_memmap
-            self._indices = open_memmap(self._temporary / INDICES_FILE, "w+", self._indices_dtype, full)
-            self._logprobs = open_memmap(self._temporary / LOGPROBS_FILE, "w+", self._logprobs_dtype, full)
+            for name, dtype in ((INDICES_FILE, self._indices_dtype), (LOGPROBS_FILE, self._logprobs_dtype)):
+                self._arrays.append(np.lib.format.open_memmap(self._temporary / name, "w+", dtype, full))
         except BaseException:
             self.abort()
             raise
@@ -821,18 +830,22 @@ class SparseTeacherWriter:
 
     @property
     def k(self) -> int:
+        """K, the slots of a row."""
         return self._k
 
     @property
     def temperature(self) -> float | None:
+        """The cache's temperature (None: not recorded)."""
         return self._temperature
 
     @property
     def vocab_size(self) -> int | None:
+        """The cache's vocabulary size C (None: not recorded)."""
         return self._vocab_size
 
     @property
     def method(self) -> str | None:
+        """How the cache was built (None: not recorded)."""
         return self._method
 
     @property
@@ -857,7 +870,7 @@ class SparseTeacherWriter:
         TypeError
             If ``cache`` is not a ``SparseTeacher``.
         """
-        if self._indices is None:
+        if self.closed:
             raise ValueError(f"the writer of {self._path} is closed")
         if not isinstance(cache, SparseTeacher):
             raise TypeError(f"cache must be a SparseTeacher, got {type(cache).__name__}")
@@ -874,8 +887,9 @@ class SparseTeacherWriter:
             if low < limits.min or high > limits.max:
                 bad = low if low < limits.min else high
                 raise ValueError(f"the batch holds index {bad}, which {self._indices_dtype} cannot hold")
-        self._indices[start:stop] = indices
-        self._logprobs[start:stop] = cache.logprobs
+        written_indices, written_logprobs = self._arrays
+        written_indices[start:stop] = indices
+        written_logprobs[start:stop] = cache.logprobs
         self._rows_written = stop
 
     def close(self) -> None:
@@ -891,16 +905,16 @@ class SparseTeacherWriter:
         FileExistsError
             If something that may not be replaced appeared at :attr:`path` meanwhile (the writer is aborted).
         """
-        if self._indices is None:
+        if self.closed:
             return
         try:
             if self._rows_written != self._shape[0]:
                 raise ValueError(
                     f"the writer of {self._path} was closed after {self._rows_written} of its {self._shape[0]} rows"
                 )
-            for array in (self._indices, self._logprobs):
+            for array in self._arrays:
                 array.flush()
-            self._indices = self._logprobs = None  # unmapped before the files are synced and renamed
+            self._arrays.clear()  # unmapped before the files are synced and renamed
             for name in (INDICES_FILE, LOGPROBS_FILE):
                 with open(self._temporary / name, "rb+") as handle:
                     os.fsync(handle.fileno())
@@ -924,7 +938,6 @@ class SparseTeacherWriter:
 
     def abort(self) -> None:
         """Drops what was written: nothing appears at :attr:`path`, the temporary directory is removed."""
-        self._indices = self._logprobs = None
         self._cleanup()
 
     def __enter__(self) -> SparseTeacherWriter:
