@@ -163,7 +163,8 @@ KDLOSS_NOINLINE LaneMaxima<T> exponentials(const T* student, const T* teacher, P
         const Pack<T> ds_summed = summed(ds, minus_infinity, skipped);
         Pack<T> e_student;
         if constexpr (Terms::soft) {
-            const Pack<T> dt = Pack<T>::load(teacher + i) - teacher_max;
+            Pack<T> dt;
+            if constexpr (Terms::dense_teacher) dt = Pack<T>::load(teacher + i) - teacher_max;
             e_student = soft_partials.add(i, ds, ds_summed, dt, soft, skipped, row);
         }
         if constexpr (Terms::hard) hard_partials.add(i, ds, ds_summed, e_student, skipped, row);

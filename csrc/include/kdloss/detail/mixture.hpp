@@ -70,11 +70,12 @@ MixtureWeights mixture_weights(const BatchProblem<T>& problem) noexcept {
 
 // The soft term a problem's divergence is computed as: each KL by its own policy, and the mixtures by Mixture,
 // except where their parameter makes them a KL exactly (jsd at beta 0 and 1, TRL's definition; skew 0).
-enum class SoftTerm { none, forward_kl, reverse_kl, mixture };
+enum class SoftTerm { none, forward_kl, reverse_kl, mixture, sparse };
 
 template <class T>
 SoftTerm soft_term(const BatchProblem<T>& problem) noexcept {
     if (problem.soft_weight == 0.0) return SoftTerm::none;
+    if (problem.sparse != nullptr) return SoftTerm::sparse;  // forward KL only (DistillationLoss checks it)
     switch (problem.divergence) {
         case Divergence::forward_kl: return SoftTerm::forward_kl;
         case Divergence::reverse_kl: return SoftTerm::reverse_kl;
@@ -119,6 +120,7 @@ KDLOSS_INLINE Pack<T> log_one_minus_plus(const Pack<T>& x, const Pack<T>& y, con
 
 struct Mixture {
     static constexpr bool second_pass = true;
+    static constexpr bool dense_teacher = true;
 
     template <class V>
     struct Sums {
