@@ -345,7 +345,9 @@ private:
                             std::min(min_rows_per_task, rows / threads_wanted)});
         const std::size_t tasks = (rows + rows_per_task - 1) / rows_per_task;
         const std::size_t threads = std::min(threads_wanted, tasks);
-        const std::size_t scratch_per_thread = detail::scratch_elements<T>(problem.classes);
+        const std::size_t scratch_per_thread =
+            detail::scratch_elements<T>(problem.classes) +
+            (problem.sparse != nullptr ? detail::sparse_scratch_elements<T>(problem.sparse->k()) : 0);
         // Left uninitialised: the kernels write every element before reading it, and zeroing tens of
         // kilobytes of scratch would be a fifth of a small call.
         const std::unique_ptr<T[]> scratch(new T[threads * scratch_per_thread]);

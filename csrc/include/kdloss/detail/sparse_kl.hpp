@@ -22,11 +22,13 @@
 #include <cstddef>
 #include <cstdint>
 #include <limits>
+#include <new>
 
 #include "kdloss/detail/batch_problem.hpp"
 #include "kdloss/detail/kernel_namespace.hpp"
 #include "kdloss/detail/lane_math.hpp"
 #include "kdloss/detail/pack.hpp"
+#include "kdloss/detail/row_kernel.hpp"
 #include "kdloss/detail/simd_math.hpp"
 #include "kdloss/detail/terms.hpp"
 #include "kdloss/sparse_teacher.hpp"
@@ -109,111 +111,115 @@ double row_sum(const T* values, std::size_t n) noexcept {
     return sum;
 }
 
-// What the listed classes give a row: D into sums.divergence, the unlisted classes' gradient factor into
-// sums.unlisted. `student` is the row's logits, `row_max` their maximum, `exponentials` their e^(ds/T), of which
-// the listed classes' are set to 0 here (the gradient pass then leaves them to write_listed).
-template <class T>
-void listed_classes(const BatchProblem<T>& problem, std::size_t row, const T* student, T row_max, T* exponentials,
-                    std::size_t n, SparseKL::Sums<double>& sums) noexcept {
-    const SparseTeacherView& teacher = *problem.sparse;
-    const double temperature = problem.temperature, z_student = sums.student_soft;
-    const double log_z_student = std::log(z_student);
-    // log of the listed probabilities' sum, by log-sum-exp, so that the tail 1 - sum is as exact as the
-    // log-probabilities make it.
-    double max_logprob = -std::numeric_limits<double>::infinity();
-    std::size_t listed = 0;
-    for (std::size_t k = 0; k < teacher.k(); ++k) {
-        const double logprob = teacher.logprob(row, k);
-        if (logprob == -std::numeric_limits<double>::infinity()) continue;
-        max_logprob = std::max(max_logprob, logprob);
-        ++listed;
-    }
-    double scaled_sum = 0.0;
-    for (std::size_t k = 0; k < teacher.k(); ++k) {
-        const double logprob = teacher.logprob(row, k);
-        if (logprob != -std::numeric_limits<double>::infinity()) scaled_sum += std::exp(logprob - max_logprob);
-    }
-    const double log_sum = listed == 0 ? -std::numeric_limits<double>::infinity() : max_logprob + std::log(scaled_sum);
-    const bool renormalize = problem.tail == Tail::renormalize;
-    // The tail: none where every class is listed (whatever rounding left of 1), nor for a renormalised row.
-    const double tail = renormalize || listed == problem.classes || log_sum >= 0.0 ? 0.0 : -std::expm1(log_sum);
-    const double shift = renormalize ? log_sum : 0.0;  // log pi = log p - shift
+// A listed class of the row at hand, as listed_classes works it out once for the loss and the gradient.
+struct ListedClass {
+    std::size_t index;
+    double log_pi, pi;  // the teacher's pi (p, or p / sum p)
+    double log_q;       // the student's log-probability
+};
 
-    double divergence = 0.0;
+// Per-thread scratch for a sparse teacher of k slots a row, in elements of T, ahead of the rows' buffers
+// (ListedClass is 32 bytes, a whole number of elements of T, so the buffers after it stay aligned).
+template <class T>
+std::size_t sparse_scratch_elements(std::size_t k) noexcept {
+    static_assert(sizeof(ListedClass) % sizeof(double) == 0);
+    return k * (sizeof(ListedClass) / sizeof(T));
+}
+
+// A row's listed classes, reduced: how many, P = sum pi + rho, and rho.
+struct ListedSummary {
+    std::size_t count;
+    double total, tail;
+};
+
+// What the listed classes give a row: D into sums.divergence, the unlisted classes' gradient factor into
+// sums.unlisted, each listed class into `listed` (for write_listed). `student` is the row's logits, `row_max`
+// their maximum, `exponentials` their e^(ds/T).
+template <class T>
+ListedSummary listed_classes(const BatchProblem<T>& problem, std::size_t row, const T* student, T row_max,
+                             T* exponentials, std::size_t n, ListedClass* listed,
+                             SparseKL::Sums<double>& sums) noexcept {
+    const SparseTeacherView& teacher = *problem.sparse;
+    const double z_student = sums.student_soft, log_z_student = std::log(z_student);
+    std::size_t count = 0;
+    double p_sum = 0.0, listed_exponentials = 0.0;
     for (std::size_t k = 0; k < teacher.k(); ++k) {
         const double logprob = teacher.logprob(row, k);
-        if (logprob == -std::numeric_limits<double>::infinity()) continue;
+        if (logprob == -std::numeric_limits<double>::infinity()) continue;  // an empty slot
         const auto c = static_cast<std::size_t>(teacher.index(row, k));
-        const double log_pi = logprob - shift;
-        const double pi = std::exp(log_pi);
-        const double log_q =
-            (static_cast<double>(student[c]) - static_cast<double>(row_max)) / temperature - log_z_student;
-        if (pi > 0.0) divergence += pi * (log_pi - log_q);
-        exponentials[c] = T(0);
+        const double ds = static_cast<double>(student[c]) - static_cast<double>(row_max);
+        const double p = std::exp(logprob);
+        ::new (static_cast<void*>(listed + count)) ListedClass{c, logprob, p, ds / problem.temperature - log_z_student};
+        ++count;
+        p_sum += p;
+        listed_exponentials += static_cast<double>(exponentials[c]);
     }
-    // The unlisted classes' e^(ds/T), summed without the listed ones (now 0).
-    const double z_unlisted = row_sum(exponentials, n);
-    if (tail > 0.0) divergence += tail * (std::log(tail) - (std::log(z_unlisted) - log_z_student));
-    const double total = renormalize ? (listed == 0 ? 0.0 : 1.0) : tail > 0.0 ? 1.0 : std::exp(log_sum);
+    ListedClass* const classes = std::launder(listed);
+    const bool renormalize = problem.tail == Tail::renormalize;
+    if (renormalize && count > 0) {
+        const double log_p_sum = std::log(p_sum);
+        for (std::size_t j = 0; j < count; ++j) {
+            classes[j].log_pi -= log_p_sum;
+            classes[j].pi /= p_sum;
+        }
+    }
+    double divergence = 0.0;
+    for (std::size_t j = 0; j < count; ++j)
+        if (classes[j].pi > 0.0) divergence += classes[j].pi * (classes[j].log_pi - classes[j].log_q);
+    // The tail: none where every class is listed (whatever rounding left of 1), nor for a renormalised row.
+    const double tail = renormalize || count == problem.classes ? 0.0 : std::max(0.0, 1.0 - p_sum);
+    double unlisted_part = 0.0;  // rho / Z_u
+    if (tail > 0.0) {
+        // Z_u, the unlisted classes' sum of e^(ds/T): Z_s less the listed ones' where that keeps at least half of
+        // it (so Z_s's rounding stays within twice its own relative size), else summed over the unlisted classes
+        // themselves, the listed ones set to 0 (write_listed writes their gradient).
+        double z_unlisted = z_student - listed_exponentials;
+        if (!(z_unlisted >= 0.5 * z_student)) {
+            for (std::size_t j = 0; j < count; ++j) exponentials[classes[j].index] = T(0);
+            z_unlisted = row_sum(exponentials, n);
+        }
+        divergence += tail * (std::log(tail) - (std::log(z_unlisted) - log_z_student));
+        unlisted_part = tail / z_unlisted;
+    }
+    const double total = renormalize ? (count == 0 ? 0.0 : 1.0) : tail > 0.0 ? 1.0 : p_sum;
     sums.divergence = divergence;
-    sums.unlisted = total / z_student - (tail > 0.0 ? tail / z_unlisted : 0.0);
+    sums.unlisted = total / z_student - unlisted_part;
+    return {count, total, tail};
 }
 
 // The gradient at the listed classes of a row whose other classes write_gradient has written, before the
 // label's term is subtracted: soft_scale T (P q_j - pi_j) and the hard term's h_scale e^(ds_j) - y_scale y_j,
 // in double.
 template <class T, class Terms>
-void write_listed(const BatchProblem<T>& problem, std::size_t row, const T* student, T row_max, const T* target,
-                  const typename Terms::template Sums<double>& sums, T* gradient) noexcept {
-    const SparseTeacherView& teacher = *problem.sparse;
-    const double temperature = problem.temperature;
-    const double soft_scale = problem.gradient_scale * problem.soft_weight * temperature;
-    const double z_student = sums.soft.student_soft;
-    // P and the shift of log pi, as listed_classes found them: P / Z_s is sums.unlisted without its tail part.
-    double max_logprob = -std::numeric_limits<double>::infinity(), scaled_sum = 0.0;
-    std::size_t listed = 0;
-    for (std::size_t k = 0; k < teacher.k(); ++k) {
-        const double logprob = teacher.logprob(row, k);
-        if (logprob == -std::numeric_limits<double>::infinity()) continue;
-        max_logprob = std::max(max_logprob, logprob);
-        ++listed;
-    }
-    if (listed == 0) return;
-    for (std::size_t k = 0; k < teacher.k(); ++k) {
-        const double logprob = teacher.logprob(row, k);
-        if (logprob != -std::numeric_limits<double>::infinity()) scaled_sum += std::exp(logprob - max_logprob);
-    }
-    const double log_sum = max_logprob + std::log(scaled_sum);
-    const bool renormalize = problem.tail == Tail::renormalize;
-    const bool has_tail = !renormalize && listed != problem.classes && log_sum < 0.0;
-    const double total = renormalize || has_tail ? 1.0 : std::exp(log_sum);
-    const double shift = renormalize ? log_sum : 0.0;
+void write_listed(const BatchProblem<T>& problem, const T* student, T row_max, const T* target,
+                  const typename Terms::template Sums<double>& sums, const ListedClass* listed, ListedSummary summary,
+                  T* gradient) noexcept {
+    const double soft_scale = problem.gradient_scale * problem.soft_weight * problem.temperature;
     double hard_scale = 0.0, target_scale = 0.0;
     if constexpr (Terms::hard) {
         target_scale = hard_gradient_scale(problem);
         hard_scale = target_scale * sums.hard.target_mass / sums.hard.student_hard;
     }
-    for (std::size_t k = 0; k < teacher.k(); ++k) {
-        const double logprob = teacher.logprob(row, k);
-        if (logprob == -std::numeric_limits<double>::infinity()) continue;
-        const auto c = static_cast<std::size_t>(teacher.index(row, k));
-        const double ds = static_cast<double>(student[c]) - static_cast<double>(row_max);
-        const double q = std::exp(ds / temperature) / z_student;
-        double g = soft_scale * (total * q - std::exp(logprob - shift));
+    for (std::size_t j = 0; j < summary.count; ++j) {
+        const std::size_t c = listed[j].index;
+        double g = soft_scale * (summary.total * std::exp(listed[j].log_q) - listed[j].pi);
         if constexpr (Terms::hard) {
-            g += hard_scale * std::exp(ds);
+            g += hard_scale * std::exp(static_cast<double>(student[c]) - static_cast<double>(row_max));
             if constexpr (Terms::distribution) g -= target_scale * static_cast<double>(target[c]);
         }
         gradient[c] = static_cast<T>(g);
     }
 }
 
-// Rows [begin, end) of a problem with a sparse teacher and a soft term.
+// Rows [begin, end) of a problem with a sparse teacher and a soft term: distill_row's passes (row_kernel.hpp)
+// over the student alone, the next row's maxima found on the way, and the listed classes between them.
 template <class T, class Terms>
 void run_sparse_rows_with(const BatchProblem<T>& problem, std::size_t begin, std::size_t end, T* scratch) noexcept {
-    static_assert(Terms::soft && !Terms::SoftTerm::dense_teacher);
+    static_assert(Terms::soft && !Terms::dense_teacher);
     const Exp2Scale<T> soft = soft_exponent<T>(problem.temperature);
     const std::size_t classes = problem.classes;
+    auto* const listed = reinterpret_cast<ListedClass*>(scratch);
+    scratch += sparse_scratch_elements<T>(problem.sparse->k());
     // A row shorter than a Pack runs padded to one: its logits with -inf, its targets with 0.
     const bool padded = classes < lanes;
     const std::size_t n = padded ? lanes : classes;
@@ -221,6 +227,11 @@ void run_sparse_rows_with(const BatchProblem<T>& problem, std::size_t begin, std
     T* padded_target = scratch + n;
     T* padded_gradient = scratch + 2 * n;
     T* buffers = padded ? scratch + 3 * n : scratch;
+    const bool fetch_ahead = !padded && classes * sizeof(T) <= long_row_bytes;
+    auto logits = [&](std::size_t i) -> RowLogits<T> {
+        return {problem.student + static_cast<std::ptrdiff_t>(i) * problem.student_stride, nullptr};
+    };
+    RowMaxima<T> maxima;
     for (std::size_t i = begin; i < end; ++i) {
         if (is_ignored(problem, i)) {
             zero_ignored_row<T, Terms>(problem, i);
@@ -240,15 +251,23 @@ void run_sparse_rows_with(const BatchProblem<T>& problem, std::size_t begin, std
                 target = padded_target;
             }
         }
+        RowsAhead<T> ahead;
+        if (!padded && i + 1 < end) ahead.next = logits(i + 1);
+        const std::size_t fetched = scan_in_exponentials ? i + 2 : i + 1;
+        if (fetched < end && fetch_ahead) ahead.fetched = logits(fetched);
         T* row_gradient = Terms::gradient ? (padded ? padded_gradient : gradient) : nullptr;
         // The student's exponentials in the gradient's row, as distill_row keeps them.
         T* student_soft = Terms::gradient ? row_gradient : buffers;
         const RowBuffers<T> row{student_soft, nullptr, buffers + n, target, hard_power(true, problem.temperature)};
 
-        const T row_max = lane_maxima<T, false>(student, nullptr, n).student.max();
+        const LaneMaxima<T> lane_max =
+            maxima.row.student == student ? maxima.lanes : lane_maxima<T, false>(student, nullptr, n);
+        const T row_max = lane_max.student.max();
         typename Terms::template Sums<Pack<double>> lane_sums;
-        exponentials<T, typename Terms::without_gradient>(student, nullptr, Pack<T>(row_max), Pack<T>(), soft, row, n,
-                                                          RowsAhead<T>{}, lane_sums);
+        const LaneMaxima<T> scanned = exponentials<T, typename Terms::without_gradient>(
+            student, nullptr, Pack<T>(row_max), Pack<T>(), soft, row, n, ahead, lane_sums);
+        maxima.row = {};
+        if constexpr (scan_in_exponentials) maxima = {scanned, ahead.next};
         typename Terms::template Sums<double> sums;
         for_each_sum<Terms>([](double& sum, const Pack<double>& lane_sum) { sum = lane_sum.sum(); }, sums, lane_sums);
         std::int64_t class_index = 0;
@@ -257,7 +276,7 @@ void run_sparse_rows_with(const BatchProblem<T>& problem, std::size_t begin, std
             Terms::HardTerm::at_label(sums.hard,
                                       static_cast<double>(student[class_index]) - static_cast<double>(row_max));
         }
-        listed_classes(problem, i, student, row_max, student_soft, n, sums.soft);
+        const ListedSummary summary = listed_classes(problem, i, student, row_max, student_soft, n, listed, sums.soft);
 
         if (problem.row_hard_losses == nullptr) {
             problem.row_losses[i] =
@@ -267,8 +286,11 @@ void run_sparse_rows_with(const BatchProblem<T>& problem, std::size_t begin, std
         }
         if constexpr (Terms::gradient) {
             const auto coefficients = GradientCoefficients<T, Terms>::from_sums(sums, problem);
-            write_gradient<T, Terms>(row_gradient, row, coefficients, n, RowLogits<T>{});
-            write_listed<T, Terms>(problem, i, student, row_max, target, sums, row_gradient);
+            const LaneMaxima<T> found = write_gradient<T, Terms>(row_gradient, row, coefficients, n,
+                                                                 scan_in_exponentials ? RowLogits<T>{} : ahead.next);
+            if constexpr (!scan_in_exponentials) maxima = {found, ahead.next};
+            write_listed<T, Terms>(problem, student, row_max, target, sums, std::launder(listed), summary,
+                                   row_gradient);
             if constexpr (Terms::class_index) row_gradient[class_index] -= coefficients.hard.label_scale;
             if (padded) std::copy(row_gradient, row_gradient + classes, gradient);
         }
