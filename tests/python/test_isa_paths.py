@@ -21,6 +21,7 @@ SUITES = [
     "test_masks_nonfinite.py",
     "test_kernel_shapes.py",
     "test_divergences.py",
+    "test_sparse_loss.py",
 ]
 
 
