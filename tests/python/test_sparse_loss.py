@@ -264,3 +264,17 @@ def test_other_divergences_and_shapes_are_refused() -> None:
         kdloss.DistillationLoss(tail="top")
     with pytest.raises(TypeError, match="tail must be one of"):
         kdloss.DistillationLoss(tail=1)
+
+
+def test_a_cache_of_another_temperature_or_vocabulary_is_refused() -> None:
+    rng = np.random.default_rng(11)
+    student, teacher = logits(rng, (3, 20), np.float32), logits(rng, (3, 20), np.float32)
+    built = top_k_cache(teacher, 4, 2.0)
+    kd = kdloss.DistillationLoss(3.0)
+    stamped = kdloss.SparseTeacher(built.indices, built.logprobs, temperature=2.0, vocab_size=20)
+    with pytest.raises(ValueError, match="at temperature 2.0, the loss's temperature is 3.0"):
+        kd.compute_loss(student, stamped)
+    assert np.isfinite(kdloss.DistillationLoss(2.0).compute_loss(student, stamped))
+    wider = kdloss.SparseTeacher(built.indices, built.logprobs, temperature=3.0, vocab_size=21)
+    with pytest.raises(ValueError, match="of a vocabulary of 21 classes, student_logits of 20"):
+        kd.compute_loss(student, wider)
