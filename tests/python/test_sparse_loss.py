@@ -242,6 +242,15 @@ def test_rows_are_named_by_their_place_in_the_leading_shape() -> None:
         kdloss.DistillationLoss(1.0).compute_loss(student, kdloss.SparseTeacher(good.indices, logprobs))
 
 
+def test_one_row_is_named_as_a_cache_of_one_row_is() -> None:
+    student = np.array([1.0, 2.0, 3.0])
+    cache = kdloss.SparseTeacher(np.array([0, 0]), np.log(np.array([0.5, 0.25])))
+    with pytest.raises(ValueError, match=re.escape("indices of row () list class 0 more than once")):
+        kdloss.DistillationLoss(1.0).compute_loss(student, cache)
+    with pytest.raises(ValueError, match=re.escape("indices of row () list class 0 more than once")):
+        cache.validate()
+
+
 def test_empty_slots_may_hold_any_index() -> None:
     rng = np.random.default_rng(9)
     student, teacher = logits(rng, (2, 30), np.float64), logits(rng, (2, 30), np.float64)
