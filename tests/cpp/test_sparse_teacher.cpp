@@ -170,7 +170,7 @@ bool agrees(std::size_t rows, std::size_t classes, std::size_t k, Tail tail, boo
 KD_TEST(loss_and_gradient_agree_with_the_definition) {
     for (const Tail tail : {Tail::bucket, Tail::renormalize}) {
         for (const bool labelled : {false, true}) {
-            for (const std::size_t classes : {5, 40, 300, 3000}) {
+            for (const std::size_t classes : {5, 40, 300, 1000}) {
                 const std::size_t k = std::min<std::size_t>(classes, 9);
                 KD_CHECK((agrees<double, std::int64_t, double>(6, classes, k, tail, labelled)));
                 KD_CHECK((agrees<float, std::int32_t, float>(6, classes, k, tail, labelled)));
