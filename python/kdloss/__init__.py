@@ -4,5 +4,6 @@ from __future__ import annotations
 
 from ._core import __version__, build_info
 from ._loss import DistillationLoss, clear_gradient_cache
+from ._sparse_builders import sample_teacher, top_k
 
-__all__ = ["DistillationLoss", "__version__", "build_info", "clear_gradient_cache"]
+__all__ = ["DistillationLoss", "__version__", "build_info", "clear_gradient_cache", "sample_teacher", "top_k"]
