@@ -26,6 +26,7 @@ class DistillationLoss:
         divergence: str,
         beta: float,
         skew: float,
+        tail: str,
     ) -> None: ...
     @property
     def temperature(self) -> float: ...
@@ -43,10 +44,12 @@ class DistillationLoss:
     def beta(self) -> float: ...
     @property
     def skew(self) -> float: ...
+    @property
+    def tail(self) -> str: ...
     def evaluate(
         self,
         student_logits: np.ndarray,
-        teacher_logits: np.ndarray,
+        teacher_logits: np.ndarray | tuple[np.ndarray, np.ndarray],
         true_labels: np.ndarray | None,
         out: np.ndarray | None,
         want_gradient: bool,
@@ -55,7 +58,7 @@ class DistillationLoss:
     def parts(
         self,
         student_logits: np.ndarray,
-        teacher_logits: np.ndarray,
+        teacher_logits: np.ndarray | tuple[np.ndarray, np.ndarray],
         true_labels: np.ndarray | None,
         normalizer: float | None,
     ) -> tuple[float | np.ndarray, float | np.ndarray]: ...

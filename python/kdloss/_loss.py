@@ -10,6 +10,7 @@ import numpy.typing as npt
 from . import _arrays, _core, _gradient_cache
 from ._params import Parameters
 from ._params import check_normalizer as _normalizer
+from ._sparse_teacher import SparseTeacher
 
 __all__ = ["DistillationLoss", "clear_gradient_cache"]
 
@@ -27,6 +28,26 @@ def clear_gradient_cache() -> None:
     anywhere is never reused. Call this to release that buffer, e.g. between training and evaluation.
     """
     _gradient_cache.clear()
+
+
+def _student_and_teacher(student_logits: Any, teacher_logits: Any) -> tuple[np.ndarray, Any]:
+    """The student's logits in the compute dtype, and the teacher as the native class takes it: logits in the same
+    dtype, or a SparseTeacher's (indices, logprobs), read in place (a copy only of an array whose layout the
+    kernels cannot read). With a sparse teacher the compute dtype is the student's (float32 at least): its
+    log-probabilities, float16 included, are read as they are and computed with in double."""
+    if not isinstance(teacher_logits, SparseTeacher):
+        return _arrays.logits_pair(student_logits, teacher_logits)
+    student = _arrays._as_real_array(student_logits, "student_logits")
+    dtype = np.result_type(student, np.float32)
+    if dtype not in _arrays._COMPUTE_DTYPES:
+        raise TypeError(
+            f"student_logits must compute in float32 or float64, but dtype {student.dtype} promotes to {dtype}"
+        )
+    arrays = tuple(
+        array if _core.reads_in_place(array) else np.ascontiguousarray(array)
+        for array in (teacher_logits.indices, teacher_logits.logprobs)
+    )
+    return _arrays._in_dtype(student, dtype), arrays
 
 
 def _rebuild(*parameters: Any) -> DistillationLoss:
@@ -84,6 +105,17 @@ class DistillationLoss:
         The weight of "jsd"'s mixture, in [0, 1]. Unused by the other divergences.
     skew : float, default 0.1
         The weight of the skew divergences' mixture, in [0, 1). Unused by the other divergences.
+    tail : {"bucket", "renormalize"}, default "bucket"
+        What a sparse teacher's tail (the probability its listed classes leave of 1) is matched against; unused
+        with dense teacher logits. With p_k the listed probabilities, r = max(0, 1 - sum p_k) and
+        q = softmax(s/T) over all C classes:
+
+        - "bucket": the tail is one more class, matched against the student's mass outside the listed classes:
+          :math:`T^2 [\sum_k p_k (\log p_k - \log q_k) + r (\log r - \log \sum_{c \notin K} q_c)]`, the
+          exact KL between the two distributions coarse-grained to K + 1 bins;
+        - "renormalize": the listed probabilities scaled to sum to 1 (classic top-k distillation).
+
+        For a sampled teacher (:func:`kdloss.sample_teacher`), whose weights sum to 1, both agree.
 
     Raises
     ------
@@ -125,8 +157,11 @@ class DistillationLoss:
         divergence: str = "forward_kl",
         beta: float = 0.5,
         skew: float = 0.1,
+        tail: str = "bucket",
     ) -> None:
-        self._set(Parameters.checked(temperature, alpha, reduction, ignore_index, num_threads, divergence, beta, skew))
+        self._set(
+            Parameters.checked(temperature, alpha, reduction, ignore_index, num_threads, divergence, beta, skew, tail)
+        )
 
     # Setters build a new engine rather than mutate the current one, so a call running in another thread
     # keeps the parameters it started with.
@@ -182,6 +217,11 @@ class DistillationLoss:
         """The weight of the skew divergences' mixture, in [0, 1)."""
         return self._params.skew
 
+    @property
+    def tail(self) -> str:
+        """What a sparse teacher's tail is matched against: "bucket" or "renormalize"."""
+        return self._params.tail
+
     def _evaluate(
         self,
         student_logits: npt.ArrayLike,
@@ -191,16 +231,21 @@ class DistillationLoss:
         want_gradient: bool,
         normalizer: float | None = None,
     ) -> tuple[Loss, np.ndarray | None, int]:
-        student, teacher = _arrays.logits_pair(student_logits, teacher_logits)
+        student, teacher = _student_and_teacher(student_logits, teacher_logits)
         labels = _arrays.true_labels(true_labels, student.dtype, student.shape)
         if out is not None:
             if not isinstance(out, np.ndarray):
                 raise TypeError(f"out must be a numpy.ndarray, got {type(out).__name__}")
             # The core checks the arrays it is given; a converted copy no longer shows an overlap with
             # the caller's array, so those are checked here.
+            given_and_used = [(student_logits, student), (true_labels, labels)]
+            if isinstance(teacher_logits, SparseTeacher):
+                given_and_used += zip((teacher_logits.indices, teacher_logits.logprobs), teacher)
+            else:
+                given_and_used.append((teacher_logits, teacher))
             if any(
                 used is not given and isinstance(given, np.ndarray) and np.may_share_memory(out, given)
-                for given, used in ((student_logits, student), (teacher_logits, teacher), (true_labels, labels))
+                for given, used in given_and_used
             ):
                 raise ValueError("out must not share memory with the inputs")
         normalizer = _normalizer(normalizer)
@@ -276,7 +321,7 @@ class DistillationLoss:
             without labels), such that the loss is ``alpha * hard + (1 - alpha) * soft`` with labels and
             ``soft`` without. Floats, or for ``reduction="none"`` arrays of the logits' leading shape.
         """
-        student, teacher = _arrays.logits_pair(student_logits, teacher_logits)
+        student, teacher = _student_and_teacher(student_logits, teacher_logits)
         labels = _arrays.true_labels(true_labels, student.dtype, student.shape)
         return self._engine.parts(student, teacher, labels, _normalizer(normalizer))
 
@@ -306,7 +351,7 @@ class DistillationLoss:
         engine = self._engine
         if self.reduction == "none":  # a normalizer needs a reduced loss
             engine = _core.DistillationLoss(*self._params._replace(reduction="sum").native())
-        student, teacher = _arrays.logits_pair(student_logits, teacher_logits)
+        student, teacher = _student_and_teacher(student_logits, teacher_logits)
         labels = _arrays.true_labels(true_labels, student.dtype, student.shape)
         # Dividing by a normalizer of 1 turns either reduction into the plain sum, summed in double.
         loss_sum, _, count = engine.evaluate(student, teacher, labels, None, False, 1.0)

@@ -43,6 +43,12 @@ def check_divergence(value: Any) -> str:
     return value
 
 
+def check_tail(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"tail must be one of 'bucket', 'renormalize', got {value!r}")
+    return value
+
+
 def check_ignore_index(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"ignore_index must be an integer, got {value!r}")
@@ -96,6 +102,7 @@ class Parameters(NamedTuple):
     divergence: str = "forward_kl"
     beta: float = 0.5
     skew: float = 0.1
+    tail: str = "bucket"
 
     @classmethod
     def checked(
@@ -108,6 +115,7 @@ class Parameters(NamedTuple):
         divergence: Any = "forward_kl",
         beta: Any = 0.5,
         skew: Any = 0.1,
+        tail: Any = "bucket",
     ) -> Parameters:
         """The arguments' types checked (and numbers made float or int), in the order the messages come in."""
         return cls(
@@ -119,9 +127,10 @@ class Parameters(NamedTuple):
             check_divergence(divergence),
             check_real("beta", beta),
             check_real("skew", skew),
+            check_tail(tail),
         )
 
-    def native(self) -> tuple[float, float, str, int, int, str, float, float]:
+    def native(self) -> tuple[float, float, str, int, int, str, float, float, str]:
         """The native class's constructor arguments (it checks the ranges)."""
         return (*self[:4], 0 if self.num_threads is None else self.num_threads, *self[5:])
 

@@ -18,6 +18,10 @@ __all__ = ["sample_teacher", "top_k"]
 
 _FLOAT32, _FLOAT64, _FLOAT16 = np.dtype(np.float32), np.dtype(np.float64), np.dtype(np.float16)
 
+# What the caches record as their ``method``: give a SparseTeacherWriter the same, to append them.
+TOP_K_METHOD = "top_k"
+SAMPLE_METHOD = "sample"
+
 
 def _teacher_rows(teacher_logits: Any) -> tuple[np.ndarray, tuple[int, ...]]:
     """The logits as (rows, C) in float32 or float64, read in place where they can be, and their leading shape."""
@@ -80,7 +84,7 @@ def top_k(
     -------
     SparseTeacher
         ``indices`` int32 and ``logprobs`` of the compute dtype, both ``(..., k)``; ``temperature``,
-        ``vocab_size = C`` and ``method = {"kind": "top_k", "k": k}`` recorded.
+        ``vocab_size = C`` and ``method = "top_k"`` recorded.
 
     Raises
     ------
@@ -118,9 +122,7 @@ def top_k(
     temperature = check_real("temperature", temperature)
     threads = check_num_threads(num_threads)
     indices, logprobs = _core.top_k(rows, k, temperature, 0 if threads is None else threads)
-    return _cache(
-        indices, logprobs, leading, temperature=temperature, vocab_size=classes, method={"kind": "top_k", "k": k}
-    )
+    return _cache(indices, logprobs, leading, temperature=temperature, vocab_size=classes, method=TOP_K_METHOD)
 
 
 def sample_teacher(
@@ -160,7 +162,8 @@ def sample_teacher(
         ``indices`` int32 and ``logprobs`` of the compute dtype, both ``(..., K)`` with ``K = min(num_samples, C)``;
         slots past a row's distinct classes are empty (log-probability ``-inf``, the index listed last repeated).
         ``temperature``, ``vocab_size = C`` and
-        ``method = {"kind": "sample", "num_samples": num_samples, "seed": seed}`` recorded.
+        ``method = "sample"`` recorded (not the seed: the pieces of a cache built batch by batch, each with its own
+        seed, must agree on their metadata to be written or concatenated together).
 
     Raises
     ------
@@ -198,5 +201,5 @@ def sample_teacher(
         leading,
         temperature=temperature,
         vocab_size=rows.shape[1],
-        method={"kind": "sample", "num_samples": num_samples, "seed": seed},
+        method=SAMPLE_METHOD,
     )

@@ -28,7 +28,8 @@ def _normalizer_value(normalizer: Optional[Tensor]) -> Optional[float]:
 
 def operator_arguments(params: Parameters, normalizer: Optional[Tensor]) -> tuple:
     """The operators' arguments after (student, teacher, labels), in their schemas' order."""
-    return (*params[:4], normalizer, *params[4:])
+    # (tail is not among them: kdloss.torch takes dense teachers, for which it means nothing.)
+    return (*params[:4], normalizer, params.num_threads, params.divergence, params.beta, params.skew)
 
 
 def _detached(labels: Optional[Tensor]) -> Optional[Tensor]:

@@ -206,4 +206,34 @@ KD_TEST(float_log_is_accurate_on_positive_normal_numbers) {
     KD_CHECK_EQ(ys[2], 0.0f);
 }
 
+// log(1 + r) on [0, 1] (jsd's second pass): from below the smallest normal number, where it is r itself, to 1,
+// within 3 ulps (measured: float 1.7, double 2.7).
+template <class T>
+double log_one_plus_worst_ulps() {
+    std::vector<T> xs = {T(0), std::numeric_limits<T>::denorm_min(), std::numeric_limits<T>::min()};
+    for (T r = std::numeric_limits<T>::min(); r < T(1); r *= T(1.00037)) xs.push_back(r);
+    for (int i = 0; i <= 100000; ++i) xs.push_back(static_cast<T>(i) / T(100000));
+    while (xs.size() % lanes) xs.push_back(T(1));
+    double worst = 0.0;
+    for (std::size_t i = 0; i < xs.size(); i += lanes) {
+        T ys[lanes];
+        kdloss::detail::log_one_plus(Pack<T>::load(xs.data() + i)).store(ys);
+        for (std::size_t k = 0; k < lanes; ++k) {
+            const long double exact = std::log1p(static_cast<long double>(xs[i + k]));
+            if (exact < std::numeric_limits<T>::min()) {
+                // 0 and subnormal r: r itself, to the last place of subnormal numbers
+                KD_CHECK(std::fabs(ys[k] - xs[i + k]) <= std::numeric_limits<T>::denorm_min());
+                continue;
+            }
+            worst = std::max(worst, ulps(ys[k], exact));
+        }
+    }
+    return worst;
+}
+
+KD_TEST(log_one_plus_is_accurate_on_the_unit_interval) {
+    KD_CHECK(log_one_plus_worst_ulps<float>() <= 3.0);
+    KD_CHECK(log_one_plus_worst_ulps<double>() <= 3.0);
+}
+
 }  // namespace test_simd_math

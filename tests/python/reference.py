@@ -1,6 +1,7 @@
 """Independent float64 NumPy reference for the kdloss distillation loss.
 
-Written from the formulas in the specification only; it never imports ``kdloss``.
+Written from the formulas in the specification only; it never imports ``kdloss``. The soft term against a sparse
+teacher (a few classes per row, issue 17) is at the end: ``sparse_soft_reference``.
 
 Per row ``i`` (``p`` = softmax, ``T`` = temperature)::
 
@@ -57,6 +58,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -69,6 +71,11 @@ __all__ = [
     "reference_loss",
     "reference_grad",
     "brute_force_loss",
+    "SPARSE_TAILS",
+    "SparseSoft",
+    "scatter_teacher",
+    "sparse_soft_reference",
+    "dense_equivalent",
 ]
 
 
@@ -533,3 +540,128 @@ def brute_force_loss(
     if one_d:
         grads = grads.reshape(C)
     return loss, grads
+
+
+# ---------------------------------------------------------------------------
+# Sparse teachers (issue 17): the soft term against a teacher that lists a few classes per row.
+# ---------------------------------------------------------------------------
+#
+# A row lists classes k in K with probabilities p_k = exp(logprobs_k) (a -inf slot is empty: not listed), and
+# leaves the tail r = max(0, 1 - sum_k p_k) to the classes it does not list; r = 0 when it lists every class.
+# With q = softmax(s/T) over all C classes and Q_u = sum_{c not in K} q_c (summed over the unlisted classes, as a
+# log-sum-exp of their log-probabilities: never 1 - sum_k q_k, which cancels where the listed classes hold
+# almost all of q):
+#
+#   "bucket"       soft = T^2 [sum_k p_k (log p_k - log q_k) + r (log r - log Q_u)]         (0 log 0 := 0)
+#                  the KL between p and q coarse-grained to K + 1 bins (the listed classes and the rest).
+#   "renormalize"  soft = T^2 sum_k pn_k (log pn_k - log q_k),  pn = p / sum_k p_k
+#
+# A row that lists nothing contributes 0 (loss and gradient) in both: there is nothing to match.
+#
+# Gradients, by hand (a = s/T, d log q_c / d a_j = [c = j] - q_j, d log Q_u / d a_j = q_j [j unlisted] / Q_u - q_j):
+#
+#   "bucket"       d soft/d s_j = T (P q_j - p_j)             j listed,     P = sum_k p_k + r
+#                               = T q_j (P - r / Q_u)        j unlisted
+#   "renormalize"  d soft/d s_j = T (q_j - pn_j)              j listed
+#                               = T q_j                      j unlisted
+#
+# Where r > 0 but Q_u = 0 (the student rules out every unlisted class) the loss is +inf and the unlisted classes'
+# gradient NaN (an infinite loss has no derivative), as for reverse KL; a listed class the student rules out makes
+# the loss +inf and keeps the finite gradient -T p_j, as dense forward KL does.
+
+SPARSE_TAILS = ("bucket", "renormalize")
+
+
+class SparseSoft(NamedTuple):
+    soft: np.ndarray  # float64 per-row soft losses T^2 D, of the leading shape
+    grad: np.ndarray  # float64 d soft / d s of each row (the gradient of their sum), the student's shape
+
+
+def _logsumexp_rows(x: np.ndarray) -> np.ndarray:
+    """log sum exp over the last axis of a 2-D float64 array, as the largest plus log1p of the others' ratios to
+    it (so that a sum near 1 keeps its distance from 1); -inf for a row of -inf."""
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore", under="ignore"):
+        if x.shape[-1] == 0:
+            return np.full(x.shape[:-1], -np.inf)
+        top = np.argmax(x, axis=-1)[:, None]
+        largest = np.take_along_axis(x, top, axis=-1)
+        ratios = np.exp(x - largest)
+        np.put_along_axis(ratios, top, 0.0, axis=-1)
+        return np.where(largest[:, 0] == -np.inf, -np.inf, largest[:, 0] + np.log1p(np.sum(ratios, axis=-1)))
+
+
+def scatter_teacher(indices, logprobs, classes: int):
+    """The sparse teacher spread over all ``classes`` classes of each row, in float64 rows ``(rows, classes)``:
+    ``(listed, log_p)``, the mask of the classes a row lists and their log-probabilities (-inf elsewhere).
+    Refuses what is not a valid cache (an index out of range or listed twice in a row, NaN or +inf)."""
+    indices = np.asarray(indices).astype(np.int64).reshape(-1, np.shape(indices)[-1])
+    logprobs = np.asarray(logprobs).astype(np.float64).reshape(indices.shape)
+    if np.isnan(logprobs).any() or np.isposinf(logprobs).any():
+        raise ValueError("reference: NaN or +inf log-probabilities")
+    filled = logprobs != -np.inf
+    if np.any(filled & ((indices < 0) | (indices >= classes))):
+        raise ValueError("reference: index out of range")
+    rows = indices.shape[0]
+    listed = np.zeros((rows, classes), dtype=bool)
+    log_p = np.full((rows, classes), -np.inf)
+    row_of = np.broadcast_to(np.arange(rows)[:, None], indices.shape)
+    np.add.at(listed.view(np.uint8), (row_of[filled], indices[filled]), 1)  # a class listed twice counts 2
+    if np.any(listed.view(np.uint8) > 1):
+        raise ValueError("reference: a class listed twice in a row")
+    log_p[row_of[filled], indices[filled]] = logprobs[filled]
+    return listed, log_p
+
+
+def sparse_soft_reference(student_logits, indices, logprobs, temperature: float, tail: str) -> SparseSoft:
+    """The soft term against a sparse teacher and its gradient, per row, in float64 (see the formulas above).
+
+    ``student_logits`` ``(..., C)``; ``indices`` and ``logprobs`` ``(..., K)`` of the same leading shape.
+    """
+    if tail not in SPARSE_TAILS:
+        raise ValueError("reference: bad tail")
+    s = np.asarray(student_logits, dtype=np.float64)
+    if s.ndim < 1 or np.shape(indices) != np.shape(logprobs) or np.shape(indices)[:-1] != s.shape[:-1]:
+        raise ValueError("reference: bad shapes")
+    lead, C = s.shape[:-1], s.shape[-1]
+    T = float(temperature)
+    listed, log_p = scatter_teacher(indices, logprobs, C)
+    s = s.reshape(-1, C)
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore", under="ignore"):
+        log_q = log_softmax(s / T)
+        q = np.exp(log_q)
+        p = np.exp(log_p)
+        log_sum_p = _logsumexp_rows(log_p)  # log sum_k p_k, -inf when nothing is listed
+        if tail == "bucket":
+            every_class = listed.all(axis=-1)
+            r = np.where(every_class, 0.0, np.maximum(-np.expm1(log_sum_p), 0.0))
+            log_unlisted = _logsumexp_rows(np.where(listed, -np.inf, log_q))  # log Q_u
+            listed_terms = np.sum(np.where(p == 0, 0.0, p * (log_p - log_q)), axis=-1)
+            tail_term = np.where(r == 0, 0.0, r * (np.log(r) - log_unlisted))
+            soft = T * T * (listed_terms + tail_term)
+            P = (np.exp(log_sum_p) + r)[:, None]
+            share = np.exp(log_q - log_unlisted[:, None])  # q_j / Q_u
+            unlisted_grad = np.where(r[:, None] == 0, T * P * q, T * (P * q - r[:, None] * share))
+            grad = np.where(listed, T * (P * q - p), unlisted_grad)
+        else:
+            log_pn = log_p - log_sum_p[:, None]
+            pn = np.exp(log_pn)
+            soft = T * T * np.sum(np.where(pn == 0, 0.0, pn * (log_pn - log_q)), axis=-1)
+            grad = np.where(listed, T * (q - pn), T * q)
+        # A row that lists nothing has nothing to match: 0 exactly (bucket: all of it is the tail, r = Q_u = 1; its
+        # formula would leave the rounding of log Q_u ~ 1e-16).
+        nothing = log_sum_p == -np.inf
+        soft = np.where(nothing, 0.0, soft)
+        grad = np.where(nothing[:, None], 0.0, grad)
+    return SparseSoft(soft.reshape(lead), grad.reshape(*lead, C))
+
+
+def dense_equivalent(teacher_logits, temperature: float):
+    """A sparse teacher that lists every class of each row (K = C, the top-k of k = C): ``(indices, logprobs)``,
+    int64 and float64, sorted by decreasing probability with ties in increasing class order, the log-probabilities
+    the float64 log-softmax of ``teacher_logits / temperature``. With it the sparse soft term is the dense one."""
+    t = np.asarray(teacher_logits, dtype=np.float64)
+    lead, C = t.shape[:-1], t.shape[-1]
+    t = t.reshape(-1, C)
+    order = np.argsort(-t, axis=-1, kind="stable")
+    logprobs = np.take_along_axis(log_softmax(t / float(temperature)), order, axis=-1)
+    return order.reshape(*lead, C), logprobs.reshape(*lead, C)

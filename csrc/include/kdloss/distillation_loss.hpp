@@ -14,12 +14,14 @@
 #include <string>
 #include <string_view>
 #include <type_traits>
+#include <vector>
 
 #include "kdloss/detail/batch_problem.hpp"
 #include "kdloss/detail/run_rows.hpp"
 #include "kdloss/detail/thread_pool.hpp"
 #include "kdloss/divergence.hpp"
 #include "kdloss/messages.hpp"
+#include "kdloss/sparse_teacher.hpp"
 #include "kdloss/views.hpp"
 
 namespace kdloss {
@@ -67,8 +69,9 @@ struct Parameters {
     std::int64_t ignore_index = -100;
     std::size_t num_threads = 1;  // 1: the calling thread only; 0: every hardware thread
     Divergence divergence = Divergence::forward_kl;
-    double beta = 0.5;  // jsd's mixture weight (see Divergence)
-    double skew = 0.1;  // the skew divergences' weight (see Divergence)
+    double beta = 0.5;         // jsd's mixture weight (see Divergence)
+    double skew = 0.1;         // the skew divergences' weight (see Divergence)
+    Tail tail = Tail::bucket;  // what a sparse teacher's tail is matched against (see SparseTeacherView)
 
     // These parameters with num_threads 0 made the hardware's count, or std::invalid_argument naming the first
     // that is out of range.
@@ -94,6 +97,8 @@ struct Parameters {
         if (skew > 0.0 && skew < min_mixture_weight)
             throw std::invalid_argument("skew must be 0 or at least " + detail::format_number(min_mixture_weight) +
                                         " (where kdloss is accurate), got " + detail::format_number(skew));
+        if (tail != Tail::bucket && tail != Tail::renormalize)   // an integer cast to the enumeration
+            parse_tail(std::to_string(static_cast<int>(tail)));  // throws, listing the names
         Parameters result = *this;
         if (num_threads == 0) result.num_threads = detail::ThreadPool::hardware_threads();
         return result;
@@ -126,9 +131,10 @@ public:
     // thread only, 0 uses every hardware thread. Results are bitwise identical whatever the count.
     explicit DistillationLoss(double temperature = 3.0, double alpha = 0.3, Reduction reduction = Reduction::mean,
                               std::int64_t ignore_index = default_ignore_index, std::size_t num_threads = 1,
-                              Divergence divergence = Divergence::forward_kl, double beta = 0.5, double skew = 0.1)
+                              Divergence divergence = Divergence::forward_kl, double beta = 0.5, double skew = 0.1,
+                              Tail tail = Tail::bucket)
         : DistillationLoss(
-              Parameters{temperature, alpha, reduction, ignore_index, num_threads, divergence, beta, skew}) {}
+              Parameters{temperature, alpha, reduction, ignore_index, num_threads, divergence, beta, skew, tail}) {}
 
     const Parameters& parameters() const noexcept { return params_; }
     double temperature() const noexcept { return params_.temperature; }
@@ -139,22 +145,44 @@ public:
     Divergence divergence() const noexcept { return params_.divergence; }
     double beta() const noexcept { return params_.beta; }
     double skew() const noexcept { return params_.skew; }
+    Tail tail() const noexcept { return params_.tail; }
     void set_temperature(double temperature) { set(&Parameters::temperature, temperature); }
     void set_alpha(double alpha) { set(&Parameters::alpha, alpha); }
 
+    // The teacher, as logits (a MatrixView, or the arguments of one) or cached sparsely (SparseTeacherView):
+    // every method takes either. With a sparse teacher the soft term is KL over the listed classes and the tail
+    // (tail() says how), the divergence must be forward_kl, and every row's slots are checked first (indices
+    // in [0, C), none listed twice, no NaN or +inf, probabilities summing to at most 1 + 1e-6).
+    class Teacher {
+    public:
+        Teacher(MatrixView<const T> logits) noexcept : dense_(logits) {}
+        Teacher(MatrixView<T> logits) noexcept : dense_(logits) {}
+        Teacher(const T* data, std::size_t rows, std::size_t cols) noexcept : dense_(data, rows, cols) {}
+        Teacher(const T* data, std::size_t rows, std::size_t cols, std::ptrdiff_t row_stride) noexcept
+            : dense_(data, rows, cols, row_stride) {}
+        Teacher(const SparseTeacherView& sparse) noexcept : sparse_(&sparse) {}
+
+        const MatrixView<const T>& dense() const noexcept { return dense_; }
+        const SparseTeacherView* sparse() const noexcept { return sparse_; }
+
+    private:
+        MatrixView<const T> dense_;
+        const SparseTeacherView* sparse_ = nullptr;
+    };
+
     // The reduced loss ("none": the sum of the row losses, the quantity whose gradient is returned).
-    double compute_loss(MatrixView<const T> student_logits, MatrixView<const T> teacher_logits,
+    double compute_loss(MatrixView<const T> student_logits, const Teacher& teacher_logits,
                         const Labels<T>& true_labels = {}) const {
         return evaluate(student_logits, teacher_logits, true_labels, nullptr, nullptr);
     }
 
     // Writes the exact gradient of the reduced loss with respect to the student logits.
-    void compute_gradient(MatrixView<const T> student_logits, MatrixView<const T> teacher_logits,
+    void compute_gradient(MatrixView<const T> student_logits, const Teacher& teacher_logits,
                           const Labels<T>& true_labels, const MatrixView<T>& gradient) const {
         evaluate(student_logits, teacher_logits, true_labels, nullptr, &gradient);
     }
 
-    double loss_and_gradient(MatrixView<const T> student_logits, MatrixView<const T> teacher_logits,
+    double loss_and_gradient(MatrixView<const T> student_logits, const Teacher& teacher_logits,
                              const Labels<T>& true_labels, const MatrixView<T>& gradient) const {
         return evaluate(student_logits, teacher_logits, true_labels, nullptr, &gradient);
     }
@@ -167,9 +195,9 @@ public:
     // For gradient accumulation and sharded batches: a `normalizer` (finite, >= min_normalizer) replaces the
     // reduction's divisor (loss and gradient are the sum over rows divided by it, e.g. the number of counted rows over
     // all micro-batches and processes), and *counted_rows receives the number of rows that count (not ignored).
-    double evaluate(MatrixView<const T> student_logits, MatrixView<const T> teacher_logits,
-                    const Labels<T>& true_labels, T* row_losses, const MatrixView<T>* gradient,
-                    std::optional<double> normalizer = std::nullopt, std::size_t* counted_rows = nullptr) const {
+    double evaluate(MatrixView<const T> student_logits, const Teacher& teacher_logits, const Labels<T>& true_labels,
+                    T* row_losses, const MatrixView<T>* gradient, std::optional<double> normalizer = std::nullopt,
+                    std::size_t* counted_rows = nullptr) const {
         return evaluate_with(detail::run_rows<T>, student_logits, teacher_logits, true_labels, row_losses, gradient,
                              normalizer, counted_rows);
     }
@@ -178,7 +206,7 @@ public:
     // cross-entropy (0 without labels), so that the loss is alpha hard + (1 - alpha) soft with labels and soft
     // without. Both are computed whatever alpha is, for one loss call's time (no gradient). Each row's terms go
     // to soft_rows[i] and hard_rows[i] when they are not null (ignored rows: 0); "none" returns their sums.
-    LossParts loss_parts(MatrixView<const T> student_logits, MatrixView<const T> teacher_logits,
+    LossParts loss_parts(MatrixView<const T> student_logits, const Teacher& teacher_logits,
                          const Labels<T>& true_labels = {}, T* soft_rows = nullptr, T* hard_rows = nullptr,
                          std::optional<double> normalizer = std::nullopt) const {
         return loss_parts_with(detail::run_rows<T>, student_logits, teacher_logits, true_labels, soft_rows, hard_rows,
@@ -198,7 +226,7 @@ private:
     // (through detail::KernelChoice, which only it defines). C++ hosts call evaluate(), which uses the kernel
     // compiled with their own flags.
     double evaluate_with(detail::RowsKernel<T> kernel, MatrixView<const T> student_logits,
-                         MatrixView<const T> teacher_logits, const Labels<T>& true_labels, T* row_losses,
+                         const Teacher& teacher_logits, const Labels<T>& true_labels, T* row_losses,
                          const MatrixView<T>* gradient, std::optional<double> normalizer = std::nullopt,
                          std::size_t* counted_rows_out = nullptr) const {
         Call call = prepare(student_logits, teacher_logits, true_labels, gradient, normalizer, counted_rows_out);
@@ -219,8 +247,8 @@ private:
 
     // loss_parts() with the row kernel given, as evaluate_with().
     LossParts loss_parts_with(detail::RowsKernel<T> kernel, MatrixView<const T> student_logits,
-                              MatrixView<const T> teacher_logits, const Labels<T>& true_labels, T* soft_rows,
-                              T* hard_rows, std::optional<double> normalizer = std::nullopt) const {
+                              const Teacher& teacher_logits, const Labels<T>& true_labels, T* soft_rows, T* hard_rows,
+                              std::optional<double> normalizer = std::nullopt) const {
         Call call = prepare(student_logits, teacher_logits, true_labels, nullptr, normalizer, nullptr);
         const std::size_t rows = call.problem.rows;
         if (rows == 0) return {};
@@ -243,13 +271,19 @@ private:
     }
 
     // Every check, then the problem the kernels run (its row_losses still to be given).
-    Call prepare(MatrixView<const T> student_logits, MatrixView<const T> teacher_logits, const Labels<T>& true_labels,
+    Call prepare(MatrixView<const T> student_logits, const Teacher& teacher_logits, const Labels<T>& true_labels,
                  const MatrixView<T>* gradient, std::optional<double> normalizer, std::size_t* counted_rows_out) const {
         check_normalizer(normalizer);
-        check_shapes(student_logits, teacher_logits, true_labels, gradient);
-        if (gradient != nullptr) check_apart(*gradient, student_logits, teacher_logits, true_labels);
+        const SparseTeacherView* sparse = teacher_logits.sparse();
+        // A sparse teacher's place among the views checked below: the student's own logits, never read as a
+        // teacher's (with a hard term alone, the kernels take them for the teacher's and read none of them).
+        const MatrixView<const T> teacher = sparse != nullptr ? student_logits : teacher_logits.dense();
+        if (sparse != nullptr) check_sparse_shape(student_logits, *sparse);
+        check_shapes(student_logits, teacher, true_labels, gradient);
+        if (gradient != nullptr) check_apart(*gradient, student_logits, teacher, true_labels, sparse);
         const std::size_t rows = student_logits.rows;
         const std::size_t counted_rows = count_rows_and_check_labels(true_labels, rows, student_logits.cols);
+        if (sparse != nullptr) check_sparse_slots(*sparse, student_logits.cols);
         if (counted_rows_out != nullptr) *counted_rows_out = counted_rows;
         Call call;
         // The sum over rows is divided by this (1: no division); 0 rows counted divide nothing.
@@ -263,8 +297,10 @@ private:
         problem.classes = student_logits.cols;
         problem.student = student_logits.data;
         problem.student_stride = student_logits.row_stride;
-        problem.teacher = teacher_logits.data;
-        problem.teacher_stride = teacher_logits.row_stride;
+        problem.teacher = teacher.data;
+        problem.teacher_stride = teacher.row_stride;
+        problem.sparse = sparse;
+        problem.tail = params_.tail;
         if (true_labels.kind == Labels<T>::Kind::class_indices) {
             problem.label_kind = detail::LabelKind::class_indices;
             problem.class_indices = true_labels.indices.data;
@@ -309,7 +345,9 @@ private:
                             std::min(min_rows_per_task, rows / threads_wanted)});
         const std::size_t tasks = (rows + rows_per_task - 1) / rows_per_task;
         const std::size_t threads = std::min(threads_wanted, tasks);
-        const std::size_t scratch_per_thread = detail::scratch_elements<T>(problem.classes);
+        const std::size_t scratch_per_thread =
+            detail::scratch_elements<T>(problem.classes) +
+            (problem.sparse != nullptr ? detail::sparse_scratch_elements<T>(problem.sparse->k()) : 0);
         // Left uninitialised: the kernels write every element before reading it, and zeroing tens of
         // kilobytes of scratch would be a fifth of a small call.
         const std::unique_ptr<T[]> scratch(new T[threads * scratch_per_thread]);
@@ -384,14 +422,81 @@ private:
     }
 
     static void check_apart(const MatrixView<T>& gradient, const MatrixView<const T>& student,
-                            const MatrixView<const T>& teacher, const Labels<T>& labels) {
+                            const MatrixView<const T>& teacher, const Labels<T>& labels,
+                            const SparseTeacherView* sparse) {
         const AddressRange out = address_range(gradient);
+        if (sparse != nullptr) {
+            const auto bytes = [&](const void* data, std::size_t size, std::ptrdiff_t stride) {
+                return address_range(static_cast<const unsigned char*>(data), sparse->rows(), sparse->k() * size,
+                                     stride * static_cast<std::ptrdiff_t>(size));
+            };
+            const AddressRange out_bytes =
+                address_range(reinterpret_cast<const unsigned char*>(gradient.data), gradient.rows,
+                              gradient.cols * sizeof(T), gradient.row_stride * static_cast<std::ptrdiff_t>(sizeof(T)));
+            if (overlap(out_bytes, bytes(sparse->indices_data(), sparse->index_bytes(), sparse->index_row_stride())) ||
+                overlap(out_bytes,
+                        bytes(sparse->logprobs_data(), sparse->logprob_bytes(), sparse->logprob_row_stride())))
+                throw std::invalid_argument("out must not share memory with the inputs");
+        }
         const AddressRange label_range =
             labels.kind == Labels<T>::Kind::class_indices
                 ? address_range(labels.indices.data, labels.indices.count, 1, labels.indices.stride)
                 : address_range(labels.distributions);
         if (overlap(out, address_range(student)) || overlap(out, address_range(teacher)) || overlap(out, label_range))
             throw std::invalid_argument("out must not share memory with the inputs");
+    }
+
+    void check_sparse_shape(const MatrixView<const T>& student, const SparseTeacherView& sparse) const {
+        if (params_.divergence != Divergence::forward_kl)
+            throw std::invalid_argument(std::string("divergence '") + divergence_name(params_.divergence) +
+                                        "' needs the teacher's whole distribution: a sparse teacher takes "
+                                        "divergence 'forward_kl' only");
+        if (sparse.rows() != student.rows)
+            throw std::invalid_argument("a sparse teacher must have a row for each row of student_logits (" +
+                                        std::to_string(student.rows) + "), got " + std::to_string(sparse.rows()));
+        if (sparse.k() == 0) throw std::invalid_argument("a sparse teacher must have at least one slot a row, got 0");
+    }
+
+    // Every row's slots, in row order, each checked in the order of the messages (the Python SparseTeacher's
+    // validate() says the same). Empty slots (-inf) are not looked at.
+    static void check_sparse_slots(const SparseTeacherView& sparse, std::size_t classes) {
+        std::vector<unsigned char> seen(classes, 0);
+        for (std::size_t row = 0; row < sparse.rows(); ++row) {
+            double total = 0.0;
+            for (std::size_t k = 0; k < sparse.k(); ++k) {
+                const double logprob = sparse.logprob(row, k);
+                if (std::isnan(logprob))
+                    throw std::invalid_argument("logprobs of row " + sparse.row_name(row) + " hold NaN");
+                if (logprob == std::numeric_limits<double>::infinity())
+                    throw std::invalid_argument("logprobs of row " + sparse.row_name(row) + " hold +inf");
+            }
+            for (std::size_t k = 0; k < sparse.k(); ++k) {
+                if (sparse.logprob(row, k) == -std::numeric_limits<double>::infinity()) continue;
+                const std::int64_t index = sparse.index(row, k);
+                if (index < 0 || static_cast<std::uint64_t>(index) >= classes)
+                    throw std::invalid_argument("indices of row " + sparse.row_name(row) + " hold " +
+                                                std::to_string(index) + ", outside [0, " + std::to_string(classes) +
+                                                ")");
+            }
+            std::int64_t repeated = -1;  // the smallest class listed twice
+            for (std::size_t k = 0; k < sparse.k(); ++k) {
+                const double logprob = sparse.logprob(row, k);
+                if (logprob == -std::numeric_limits<double>::infinity()) continue;
+                const std::int64_t index = sparse.index(row, k);
+                if (seen[static_cast<std::size_t>(index)] && (repeated < 0 || index < repeated)) repeated = index;
+                seen[static_cast<std::size_t>(index)] = 1;
+                total += std::exp(logprob);
+            }
+            for (std::size_t k = 0; k < sparse.k(); ++k)
+                if (sparse.logprob(row, k) != -std::numeric_limits<double>::infinity())
+                    seen[static_cast<std::size_t>(sparse.index(row, k))] = 0;
+            if (repeated >= 0)
+                throw std::invalid_argument("indices of row " + sparse.row_name(row) + " list class " +
+                                            std::to_string(repeated) + " more than once");
+            if (total > 1.0 + 1e-6)
+                throw std::invalid_argument("logprobs of row " + sparse.row_name(row) + " sum to probability " +
+                                            detail::format_number(total) + " > 1 (+1e-6 for rounding)");
+        }
     }
 
     // Checks every label before any output is written; returns the number of rows that count in "mean".

@@ -3,11 +3,13 @@
 // One validated call, as plain data: what the kernels read and where they write. Built by
 // DistillationLoss<T> after every check has passed, so the kernels never fail.
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <type_traits>
 
 #include "kdloss/divergence.hpp"
+#include "kdloss/sparse_teacher.hpp"
 
 namespace kdloss::detail {
 
@@ -21,6 +23,9 @@ struct BatchProblem {
     std::ptrdiff_t student_stride = 0;
     const T* teacher = nullptr;
     std::ptrdiff_t teacher_stride = 0;
+    // A sparse teacher instead (teacher then points at the student's logits, which only a hard term reads).
+    const SparseTeacherView* sparse = nullptr;
+    Tail tail = Tail::bucket;
 
     LabelKind label_kind = LabelKind::none;
     const std::int64_t* class_indices = nullptr;
@@ -57,10 +62,11 @@ static_assert(block_max_classes<double> >= lanes, "long rows must fill at least 
 
 // Elements of per-thread scratch the kernels need for rows of `classes` classes. Long rows: up to three rows
 // of exponentials. Blocks: lanes x classes each of the student (then its exponentials, then the gradient),
-// the teacher (then its exponentials), the targets and the hard exponentials.
+// the teacher (then its exponentials), the targets and the hard exponentials. (A sparse teacher's row shorter
+// than `lanes` takes five rows of `lanes`: sparse_kl.hpp.)
 template <class T>
 std::size_t scratch_elements(std::size_t classes) noexcept {
-    return classes <= block_max_classes<T> ? 4 * lanes * classes : 3 * classes;
+    return classes <= block_max_classes<T> ? 4 * lanes * std::max<std::size_t>(classes, 2) : 3 * classes;
 }
 
 // Computes rows [begin, end) of `problem`; `scratch` holds scratch_elements(classes) elements.

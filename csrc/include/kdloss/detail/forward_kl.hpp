@@ -20,6 +20,7 @@ inline namespace KDLOSS_KERNEL_NAMESPACE {
 
 struct ForwardKL {
     static constexpr bool second_pass = false;
+    static constexpr bool dense_teacher = true;
 
     template <class V>
     struct Sums {

@@ -144,7 +144,7 @@ KDLOSS_NOINLINE LaneMaxima<T> exponentials(const T* student, const T* teacher, P
     typename Terms::template Sums<Pack<double>> totals{};
     typename Terms::SoftTerm::template Partials<T> soft_partials;
     typename Terms::HardTerm::template Partials<T> hard_partials;
-    LaneMaximaScan<T, Terms::soft> scan{ahead.next.student, ahead.next.teacher};
+    LaneMaximaScan<T, Terms::dense_teacher> scan{ahead.next.student, ahead.next.teacher};
 
     // The block of `lanes` elements from i; `skipped` (a Mask, or EveryLaneSummed) marks lanes left out of
     // the sums.
@@ -155,7 +155,7 @@ KDLOSS_NOINLINE LaneMaxima<T> exponentials(const T* student, const T* teacher, P
             constexpr std::size_t line = 64 / sizeof(T);  // elements in a cache line
             for (std::size_t j = 0; j < lanes; j += line) {
                 KDLOSS_PREFETCH(ahead.fetched.student + i + j);
-                KDLOSS_PREFETCH(ahead.fetched.teacher + i + j);
+                if constexpr (Terms::dense_teacher) KDLOSS_PREFETCH(ahead.fetched.teacher + i + j);
                 if (ahead.fetched_gradient != nullptr) KDLOSS_PREFETCH_TO_WRITE(ahead.fetched_gradient + i + j);
             }
         }
@@ -163,7 +163,8 @@ KDLOSS_NOINLINE LaneMaxima<T> exponentials(const T* student, const T* teacher, P
         const Pack<T> ds_summed = summed(ds, minus_infinity, skipped);
         Pack<T> e_student;
         if constexpr (Terms::soft) {
-            const Pack<T> dt = Pack<T>::load(teacher + i) - teacher_max;
+            Pack<T> dt;
+            if constexpr (Terms::dense_teacher) dt = Pack<T>::load(teacher + i) - teacher_max;
             e_student = soft_partials.add(i, ds, ds_summed, dt, soft, skipped, row);
         }
         if constexpr (Terms::hard) hard_partials.add(i, ds, ds_summed, e_student, skipped, row);
@@ -192,9 +193,8 @@ KDLOSS_NOINLINE LaneMaxima<T> exponentials(const T* student, const T* teacher, P
 // with the gradient stores what the policy returns over row.divergence_term. A last partial block is the
 // window of the last `lanes` elements, its overlapping lanes left out of the sums; since it reads what the
 // block before writes over, it is computed first and stored last.
-template <class T, class Soft, bool Gradient>
-KDLOSS_NOINLINE void second_pass(const RowBuffers<T>& row, std::size_t n,
-                                 typename Soft::template SecondPass<T, Gradient> pass,
+template <class T, class Soft, bool Gradient, class Pass>
+KDLOSS_NOINLINE void second_pass(const RowBuffers<T>& row, std::size_t n, Pass pass,
                                  typename Soft::template Sums<Pack<double>>& sums) noexcept {
     constexpr std::size_t chunk = lanes * (std::is_same_v<T, float> ? 64 : 256);
     const std::size_t whole = n - n % lanes;
@@ -242,7 +242,7 @@ KDLOSS_NOINLINE LaneMaxima<T> write_gradient(T* gradient, const RowBuffers<T>& r
     // Backwards for a long row: from the exponentials written last, and the next row's exponential pass
     // comes next, into the scratch touched last.
     const bool backwards = n * sizeof(T) > long_row_bytes;
-    LaneMaximaScan<T, Terms::soft> scan{next.student, next.teacher};
+    LaneMaximaScan<T, Terms::dense_teacher> scan{next.student, next.teacher};
     if (next.student == nullptr) {
         for_each_block(whole, backwards, [&](std::size_t i) KDLOSS_INLINE_LAMBDA { at(i).store(gradient + i); });
     } else {

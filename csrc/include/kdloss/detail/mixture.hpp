@@ -7,12 +7,14 @@
 //   skew_reverse_kl  D = KL(q || m),                               m = (1 - skew) p + skew q
 // Each is D = Σ_c [w_p p_c log u_c + w_q q_c log v_c] with u = p/m and v = q/m, weights (w_p, w_q) =
 // (beta, 1 - beta), (1, 0) and (0, 1). Which one, and its parameter, are run-time values (MixtureWeights): one
-// compiled kernel serves all three, a branch the same in every block telling which logarithms a block takes.
+// compiled kernel serves all three but for the second pass's loop, one for each (with_second_pass).
 //
 // The logarithms need the row's Z_s and Z_t, so the divergence takes a second pass (SecondPass), over the
 // exponentials the first one stored: p = e^(dt/T) / Z_t and q = e^(ds/T) / Z_s, each to T's precision
 // relative to itself, and m a sum of two non-negative terms, which cannot cancel. log u = log(p/m) is then a
-// logarithm of a number known to a few ulps, so exact to a few ulps absolutely, whatever the magnitudes; the
+// logarithm of a number known to a few ulps, so exact to a few ulps absolutely, whatever the magnitudes (jsd,
+// which takes both log u and log v, takes them as log(1 + r) and log r, r the smaller part of m over the
+// larger, SecondPass::add); the
 // log of each side's probability alone (log p = dt/T - log Z_t) would carry the rounding of |dt/T|, which is
 // larger wherever the logits are. Where either side's exponential is 0 (a -inf logit, or one below T's
 // smallest normal number, which each exponential is flushed to) its term is 0, as 0 log 0 is: what is left
@@ -68,11 +70,12 @@ MixtureWeights mixture_weights(const BatchProblem<T>& problem) noexcept {
 
 // The soft term a problem's divergence is computed as: each KL by its own policy, and the mixtures by Mixture,
 // except where their parameter makes them a KL exactly (jsd at beta 0 and 1, TRL's definition; skew 0).
-enum class SoftTerm { none, forward_kl, reverse_kl, mixture };
+enum class SoftTerm { none, forward_kl, reverse_kl, mixture, sparse };
 
 template <class T>
 SoftTerm soft_term(const BatchProblem<T>& problem) noexcept {
     if (problem.soft_weight == 0.0) return SoftTerm::none;
+    if (problem.sparse != nullptr) return SoftTerm::sparse;  // forward KL only (DistillationLoss checks it)
     switch (problem.divergence) {
         case Divergence::forward_kl: return SoftTerm::forward_kl;
         case Divergence::reverse_kl: return SoftTerm::reverse_kl;
@@ -98,13 +101,13 @@ KDLOSS_INLINE Pack<T> log_one_minus(const Pack<T>& x, const Pack<T>& y) noexcept
     return select(x < Pack<T>(std::numeric_limits<T>::epsilon()), T(0) - x, result);
 }
 
-// log(1 - x) + x for x in [0, 1], given x and y = 1 - x each to T's relative precision. For x <= 1/4 by the
-// series log(1 - x) = -2 atanh(w), w = x / (2 - x) = x / (1 + y), where x - 2w = -x w leaves
+// log(1 - x) + x for x in [0, 1], given log(1 - x) and y = 1 - x to T's precision relative to themselves. For
+// x <= 1/4 by the series log(1 - x) = -2 atanh(w), w = x / (2 - x) = x / (1 + y), where x - 2w = -x w leaves
 //   log(1 - x) + x = -w (x + 2 w^2 (1/3 + w^2/5 + w^4/7 + ...)),
 // terms of one sign, exact relative to the result however small x is (the result is -x^2/2 there, which
-// log(y) + x would lose to cancellation); elsewhere log(y) + x, where no more than a tenth cancels.
+// log(1 - x) + x would lose to cancellation); elsewhere log(1 - x) + x, where no more than a tenth cancels.
 template <class T>
-KDLOSS_INLINE Pack<T> log_one_minus_plus(const Pack<T>& x, const Pack<T>& y) noexcept {
+KDLOSS_INLINE Pack<T> log_one_minus_plus(const Pack<T>& x, const Pack<T>& y, const Pack<T>& log_y) noexcept {
     const Pack<T> w = x / (T(1) + y);
     const Pack<T> w2 = w * w;
     // w <= 1/7: terms to w^18/21 (double) or w^8/11 (float) leave out less than T's rounding.
@@ -112,11 +115,12 @@ KDLOSS_INLINE Pack<T> log_one_minus_plus(const Pack<T>& x, const Pack<T>& y) noe
     Pack<T> series = T(1) / T(2 * terms + 1);
     for (int k = terms - 1; k >= 1; --k) series = series * w2 + T(1) / T(2 * k + 1);
     const Pack<T> near = T(0) - w * (x + T(2) * w2 * series);
-    return select(x > Pack<T>(T(0.25)), fast_log(y) + x, near);
+    return select(x > Pack<T>(T(0.25)), log_y + x, near);
 }
 
 struct Mixture {
     static constexpr bool second_pass = true;
+    static constexpr bool dense_teacher = true;
 
     template <class V>
     struct Sums {
@@ -162,10 +166,10 @@ struct Mixture {
 
     // The second pass, once Z_s and Z_t are known (from one row's sums, V = double, or a block's, V =
     // Pack<double>): D's terms and, for the gradient, E_q[G], with G returned for the caller to store over
-    // e^(dt/T) (see second_pass in lane_math.hpp).
-    template <class T, bool Gradient>
+    // e^(dt/T) (see second_pass in lane_math.hpp). One type for each divergence, so that its loop holds only its
+    // own arithmetic (with_second_pass picks it).
+    template <class T, bool Gradient, Divergence Kind>
     struct SecondPass {
-        Divergence divergence;
         Pack<T> inverse_student, inverse_teacher;  // 1 / Z_s, 1 / Z_t
         Pack<T> student_scale;                     // Z_t / Z_s
         // Packs, not scalars: a scalar would be broadcast again at each use inside the loop.
@@ -178,8 +182,7 @@ struct Mixture {
         template <class V>
         static SecondPass from_sums(const Sums<V>& sums, const BatchProblem<T>& problem) noexcept {
             const MixtureWeights w = mixture_weights(problem);
-            return {w.divergence,
-                    narrow<T>(1.0 / sums.student_soft),
+            return {narrow<T>(1.0 / sums.student_soft),
                     narrow<T>(1.0 / sums.teacher_soft),
                     narrow<T>(sums.teacher_soft / sums.student_soft),
                     Pack<T>(static_cast<T>(w.teacher)),
@@ -198,38 +201,56 @@ struct Mixture {
         KDLOSS_INLINE Pack<T> add(std::size_t i, const Skipped& skipped, const RowBuffers<T>& row) noexcept {
             const Pack<T> e_student = Pack<T>::load(row.student_soft + i);
             const Pack<T> e_teacher = Pack<T>::load(row.divergence_term + i);
-            const Pack<T> q = inverse_student * e_student, p = inverse_teacher * e_teacher;
-            const Mask<T> no_teacher = e_teacher == Pack<T>(), no_student = e_student == Pack<T>();
-            // x = (the teacher's part of m) / m and y = (the student's part) / m, x + y = 1, as quotients of
-            // e^(dt/T) and (Z_t / Z_s) e^(ds/T), by m' = Z_t m: each is exact to T's precision relative to
-            // itself, where p, q and m may be subnormal. One reciprocal for all; where m' is so small that it
-            // would overflow, numerators and denominator are scaled by 2^32 first (exactly).
             const Pack<T> teacher_part = teacher * e_teacher, student_part = student * (student_scale * e_student);
-            const Pack<T> mixture = teacher_part + student_part;
-            const Pack<T> scale = select(mixture < Pack<T>(std::numeric_limits<T>::min()), T(4294967296.0), T(1));
-            const Pack<T> to_mixture = T(1) / (mixture * scale);
-            const Pack<T> x = (teacher_part * scale) * to_mixture, y = (student_part * scale) * to_mixture;
+            const Pack<T> q = inverse_student * e_student;
             Pack<T> term, g;
-            if (divergence == Divergence::skew_forward_kl) {
-                // D = sum p log(p / m), log(p / m) = log(x / skew); G = -(1 - skew) p / m.
-                term = select(no_teacher, T(0), p * (log_one_minus(y, x) - log_teacher));
-                if constexpr (Gradient) g = T(0) - student_over_teacher * x;
-            } else if (divergence == Divergence::skew_reverse_kl) {
-                // D = sum q log(q / m), log(q / m) = log(y / skew); G = log y + x (log_one_minus_plus).
-                const Pack<T> h = log_one_minus_plus(x, y);
-                term = select(no_student, T(0), q * ((h - x) - log_student));
-                if constexpr (Gradient) g = h;
-            } else {
+            Mask<T> neither;  // classes where neither side has mass: they contribute nothing
+            if constexpr (Kind == Divergence::jsd) {
+                // Both log x and log y, x = (the teacher's part of m) / m and y = (the student's part) / m. With
+                // r the smaller part over the larger, each exact to T's precision relative to itself where p, q
+                // and m may be subnormal (where the larger is so small that r would lose precision, both are
+                // scaled by 2^32 first, exactly), and l = log(1 + r):
+                //   log(larger part / m) = -l  and  log(smaller part / m) = log r - l,
+                // logarithms of numbers in (0, 1] and [1, 2], and no cancellation but the last subtraction's.
+                // Where either side has no mass, r is 0 and log r finite (fast_log), weighed by 0; where
+                // neither has, r is 0 / 0.
+                const Mask<T> teacher_larger = teacher_part > student_part;
+                const Pack<T> larger = select(teacher_larger, teacher_part, student_part);
+                const Pack<T> smaller = select(teacher_larger, student_part, teacher_part);
+                const Pack<T> scale = select(larger < Pack<T>(std::numeric_limits<T>::min()), T(4294967296.0), T(1));
+                const Pack<T> r = (smaller * scale) / (larger * scale);
+                neither = larger == Pack<T>();
+                const Pack<T> l = log_one_plus(r);
+                const Pack<T> log_larger = T(0) - l, log_smaller = fast_log(r) - l;
+                const Pack<T> log_x = select(teacher_larger, log_larger, log_smaller);
+                const Pack<T> log_y = select(teacher_larger, log_smaller, log_larger);
                 // D = beta sum p log(x / beta) + (1 - beta) sum q log(y / (1 - beta)); G = (1 - beta) log y.
-                const Pack<T> log_y = log_one_minus(x, y);
-                term = select(no_teacher, T(0), teacher_term * p * (log_one_minus(y, x) - log_teacher)) +
-                       select(no_student, T(0), student_term * q * (log_y - log_student));
+                term = teacher_term * inverse_teacher * e_teacher * (log_x - log_teacher) +
+                       student_term * q * (log_y - log_student);
                 if constexpr (Gradient) g = student * log_y;
+            } else {
+                // One of the logarithms: x and y themselves, as quotients of the parts by m' = Z_t m (scaled as
+                // above where m' is subnormal), and log(1 - x) or log(1 - y) from both (log_one_minus).
+                const Pack<T> mixture = teacher_part + student_part;
+                const Pack<T> scale = select(mixture < Pack<T>(std::numeric_limits<T>::min()), T(4294967296.0), T(1));
+                const Pack<T> to_mixture = T(1) / (mixture * scale);
+                const Pack<T> x = (teacher_part * scale) * to_mixture, y = (student_part * scale) * to_mixture;
+                neither = mixture == Pack<T>();
+                if constexpr (Kind == Divergence::skew_forward_kl) {
+                    // D = sum p log(p / m) = sum p log(x / skew); G = -(1 - skew) p / m = -(1 - skew) / skew x.
+                    term = inverse_teacher * e_teacher * (log_one_minus(y, x) - log_teacher);
+                    if constexpr (Gradient) g = T(0) - student_over_teacher * x;
+                } else {
+                    // D = sum q log(q / m) = sum q log(y / skew); G = log y + x (log_one_minus_plus).
+                    const Pack<T> log_y = log_one_minus(x, y);
+                    term = q * (log_y - log_student);
+                    if constexpr (Gradient) g = log_one_minus_plus(x, y, log_y);
+                }
             }
-            divergence_sum += summed(term, T(0), skipped);
+            divergence_sum += summed(select(neither, T(0), term), T(0), skipped);
             if constexpr (Gradient) {
-                // Where the student has no mass G may be NaN (0 / 0) or infinite; it weighs nothing there.
-                g = select(no_student, T(0), g);
+                // Where neither side has mass G is NaN (0 / 0); it weighs nothing there.
+                g = select(neither, T(0), g);
                 mean += summed(Pack<T>(q * g), T(0), skipped);
             }
             return g;
@@ -241,6 +262,20 @@ struct Mixture {
             divergence_sum = mean = Pack<T>();
         }
     };
+
+    // run(pass) with the SecondPass of the problem's divergence, from its sums.
+    template <class T, bool Gradient, class V, class Run>
+    static KDLOSS_INLINE void with_second_pass(const Sums<V>& sums, const BatchProblem<T>& problem, Run&& run) {
+        switch (problem.divergence) {
+            case Divergence::skew_forward_kl:
+                run(SecondPass<T, Gradient, Divergence::skew_forward_kl>::from_sums(sums, problem));
+                return;
+            case Divergence::skew_reverse_kl:
+                run(SecondPass<T, Gradient, Divergence::skew_reverse_kl>::from_sums(sums, problem));
+                return;
+            default: run(SecondPass<T, Gradient, Divergence::jsd>::from_sums(sums, problem));
+        }
+    }
 
     template <class V>
     static KDLOSS_INLINE V divergence(const Sums<V>& sums, double) noexcept {

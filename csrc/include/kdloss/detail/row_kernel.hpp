@@ -74,8 +74,8 @@ KDLOSS_NOINLINE RowSums<Terms> distill_row(const BatchProblem<T>& problem, Exp2S
     if constexpr (Terms::second_pass) {
         using Soft = typename Terms::SoftTerm;
         typename Soft::template Sums<Pack<double>> more{};
-        second_pass<T, Soft, Terms::gradient>(
-            row, n, Soft::template SecondPass<T, Terms::gradient>::from_sums(sums.soft, problem), more);
+        Soft::template with_second_pass<T, Terms::gradient>(
+            sums.soft, problem, [&](const auto& pass) { second_pass<T, Soft, Terms::gradient>(row, n, pass, more); });
         Soft::for_each_sum([](double& sum, const Pack<double>& lane_sum) { sum += lane_sum.sum(); }, sums.soft, more);
     }
 
@@ -114,13 +114,14 @@ KDLOSS_NOINLINE void distill_block(const BatchProblem<T>& problem, Exp2Scale<T> 
     for (std::size_t lane = 0; lane < lanes; ++lane) {
         const auto row_index = static_cast<std::ptrdiff_t>(rows[lane < count ? lane : 0]);
         student_rows[lane] = problem.student + row_index * problem.student_stride;
-        teacher_rows[lane] = problem.teacher + row_index * problem.teacher_stride;
+        teacher_rows[lane] = Terms::soft ? problem.teacher + row_index * problem.teacher_stride : nullptr;
         target_rows[lane] = Terms::distribution ? problem.targets + row_index * problem.target_stride : nullptr;
         if (problem.label_kind == LabelKind::class_indices)
             class_index[lane] = problem.class_indices[row_index * problem.class_index_stride];
     }
     const Pack<T> student_max = rows_to_lanes(student_rows, n, student);
-    const Pack<T> teacher_max = rows_to_lanes(teacher_rows, n, teacher);
+    Pack<T> teacher_max;
+    if constexpr (Terms::soft) teacher_max = rows_to_lanes(teacher_rows, n, teacher);
     if constexpr (Terms::distribution) rows_to_lanes(target_rows, n, target);
 
     double label_logits[lanes] = {};
@@ -137,8 +138,9 @@ KDLOSS_NOINLINE void distill_block(const BatchProblem<T>& problem, Exp2Scale<T> 
                                                       RowsAhead<T>{{}, next}, sums);
     if constexpr (Terms::second_pass) {
         using Soft = typename Terms::SoftTerm;
-        second_pass<T, Soft, Terms::gradient>(
-            row, m, Soft::template SecondPass<T, Terms::gradient>::from_sums(sums.soft, problem), sums.soft);
+        Soft::template with_second_pass<T, Terms::gradient>(sums.soft, problem, [&](const auto& pass) {
+            second_pass<T, Soft, Terms::gradient>(row, m, pass, sums.soft);
+        });
     }
     if constexpr (Terms::class_index) Terms::HardTerm::at_label(sums.hard, Pack<double>::load(label_logits));
     store_row_losses<Terms>(problem, sums, rows, count);

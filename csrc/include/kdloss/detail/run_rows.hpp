@@ -15,25 +15,10 @@
 #include "kdloss/detail/mixture.hpp"
 #include "kdloss/detail/reverse_kl.hpp"
 #include "kdloss/detail/row_kernel.hpp"
+#include "kdloss/detail/sparse_kl.hpp"
 
 namespace kdloss::detail {
 inline namespace KDLOSS_KERNEL_NAMESPACE {
-
-template <class T, class Terms>
-void zero_ignored_row(const BatchProblem<T>& problem, std::size_t i) noexcept {
-    problem.row_losses[i] = 0.0;
-    if (problem.row_hard_losses != nullptr) problem.row_hard_losses[i] = 0.0;
-    if constexpr (Terms::gradient) {
-        T* gradient = problem.gradient + static_cast<std::ptrdiff_t>(i) * problem.gradient_stride;
-        for (std::size_t c = 0; c < problem.classes; ++c) gradient[c] = T(0);
-    }
-}
-
-template <class T>
-bool is_ignored(const BatchProblem<T>& problem, std::size_t i) noexcept {
-    return problem.label_kind == LabelKind::class_indices &&
-           problem.class_indices[static_cast<std::ptrdiff_t>(i) * problem.class_index_stride] == problem.ignore_index;
-}
 
 // Long rows' losses from their sums, `lanes` rows at a time: one row per lane of loss_from_sums, as in a block.
 template <class T, class Terms>
@@ -146,6 +131,7 @@ void run_rows_with(const BatchProblem<T>& problem, std::size_t begin, std::size_
 template <class T, bool Gradient, class Soft, class Hard>
 constexpr RowsKernel<T> rows_instance() noexcept {
     if constexpr (std::is_same_v<Soft, Absent> && std::is_same_v<Hard, Absent>) return nullptr;  // no loss at all
+    else if constexpr (std::is_same_v<Soft, SparseKL>) return &run_sparse_rows_with<T, Terms<Soft, Hard, Gradient>>;
     else return &run_rows_with<T, Terms<Soft, Hard, Gradient>>;
 }
 
@@ -162,11 +148,12 @@ constexpr std::array<RowsKernel<T>, 5> by_hard_term() noexcept {
 
 // In the order of SoftTerm. A new divergence is its policy, an entry here and its case in soft_term.
 static_assert(divergence_count == 5, "each Divergence needs its SoftTerm in soft_term (mixture.hpp)");
-constexpr std::size_t soft_terms = 4;
+constexpr std::size_t soft_terms = 5;
 template <class T, bool Gradient>
 constexpr std::array<std::array<RowsKernel<T>, 5>, soft_terms> by_soft_term() noexcept {
     return {by_hard_term<T, Gradient, Absent>(), by_hard_term<T, Gradient, ForwardKL>(),
-            by_hard_term<T, Gradient, ReverseKL>(), by_hard_term<T, Gradient, Mixture>()};
+            by_hard_term<T, Gradient, ReverseKL>(), by_hard_term<T, Gradient, Mixture>(),
+            by_hard_term<T, Gradient, SparseKL>()};
 }
 
 template <class T>

@@ -31,6 +31,7 @@ constexpr double log2e = 1.4426950408889634074;
 struct Absent {
     static constexpr bool distribution = false;
     static constexpr bool second_pass = false;
+    static constexpr bool dense_teacher = false;
     template <class V>
     struct Sums {
         static Sums neutral() noexcept { return {}; }
@@ -95,6 +96,7 @@ struct Terms {
     static constexpr bool class_index = hard && !distribution;
     static constexpr bool gradient = Gradient;
     static constexpr bool second_pass = Soft::second_pass;
+    static constexpr bool dense_teacher = Soft::dense_teacher;  // teacher logits, not a SparseTeacherView
     using without_gradient = Terms<Soft, Hard, false>;
     template <class V>
     using Sums = TermSums<Soft, Hard, V>;
@@ -176,6 +178,23 @@ struct GradientCoefficients {
         return k;
     }
 };
+
+// Rows whose class-index label is ignore_index: no loss, a zero gradient row.
+template <class T>
+bool is_ignored(const BatchProblem<T>& problem, std::size_t i) noexcept {
+    return problem.label_kind == LabelKind::class_indices &&
+           problem.class_indices[static_cast<std::ptrdiff_t>(i) * problem.class_index_stride] == problem.ignore_index;
+}
+
+template <class T, class Terms>
+void zero_ignored_row(const BatchProblem<T>& problem, std::size_t i) noexcept {
+    problem.row_losses[i] = 0.0;
+    if (problem.row_hard_losses != nullptr) problem.row_hard_losses[i] = 0.0;
+    if constexpr (Terms::gradient) {
+        T* gradient = problem.gradient + static_cast<std::ptrdiff_t>(i) * problem.gradient_stride;
+        for (std::size_t c = 0; c < problem.classes; ++c) gradient[c] = T(0);
+    }
+}
 
 }  // namespace KDLOSS_KERNEL_NAMESPACE
 }  // namespace kdloss::detail

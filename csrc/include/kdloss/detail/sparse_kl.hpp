@@ -1,0 +1,301 @@
+#pragma once
+
+// Forward KL against a sparse teacher (SparseTeacherView): a policy of terms.hpp for the student's side, and a
+// driver of its own for the rows. For a row with listed classes K, their probabilities p_k, the student's
+// q = softmax(s/T) over all C classes, and Q_u = sum of q over the classes not listed:
+//   bucket:       D = sum_k p_k (log p_k - log q_k) + r (log r - log Q_u),  r = max(0, 1 - sum_k p_k),
+//   renormalize:  D = sum_k p~_k (log p~_k - log q_k),                      p~ = p / sum_k p_k,
+// the KL over the K + 1 bins (the listed classes and the rest), and over the listed classes alone. With
+// pi the listed probabilities (p or p~), rho the tail (r or 0) and P = sum pi + rho, the gradient of T^2 D is
+//   T (P q_j - pi_j) at a listed class,   T q_j (P - rho / Q_u) elsewhere.
+// The dense passes (lane_math.hpp) take the student's maxima and exponentials, and write the second formula
+// everywhere; the K listed classes, a few dozen of tens of thousands, are then computed in double one by one,
+// as is D (listed_classes). Q_u is summed over the unlisted classes themselves, never as 1 - sum_k q_k, which
+// would lose all of it where the listed classes hold nearly all of the student's mass.
+//
+// A row's slots have been checked (DistillationLoss): indices in [0, C), none listed twice, no NaN or +inf,
+// probabilities summing to at most 1 + 1e-6. Every row is run on its own (no blocks of short rows: sparse
+// teachers are for vocabularies of tens of thousands), one shorter than a Pack padded to one with -inf.
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <limits>
+#include <new>
+
+#include "kdloss/detail/batch_problem.hpp"
+#include "kdloss/detail/kernel_namespace.hpp"
+#include "kdloss/detail/lane_math.hpp"
+#include "kdloss/detail/pack.hpp"
+#include "kdloss/detail/row_kernel.hpp"
+#include "kdloss/detail/simd_math.hpp"
+#include "kdloss/detail/terms.hpp"
+#include "kdloss/sparse_teacher.hpp"
+
+namespace kdloss::detail {
+inline namespace KDLOSS_KERNEL_NAMESPACE {
+
+struct SparseKL {
+    static constexpr bool second_pass = false;
+    static constexpr bool dense_teacher = false;
+
+    template <class V>
+    struct Sums {
+        V student_soft;  // Z_s, from the exponential pass
+        V divergence;    // D, from the listed classes (listed_classes)
+        V unlisted;      // P / Z_s - rho / Z_u (Z_u = Q_u Z_s): the gradient at an unlisted class over T e^(ds/T)
+
+        static Sums neutral() noexcept { return {1.0, 0.0, 0.0}; }
+    };
+
+    template <class F, class... S>
+    static KDLOSS_INLINE void for_each_sum(F&& f, S&&... sums) noexcept {
+        f(sums.student_soft...);
+        f(sums.divergence...);
+        f(sums.unlisted...);
+    }
+
+    template <class T>
+    struct Partials {
+        Pack<T> student_soft;
+
+        template <class Skipped>
+        KDLOSS_INLINE Pack<T> add(std::size_t i, const Pack<T>& ds, const Pack<T>&, const Pack<T>&, Exp2Scale<T> soft,
+                                  const Skipped& skipped, const RowBuffers<T>& row) noexcept {
+            const Pack<T> e_student = fast_exp2(ds, soft);
+            e_student.store(row.student_soft + i);
+            student_soft += summed(e_student, T(0), skipped);
+            return e_student;
+        }
+
+        KDLOSS_INLINE void flush_into(Sums<Pack<double>>& totals) noexcept {
+            totals.student_soft += widen(student_soft);
+            student_soft = Pack<T>();
+        }
+    };
+
+    template <class V>
+    static KDLOSS_INLINE V divergence(const Sums<V>& sums, double) noexcept {
+        return sums.divergence;
+    }
+
+    // The gradient's soft term at an unlisted class: weight T e^(ds/T) (P / Z_s - rho / Z_u). Its factor may be
+    // beyond float's range where Z_u is tiny (every unlisted class then has e^(ds/T) <= Z_u, and the product is
+    // at most T rho): it is applied as two, the second a power of 2.
+    template <class T>
+    struct Coefficients {
+        Pack<T> scale, power_of_two;
+
+        template <class V>
+        static Coefficients from_sums(const Sums<V>& sums, double weight, double temperature) noexcept {
+            const double factor = weight * temperature * sums.unlisted;
+            const double split = std::fabs(factor) > 0x1p100 ? 0x1p64 : 1.0;
+            return {Pack<T>(static_cast<T>(factor / split)), Pack<T>(static_cast<T>(split))};
+        }
+
+        KDLOSS_INLINE Pack<T> gradient(std::size_t, const Pack<T>& e_student, const RowBuffers<T>&) const noexcept {
+            return (scale * e_student) * power_of_two;
+        }
+    };
+};
+
+// A row's sum of n >= lanes elements, in double.
+template <class T>
+double row_sum(const T* values, std::size_t n) noexcept {
+    Pack<double> total{};
+    const std::size_t whole = n - n % lanes;
+    for (std::size_t i = 0; i < whole; i += lanes) total += widen(Pack<T>::load(values + i));
+    double sum = total.sum();
+    for (std::size_t i = whole; i < n; ++i) sum += static_cast<double>(values[i]);
+    return sum;
+}
+
+// A listed class of the row at hand, as listed_classes works it out once for the loss and the gradient.
+struct ListedClass {
+    std::size_t index;
+    double log_pi, pi;  // the teacher's pi (p, or p / sum p)
+    double log_q;       // the student's log-probability
+};
+
+// Per-thread scratch for a sparse teacher of k slots a row, in elements of T, ahead of the rows' buffers
+// (ListedClass is 32 bytes, a whole number of elements of T, so the buffers after it stay aligned).
+template <class T>
+std::size_t sparse_scratch_elements(std::size_t k) noexcept {
+    static_assert(sizeof(ListedClass) % sizeof(double) == 0);
+    return k * (sizeof(ListedClass) / sizeof(T));
+}
+
+// A row's listed classes, reduced: how many, P = sum pi + rho, and rho.
+struct ListedSummary {
+    std::size_t count;
+    double total, tail;
+};
+
+// What the listed classes give a row: D into sums.divergence, the unlisted classes' gradient factor into
+// sums.unlisted, each listed class into `listed` (for write_listed). `student` is the row's logits, `row_max`
+// their maximum, `exponentials` their e^(ds/T).
+template <class T>
+ListedSummary listed_classes(const BatchProblem<T>& problem, std::size_t row, const T* student, T row_max,
+                             T* exponentials, std::size_t n, ListedClass* listed,
+                             SparseKL::Sums<double>& sums) noexcept {
+    const SparseTeacherView& teacher = *problem.sparse;
+    const double z_student = sums.student_soft, log_z_student = std::log(z_student);
+    std::size_t count = 0;
+    double p_sum = 0.0, listed_exponentials = 0.0;
+    for (std::size_t k = 0; k < teacher.k(); ++k) {
+        const double logprob = teacher.logprob(row, k);
+        if (logprob == -std::numeric_limits<double>::infinity()) continue;  // an empty slot
+        const auto c = static_cast<std::size_t>(teacher.index(row, k));
+        const double ds = static_cast<double>(student[c]) - static_cast<double>(row_max);
+        const double p = std::exp(logprob);
+        ::new (static_cast<void*>(listed + count)) ListedClass{c, logprob, p, ds / problem.temperature - log_z_student};
+        ++count;
+        p_sum += p;
+        listed_exponentials += static_cast<double>(exponentials[c]);
+    }
+    ListedClass* const classes = std::launder(listed);
+    const bool renormalize = problem.tail == Tail::renormalize;
+    if (renormalize && count > 0) {
+        const double log_p_sum = std::log(p_sum);
+        for (std::size_t j = 0; j < count; ++j) {
+            classes[j].log_pi -= log_p_sum;
+            classes[j].pi /= p_sum;
+        }
+    }
+    double divergence = 0.0;
+    for (std::size_t j = 0; j < count; ++j)
+        if (classes[j].pi > 0.0) divergence += classes[j].pi * (classes[j].log_pi - classes[j].log_q);
+    // The tail: none where every class is listed (whatever rounding left of 1), nor for a renormalised row.
+    const double tail = renormalize || count == problem.classes ? 0.0 : std::max(0.0, 1.0 - p_sum);
+    double unlisted_part = 0.0;  // rho / Z_u
+    if (tail > 0.0) {
+        // Z_u, the unlisted classes' sum of e^(ds/T): Z_s less the listed ones' where that keeps at least half of
+        // it (so Z_s's rounding stays within twice its own relative size), else summed over the unlisted classes
+        // themselves, the listed ones set to 0 (write_listed writes their gradient).
+        double z_unlisted = z_student - listed_exponentials;
+        if (!(z_unlisted >= 0.5 * z_student)) {
+            for (std::size_t j = 0; j < count; ++j) exponentials[classes[j].index] = T(0);
+            z_unlisted = row_sum(exponentials, n);
+        }
+        divergence += tail * (std::log(tail) - (std::log(z_unlisted) - log_z_student));
+        unlisted_part = tail / z_unlisted;
+    }
+    const double total = renormalize ? (count == 0 ? 0.0 : 1.0) : tail > 0.0 ? 1.0 : p_sum;
+    sums.divergence = divergence;
+    sums.unlisted = total / z_student - unlisted_part;
+    return {count, total, tail};
+}
+
+// The gradient at the listed classes of a row whose other classes write_gradient has written, before the
+// label's term is subtracted: soft_scale T (P q_j - pi_j) and the hard term's h_scale e^(ds_j) - y_scale y_j,
+// in double.
+template <class T, class Terms>
+void write_listed(const BatchProblem<T>& problem, const T* student, T row_max, const T* target,
+                  const typename Terms::template Sums<double>& sums, const ListedClass* listed, ListedSummary summary,
+                  T* gradient) noexcept {
+    const double soft_scale = problem.gradient_scale * problem.soft_weight * problem.temperature;
+    double hard_scale = 0.0, target_scale = 0.0;
+    if constexpr (Terms::hard) {
+        target_scale = hard_gradient_scale(problem);
+        hard_scale = target_scale * sums.hard.target_mass / sums.hard.student_hard;
+    }
+    for (std::size_t j = 0; j < summary.count; ++j) {
+        const std::size_t c = listed[j].index;
+        double g = soft_scale * (summary.total * std::exp(listed[j].log_q) - listed[j].pi);
+        if constexpr (Terms::hard) {
+            g += hard_scale * std::exp(static_cast<double>(student[c]) - static_cast<double>(row_max));
+            if constexpr (Terms::distribution) g -= target_scale * static_cast<double>(target[c]);
+        }
+        gradient[c] = static_cast<T>(g);
+    }
+}
+
+// Rows [begin, end) of a problem with a sparse teacher and a soft term: distill_row's passes (row_kernel.hpp)
+// over the student alone, the next row's maxima found on the way, and the listed classes between them.
+template <class T, class Terms>
+void run_sparse_rows_with(const BatchProblem<T>& problem, std::size_t begin, std::size_t end, T* scratch) noexcept {
+    static_assert(Terms::soft && !Terms::dense_teacher);
+    const Exp2Scale<T> soft = soft_exponent<T>(problem.temperature);
+    const std::size_t classes = problem.classes;
+    auto* const listed = reinterpret_cast<ListedClass*>(scratch);
+    scratch += sparse_scratch_elements<T>(problem.sparse->k());
+    // A row shorter than a Pack runs padded to one: its logits with -inf, its targets with 0.
+    const bool padded = classes < lanes;
+    const std::size_t n = padded ? lanes : classes;
+    T* padded_student = scratch;
+    T* padded_target = scratch + n;
+    T* padded_gradient = scratch + 2 * n;
+    T* buffers = padded ? scratch + 3 * n : scratch;
+    const bool fetch_ahead = !padded && classes * sizeof(T) <= long_row_bytes;
+    auto logits = [&](std::size_t i) -> RowLogits<T> {
+        return {problem.student + static_cast<std::ptrdiff_t>(i) * problem.student_stride, nullptr};
+    };
+    RowMaxima<T> maxima;
+    for (std::size_t i = begin; i < end; ++i) {
+        if (is_ignored(problem, i)) {
+            zero_ignored_row<T, Terms>(problem, i);
+            continue;
+        }
+        const auto row_offset = static_cast<std::ptrdiff_t>(i);
+        const T* student = problem.student + row_offset * problem.student_stride;
+        const T* target = Terms::distribution ? problem.targets + row_offset * problem.target_stride : nullptr;
+        T* gradient = Terms::gradient ? problem.gradient + row_offset * problem.gradient_stride : nullptr;
+        if (padded) {
+            std::fill(padded_student, padded_student + n, -std::numeric_limits<T>::infinity());
+            std::copy(student, student + classes, padded_student);
+            student = padded_student;
+            if constexpr (Terms::distribution) {
+                std::fill(padded_target, padded_target + n, T(0));
+                std::copy(target, target + classes, padded_target);
+                target = padded_target;
+            }
+        }
+        RowsAhead<T> ahead;
+        if (!padded && i + 1 < end) ahead.next = logits(i + 1);
+        const std::size_t fetched = scan_in_exponentials ? i + 2 : i + 1;
+        if (fetched < end && fetch_ahead) ahead.fetched = logits(fetched);
+        T* row_gradient = Terms::gradient ? (padded ? padded_gradient : gradient) : nullptr;
+        // The student's exponentials in the gradient's row, as distill_row keeps them.
+        T* student_soft = Terms::gradient ? row_gradient : buffers;
+        const RowBuffers<T> row{student_soft, nullptr, buffers + n, target, hard_power(true, problem.temperature)};
+
+        const LaneMaxima<T> lane_max =
+            maxima.row.student == student ? maxima.lanes : lane_maxima<T, false>(student, nullptr, n);
+        const T row_max = lane_max.student.max();
+        typename Terms::template Sums<Pack<double>> lane_sums;
+        const LaneMaxima<T> scanned = exponentials<T, typename Terms::without_gradient>(
+            student, nullptr, Pack<T>(row_max), Pack<T>(), soft, row, n, ahead, lane_sums);
+        maxima.row = {};
+        if constexpr (scan_in_exponentials) maxima = {scanned, ahead.next};
+        typename Terms::template Sums<double> sums;
+        for_each_sum<Terms>([](double& sum, const Pack<double>& lane_sum) { sum = lane_sum.sum(); }, sums, lane_sums);
+        std::int64_t class_index = 0;
+        if constexpr (Terms::class_index) {
+            class_index = problem.class_indices[row_offset * problem.class_index_stride];
+            Terms::HardTerm::at_label(sums.hard,
+                                      static_cast<double>(student[class_index]) - static_cast<double>(row_max));
+        }
+        const ListedSummary summary = listed_classes(problem, i, student, row_max, student_soft, n, listed, sums.soft);
+
+        if (problem.row_hard_losses == nullptr) {
+            problem.row_losses[i] =
+                loss_from_sums<Terms>(sums, problem.temperature, problem.soft_weight, problem.hard_weight);
+        } else {
+            loss_parts_from_sums<Terms>(sums, problem.temperature, problem.row_losses[i], problem.row_hard_losses[i]);
+        }
+        if constexpr (Terms::gradient) {
+            const auto coefficients = GradientCoefficients<T, Terms>::from_sums(sums, problem);
+            const LaneMaxima<T> found = write_gradient<T, Terms>(row_gradient, row, coefficients, n,
+                                                                 scan_in_exponentials ? RowLogits<T>{} : ahead.next);
+            if constexpr (!scan_in_exponentials) maxima = {found, ahead.next};
+            write_listed<T, Terms>(problem, student, row_max, target, sums, std::launder(listed), summary,
+                                   row_gradient);
+            if constexpr (Terms::class_index) row_gradient[class_index] -= coefficients.hard.label_scale;
+            if (padded) std::copy(row_gradient, row_gradient + classes, gradient);
+        }
+    }
+}
+
+}  // namespace KDLOSS_KERNEL_NAMESPACE
+}  // namespace kdloss::detail
