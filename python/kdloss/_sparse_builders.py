@@ -23,8 +23,9 @@ TOP_K_METHOD = "top_k"
 SAMPLE_METHOD = "sample"
 
 
-def _teacher_rows(teacher_logits: Any) -> tuple[np.ndarray, tuple[int, ...]]:
-    """The logits as (rows, C) in float32 or float64, read in place where they can be, and their leading shape."""
+def _teacher_logits(teacher_logits: Any) -> np.ndarray:
+    """The logits in float32 or float64, as they are where the kernels read them in place (rows of contiguous
+    elements), else converted once."""
     array = _arrays._as_array(teacher_logits)
     if array.dtype.kind != "f" or array.dtype not in (_FLOAT16, _FLOAT32, _FLOAT64):
         raise TypeError(f"teacher_logits must be float16, float32 or float64, got dtype {array.dtype}")
@@ -34,9 +35,7 @@ def _teacher_rows(teacher_logits: Any) -> tuple[np.ndarray, tuple[int, ...]]:
         raise ValueError(f"teacher_logits must have at least one class, got shape {array.shape}")
     # There are no float16 kernels: float16 logits are converted to float32 once, here (a cache is written in
     # the dtype it is computed in).
-    array = _arrays._in_dtype(array, _FLOAT32 if array.dtype == _FLOAT16 else array.dtype)
-    # A view wherever the kernels read the array in place: its leading axes collapse into one.
-    return array.reshape(-1, array.shape[-1]), array.shape[:-1]
+    return _arrays._in_dtype(array, _FLOAT32 if array.dtype == _FLOAT16 else array.dtype)
 
 
 def _check_count(name: str, value: Any, rule: str, low: int, high: int) -> int:
@@ -45,11 +44,6 @@ def _check_count(name: str, value: Any, rule: str, low: int, high: int) -> int:
     if not low <= value <= high:
         raise ValueError(f"{name} must be {rule}, got {value}")
     return int(value)
-
-
-def _cache(indices: np.ndarray, logprobs: np.ndarray, leading: tuple[int, ...], **metadata: Any) -> SparseTeacher:
-    slots = indices.shape[-1]
-    return SparseTeacher(indices.reshape(*leading, slots), logprobs.reshape(*leading, slots), **metadata)
 
 
 def top_k(
@@ -94,7 +88,7 @@ def top_k(
     ValueError
         If ``k`` is not in [1, C], ``temperature`` not in [1e-30, 100], ``teacher_logits`` has no class (or more
         than 2**31 - 1), or a row holds NaN or +inf, or only -inf (it has no softmax): the message names the first
-        such row, counting rows over the leading axes flattened.
+        such row by its index in the leading shape, e.g. ``(3, 17)``.
 
     Notes
     -----
@@ -116,13 +110,13 @@ def top_k(
     >>> np.exp(cache.logprobs).round(4)      # the tail, 1 - 0.799, is the mass of classes 1 and 3
     array([[0.3995, 0.3995]])
     """
-    rows, leading = _teacher_rows(teacher_logits)
-    classes = rows.shape[1]
+    logits = _teacher_logits(teacher_logits)
+    classes = logits.shape[-1]
     k = _check_count("k", k, f"an integer in [1, C] (C = {classes})", 1, classes)
     temperature = check_real("temperature", temperature)
     threads = check_num_threads(num_threads)
-    indices, logprobs = _core.top_k(rows, k, temperature, 0 if threads is None else threads)
-    return _cache(indices, logprobs, leading, temperature=temperature, vocab_size=classes, method=TOP_K_METHOD)
+    indices, logprobs = _core.top_k(logits, k, temperature, 0 if threads is None else threads)
+    return SparseTeacher(indices, logprobs, temperature=temperature, vocab_size=classes, method=TOP_K_METHOD)
 
 
 def sample_teacher(
@@ -150,9 +144,10 @@ def sample_teacher(
     temperature : float
         The softmax temperature, in [1e-30, 100].
     seed : int
-        In [0, 2**64). A row's draws depend on the seed and the row's index (over the leading axes flattened) alone,
-        whatever ``num_threads`` is: the same call gives the same cache. A batch built in pieces should give each
-        piece its own seed (e.g. ``base_seed + piece``), or its rows would repeat the first piece's draws.
+        In [0, 2**64). A row's draws depend on the seed and the row's index (its place in C order over the leading
+        axes) alone, whatever ``num_threads`` is: the same call gives the same cache. A cache built in pieces should
+        give each piece its own seed (e.g. ``base_seed + piece``), or their rows would repeat the first piece's
+        draws.
     num_threads : int or None, default None
         As in :func:`top_k`.
 
@@ -189,17 +184,10 @@ def sample_teacher(
     >>> np.exp(cache.logprobs) * 8                  # the counts
     array([[5., 3., 0.]])
     """
-    rows, leading = _teacher_rows(teacher_logits)
+    logits = _teacher_logits(teacher_logits)
     num_samples = _check_count("num_samples", num_samples, "an integer >= 1", 1, 2**63 - 1)
     temperature = check_real("temperature", temperature)
     seed = _check_count("seed", seed, "an integer in [0, 2**64)", 0, 2**64 - 1)
     threads = check_num_threads(num_threads)
-    indices, logprobs = _core.sample_teacher(rows, num_samples, temperature, seed, 0 if threads is None else threads)
-    return _cache(
-        indices,
-        logprobs,
-        leading,
-        temperature=temperature,
-        vocab_size=rows.shape[1],
-        method=SAMPLE_METHOD,
-    )
+    indices, logprobs = _core.sample_teacher(logits, num_samples, temperature, seed, 0 if threads is None else threads)
+    return SparseTeacher(indices, logprobs, temperature=temperature, vocab_size=logits.shape[-1], method=SAMPLE_METHOD)

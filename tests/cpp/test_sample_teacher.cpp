@@ -295,14 +295,14 @@ KD_TEST(sample_teacher_rejects_bad_arguments) {
     std::vector<float> bad = logits;
     bad[25] = std::numeric_limits<float>::quiet_NaN();
     KD_CHECK_THROWS(
-        invalid_argument, "teacher_logits must be finite or -inf, got nan in row 2 (class 5)",
+        invalid_argument, "teacher_logits must be finite or -inf, got nan at class 5 of row (2,)",
         kdloss::sample_teacher<float>({bad.data(), 4, 10}, 3, 2.0, 0, {indices.data(), 4, 3}, {logprobs.data(), 4, 3}));
     bad[25] = -std::numeric_limits<float>::infinity();
     for (std::size_t c = 30; c < 40; ++c) bad[c] = -std::numeric_limits<float>::infinity();
     KD_CHECK_THROWS(
         invalid_argument,
         "teacher_logits must have a finite logit in every row (its softmax needs one), got only -inf in "
-        "row 3",
+        "row (3,)",
         kdloss::sample_teacher<float>({bad.data(), 4, 10}, 3, 2.0, 0, {indices.data(), 4, 3}, {logprobs.data(), 4, 3}));
 }
 

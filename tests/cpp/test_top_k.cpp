@@ -315,7 +315,7 @@ KD_TEST(top_k_rejects_bad_arguments_before_writing) {
     for (const float logprob : cache.logprobs) KD_CHECK_EQ(logprob, 7.0f);
 }
 
-// A row without a softmax is named, with its first bad class; rows are counted from 0.
+// A row without a softmax is named, with its first bad class; rows are counted from 0, named as Python's tuples.
 template <class T>
 void rows_without_a_softmax_are_named() {
     std::mt19937_64 gen(2);
@@ -332,28 +332,46 @@ void rows_without_a_softmax_are_named() {
     logits.row(30)[7] = std::numeric_limits<T>::quiet_NaN();
     logits.row(30)[9] = std::numeric_limits<T>::infinity();
     logits.row(35)[0] = std::numeric_limits<T>::infinity();
-    KD_CHECK_EQ(message(), std::string("teacher_logits must be finite or -inf, got nan in row 30 (class 7)"));
+    KD_CHECK_EQ(message(), std::string("teacher_logits must be finite or -inf, got nan at class 7 of row (30,)"));
     logits.row(30)[7] = 0;
-    KD_CHECK_EQ(message(), std::string("teacher_logits must be finite or -inf, got inf in row 30 (class 9)"));
+    KD_CHECK_EQ(message(), std::string("teacher_logits must be finite or -inf, got inf at class 9 of row (30,)"));
     logits.row(30)[9] = 0;
-    KD_CHECK_EQ(message(), std::string("teacher_logits must be finite or -inf, got inf in row 35 (class 0)"));
+    KD_CHECK_EQ(message(), std::string("teacher_logits must be finite or -inf, got inf at class 0 of row (35,)"));
     logits.row(35)[0] = 0;
     for (std::size_t c = 0; c < logits.cols; ++c) logits.row(2)[c] = -std::numeric_limits<T>::infinity();
     KD_CHECK_EQ(message(),
                 std::string("teacher_logits must have a finite logit in every row (its softmax needs one), got only "
-                            "-inf in row 2"));
+                            "-inf in row (2,)"));
     // A NaN in the first k logits, and in the last partial Pack.
     logits.row(2)[0] = 0;
     logits.row(3)[1] = std::numeric_limits<T>::quiet_NaN();
-    KD_CHECK_EQ(message(), std::string("teacher_logits must be finite or -inf, got nan in row 3 (class 1)"));
+    KD_CHECK_EQ(message(), std::string("teacher_logits must be finite or -inf, got nan at class 1 of row (3,)"));
     logits.row(3)[1] = 0;
     logits.row(4)[49] = std::numeric_limits<T>::quiet_NaN();
-    KD_CHECK_EQ(message(), std::string("teacher_logits must be finite or -inf, got nan in row 4 (class 49)"));
+    KD_CHECK_EQ(message(), std::string("teacher_logits must be finite or -inf, got nan at class 49 of row (4,)"));
 }
 
 KD_TEST(top_k_names_the_first_row_without_a_softmax) {
     rows_without_a_softmax_are_named<float>();
     rows_without_a_softmax_are_named<double>();
+}
+
+// Rows of an N-D array's flattened leading axes are named by their index there (the Python module's way).
+KD_TEST(cache_messages_name_rows_as_tuples) {
+    const std::size_t shape[] = {2, 30, 4};
+    KD_CHECK_EQ(kdloss::detail::format_row(34), std::string("(34,)"));
+    const std::size_t one_axis[] = {40};
+    KD_CHECK_EQ(kdloss::detail::format_row(34, one_axis, 1), std::string("(34,)"));
+    KD_CHECK_EQ(kdloss::detail::format_row(34, shape, 2), std::string("(1, 4)"));
+    KD_CHECK_EQ(kdloss::detail::format_row(125, shape, 3), std::string("(1, 1, 1)"));
+    std::vector<float> logits(2 * 30 * 5, 0.0f);
+    logits[(34 * 5) + 3] = std::numeric_limits<float>::quiet_NaN();
+    std::vector<std::int32_t> indices(60);
+    std::vector<float> logprobs(60);
+    KD_CHECK_THROWS(
+        invalid_argument, "teacher_logits must be finite or -inf, got nan at class 3 of row (1, 4)",
+        kdloss::detail::top_k_with<float>(kdloss::detail::top_k_rows<float>, {logits.data(), 60, 5}, 1, 1.0,
+                                          {indices.data(), 60, 1}, {logprobs.data(), 60, 1}, 1, {shape, 2}));
 }
 
 KD_TEST(top_k_of_no_rows_writes_nothing) {

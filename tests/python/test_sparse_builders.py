@@ -192,8 +192,7 @@ def test_inputs_are_read_in_place(rng):
     logits = rng.standard_normal((8, 1000))
     sliced = logits[:, :500]  # rows a stride apart
     for given in (logits, sliced, logits.reshape(2, 4, 1000), logits.astype(np.float32)):
-        rows, _ = _sparse_builders._teacher_rows(given)
-        assert np.shares_memory(rows, given)
+        assert np.shares_memory(_sparse_builders._teacher_logits(given), given)
     assert_matches_reference(kdloss.top_k(sliced, 10, temperature=1.0), sliced, 10, 1.0)
     # A layout the kernels cannot read is converted, visibly, and gives the same result.
     transposed = np.ascontiguousarray(logits[:, :8].T).T
@@ -203,10 +202,8 @@ def test_inputs_are_read_in_place(rng):
 def test_dlpack_inputs_are_read_without_a_copy(rng):
     torch = pytest.importorskip("torch")
     tensor = torch.from_numpy(rng.standard_normal((4, 300)).astype(np.float32))
-    rows, _ = _sparse_builders._teacher_rows(tensor)
-    assert np.shares_memory(rows, tensor.numpy())
-    rows, _ = _sparse_builders._teacher_rows(tensor[:, 10:200])
-    assert np.shares_memory(rows, tensor.numpy())
+    assert np.shares_memory(_sparse_builders._teacher_logits(tensor), tensor.numpy())
+    assert np.shares_memory(_sparse_builders._teacher_logits(tensor[:, 10:200]), tensor.numpy())
     cache = kdloss.top_k(tensor, 5, temperature=2.0)
     assert_matches_reference(cache, tensor.numpy(), 5, 2.0)
     sampled = kdloss.sample_teacher(tensor, 5, temperature=2.0, seed=1)
@@ -296,14 +293,15 @@ def test_rows_without_a_softmax_are_named(rng, build, dtype):
     logits = rng.standard_normal((2, 30, 100)).astype(dtype)
     logits[1, 4, 17] = np.nan
     logits[1, 9, 0] = np.inf
-    with pytest.raises(ValueError, match=r"^teacher_logits must be finite or -inf, got nan in row 34 \(class 17\)$"):
+    not_finite = r"^teacher_logits must be finite or -inf, got "
+    with pytest.raises(ValueError, match=not_finite + r"nan at class 17 of row \(1, 4\)$"):
         run(logits)
     logits[1, 4, 17] = 0
-    with pytest.raises(ValueError, match=r"^teacher_logits must be finite or -inf, got inf in row 39 \(class 0\)$"):
+    with pytest.raises(ValueError, match=not_finite + r"inf at class 0 of row \(1, 9\)$"):
         run(logits)
     logits[1, 9, 0] = 0
     logits[0, 2] = -np.inf
-    with pytest.raises(ValueError, match=r"got only -inf in row 2$"):
+    with pytest.raises(ValueError, match=r"got only -inf in row \(0, 2\)$"):
         run(logits)
 
 
@@ -387,3 +385,56 @@ def test_sample_teacher_k_is_min_of_samples_and_classes(rng):
     # Every class, drawn often enough, is listed: the slots hold them all.
     cache = kdloss.sample_teacher(np.zeros((1, 7)), 10000, temperature=1.0, seed=0)
     assert sorted(cache.indices[0].tolist()) == list(range(7))
+
+
+# -- with SparseTeacher and the loss ---------------------------------------------------------------------------
+
+
+def test_caches_are_valid_sparse_teachers_with_the_right_tail(rng):
+    logits = rng.standard_normal((3, 5, 200)) * 2
+    logits[0, 0, :150] = -np.inf
+    for cache in (
+        kdloss.top_k(logits, 64, temperature=2.0),
+        kdloss.top_k(logits, 200, temperature=2.0),
+        kdloss.top_k(logits.astype(np.float32), 200, temperature=2.0),
+        kdloss.sample_teacher(logits, 64, temperature=2.0, seed=1),
+        kdloss.sample_teacher(logits.astype(np.float32), 5000, temperature=2.0, seed=1),
+    ):
+        assert isinstance(cache, kdloss.SparseTeacher)
+        cache.validate()
+    # top_k's tail is the mass of the classes it leaves out, to float64's accuracy.
+    cache = kdloss.top_k(logits, 10, temperature=2.0)
+    p = np.sort(softmax64(logits, 2.0), axis=-1)[..., ::-1]
+    np.testing.assert_allclose(cache.tail_mass(), p[..., 10:].sum(axis=-1), rtol=1e-12)
+    # A sampled cache has none.
+    np.testing.assert_allclose(kdloss.sample_teacher(logits, 64, temperature=2.0, seed=1).tail_mass(), 0, atol=1e-15)
+
+
+def test_a_top_k_cache_of_every_class_gives_the_dense_loss(rng):
+    student = rng.standard_normal((4, 3, 300)) * 2
+    teacher = rng.standard_normal((4, 3, 300)) * 2
+    teacher[1, 2, ::3] = -np.inf
+    labels = rng.integers(0, 300, size=(4, 3))
+    kd = kdloss.DistillationLoss(temperature=2.0, alpha=0.3)
+    cache = kdloss.top_k(teacher, 300, temperature=2.0)
+    dense_loss, dense_gradient = kd.loss_and_gradient(student, teacher, labels)
+    loss, gradient = kd.loss_and_gradient(student, cache, labels)
+    np.testing.assert_allclose(loss, dense_loss, rtol=1e-12)
+    np.testing.assert_allclose(gradient, dense_gradient, rtol=1e-12, atol=1e-15)
+
+
+def test_a_cache_built_in_batches_with_their_own_seeds_is_written_whole(rng, tmp_path):
+    logits = rng.standard_normal((6, 4, 100)).astype(np.float32)
+    path = tmp_path / "cache"
+    writer = kdloss.SparseTeacherWriter(path, (6, 4), 32, vocab_size=100, temperature=2.0, method="sample")
+    pieces = []
+    for batch in range(3):
+        piece = kdloss.sample_teacher(logits[2 * batch : 2 * batch + 2], 32, temperature=2.0, seed=batch)
+        writer.append(piece)
+        pieces.append(piece)
+    writer.close()
+    loaded = kdloss.SparseTeacher.load(path)
+    whole = kdloss.SparseTeacher.concatenate(pieces)
+    np.testing.assert_array_equal(loaded.indices, whole.indices)
+    np.testing.assert_array_equal(loaded.logprobs, whole.logprobs)
+    assert loaded.method == "sample" and loaded.vocab_size == 100 and loaded.temperature == 2.0

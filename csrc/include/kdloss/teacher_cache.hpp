@@ -114,16 +114,23 @@ inline void check_cache_classes(std::size_t rows, std::size_t classes) {
                                     " classes (int32 indices), got " + std::to_string(classes));
 }
 
+// How messages name a row (format_row): (i,) for row i, or, for a host whose rows are the flattened leading axes
+// of an N-D array, the row's index in their shape, e.g. (3, 17).
+struct LeadingShape {
+    const std::size_t* shape = nullptr;
+    std::size_t ndim = 0;
+};
+
 // What is wrong with a row a kernel stopped at: its first NaN or +inf, or that it holds nothing but -inf.
 template <class T>
-std::string bad_row_message(MatrixView<const T> logits, std::size_t row) {
+std::string bad_row_message(MatrixView<const T> logits, std::size_t row, LeadingShape leading) {
+    const std::string name = format_row(row, leading.shape, leading.ndim);
     const T* x = logits.row(row);
     for (std::size_t c = 0; c < logits.cols; ++c)
         if (!(x[c] < std::numeric_limits<T>::infinity()))
             return "teacher_logits must be finite or -inf, got " + format_number(static_cast<double>(x[c])) +
-                   " in row " + std::to_string(row) + " (class " + std::to_string(c) + ")";
-    return "teacher_logits must have a finite logit in every row (its softmax needs one), got only -inf in row " +
-           std::to_string(row);
+                   " at class " + std::to_string(c) + " of row " + name;
+    return "teacher_logits must have a finite logit in every row (its softmax needs one), got only -inf in row " + name;
 }
 
 // Per-thread scratch, in elements.
@@ -135,7 +142,7 @@ struct CacheScratchSizes {
 // first row that has no softmax, if any.
 template <class T>
 void run_cache(CacheKernel<T> kernel, const CacheProblem<T>& problem, std::size_t num_threads,
-               std::size_t elements_per_row, const CacheScratchSizes& sizes) {
+               std::size_t elements_per_row, const CacheScratchSizes& sizes, LeadingShape leading) {
     Parameters threads_only;  // the loss's check and message, and its meaning of 0
     threads_only.num_threads = num_threads;
     num_threads = threads_only.checked().num_threads;
@@ -176,14 +183,16 @@ void run_cache(CacheKernel<T> kernel, const CacheProblem<T>& problem, std::size_
     for (std::size_t task = 0; task < tasks; ++task)
         if (bad_rows[task] != no_bad_row)
             throw std::invalid_argument(bad_row_message<T>(
-                {problem.logits, problem.rows, problem.classes, problem.logit_stride}, bad_rows[task]));
+                {problem.logits, problem.rows, problem.classes, problem.logit_stride}, bad_rows[task], leading));
 }
 
 // top_k() with the row kernel given: the Python module passes the copy compiled for the CPU it runs on
-// (dispatch.cpp); C++ hosts call top_k(), which uses the one compiled with their own flags.
+// (dispatch.cpp), and the logits' leading shape to name rows by; C++ hosts call top_k(), which uses the kernel
+// compiled with their own flags.
 template <class T>
 void top_k_with(CacheKernel<T> kernel, MatrixView<const T> teacher_logits, std::size_t k, double temperature,
-                const MatrixView<std::int32_t>& indices, const MatrixView<T>& logprobs, std::size_t num_threads) {
+                const MatrixView<std::int32_t>& indices, const MatrixView<T>& logprobs, std::size_t num_threads,
+                LeadingShape leading = {}) {
     check_cache_classes(teacher_logits.rows, teacher_logits.cols);
     if (k < 1 || k > teacher_logits.cols)
         throw std::invalid_argument("k must be an integer in [1, C] (C = " + std::to_string(teacher_logits.cols) +
@@ -192,14 +201,14 @@ void top_k_with(CacheKernel<T> kernel, MatrixView<const T> teacher_logits, std::
     CacheScratchSizes sizes;
     sizes.group_maxima = top_k_groups(teacher_logits.cols, k);
     sizes.candidates = teacher_logits.cols;
-    run_cache(kernel, problem, num_threads, teacher_logits.cols, sizes);
+    run_cache(kernel, problem, num_threads, teacher_logits.cols, sizes, leading);
 }
 
 // sample_teacher() with the row kernel given, as top_k_with().
 template <class T>
 void sample_teacher_with(CacheKernel<T> kernel, MatrixView<const T> teacher_logits, std::size_t num_samples,
                          double temperature, std::uint64_t seed, const MatrixView<std::int32_t>& indices,
-                         const MatrixView<T>& logprobs, std::size_t num_threads) {
+                         const MatrixView<T>& logprobs, std::size_t num_threads, LeadingShape leading = {}) {
     check_cache_classes(teacher_logits.rows, teacher_logits.cols);
     if (num_samples < 1)
         throw std::invalid_argument("num_samples must be an integer >= 1, got " + std::to_string(num_samples));
@@ -213,7 +222,7 @@ void sample_teacher_with(CacheKernel<T> kernel, MatrixView<const T> teacher_logi
     sizes.cumulative = blocks_of(classes) + 1;
     sizes.draws = num_samples;
     sizes.drawn = problem.slots;
-    run_cache(kernel, problem, num_threads, classes + num_samples, sizes);
+    run_cache(kernel, problem, num_threads, classes + num_samples, sizes, leading);
 }
 
 }  // namespace detail
@@ -228,8 +237,8 @@ void sample_teacher_with(CacheKernel<T> kernel, MatrixView<const T> teacher_logi
 // Throws std::invalid_argument, before anything is written, for k outside [1, C], a temperature outside
 // [min_temperature, max_temperature], outputs of the wrong shape or sharing memory with the logits, and more
 // than max_threads threads. A row that holds NaN or +inf, or nothing but -inf, has no softmax: the call then
-// throws naming the first such row, and what the outputs hold is unspecified (rows are checked as they are
-// read, so that the logits are read once).
+// throws naming the first such row, (i,) for row i, and what the outputs hold is unspecified (rows are checked
+// as they are read, so that the logits are read once).
 template <class T>
 void top_k(MatrixView<const typename detail::NotDeduced<T>::type> teacher_logits, std::size_t k, double temperature,
            const MatrixView<std::int32_t>& indices, const MatrixView<T>& logprobs, std::size_t num_threads = 1) {
