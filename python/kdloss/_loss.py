@@ -30,14 +30,26 @@ def clear_gradient_cache() -> None:
     _gradient_cache.clear()
 
 
-def _student_and_teacher(student_logits: Any, teacher_logits: Any) -> tuple[np.ndarray, Any]:
+def _student_and_teacher(student_logits: Any, teacher_logits: Any, temperature: float) -> tuple[np.ndarray, Any]:
     """The student's logits in the compute dtype, and the teacher as the native class takes it: logits in the same
     dtype, or a SparseTeacher's (indices, logprobs), read in place (a copy only of an array whose layout the
     kernels cannot read). With a sparse teacher the compute dtype is the student's (float32 at least): its
-    log-probabilities, float16 included, are read as they are and computed with in double."""
+    log-probabilities, float16 included, are read as they are and computed with in double. A cache that says it
+    was built at another temperature, or for another vocabulary, is refused: its numbers would mean something
+    else."""
     if not isinstance(teacher_logits, SparseTeacher):
         return _arrays.logits_pair(student_logits, teacher_logits)
     student = _arrays._as_real_array(student_logits, "student_logits")
+    if teacher_logits.temperature is not None and teacher_logits.temperature != temperature:
+        raise ValueError(
+            f"the sparse teacher's log-probabilities are at temperature {teacher_logits.temperature!r}, "
+            f"the loss's temperature is {temperature!r}: build the cache at the loss's temperature"
+        )
+    if teacher_logits.vocab_size is not None and student.ndim >= 1 and teacher_logits.vocab_size != student.shape[-1]:
+        raise ValueError(
+            f"the sparse teacher is of a vocabulary of {teacher_logits.vocab_size} classes, student_logits of "
+            f"{student.shape[-1]}"
+        )
     dtype = np.result_type(student, np.float32)
     if dtype not in _arrays._COMPUTE_DTYPES:
         raise TypeError(
@@ -231,7 +243,7 @@ class DistillationLoss:
         want_gradient: bool,
         normalizer: float | None = None,
     ) -> tuple[Loss, np.ndarray | None, int]:
-        student, teacher = _student_and_teacher(student_logits, teacher_logits)
+        student, teacher = _student_and_teacher(student_logits, teacher_logits, self.temperature)
         labels = _arrays.true_labels(true_labels, student.dtype, student.shape)
         if out is not None:
             if not isinstance(out, np.ndarray):
@@ -321,7 +333,7 @@ class DistillationLoss:
             without labels), such that the loss is ``alpha * hard + (1 - alpha) * soft`` with labels and
             ``soft`` without. Floats, or for ``reduction="none"`` arrays of the logits' leading shape.
         """
-        student, teacher = _student_and_teacher(student_logits, teacher_logits)
+        student, teacher = _student_and_teacher(student_logits, teacher_logits, self.temperature)
         labels = _arrays.true_labels(true_labels, student.dtype, student.shape)
         return self._engine.parts(student, teacher, labels, _normalizer(normalizer))
 
@@ -351,7 +363,7 @@ class DistillationLoss:
         engine = self._engine
         if self.reduction == "none":  # a normalizer needs a reduced loss
             engine = _core.DistillationLoss(*self._params._replace(reduction="sum").native())
-        student, teacher = _student_and_teacher(student_logits, teacher_logits)
+        student, teacher = _student_and_teacher(student_logits, teacher_logits, self.temperature)
         labels = _arrays.true_labels(true_labels, student.dtype, student.shape)
         # Dividing by a normalizer of 1 turns either reduction into the plain sum, summed in double.
         loss_sum, _, count = engine.evaluate(student, teacher, labels, None, False, 1.0)

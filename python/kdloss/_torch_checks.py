@@ -28,9 +28,10 @@ def validated_params(
     divergence: Any = "forward_kl",
     beta: Any = 0.5,
     skew: Any = 0.1,
+    tail: Any = "bucket",
 ) -> Parameters:
     """The parameters as the NumPy class takes them: its type checks and messages, then its range checks."""
-    params = Parameters.checked(temperature, alpha, reduction, ignore_index, num_threads, divergence, beta, skew)
+    params = Parameters.checked(temperature, alpha, reduction, ignore_index, num_threads, divergence, beta, skew, tail)
     # The range checks ("temperature must be in [1e-30, 100]", ...) live in the native class. torch.compile
     # cannot trace its constructor; there the operators' fake implementations run this function for real.
     if not torch.compiler.is_compiling():

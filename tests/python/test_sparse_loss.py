@@ -242,6 +242,15 @@ def test_rows_are_named_by_their_place_in_the_leading_shape() -> None:
         kdloss.DistillationLoss(1.0).compute_loss(student, kdloss.SparseTeacher(good.indices, logprobs))
 
 
+def test_one_row_is_named_as_a_cache_of_one_row_is() -> None:
+    student = np.array([1.0, 2.0, 3.0])
+    cache = kdloss.SparseTeacher(np.array([0, 0]), np.log(np.array([0.5, 0.25])))
+    with pytest.raises(ValueError, match=re.escape("indices of row () list class 0 more than once")):
+        kdloss.DistillationLoss(1.0).compute_loss(student, cache)
+    with pytest.raises(ValueError, match=re.escape("indices of row () list class 0 more than once")):
+        cache.validate()
+
+
 def test_empty_slots_may_hold_any_index() -> None:
     rng = np.random.default_rng(9)
     student, teacher = logits(rng, (2, 30), np.float64), logits(rng, (2, 30), np.float64)
@@ -264,3 +273,17 @@ def test_other_divergences_and_shapes_are_refused() -> None:
         kdloss.DistillationLoss(tail="top")
     with pytest.raises(TypeError, match="tail must be one of"):
         kdloss.DistillationLoss(tail=1)
+
+
+def test_a_cache_of_another_temperature_or_vocabulary_is_refused() -> None:
+    rng = np.random.default_rng(11)
+    student, teacher = logits(rng, (3, 20), np.float32), logits(rng, (3, 20), np.float32)
+    built = top_k_cache(teacher, 4, 2.0)
+    kd = kdloss.DistillationLoss(3.0)
+    stamped = kdloss.SparseTeacher(built.indices, built.logprobs, temperature=2.0, vocab_size=20)
+    with pytest.raises(ValueError, match="at temperature 2.0, the loss's temperature is 3.0"):
+        kd.compute_loss(student, stamped)
+    assert np.isfinite(kdloss.DistillationLoss(2.0).compute_loss(student, stamped))
+    wider = kdloss.SparseTeacher(built.indices, built.logprobs, temperature=3.0, vocab_size=21)
+    with pytest.raises(ValueError, match="of a vocabulary of 21 classes, student_logits of 20"):
+        kd.compute_loss(student, wider)

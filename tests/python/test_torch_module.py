@@ -423,7 +423,7 @@ def test_module_parameters_repr_and_validation():
     kd = DistillationLoss(2.0, 0.25, reduction="sum", ignore_index=-1, num_threads=1, divergence="reverse_kl")
     assert repr(kd) == (
         "DistillationLoss(temperature=2.0, alpha=0.25, reduction='sum', ignore_index=-1, num_threads=1, "
-        "divergence='reverse_kl', beta=0.5, skew=0.1)"
+        "divergence='reverse_kl', beta=0.5, skew=0.1, tail='bucket')"
     )
     parameters = (kd.temperature, kd.alpha, kd.reduction, kd.ignore_index, kd.num_threads, kd.divergence)
     assert parameters == (2.0, 0.25, "sum", -1, 1, "reverse_kl")

@@ -118,10 +118,12 @@ public:
     void set_leading_shape(const std::size_t* shape, std::size_t ndim) noexcept {
         leading_shape_ = shape;
         leading_ndim_ = ndim;
+        named_by_shape_ = true;
     }
 
     std::string row_name(std::size_t row) const {
-        if (leading_shape_ == nullptr || leading_ndim_ == 0) return "(" + std::to_string(row) + ",)";
+        if (!named_by_shape_) return "(" + std::to_string(row) + ",)";
+        if (leading_ndim_ == 0) return "()";  // the one row of a (K,) cache
         std::string name = ")";
         std::size_t rest = row;
         for (std::size_t axis = leading_ndim_; axis-- > 0;) {
@@ -159,6 +161,7 @@ private:
     LogProbType logprob_type_ = LogProbType::float32;
     const std::size_t* leading_shape_ = nullptr;
     std::size_t leading_ndim_ = 0;
+    bool named_by_shape_ = false;
 };
 
 }  // namespace kdloss
