@@ -23,7 +23,7 @@ namespace {
 // A builder's outputs, of the logits' leading shape plus `slots`, and the core's views of them as rows x slots.
 template <class T>
 struct CacheOutputs {
-    std::vector<std::size_t> leading;  // messages name rows by their index in this shape
+    std::vector<std::size_t> leading;  // messages name rows by their index in this shape (see leading_shape)
     py::array_t<std::int32_t> indices;
     py::array_t<T> logprobs;
     std::size_t rows, slots;
@@ -37,7 +37,9 @@ struct CacheOutputs {
 
     MatrixView<std::int32_t> indices_view() { return {indices.mutable_data(), rows, slots}; }
     MatrixView<T> logprobs_view() { return {logprobs.mutable_data(), rows, slots}; }
-    detail::LeadingShape leading_shape() const { return {leading.data(), leading.size()}; }
+    // Not null even for no leading axes (1-D logits, whose one row is named ()): std::vector's may be.
+    detail::LeadingShape leading_shape() const { return {leading.empty() ? &no_axes : leading.data(), leading.size()}; }
+    static constexpr std::size_t no_axes = 0;
     py::tuple result() const { return py::make_tuple(indices, logprobs); }
 
     static std::vector<py::ssize_t> shape_with(const std::vector<std::size_t>& leading, std::size_t slots) {

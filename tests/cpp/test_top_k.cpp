@@ -364,6 +364,7 @@ KD_TEST(cache_messages_name_rows_as_tuples) {
     KD_CHECK_EQ(kdloss::detail::format_row(34, one_axis, 1), std::string("(34,)"));
     KD_CHECK_EQ(kdloss::detail::format_row(34, shape, 2), std::string("(1, 4)"));
     KD_CHECK_EQ(kdloss::detail::format_row(125, shape, 3), std::string("(1, 1, 1)"));
+    KD_CHECK_EQ(kdloss::detail::format_row(0, shape, 0), std::string("()"));
     std::vector<float> logits(2 * 30 * 5, 0.0f);
     logits[(34 * 5) + 3] = std::numeric_limits<float>::quiet_NaN();
     std::vector<std::int32_t> indices(60);

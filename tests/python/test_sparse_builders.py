@@ -303,6 +303,9 @@ def test_rows_without_a_softmax_are_named(rng, build, dtype):
     logits[0, 2] = -np.inf
     with pytest.raises(ValueError, match=r"got only -inf in row \(0, 2\)$"):
         run(logits)
+    # The one row of 1-D logits is named (), as SparseTeacher names the one row of a (K,) cache.
+    with pytest.raises(ValueError, match=not_finite + r"nan at class 1 of row \(\)$"):
+        run(np.array([0.0, np.nan, 1.0, 2.0], dtype))
 
 
 @pytest.mark.parametrize("build", ["top_k", "sample"])

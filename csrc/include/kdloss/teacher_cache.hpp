@@ -115,16 +115,20 @@ inline void check_cache_classes(std::size_t rows, std::size_t classes) {
 }
 
 // How messages name a row (format_row): (i,) for row i, or, for a host whose rows are the flattened leading axes
-// of an N-D array, the row's index in their shape, e.g. (3, 17).
+// of an N-D array (shape not null), the row's index in their shape, e.g. (3, 17), and () for a 1-D array's row.
 struct LeadingShape {
     const std::size_t* shape = nullptr;
     std::size_t ndim = 0;
+
+    std::string row_name(std::size_t row) const {
+        return shape == nullptr ? format_row(row) : format_row(row, shape, ndim);
+    }
 };
 
 // What is wrong with a row a kernel stopped at: its first NaN or +inf, or that it holds nothing but -inf.
 template <class T>
 std::string bad_row_message(MatrixView<const T> logits, std::size_t row, LeadingShape leading) {
-    const std::string name = format_row(row, leading.shape, leading.ndim);
+    const std::string name = leading.row_name(row);
     const T* x = logits.row(row);
     for (std::size_t c = 0; c < logits.cols; ++c)
         if (!(x[c] < std::numeric_limits<T>::infinity()))
