@@ -127,16 +127,33 @@ def _check_method(value: Any) -> str | None:
     return value
 
 
-def _check_index_dtype(dtype: np.dtype, name: str) -> np.dtype:
+def _check_index_dtype(dtype: np.dtype | str, name: str) -> np.dtype | str:
     if dtype not in INDEX_DTYPES:
         raise TypeError(f"{name} must be int32 or int64, got dtype {dtype}")
     return dtype
 
 
-def _check_logprob_dtype(dtype: np.dtype, name: str) -> np.dtype:
+def _check_logprob_dtype(dtype: np.dtype | str, name: str) -> np.dtype | str:
     if dtype not in LOGPROB_DTYPES:
         raise TypeError(f"{name} must be float16, float32 or float64, got dtype {dtype}")
     return dtype
+
+
+def check_structure(
+    index_dtype: np.dtype | str, index_shape: Sequence[int], logprob_dtype: np.dtype | str, logprob_shape: Sequence[int]
+) -> None:
+    """What a sparse teacher's two arrays must be, whatever holds them (``SparseTeacher``, and ``kdloss.torch``'s
+    operators on any device): their dtypes, at least one axis, one shape, K >= 1 slots."""
+    _check_index_dtype(index_dtype, "indices")
+    _check_logprob_dtype(logprob_dtype, "logprobs")
+    index_shape, logprob_shape = tuple(index_shape), tuple(logprob_shape)
+    for name, shape in (("indices", index_shape), ("logprobs", logprob_shape)):
+        if not shape:
+            raise ValueError(f"{name} must have at least one axis (the K slots of a row), got shape ()")
+    if index_shape != logprob_shape:
+        raise ValueError(f"indices and logprobs must have the same shape, got {index_shape} and {logprob_shape}")
+    if index_shape[-1] < 1:
+        raise ValueError(f"indices and logprobs must have K >= 1 slots on their last axis, got shape {index_shape}")
 
 
 def _rows_of(shape: tuple[int, ...]) -> int:
@@ -242,19 +259,7 @@ class SparseTeacher:
         # Any ndarray as it is: a memory map stays one (DLPack would give a plain view of it).
         index_array = indices if isinstance(indices, np.ndarray) else _arrays._as_array(indices)
         logprob_array = logprobs if isinstance(logprobs, np.ndarray) else _arrays._as_array(logprobs)
-        _check_index_dtype(index_array.dtype, "indices")
-        _check_logprob_dtype(logprob_array.dtype, "logprobs")
-        for name, array in (("indices", index_array), ("logprobs", logprob_array)):
-            if array.ndim == 0:
-                raise ValueError(f"{name} must have at least one axis (the K slots of a row), got shape ()")
-        if index_array.shape != logprob_array.shape:
-            raise ValueError(
-                f"indices and logprobs must have the same shape, got {index_array.shape} and {logprob_array.shape}"
-            )
-        if index_array.shape[-1] < 1:
-            raise ValueError(
-                f"indices and logprobs must have K >= 1 slots on their last axis, got shape {index_array.shape}"
-            )
+        check_structure(index_array.dtype, index_array.shape, logprob_array.dtype, logprob_array.shape)
         self._indices = index_array
         self._logprobs = logprob_array
         self._temperature = _check_temperature(temperature)

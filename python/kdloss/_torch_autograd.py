@@ -10,7 +10,9 @@ copy. When the graph is retained the buffer is kept for the next backward and a 
 
 A gradient that must itself be differentiable (``create_graph=True``: Hessians, gradient penalties) is
 recomputed as a graph of torch operations (:func:`gradient_graph`), so every higher derivative is exact; the
-saved buffer would be a constant to autograd, and its derivative silently zero.
+saved buffer would be a constant to autograd, and its derivative silently zero. The teacher is dense logits or a
+``kdloss.SparseTeacher``; inside the graphs and the operators a sparse teacher is its two arrays as tensors,
+``(indices, logprobs)`` (:func:`sparse_tensors`).
 """
 
 from __future__ import annotations
@@ -22,7 +24,11 @@ import torch
 from torch import Tensor
 
 from ._params import Parameters
-from ._torch_checks import engine
+from ._sparse_teacher import SparseTeacher
+from ._torch_checks import TORCH_DTYPES, engine
+
+Teacher = Union[Tensor, tuple[Tensor, Tensor]]
+"""Teacher logits, or a sparse teacher's ``(indices, logprobs)``."""
 
 
 def graph_is_retained() -> bool:
@@ -40,9 +46,27 @@ def loss_tensor(loss: Any, dtype: torch.dtype) -> Tensor:
     return torch.from_numpy(loss)  # freshly allocated by kdloss: adopted, no copy
 
 
+def sparse_tensors(cache: SparseTeacher, device_type: str = "cpu") -> tuple[Tensor, Tensor]:
+    """A sparse teacher's (indices, logprobs) as tensors viewing its arrays, never a copy of them.
+
+    ``torch.from_dlpack`` takes read-only arrays (a memory-mapped cache) as they are, where ``torch.from_numpy``
+    would warn; under torch.compile, which cannot trace it, ``torch.as_tensor`` makes the arrays inputs of the
+    graph. For a student on the ``meta`` device, meta tensors of the arrays' shapes and dtypes stand in for them.
+    """
+    indices, logprobs = cache.indices, cache.logprobs
+    if torch.compiler.is_compiling():
+        return torch.as_tensor(indices), torch.as_tensor(logprobs)
+    if device_type == "meta":
+        return (
+            torch.empty(indices.shape, dtype=TORCH_DTYPES[indices.dtype], device="meta"),
+            torch.empty(logprobs.shape, dtype=TORCH_DTYPES[logprobs.dtype], device="meta"),
+        )
+    return torch.from_dlpack(indices), torch.from_dlpack(logprobs)
+
+
 def gradient_graph(
     student: Tensor,
-    teacher: Tensor,
+    teacher: Teacher,
     labels: Optional[Tensor],
     params: Parameters,
     normalizer: Union[float, Tensor, None],
@@ -50,12 +74,16 @@ def gradient_graph(
     r"""d(loss)/d(student) as differentiable torch operations (for ``create_graph=True`` only).
 
     Per counted row, :math:`(1-\alpha)\,g_D + \alpha\,(p_1 \sum_c y_c - y)` (no labels: :math:`g_D`), with
-    :math:`g_D` the soft term's gradient (:func:`soft_gradient_graph`), divided as the reduction divides; the
-    formula the kernel computes, so autograd differentiates the very gradient the kernel returns. Labels were
+    :math:`g_D` the soft term's gradient (:func:`soft_gradient_graph`, or :func:`sparse_soft_gradient_graph` for a
+    sparse teacher's ``(indices, logprobs)``), divided as the reduction divides; the formula the kernel computes,
+    so autograd differentiates the very gradient the kernel returns. Labels and a sparse teacher's slots were
     validated by the kernel in the forward pass.
     """
     temperature, alpha = params.temperature, params.alpha
-    soft = soft_gradient_graph(student, teacher, temperature, params.divergence, params.beta, params.skew)
+    if isinstance(teacher, tuple):
+        soft = sparse_soft_gradient_graph(student, *teacher, temperature, params.tail)
+    else:
+        soft = soft_gradient_graph(student, teacher, temperature, params.divergence, params.beta, params.skew)
     counted = None
     if labels is None:
         rows = soft
@@ -137,6 +165,62 @@ def soft_gradient_graph(
     return temperature * q * (v - (q * v).sum(-1, keepdim=True))
 
 
+def sparse_soft_gradient_graph(
+    student: Tensor, indices: Tensor, logprobs: Tensor, temperature: float, tail: str
+) -> Tensor:
+    r"""d(T^2 D)/d(student) per row against a sparse teacher, as the kernel computes it (``sparse_kl.hpp``).
+
+    With :math:`\pi` the listed probabilities (``tail="bucket"``: :math:`p`; ``"renormalize"``: :math:`p / \sum p`),
+    :math:`\rho` the tail (``"bucket"``: :math:`\max(0, 1 - \sum p)`, 0 where every class is listed;
+    ``"renormalize"``: 0), :math:`P = \sum \pi + \rho`, :math:`q` the student's softmax at :math:`T` and
+    :math:`Q_u` its mass outside the listed classes:
+
+    - :math:`T\,(P\,q_j - \pi_j)` at a listed class,
+    - :math:`T\,q_j\,(P - \rho / Q_u)` elsewhere,
+
+    and 0 for a row that lists nothing (it has no soft term). :math:`P` is 1, but for a ``"bucket"`` row without a
+    tail (every class listed, or probabilities summing to 1 or more) it is their sum, whatever rounding left of 1,
+    as in the kernel.
+
+    The teacher's side (:math:`\pi`, :math:`\rho`, :math:`P`) is a constant, worked out in float64 from the cache
+    as the kernel works it out, then scattered into the classes. :math:`q_j / Q_u` comes from the log-softmax as
+    :math:`\exp(\log q_j - \mathrm{logsumexp}_{c \notin K} \log q_c)`, never from :math:`1 - \sum_k q_k`. In a
+    row without a tail every class stands in for the unlisted ones (a finite value, multiplied by :math:`\rho = 0`),
+    so that no ``logsumexp`` of nothing but ``-inf`` leaves a NaN in the derivatives. A row with a tail whose
+    unlisted classes the student rules out entirely has an infinite loss: its gradient is NaN at those classes, as
+    the kernel's is, and so are its higher derivatives.
+    """
+    classes = student.shape[-1]
+    logprobs = logprobs.to(torch.float64)
+    listed_slot = logprobs != -math.inf  # an empty slot's index may be anything, even out of range
+    p = torch.exp(logprobs)
+    p_sum = p.sum(-1, keepdim=True)
+    count = listed_slot.sum(-1, keepdim=True)
+    if tail == "renormalize":
+        pi = torch.where(listed_slot, p / p_sum, 0.0)
+        rho = torch.zeros_like(p_sum)
+        total = (count > 0).to(torch.float64)
+    elif tail == "bucket":
+        pi = p
+        rho = torch.where(count == classes, 0.0, (1.0 - p_sum).clamp(min=0.0))
+        total = torch.where(rho > 0, 1.0, p_sum)
+    else:
+        raise ValueError(f"unknown tail {tail!r}")  # validated long before; a guard for new ones
+    slots = torch.where(listed_slot, indices.to(torch.int64), 0)
+    # Added, not written: an empty slot may name a listed class, and adds nothing to it.
+    listed = torch.zeros(student.shape, dtype=torch.int32, device=student.device)
+    listed = listed.scatter_add(-1, slots, listed_slot.to(torch.int32)) > 0
+    pi = torch.zeros(student.shape, dtype=torch.float64, device=student.device).scatter_add(-1, slots, pi)
+    pi, rho, total = pi.to(student.dtype), rho.to(student.dtype), total.to(student.dtype)
+    log_q = torch.log_softmax(student / temperature, -1)
+    q = torch.softmax(student / temperature, -1)
+    unlisted_log_q = torch.where(listed & (rho > 0), -math.inf, log_q)
+    share = torch.exp(log_q - torch.logsumexp(unlisted_log_q, -1, keepdim=True))  # q_j / Q_u
+    tail_part = torch.where(listed, torch.zeros((), dtype=q.dtype, device=q.device), rho * share)
+    gradient = temperature * (total * q - pi - tail_part)
+    return torch.where(count > 0, gradient, torch.zeros((), dtype=q.dtype, device=q.device))
+
+
 def _log_mixture(log_a: Tensor, log_b: Tensor, weight: float) -> Tensor:
     """log(weight e^log_a + (1-weight) e^log_b) for 0 < weight < 1, as ``logaddexp`` of the weighted logs.
 
@@ -166,21 +250,28 @@ class DistillationFunction(torch.autograd.Function):
     def forward(
         ctx: Any,
         student: Tensor,
-        teacher: Tensor,
+        teacher: Union[Tensor, SparseTeacher],
         labels: Optional[Tensor],
         params: Parameters,
         normalizer: Optional[float],
     ) -> Tensor:
         # Plain CPU tensors (DistillationLoss's eager path takes no others): .numpy() views them, for less
         # than a DLPack exchange costs. Inside forward the student still requires grad; detach() is free.
+        # A sparse teacher goes to the kernel as it is: its arrays are read in place.
+        sparse = isinstance(teacher, SparseTeacher)
         loss, gradient = engine(params).loss_and_gradient(
-            student.detach().numpy(), teacher.numpy(), None if labels is None else labels.numpy(), normalizer=normalizer
+            student.detach().numpy(),
+            teacher if sparse else teacher.numpy(),
+            None if labels is None else labels.numpy(),
+            normalizer=normalizer,
         )
         # The gradient buffer is private to this node (an attribute, not a saved tensor or an output): nothing
         # else holds it, so handing it to autograd in backward aliases nothing a user can see.
         ctx.gradient = torch.from_numpy(gradient)
         ctx.params, ctx.normalizer = params, normalizer
-        ctx.save_for_backward(student, teacher, labels)  # read only for create_graph=True, or to raise
+        ctx.sparse_teacher = teacher if sparse else None
+        # Read only for create_graph=True, or to raise.
+        ctx.save_for_backward(student, None if sparse else teacher, labels)
         return loss_tensor(loss, student.dtype)
 
     @staticmethod
@@ -188,6 +279,8 @@ class DistillationFunction(torch.autograd.Function):
         row_losses = ctx.params.reduction == "none"
         if torch.is_grad_enabled():  # create_graph=True: the gradient must be a graph of the student
             student, teacher, labels = ctx.saved_tensors
+            if ctx.sparse_teacher is not None:
+                teacher = sparse_tensors(ctx.sparse_teacher)
             gradient = gradient_graph(student, teacher, labels, ctx.params, ctx.normalizer)
             return gradient * scale_per_row(grad_loss, row_losses), None, None, None, None
         gradient = ctx.gradient

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
+import numpy as np
 import torch
 
 from ._arrays import floating_class_indices_message
 from ._loss import DistillationLoss as NumpyDistillationLoss
 from ._params import Parameters
+from ._sparse_teacher import check_structure
 
 
 def validated_params(
@@ -63,24 +65,84 @@ def check_shapes(
         )
     if student.ndim == 0:
         raise ValueError("student_logits must have at least one axis (..., C), got shape ()")
-    if labels is not None:
-        if labels.is_floating_point():
-            check_floating_labels(labels, student)
-            if labels.shape != student.shape:
-                raise ValueError(
-                    "true_labels as target distributions must have the shape of student_logits "
-                    f"{_shape(student.shape)}, got {_shape(labels.shape)}"
-                )
-        elif labels.shape != student.shape[:-1]:
-            raise ValueError(
-                f"true_labels as class indices must have shape {_shape(student.shape[:-1])}, got {_shape(labels.shape)}"
-            )
+    _check_label_shapes(student, labels)
     if has_normalizer and params.reduction == "none":
         raise ValueError("normalizer needs reduction 'mean' or 'sum', not 'none'")
+    _check_classes(student)
+
+
+def check_sparse_structure(indices: torch.Tensor, logprobs: torch.Tensor) -> None:
+    """What ``kdloss.SparseTeacher`` requires of its two arrays (dtypes, shapes), with its messages: the sparse
+    operators take the arrays themselves."""
+    check_structure(_numpy_dtype(indices.dtype), indices.shape, _numpy_dtype(logprobs.dtype), logprobs.shape)
+
+
+def check_sparse_shapes(
+    student: torch.Tensor,
+    teacher_shape: tuple[int, ...],
+    labels: Optional[torch.Tensor],
+    params: Parameters,
+    has_normalizer: bool,
+) -> None:
+    """check_shapes() for a sparse teacher whose arrays have the shape ``teacher_shape`` (..., K), their structure
+    checked: the NumPy class's rules in its order, binding (axes, leading shape, labels), then core (normaliser,
+    divergence, C). The cache's contents (indices in range, no duplicates, no NaN, sums at most 1) are values: the
+    kernel checks them."""
+    if student.ndim == 0:
+        raise ValueError("student_logits must have at least one axis (..., C), got shape ()")
+    teacher_shape = tuple(teacher_shape)
+    if len(teacher_shape) != student.ndim or teacher_shape[:-1] != tuple(student.shape[:-1]):
+        raise ValueError(
+            f"a sparse teacher must have the leading shape of student_logits {_shape(student.shape[:-1])}, "
+            f"got indices {_shape(teacher_shape)} and logprobs {_shape(teacher_shape)}"
+        )
+    _check_label_shapes(student, labels)
+    if has_normalizer and params.reduction == "none":
+        raise ValueError("normalizer needs reduction 'mean' or 'sum', not 'none'")
+    if params.divergence != "forward_kl":
+        raise ValueError(
+            f"divergence '{params.divergence}' needs the teacher's whole distribution: a sparse teacher takes "
+            "divergence 'forward_kl' only"
+        )
+    _check_classes(student)
+
+
+def _check_label_shapes(student: torch.Tensor, labels: Optional[torch.Tensor]) -> None:
+    if labels is None:
+        return
+    if labels.is_floating_point():
+        check_floating_labels(labels, student)
+        if labels.shape != student.shape:
+            raise ValueError(
+                "true_labels as target distributions must have the shape of student_logits "
+                f"{_shape(student.shape)}, got {_shape(labels.shape)}"
+            )
+    elif labels.shape != student.shape[:-1]:
+        raise ValueError(
+            f"true_labels as class indices must have shape {_shape(student.shape[:-1])}, got {_shape(labels.shape)}"
+        )
+
+
+def _check_classes(student: torch.Tensor) -> None:
     if student.shape[-1] == 0:
         # The core sees the leading axes collapsed into rows and names the shape it sees.
         rows = math.prod(student.shape[:-1])
         raise ValueError(f"student_logits must have at least one class, got shape ({rows}, 0)")
+
+
+# The dtypes a sparse teacher's arrays may have, as torch spells them; any other is named as torch names it.
+_NUMPY_DTYPES = {
+    torch.int32: np.dtype(np.int32),
+    torch.int64: np.dtype(np.int64),
+    torch.float16: np.dtype(np.float16),
+    torch.float32: np.dtype(np.float32),
+    torch.float64: np.dtype(np.float64),
+}
+TORCH_DTYPES = {numpy: torch_dtype for torch_dtype, numpy in _NUMPY_DTYPES.items()}
+
+
+def _numpy_dtype(dtype: torch.dtype) -> Union[np.dtype, str]:
+    return _NUMPY_DTYPES.get(dtype, str(dtype).removeprefix("torch."))
 
 
 def check_floating_labels(labels: torch.Tensor, student: torch.Tensor) -> None:
@@ -90,5 +152,5 @@ def check_floating_labels(labels: torch.Tensor, student: torch.Tensor) -> None:
         raise TypeError(message)
 
 
-def _shape(shape: torch.Size) -> str:
+def _shape(shape: tuple[int, ...]) -> str:
     return str(tuple(shape))

@@ -15,10 +15,16 @@ Under ``torch.compile`` the same call goes through the custom operators ``torch.
 ``torch.ops.kdloss.loss`` (``_torch_ops``), with fake implementations and functional autograd formulas that the
 compiler traces. ``torch.ops.kdloss.loss`` computes the loss alone: it serves calls that want no gradient
 (``torch.no_grad()``, a student that does not require grad), so evaluation does not pay for a gradient buffer.
+
+A ``kdloss.SparseTeacher`` in place of the teacher logits takes the same paths: the eager autograd function hands it
+to the kernel as it is, and the operators ``torch.ops.kdloss.sparse_loss_and_grad`` and
+``torch.ops.kdloss.sparse_loss`` take its two arrays, viewed as tensors.
 """
 
 import numbers
-from typing import Optional, Union
+from typing import Callable, Optional, Union
+
+import numpy as np
 
 try:
     import torch
@@ -27,11 +33,15 @@ except ImportError as error:  # say how to get it rather than just "No module na
 from torch import Tensor
 
 from ._params import Parameters, check_normalizer
-from ._torch_autograd import DistillationFunction
-from ._torch_checks import check_floating_labels, check_shapes, validated_params
-from ._torch_ops import operator_arguments  # also registers torch.ops.kdloss.*
+from ._sparse_teacher import SparseTeacher
+from ._torch_autograd import DistillationFunction, sparse_tensors
+from ._torch_checks import check_floating_labels, check_shapes, check_sparse_shapes, validated_params
+from ._torch_ops import operator_arguments, sparse_operator_arguments  # also registers torch.ops.kdloss.*
 
 __all__ = ["DistillationLoss", "distillation_loss", "generalized_jsd_loss"]
+
+Teacher = Union[Tensor, SparseTeacher]
+"""Teacher logits, or a teacher kept as a few classes a row (a top-k or sampled cache)."""
 
 Normalizer = Union[float, Tensor, None]
 """A positive finite number, a one-element tensor holding one (e.g. an all-reduced count), or None."""
@@ -103,7 +113,7 @@ def _runs_eagerly(student: Tensor) -> bool:
 
 def distillation_loss(
     student_logits: Tensor,
-    teacher_logits: Tensor,
+    teacher_logits: Teacher,
     true_labels: Optional[Tensor] = None,
     *,
     temperature: float = 3.0,
@@ -115,6 +125,7 @@ def distillation_loss(
     divergence: str = "forward_kl",
     beta: float = 0.5,
     skew: float = 0.1,
+    tail: str = "bucket",
 ) -> Tensor:
     r"""Knowledge-distillation loss of a batch, differentiable with respect to the student logits.
 
@@ -129,12 +140,15 @@ def distillation_loss(
     student_logits : torch.Tensor, shape (..., C)
         Student outputs on the CPU: (B, C), one row (C,), or sequences (B, S, C) whose leading axes are
         all rows. float32/float64 tensors are read in place; float16/bfloat16 are computed in float32.
-    teacher_logits : torch.Tensor, same shape as `student_logits`
-        Teacher outputs. Never receives a gradient, even if it requires one (it is detached).
+    teacher_logits : torch.Tensor, same shape as `student_logits`, or kdloss.SparseTeacher
+        Teacher outputs. Never receives a gradient, even if it requires one (it is detached). Or a sparse teacher
+        of the student's leading shape (a top-k or sampled cache, whose arrays are NumPy arrays or CPU tensors),
+        read in place; the soft term is then forward KL against it, with its tail as `tail` says, and the compute
+        dtype is the student's (float32 at least).
     true_labels : torch.Tensor, optional
         Integer class indices of the logits' leading shape (entries equal to `ignore_index` are skipped),
         or floating target distributions of the logits' shape. Never receives a gradient.
-    temperature, alpha, reduction, ignore_index, num_threads, divergence, beta, skew
+    temperature, alpha, reduction, ignore_index, num_threads, divergence, beta, skew, tail
         As in :class:`DistillationLoss`.
     normalizer : float or torch.Tensor, optional
         Divide the sum of the row losses (and the gradient) by this instead of what `reduction` says, e.g.
@@ -153,23 +167,27 @@ def distillation_loss(
     TypeError
         If the logits are not floating-point tensors, or labels/normalizer have the wrong type.
     ValueError
-        On shape mismatches, invalid parameters or labels, with the messages of
-        :class:`kdloss.DistillationLoss` (on ``meta`` tensors too, apart from label values).
+        On shape mismatches, invalid parameters or labels, a bad sparse teacher (an index out of range or
+        listed twice in a row, NaN, probabilities summing above 1: the row is named) or a divergence other than
+        forward KL with a sparse teacher, with the messages of :class:`kdloss.DistillationLoss` (on ``meta``
+        tensors too, apart from the values of labels and sparse teachers).
     RuntimeError
         If a tensor is on a device other than the CPU (or meta).
     """
-    params = validated_params(temperature, alpha, reduction, ignore_index, num_threads, divergence, beta, skew)
+    params = validated_params(temperature, alpha, reduction, ignore_index, num_threads, divergence, beta, skew, tail)
     return _distillation_loss(params, student_logits, teacher_logits, true_labels, normalizer)
 
 
 def _distillation_loss(
     params: Parameters,
     student_logits: Tensor,
-    teacher_logits: Tensor,
+    teacher_logits: Teacher,
     true_labels: Optional[Tensor],
     normalizer: Normalizer,
 ) -> Tensor:
     """distillation_loss() with its parameters validated (the module validated them once, when they were set)."""
+    if isinstance(teacher_logits, SparseTeacher):
+        return _sparse_distillation_loss(params, student_logits, teacher_logits, true_labels, normalizer)
     student = _check_logits("student_logits", student_logits)
     teacher = _check_logits("teacher_logits", teacher_logits)
     if teacher.device != student.device:
@@ -195,6 +213,52 @@ def _distillation_loss(
         return loss
     # No gradient wanted: skip the gradient buffer entirely.
     return torch.ops.kdloss.loss(student, *args)
+
+
+def _sparse_distillation_loss(
+    params: Parameters,
+    student_logits: Tensor,
+    teacher: SparseTeacher,
+    true_labels: Optional[Tensor],
+    normalizer: Normalizer,
+) -> Tensor:
+    """_distillation_loss() against a sparse teacher: the same steps, the teacher's arrays read as they are."""
+    if torch.compiler.is_compiling() and (
+        isinstance(teacher.indices, np.memmap) or isinstance(teacher.logprobs, np.memmap)
+    ):
+        return _sparse_distillation_loss_outside_the_graph(params, student_logits, teacher, true_labels, normalizer)
+    student = _check_logits("student_logits", student_logits)
+    # The compute dtype is the student's (float32 at least), as the NumPy class has it: a sparse teacher's
+    # log-probabilities, float16 included, are read in their own dtype. The cast is an autograd op (see above).
+    student = student.to(torch.float64 if student.dtype == torch.float64 else torch.float32)
+    labels = _prepare_labels(true_labels, student.dtype, student)
+    normalizer = _prepare_normalizer(normalizer)
+    check_sparse_shapes(student, teacher.indices.shape, labels, params, normalizer is not None)
+    wants_gradient = torch.is_grad_enabled() and student.requires_grad
+    if wants_gradient and _runs_eagerly(student):
+        number = None if normalizer is None else normalizer.item()
+        return DistillationFunction.apply(student, teacher, labels, params, number)
+    args = (*sparse_tensors(teacher, student.device.type), labels, *sparse_operator_arguments(params, normalizer))
+    if wants_gradient:
+        loss, _ = torch.ops.kdloss.sparse_loss_and_grad(student, *args)
+        return loss
+    return torch.ops.kdloss.sparse_loss(student, *args)
+
+
+def _outside_the_graph(function: Callable[..., Tensor], reason: str) -> Callable[..., Tensor]:
+    try:
+        return torch.compiler.disable(function, reason=reason)
+    except TypeError:  # a torch without the reason (before 2.8)
+        return torch.compiler.disable(function)
+
+
+# Dynamo cannot take a memory map (np.memmap) as an input of a graph: the loss against a memory-mapped cache is
+# computed outside the graph, at a graph break (under fullgraph=True, an error that says why).
+_sparse_distillation_loss_outside_the_graph = _outside_the_graph(
+    _sparse_distillation_loss,
+    "kdloss.torch: a memory-mapped SparseTeacher (np.memmap) cannot be an input of a torch.compile graph; "
+    "pass the batch's rows in memory, e.g. cache[batch_indices] or SparseTeacher.load(path, mmap_mode=None)",
+)
 
 
 class DistillationLoss(torch.nn.Module):
@@ -224,6 +288,9 @@ class DistillationLoss(torch.nn.Module):
         The weight of "jsd"'s mixture, in [0, 1].
     skew : float, default 0.1
         The weight of the skew divergences' mixture, in [0, 1).
+    tail : {"bucket", "renormalize"}, default "bucket"
+        What a sparse teacher's tail (the probability its listed classes leave of 1) is matched against, as in
+        :class:`kdloss.DistillationLoss`; unused with teacher logits.
 
     Raises
     ------
@@ -238,6 +305,8 @@ class DistillationLoss(torch.nn.Module):
       autograd keeps. float16/bfloat16 logits are computed in float32; the loss is float32 and the student's
       gradient arrives in its own dtype.
     - The teacher logits and the labels never receive a gradient, even if they require one.
+    - A ``kdloss.SparseTeacher`` may stand in for the teacher logits everywhere: the soft term is then forward KL
+      against its listed classes and its tail (``tail``), with the same paths, checks and exact derivatives.
     - Backward hands the kernel's gradient buffer to autograd (no copy) unless the graph is retained; with
       ``create_graph=True`` the gradient is rebuilt from torch operations, so second and higher derivatives
       (Hessians, gradient penalties) are exact.
@@ -266,11 +335,12 @@ class DistillationLoss(torch.nn.Module):
         divergence: str = "forward_kl",
         beta: float = 0.5,
         skew: float = 0.1,
+        tail: str = "bucket",
     ) -> None:
         super().__init__()
         # Plain Python values (not the NumPy object's properties) so that torch.compile can read them.
         self._params = validated_params(
-            temperature, alpha, reduction, ignore_index, num_threads, divergence, beta, skew
+            temperature, alpha, reduction, ignore_index, num_threads, divergence, beta, skew, tail
         )
 
     @property
@@ -321,10 +391,15 @@ class DistillationLoss(torch.nn.Module):
         """The weight of the skew divergences' mixture, in [0, 1)."""
         return self._params.skew
 
+    @property
+    def tail(self) -> str:
+        """What a sparse teacher's tail is matched against: "bucket" or "renormalize"."""
+        return self._params.tail
+
     def forward(
         self,
         student_logits: Tensor,
-        teacher_logits: Tensor,
+        teacher_logits: Teacher,
         true_labels: Optional[Tensor] = None,
         *,
         normalizer: Normalizer = None,
@@ -335,8 +410,8 @@ class DistillationLoss(torch.nn.Module):
         ----------
         student_logits : torch.Tensor, shape (..., C)
             Student outputs (requires grad for training).
-        teacher_logits : torch.Tensor, same shape
-            Teacher outputs; never receives a gradient.
+        teacher_logits : torch.Tensor, same shape, or kdloss.SparseTeacher
+            Teacher outputs, or a sparse teacher of the student's leading shape; never receives a gradient.
         true_labels : torch.Tensor, optional
             Class indices of the leading shape or target distributions of the logits' shape.
         normalizer : float or torch.Tensor, optional

@@ -282,20 +282,12 @@ struct Mixture {
         return sums.divergence;
     }
 
-    // The gradient's soft term: weight T q (G - E_q[G]) = scale e^(ds/T) (G - mean).
+    // The gradient's soft term: weight T q (G - E_q[G]) = scale e^(ds/T) (G - mean) (CentredGradient).
     template <class T>
-    struct Coefficients {
-        Pack<T> scale, mean;
-
+    struct Coefficients : CentredGradient<T> {
         template <class V>
         static Coefficients from_sums(const Sums<V>& sums, double weight, double temperature) noexcept {
-            return {narrow<T>(weight * temperature / sums.student_soft), narrow<T>(sums.mean)};
-        }
-
-        KDLOSS_INLINE Pack<T> gradient(std::size_t i, const Pack<T>& e_student,
-                                       const RowBuffers<T>& row) const noexcept {
-            const Pack<T> g = Pack<T>::load(row.divergence_term + i);
-            return select(e_student == Pack<T>(), Pack<T>(), scale * e_student * (g - mean));
+            return {{narrow<T>(weight * temperature / sums.student_soft), narrow<T>(sums.mean)}};
         }
     };
 };

@@ -85,26 +85,16 @@ struct ReverseKL {
                fast_log(1.0 + sums.soft_difference / sums.student_soft);
     }
 
-    // The gradient's soft term: weight q (r - E_q[r]) = scale e^(ds/T) (r - mean).
+    // The gradient's soft term: weight q (r - E_q[r]) = scale e^(ds/T) (r - mean) (CentredGradient).
     template <class T>
-    struct Coefficients {
-        Pack<T> scale, mean;
-
+    struct Coefficients : CentredGradient<T> {
         template <class V>
         static Coefficients from_sums(const Sums<V>& sums, double weight, double) noexcept {
             Pack<T> mean = narrow<T>(sums.student_cross / sums.student_soft);
             // An infinite mean (a class only the teacher rules out) leaves no derivative: NaN, not -inf.
             mean = select(mean == Pack<T>(std::numeric_limits<T>::infinity()),
                           Pack<T>(std::numeric_limits<T>::quiet_NaN()), mean);
-            return {narrow<T>(weight / sums.student_soft), mean};
-        }
-
-        // At element i, given e^(ds/T) there. The centred difference r - mean is where the terms cancel, in T,
-        // as exactly as they can; where the student has no mass, r may be infinite, and the term is 0.
-        KDLOSS_INLINE Pack<T> gradient(std::size_t i, const Pack<T>& e_student,
-                                       const RowBuffers<T>& row) const noexcept {
-            const Pack<T> r = Pack<T>::load(row.divergence_term + i);
-            return select(e_student == Pack<T>(), Pack<T>(), scale * e_student * (r - mean));
+            return {{narrow<T>(weight / sums.student_soft), mean}};
         }
     };
 };

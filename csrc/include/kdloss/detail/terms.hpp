@@ -179,6 +179,19 @@ struct GradientCoefficients {
     }
 };
 
+// A divergence's gradient term of the form scale e^(ds/T) (g - mean), with g what its earlier passes stored in
+// divergence_term and mean = E_q[g] (ReverseKL, Mixture): the centred difference g - mean is where the terms
+// cancel, in T, as exactly as they can; where the student has no mass g may be infinite, and the term is 0.
+template <class T>
+struct CentredGradient {
+    Pack<T> scale, mean;
+
+    KDLOSS_INLINE Pack<T> gradient(std::size_t i, const Pack<T>& e_student, const RowBuffers<T>& row) const noexcept {
+        const Pack<T> g = Pack<T>::load(row.divergence_term + i);
+        return select(e_student == Pack<T>(), Pack<T>(), scale * e_student * (g - mean));
+    }
+};
+
 // Rows whose class-index label is ignore_index: no loss, a zero gradient row.
 template <class T>
 bool is_ignored(const BatchProblem<T>& problem, std::size_t i) noexcept {
