@@ -4,6 +4,8 @@
 // this file includes nothing that the rest of the module also instantiates.
 
 #include "kdloss/detail/run_rows.hpp"
+#include "kdloss/detail/sample_rows.hpp"
+#include "kdloss/detail/top_k_rows.hpp"
 #include "kernel_table.hpp"
 
 #define KDLOSS_KERNEL_STRING_IMPL(name) #name
@@ -12,8 +14,14 @@
 namespace kdloss::python {
 
 KernelTable KDLOSS_KERNEL_TABLE() noexcept {
-    return {KDLOSS_KERNEL_STRING(KDLOSS_KERNEL_NAMESPACE), &detail::KDLOSS_KERNEL_NAMESPACE::run_rows<float>,
-            &detail::KDLOSS_KERNEL_NAMESPACE::run_rows<double>};
+    namespace kernels = detail::KDLOSS_KERNEL_NAMESPACE;
+    return {KDLOSS_KERNEL_STRING(KDLOSS_KERNEL_NAMESPACE),
+            &kernels::run_rows<float>,
+            &kernels::run_rows<double>,
+            &kernels::top_k_rows<float>,
+            &kernels::top_k_rows<double>,
+            &kernels::sample_rows<float>,
+            &kernels::sample_rows<double>};
 }
 
 }  // namespace kdloss::python

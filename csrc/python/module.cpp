@@ -10,4 +10,5 @@ PYBIND11_MODULE(_core, module, pybind11::mod_gil_not_used()) {
     module.attr("__version__") = KDLOSS_VERSION_STRING;
     kdloss::python::register_build_info(module);
     kdloss::python::register_distillation_loss(module);
+    kdloss::python::register_teacher_cache(module);
 }

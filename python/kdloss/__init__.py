@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ._core import __version__, build_info
 from ._loss import DistillationLoss, clear_gradient_cache
+from ._sparse_builders import sample_teacher, top_k
 from ._sparse_teacher import SparseTeacher, SparseTeacherWriter
 
 __all__ = [
@@ -13,4 +14,6 @@ __all__ = [
     "__version__",
     "build_info",
     "clear_gradient_cache",
+    "sample_teacher",
+    "top_k",
 ]

@@ -4,8 +4,16 @@ __version__: str
 
 divergence_names: tuple[str, ...]
 
+max_cache_classes: int
+
 def build_info() -> dict[str, object]: ...
 def reads_in_place(array: np.ndarray) -> bool: ...
+def top_k(
+    teacher_logits: np.ndarray, k: int, temperature: float, num_threads: int
+) -> tuple[np.ndarray, np.ndarray]: ...
+def sample_teacher(
+    teacher_logits: np.ndarray, num_samples: int, temperature: float, seed: int, num_threads: int
+) -> tuple[np.ndarray, np.ndarray]: ...
 
 class DistillationLoss:
     def __init__(

@@ -53,3 +53,17 @@ def test_divergences_quick_run_prints_its_targets(tmp_path: Path) -> None:
     lines = done.stdout.splitlines()
     assert any(line.startswith("32x100 ") and "float32" in line for line in lines), done.stdout
     assert "targets (issue 16):" in lines, done.stdout
+
+
+TEACHER_CACHE = BENCH.parent / "teacher_cache.py"
+
+
+@pytest.mark.skipif(not TEACHER_CACHE.is_file(), reason="benchmarks/teacher_cache.py is not next to the tests")
+def test_teacher_cache_quick_run_prints_its_targets(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    command = [sys.executable, str(TEACHER_CACHE), "--shapes", "4x1000", "--budget", "0.05"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT_S, cwd=tmp_path)
+    assert done.returncode == 0, f"stdout:\n{done.stdout}\nstderr:\n{done.stderr}"
+    lines = done.stdout.splitlines()
+    assert any(line.startswith("4x1000 ") for line in lines), done.stdout
+    assert "targets (issue 17):" in lines, done.stdout

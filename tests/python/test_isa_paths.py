@@ -1,7 +1,7 @@
 """Every compiled SIMD path this CPU can run agrees with the reference, not only the one chosen at import.
 
 Each path is forced with KDLOSS_FORCE_ISA in a fresh interpreter (the choice is made once, at import) that
-reruns the reference-agreement, finite-difference and non-finite suites.
+reruns the reference-agreement, finite-difference, non-finite, sparse-loss and sparse-builder suites.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ SUITES = [
     "test_kernel_shapes.py",
     "test_divergences.py",
     "test_sparse_loss.py",
+    "test_sparse_builders.py",
 ]
 
 
