@@ -20,11 +20,16 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 
 from ._loss import DistillationLoss
+from ._sparse_builders import sample_teacher, top_k
+from ._sparse_teacher import SparseTeacher
+
+# What a distilled student learns from: the teacher's logits, or a sparse cache of them (rows sliced alike).
+Teacher = Union[np.ndarray, SparseTeacher]
 
 __all__ = [
     "CROSS_ENTROPY",
@@ -365,7 +370,7 @@ def loss_and_gradients(
     x: np.ndarray,
     y: np.ndarray,
     loss: DistillationLoss,
-    teacher_logits: Optional[np.ndarray] = None,
+    teacher_logits: Optional[Teacher] = None,
     *,
     dropout: float = 0.0,
     rng: Optional[np.random.Generator] = None,
@@ -382,9 +387,9 @@ def loss_and_gradients(
         Class labels, shape ``(batch,)``.
     loss : DistillationLoss
         The objective; its reduction must be "mean" (the gradient is then that of the batch mean).
-    teacher_logits : numpy.ndarray, optional
-        The teacher's logits for ``x``. Without them ``loss.alpha`` must be 1 (cross-entropy alone); the
-        model's own logits then fill the teacher's place, where they have zero weight.
+    teacher_logits : numpy.ndarray or SparseTeacher, optional
+        The teacher's logits for ``x``, or a sparse cache of them. Without them ``loss.alpha`` must be 1
+        (cross-entropy alone); the model's own logits then fill the teacher's place, where they have zero weight.
     dropout : float, default 0.0
         Hidden-unit dropout rate for this forward pass.
     rng : numpy.random.Generator, optional
@@ -414,7 +419,7 @@ def train(
     y_test: np.ndarray,
     rng: np.random.Generator,
     epochs: int,
-    teacher_logits: Optional[np.ndarray] = None,
+    teacher_logits: Optional[Teacher] = None,
     batch_size: int = 64,
     learning_rate: float = 3e-3,
     dropout: float = 0.0,
@@ -437,8 +442,9 @@ def train(
         Source of the batch order, dropout masks and jitter.
     epochs : int
         Number of passes over the training set.
-    teacher_logits : numpy.ndarray, optional
-        The teacher's logits for every training input, shape ``(n, n_classes)``, fixed during training.
+    teacher_logits : numpy.ndarray or SparseTeacher, optional
+        The teacher's logits for every training input, shape ``(n, n_classes)``, or a sparse cache of them (``(n,
+        K)``), fixed during training.
     batch_size : int, default 64
         Mini-batch size.
     learning_rate : float, default 3e-3
@@ -501,6 +507,9 @@ class DemoConfig:
     teacher_dropout: float = 0.3
     batch_size: int = 64
     learning_rate: float = 3e-3
+    # The distilled student's teacher: None, its logits; ("top-k", K) or ("sample", N), a sparse cache of them
+    # (kdloss.top_k, kdloss.sample_teacher) that the student is distilled from instead.
+    teacher_cache: Optional[tuple[str, int]] = None
 
 
 @dataclass
@@ -579,7 +588,7 @@ def _summarise(
     history: History,
     loss: DistillationLoss,
     data: Dataset,
-    teacher_logits: Optional[np.ndarray] = None,
+    teacher_logits: Optional[Teacher] = None,
 ) -> ModelResult:
     """Evaluate a trained model on the whole training and held-out sets."""
     logits, test_logits = model.logits(data.x), model.logits(data.x_test)
@@ -648,6 +657,11 @@ def run_experiment(config: DemoConfig = DemoConfig(), progress: Optional[Callabl
         teacher, CROSS_ENTROPY, data, config, teacher_rng, report, dropout=config.teacher_dropout, augment=True
     )
     teacher_logits = teacher.logits(data.x)
+    teacher_signal: Teacher = teacher_logits
+    described = "the teacher's logits"
+    if config.teacher_cache is not None:
+        teacher_signal, described = _cache_teacher(teacher_logits, config)
+        say(f"teacher cached as {described}")
 
     initial = MLP.initialise((n_inputs, *config.student_hidden, N_CLASSES), np.random.default_rng(student_seed))
     plain, distilled = initial.copy(), initial.copy()
@@ -657,18 +671,43 @@ def run_experiment(config: DemoConfig = DemoConfig(), progress: Optional[Callabl
     kd = DistillationLoss(temperature=config.temperature, alpha=config.alpha)
     say(
         f"same student, same start, with DistillationLoss(temperature={kd.temperature:g}, alpha={kd.alpha:g}) "
-        "against the teacher's logits"
+        f"against {described.split(':')[0]}"
     )
     distilled_history = _fit(
-        distilled, kd, data, config, np.random.default_rng(order_seed), report, teacher_logits=teacher_logits
+        distilled, kd, data, config, np.random.default_rng(order_seed), report, teacher_logits=teacher_signal
     )
 
     return DemoResult(
         config=config,
         teacher=_summarise("teacher", teacher, teacher_history, CROSS_ENTROPY, data),
         plain=_summarise("student, hard labels", plain, plain_history, CROSS_ENTROPY, data),
-        distilled=_summarise("student, distilled", distilled, distilled_history, kd, data, teacher_logits),
+        distilled=_summarise("student, distilled", distilled, distilled_history, kd, data, teacher_signal),
         seconds=time.perf_counter() - start,
+    )
+
+
+def parse_teacher_cache(text: str) -> tuple[str, int]:
+    """``top-k:K`` or ``sample:N`` (K, N >= 1) as ``("top-k", K)`` or ``("sample", N)``; ValueError otherwise."""
+    kind, _, number = text.partition(":")
+    if kind not in ("top-k", "sample") or not number.isdigit() or int(number) < 1:
+        raise ValueError(f"expected top-k:K or sample:N with K, N >= 1, got {text!r}")
+    return kind, int(number)
+
+
+def _cache_teacher(teacher_logits: np.ndarray, config: DemoConfig) -> tuple[SparseTeacher, str]:
+    """The teacher's logits cached sparsely at the distillation temperature, and a line that says how and what it
+    saves against storing the logits as float32."""
+    kind, number = config.teacher_cache
+    if kind == "top-k":
+        cache = top_k(teacher_logits, min(number, N_CLASSES), temperature=config.temperature)
+        how = f"its top {cache.k} classes a row"
+    else:
+        cache = sample_teacher(teacher_logits, number, temperature=config.temperature, seed=config.seed)
+        how = f"{number} draws a row from its softmax ({cache.k} slots)"
+    dense_bytes = teacher_logits.size * 4
+    return cache, (
+        f"a sparse cache: {how}, {cache.nbytes:,} bytes against {dense_bytes:,} for its logits in float32 "
+        f"({cache.nbytes / dense_bytes:.0%})"
     )
 
 
@@ -692,7 +731,8 @@ def format_table(result: DemoResult) -> str:
     )
     lines = [
         f"seed {c.seed}: {c.n_train} training and {c.n_test} held-out images, {c.epochs} epochs, "
-        f"temperature {c.temperature:g}, alpha {c.alpha:g}",
+        f"temperature {c.temperature:g}, alpha {c.alpha:g}"
+        + ("" if c.teacher_cache is None else f", teacher cached as {c.teacher_cache[0]}:{c.teacher_cache[1]}"),
         "",
         header,
         "-" * len(header),
@@ -802,6 +842,14 @@ def _alpha(text: str) -> float:
     return value
 
 
+def _teacher_cache(text: str) -> tuple[str, int]:
+    """Parse --teacher-cache for argparse."""
+    try:
+        return parse_teacher_cache(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def _png_path(text: str) -> Path:
     """Parse an output path whose directory exists, so that a typo fails before the training, not after."""
     path = Path(text)
@@ -833,6 +881,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="weight of the hard-label term, in [0, 1] (default %(default)s)")  # fmt: skip
     parser.add_argument("--epochs", type=_positive_int, default=defaults.epochs, metavar="N",
                         help="training epochs of each network (default %(default)s)")  # fmt: skip
+    parser.add_argument("--teacher-cache", type=_teacher_cache, metavar="top-k:K|sample:N",
+                        help="distil from a sparse cache of the teacher's outputs instead of its logits: its top "
+                        "K classes a row (kdloss.top_k), or N draws a row from its softmax "
+                        "(kdloss.sample_teacher)")  # fmt: skip
     parser.add_argument("--plot", type=_png_path, metavar="FILE",
                         help="also write the learning curves to this PNG (needs matplotlib: "
                         "pip install kdloss[plot])")  # fmt: skip
@@ -851,7 +903,13 @@ def run(args: argparse.Namespace) -> int:
     int
         The exit status, 0.
     """
-    config = DemoConfig(seed=args.seed, epochs=args.epochs, temperature=args.temperature, alpha=args.alpha)
+    config = DemoConfig(
+        seed=args.seed,
+        epochs=args.epochs,
+        temperature=args.temperature,
+        alpha=args.alpha,
+        teacher_cache=args.teacher_cache,
+    )
 
     def say(line: str) -> None:
         print(line, flush=True)  # flushed, so that progress shows when stdout is a pipe
