@@ -74,6 +74,23 @@ def test_short_demo_prints_progress_and_the_table(tmp_path: Path) -> None:
     assert any(line.startswith("distillation: ") for line in lines), done.stdout
 
 
+@pytest.mark.parametrize(
+    ("cache", "described"), [("top-k:3", "its top 3 classes a row"), ("sample:4", "4 draws a row")]
+)
+def test_the_demo_distils_from_a_sparse_cache(cache: str, described: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "--epochs", "2", "--teacher-cache", cache]) == 0
+    out = capsys.readouterr().out
+    assert f"teacher cached as a sparse cache: {described}" in out, out
+    assert f"teacher cached as {cache}" in out  # the table's heading
+    assert any(line.startswith("student, distilled ") and line.endswith(" %") for line in out.splitlines()), out
+
+
+def test_a_top_k_cache_of_every_class_trains_as_the_logits_do() -> None:
+    dense = demo.run_experiment(demo.DemoConfig(epochs=2))
+    cached = demo.run_experiment(demo.DemoConfig(epochs=2, teacher_cache=("top-k", 10)))
+    np.testing.assert_allclose(cached.distilled.history.train_loss, dense.distilled.history.train_loss, rtol=1e-9)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The command line, in-process
 # ----------------------------------------------------------------------------------------------------------------
@@ -94,6 +111,10 @@ def test_short_demo_prints_progress_and_the_table(tmp_path: Path) -> None:
         (["demo", "--alpha", "1.5"], "argument --alpha"),
         (["demo", "--alpha", "-0.1"], "argument --alpha"),
         (["demo", "--seed", "-1"], "argument --seed"),
+        (["demo", "--teacher-cache", "top-k"], "argument --teacher-cache"),
+        (["demo", "--teacher-cache", "top-k:0"], "argument --teacher-cache"),
+        (["demo", "--teacher-cache", "sample:x"], "argument --teacher-cache"),
+        (["demo", "--teacher-cache", "dense:3"], "argument --teacher-cache"),
         (["demo", "--plot", "/no/such/directory/curves.png"], "argument --plot"),
         (["demo", "--no-such-option"], "unrecognized arguments"),
         (["check", "extra"], "unrecognized arguments"),
