@@ -695,8 +695,8 @@ def parse_teacher_cache(text: str) -> tuple[str, int]:
 
 
 def _cache_teacher(teacher_logits: np.ndarray, config: DemoConfig) -> tuple[SparseTeacher, str]:
-    """The teacher's logits cached sparsely at the distillation temperature, and a line that says how and what it
-    saves against storing the logits as float32."""
+    """The teacher's logits cached sparsely at the distillation temperature (int32 indices, float16
+    log-probabilities), and a line that says how and what it saves against storing the logits as float32."""
     kind, number = config.teacher_cache
     if kind == "top-k":
         cache = top_k(teacher_logits, min(number, N_CLASSES), temperature=config.temperature)
@@ -704,6 +704,14 @@ def _cache_teacher(teacher_logits: np.ndarray, config: DemoConfig) -> tuple[Spar
     else:
         cache = sample_teacher(teacher_logits, number, temperature=config.temperature, seed=config.seed)
         how = f"{number} draws a row from its softmax ({cache.k} slots)"
+    # Stored as a cache on disk would be: log-probabilities in half precision (the loss reads them as they are).
+    cache = SparseTeacher(
+        cache.indices,
+        cache.logprobs.astype(np.float16),
+        temperature=cache.temperature,
+        vocab_size=cache.vocab_size,
+        method=cache.method,
+    )
     dense_bytes = teacher_logits.size * 4
     return cache, (
         f"a sparse cache: {how}, {cache.nbytes:,} bytes against {dense_bytes:,} for its logits in float32 "

@@ -41,6 +41,9 @@ LOGPROB_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float6
 # A row's listed probabilities may sum to this much above 1: what float32 logarithms of probabilities that sum to 1
 # (a top-k of k = C, a sampled row's count/num_samples weights) add up to after rounding, with room to spare.
 PROBABILITY_TOLERANCE = 1e-6
+# Half-precision log-probabilities are each rounded by up to 2^-11 of themselves, which moves a probability p by up
+# to p |log p| 2^-11: a row of them may sum to PROBABILITY_TOLERANCE + HALF_ROUNDING * sum p |log p| above 1.
+HALF_ROUNDING = 2.0**-11
 
 FORMAT = "kdloss.sparse_teacher"
 VERSION = 1
@@ -85,11 +88,10 @@ def duplicate_message(row: tuple[int, ...], index: int) -> str:
     return f"indices of row {format_row(row)} list class {int(index)} more than once"
 
 
-def probability_sum_message(row: tuple[int, ...], total: float) -> str:
-    return (
-        f"logprobs of row {format_row(row)} sum to probability {format_number(float(total))} > 1 "
-        "(+1e-6 for rounding)"  # PROBABILITY_TOLERANCE
-    )
+def probability_sum_message(row: tuple[int, ...], total: float, tolerance: float = PROBABILITY_TOLERANCE) -> str:
+    allowed = "1e-6" if tolerance == PROBABILITY_TOLERANCE else format_number(float(tolerance))
+    total_text = format_number(float(total))
+    return f"logprobs of row {format_row(row)} sum to probability {total_text} > 1 (+{allowed} for rounding)"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -381,7 +383,8 @@ class SparseTeacher:
 
         A row is bad if, in this order of precedence, its log-probabilities hold NaN or +inf, an index of a listed
         (not empty) slot is outside [0, C), a class is listed twice, or the probabilities sum to more than
-        1 + 1e-6 (in float64; a positive log-probability makes the sum exceed 1). An empty slot's index is not
+        1 + 1e-6 (in float64; a positive log-probability makes the sum exceed 1; float16 log-probabilities get what
+        their rounding can add, 2^-11 sum p |log p|, on top). An empty slot's index is not
         checked. Rows are taken in C order of the leading shape, a piece at a time (memory maps are not read
         whole into memory). The loss checks the same things with the same messages.
 
@@ -570,6 +573,7 @@ def _check_same_kind(cache: SparseTeacher, name: str, like: Any, like_name: str,
 
 def _first_bad_row(indices: np.ndarray, logprobs: np.ndarray, vocab_size: int | None):
     """(row, message builder) of the first bad row of a piece, or None."""
+    half = logprobs.dtype == np.float16
     logprobs = logprobs.astype(np.float64)
     indices = indices.astype(np.int64)
     listed = logprobs != -np.inf  # NaN slots count as listed: their index is checked too, after the NaN itself
@@ -583,8 +587,13 @@ def _first_bad_row(indices: np.ndarray, logprobs: np.ndarray, vocab_size: int | 
     repeated = (ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)
     duplicate = repeated.any(axis=1)
     with np.errstate(invalid="ignore", over="ignore"):
-        totals = np.exp(logprobs).sum(axis=1)
-    too_much = totals > 1.0 + PROBABILITY_TOLERANCE  # NaN rows are caught above
+        probabilities = np.exp(logprobs)
+        totals = probabilities.sum(axis=1)
+        tolerances = np.full(totals.shape, PROBABILITY_TOLERANCE)
+        if half:
+            entropy_terms = np.where(probabilities > 0, probabilities * np.abs(logprobs), 0.0)
+            tolerances += HALF_ROUNDING * entropy_terms.sum(axis=1)
+    too_much = totals > 1.0 + tolerances  # NaN rows are caught above
 
     kinds = (nan, positive_infinity, bad_index, duplicate, too_much)
     bad = np.logical_or.reduce(kinds)
@@ -601,8 +610,8 @@ def _first_bad_row(indices: np.ndarray, logprobs: np.ndarray, vocab_size: int | 
     if duplicate[row]:
         index = int(ordered[row, 1:][np.argmax(repeated[row])])
         return row, lambda name: duplicate_message(name, index)
-    total = float(totals[row])
-    return row, lambda name: probability_sum_message(name, total)
+    total, tolerance = float(totals[row]), float(tolerances[row])
+    return row, lambda name: probability_sum_message(name, total, tolerance)
 
 
 def _tails(logprobs: np.ndarray) -> np.ndarray:

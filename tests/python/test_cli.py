@@ -86,9 +86,11 @@ def test_the_demo_distils_from_a_sparse_cache(cache: str, described: str, capsys
 
 
 def test_a_top_k_cache_of_every_class_trains_as_the_logits_do() -> None:
+    # Up to the cache's half-precision log-probabilities (within 2^-11 of each).
     dense = demo.run_experiment(demo.DemoConfig(epochs=2))
     cached = demo.run_experiment(demo.DemoConfig(epochs=2, teacher_cache=("top-k", 10)))
-    np.testing.assert_allclose(cached.distilled.history.train_loss, dense.distilled.history.train_loss, rtol=1e-9)
+    np.testing.assert_allclose(cached.distilled.history.train_loss, dense.distilled.history.train_loss, rtol=3e-3)
+    assert cached.distilled.history.train_loss != dense.distilled.history.train_loss  # the cache was used
 
 
 # ----------------------------------------------------------------------------------------------------------------

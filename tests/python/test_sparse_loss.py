@@ -287,3 +287,28 @@ def test_a_cache_of_another_temperature_or_vocabulary_is_refused() -> None:
     wider = kdloss.SparseTeacher(built.indices, built.logprobs, temperature=3.0, vocab_size=21)
     with pytest.raises(ValueError, match="of a vocabulary of 21 classes, student_logits of 20"):
         kd.compute_loss(student, wider)
+
+
+def test_half_precision_caches_are_allowed_their_rounding() -> None:
+    # log(0.5), log(0.3), log(0.2) rounded to float16 sum to probability 0.99987; other roundings exceed 1 by up to
+    # 2^-11 sum p |log p|, which is allowed them, and no more.
+    rng = np.random.default_rng(12)
+    teacher = rng.normal(size=(200, 6))
+    cache = top_k_cache(teacher, 6, 1.0, logprob_dtype=np.float16)  # every class: sums of 1, rounded
+    totals = np.exp(cache.logprobs.astype(np.float64)).sum(axis=-1)
+    assert totals.max() > 1 + 1e-6  # what a float32 cache would be refused for
+    student = rng.normal(size=(200, 6))
+    kd = kdloss.DistillationLoss(1.0, num_threads=1)
+    loss, grad = kd.loss_and_gradient(student, cache)
+    want_loss, want_grad = expected(student, cache, None, temperature=1.0, alpha=0.3, tail="bucket")
+    assert_loss_close(loss, want_loss, np.float64)
+    assert_grad_close(grad, want_grad, np.float64)
+    cache.validate()
+    bad = kdloss.SparseTeacher(np.array([[0, 1, 2]]), np.log(np.array([[0.5, 0.3, 0.21]])).astype(np.float16))
+    with pytest.raises(ValueError) as from_loss:
+        kd.compute_loss(np.zeros((1, 3)), bad)
+    with pytest.raises(ValueError) as from_validate:
+        bad.validate()
+    assert str(from_loss.value) == str(from_validate.value)
+    assert re.fullmatch(r"logprobs of row \(0,\) sum to probability 1\.0\d+ > 1 \(\+0\.000\d+ for rounding\)",
+                        str(from_loss.value))  # fmt: skip

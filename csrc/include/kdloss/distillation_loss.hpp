@@ -458,11 +458,14 @@ private:
     }
 
     // Every row's slots, in row order, each checked in the order of the messages (the Python SparseTeacher's
-    // validate() says the same). Empty slots (-inf) are not looked at.
+    // validate() says the same). Empty slots (-inf) are not looked at. A row's probabilities may sum to 1e-6 above 1,
+    // and half-precision log-probabilities, each rounded by up to 2^-11 of itself (p by up to p |log p| 2^-11), to
+    // that much more.
     static void check_sparse_slots(const SparseTeacherView& sparse, std::size_t classes) {
         std::vector<unsigned char> seen(classes, 0);
+        const bool half = sparse.logprob_type() == SparseTeacherView::LogProbType::float16;
         for (std::size_t row = 0; row < sparse.rows(); ++row) {
-            double total = 0.0;
+            double total = 0.0, rounding = 0.0;
             for (std::size_t k = 0; k < sparse.k(); ++k) {
                 const double logprob = sparse.logprob(row, k);
                 if (std::isnan(logprob))
@@ -485,7 +488,9 @@ private:
                 const std::int64_t index = sparse.index(row, k);
                 if (seen[static_cast<std::size_t>(index)] && (repeated < 0 || index < repeated)) repeated = index;
                 seen[static_cast<std::size_t>(index)] = 1;
-                total += std::exp(logprob);
+                const double p = std::exp(logprob);
+                total += p;
+                if (half && p > 0.0) rounding += p * std::fabs(logprob);
             }
             for (std::size_t k = 0; k < sparse.k(); ++k)
                 if (sparse.logprob(row, k) != -std::numeric_limits<double>::infinity())
@@ -493,9 +498,12 @@ private:
             if (repeated >= 0)
                 throw std::invalid_argument("indices of row " + sparse.row_name(row) + " list class " +
                                             std::to_string(repeated) + " more than once");
-            if (total > 1.0 + 1e-6)
+            const double tolerance = 1e-6 + 0x1p-11 * rounding;
+            if (total > 1.0 + tolerance)
                 throw std::invalid_argument("logprobs of row " + sparse.row_name(row) + " sum to probability " +
-                                            detail::format_number(total) + " > 1 (+1e-6 for rounding)");
+                                            detail::format_number(total) + " > 1 (+" +
+                                            (rounding == 0.0 ? std::string("1e-6") : detail::format_number(tolerance)) +
+                                            " for rounding)");
         }
     }
 
