@@ -27,7 +27,7 @@ def _as_array(value: Any) -> np.ndarray:
     return np.asarray(value)
 
 
-def _as_real_array(value: Any, name: str) -> np.ndarray:
+def real_array(value: Any, name: str) -> np.ndarray:
     array = _as_array(value)
     if array.dtype.kind not in "fiu":
         raise TypeError(f"{name} must hold real numbers (a float or integer dtype), got dtype {array.dtype}")
@@ -55,8 +55,8 @@ def logits_pair(student_logits: Any, teacher_logits: Any) -> tuple[np.ndarray, n
         and teacher_logits.flags.aligned
     ):
         return student_logits, teacher_logits
-    student = _as_real_array(student_logits, "student_logits")
-    teacher = _as_real_array(teacher_logits, "teacher_logits")
+    student = real_array(student_logits, "student_logits")
+    teacher = real_array(teacher_logits, "teacher_logits")
     dtype = np.result_type(student, teacher, np.float32)
     if dtype not in _COMPUTE_DTYPES:
         raise TypeError(
@@ -64,6 +64,23 @@ def logits_pair(student_logits: Any, teacher_logits: Any) -> tuple[np.ndarray, n
             f"{student.dtype} and {teacher.dtype} promote to {dtype}"
         )
     return _in_dtype(student, dtype), _in_dtype(teacher, dtype)
+
+
+def student_alone(student: np.ndarray) -> np.ndarray:
+    """The student's logits (a real array) in its compute dtype, ``np.result_type(student, np.float32)``: with a sparse
+    teacher, whose log-probabilities are read as they are, the student alone decides it."""
+    dtype = np.result_type(student, np.float32)
+    if dtype not in _COMPUTE_DTYPES:
+        raise TypeError(
+            f"student_logits must compute in float32 or float64, but dtype {student.dtype} promotes to {dtype}"
+        )
+    return _in_dtype(student, dtype)
+
+
+def sparse_teacher_arrays(indices: np.ndarray, logprobs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A sparse teacher's arrays as the native class reads them: in place, or copied once where their layout does
+    not allow it (their dtypes are kept: the native class reads each one it accepts as it is)."""
+    return tuple(array if _core.reads_in_place(array) else np.ascontiguousarray(array) for array in (indices, logprobs))
 
 
 def floating_class_indices_message(labels_shape: tuple, logits_shape: tuple, labels_dtype: Any) -> str | None:

@@ -39,7 +39,7 @@ def _student_and_teacher(student_logits: Any, teacher_logits: Any, temperature: 
     else."""
     if not isinstance(teacher_logits, SparseTeacher):
         return _arrays.logits_pair(student_logits, teacher_logits)
-    student = _arrays._as_real_array(student_logits, "student_logits")
+    student = _arrays.real_array(student_logits, "student_logits")
     if teacher_logits.temperature is not None and teacher_logits.temperature != temperature:
         raise ValueError(
             f"the sparse teacher's log-probabilities are at temperature {teacher_logits.temperature!r}, "
@@ -50,16 +50,9 @@ def _student_and_teacher(student_logits: Any, teacher_logits: Any, temperature: 
             f"the sparse teacher is of a vocabulary of {teacher_logits.vocab_size} classes, student_logits of "
             f"{student.shape[-1]}"
         )
-    dtype = np.result_type(student, np.float32)
-    if dtype not in _arrays._COMPUTE_DTYPES:
-        raise TypeError(
-            f"student_logits must compute in float32 or float64, but dtype {student.dtype} promotes to {dtype}"
-        )
-    arrays = tuple(
-        array if _core.reads_in_place(array) else np.ascontiguousarray(array)
-        for array in (teacher_logits.indices, teacher_logits.logprobs)
+    return _arrays.student_alone(student), _arrays.sparse_teacher_arrays(
+        teacher_logits.indices, teacher_logits.logprobs
     )
-    return _arrays._in_dtype(student, dtype), arrays
 
 
 def _rebuild(*parameters: Any) -> DistillationLoss:

@@ -11,12 +11,13 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
-#include <cstring>
 #include <limits>
 #include <stdexcept>
 #include <string>
 #include <string_view>
 #include <type_traits>
+
+#include "kdloss/messages.hpp"
 
 namespace kdloss {
 
@@ -122,18 +123,7 @@ public:
     }
 
     std::string row_name(std::size_t row) const {
-        if (!named_by_shape_) return "(" + std::to_string(row) + ",)";
-        if (leading_ndim_ == 0) return "()";  // the one row of a (K,) cache
-        std::string name = ")";
-        std::size_t rest = row;
-        for (std::size_t axis = leading_ndim_; axis-- > 0;) {
-            const std::size_t extent = leading_shape_[axis] == 0 ? 1 : leading_shape_[axis];
-            name.insert(0, std::to_string(rest % extent));
-            rest /= extent;
-            if (axis > 0) name.insert(0, ", ");
-        }
-        if (leading_ndim_ == 1) name.insert(name.size() - 1, ",");
-        return "(" + name;
+        return named_by_shape_ ? detail::format_row(row, leading_shape_, leading_ndim_) : detail::format_row(row);
     }
 
 private:
