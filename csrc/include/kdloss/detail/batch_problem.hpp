@@ -61,12 +61,13 @@ constexpr std::size_t block_max_classes = std::is_same_v<T, float> ? 160 : 128;
 static_assert(block_max_classes<double> >= lanes, "long rows must fill at least one Pack (lane_math.hpp)");
 
 // Elements of per-thread scratch the kernels need for rows of `classes` classes. Long rows: up to three rows
-// of exponentials. Blocks: lanes x classes each of the student (then its exponentials, then the gradient),
-// the teacher (then its exponentials), the targets and the hard exponentials. (A sparse teacher's row shorter
+// of exponentials and one of logit differences (mixture.hpp). Blocks: lanes x classes each of the student
+// (then its exponentials, then the gradient), the teacher (then its exponentials), the targets, the hard
+// exponentials and the logit differences. (A sparse teacher's row shorter
 // than `lanes` takes five rows of `lanes`: sparse_kl.hpp.)
 template <class T>
 std::size_t scratch_elements(std::size_t classes) noexcept {
-    return classes <= block_max_classes<T> ? 4 * lanes * std::max<std::size_t>(classes, 2) : 3 * classes;
+    return classes <= block_max_classes<T> ? 5 * lanes * std::max<std::size_t>(classes, 2) : 4 * classes;
 }
 
 // Computes rows [begin, end) of `problem`; `scratch` holds scratch_elements(classes) elements.

@@ -152,6 +152,7 @@ struct Mixture {
             const Pack<T> e_teacher = fast_exp2(dt, soft);
             e_student.store(row.student_soft + i);
             e_teacher.store(row.divergence_term + i);
+            if (row.logit_difference != nullptr) Pack<T>(dt - ds).store(row.logit_difference + i);
             student_soft += summed(e_student, T(0), skipped);
             teacher_soft += summed(e_teacher, T(0), skipped);
             return e_student;
@@ -177,21 +178,35 @@ struct Mixture {
         Pack<T> teacher_term, student_term;  // the loss's
         Pack<T> log_teacher, log_student;    // the mixture's weights' logarithms
         Pack<T> student_over_teacher;        // student / teacher
-        Pack<T> divergence_sum, mean;        // partial sums over a chunk
+        // jsd: log2 of (the teacher's part of m) / (the student's) is logit_scale (dt - ds) + log2_part_ratio,
+        // and the terms' weights per exponential, teacher_term / Z_t and student_term / Z_s.
+        Pack<T> logit_scale, log2_part_ratio;
+        Pack<T> teacher_weight, student_weight;
+        Pack<T> divergence_sum, mean;  // partial sums over a chunk
 
         template <class V>
         static SecondPass from_sums(const Sums<V>& sums, const BatchProblem<T>& problem) noexcept {
             const MixtureWeights w = mixture_weights(problem);
+            const V log2_part_ratio =
+                log2e * (w.log_teacher - w.log_student + fast_log(sums.student_soft / sums.teacher_soft));
+            // A row whose sums are NaN (NaN or +inf logits) must have a NaN gradient. jsd's lambda may hide it
+            // (its second pass makes NaN lambdas finite, see add), so G's factor carries it: 0 log2_part_ratio
+            // is 0, or NaN (the sums are at least 1, never infinite).
+            const V student_with_nan = w.student + 0.0 * log2_part_ratio;
             return {narrow<T>(1.0 / sums.student_soft),
                     narrow<T>(1.0 / sums.teacher_soft),
                     narrow<T>(sums.teacher_soft / sums.student_soft),
                     Pack<T>(static_cast<T>(w.teacher)),
-                    Pack<T>(static_cast<T>(w.student)),
+                    narrow<T>(student_with_nan),
                     Pack<T>(static_cast<T>(w.teacher_term)),
                     Pack<T>(static_cast<T>(w.student_term)),
                     Pack<T>(static_cast<T>(w.log_teacher)),
                     Pack<T>(static_cast<T>(w.log_student)),
                     Pack<T>(static_cast<T>(w.student / w.teacher)),
+                    Pack<T>(exp2_scale<T>(log2e / problem.temperature).scale),  // as soft_exponent's
+                    narrow<T>(log2_part_ratio),
+                    narrow<T>(w.teacher_term / sums.teacher_soft),
+                    narrow<T>(w.student_term / sums.student_soft),
                     Pack<T>(),
                     Pack<T>()};
         }
@@ -201,51 +216,54 @@ struct Mixture {
         KDLOSS_INLINE Pack<T> add(std::size_t i, const Skipped& skipped, const RowBuffers<T>& row) noexcept {
             const Pack<T> e_student = Pack<T>::load(row.student_soft + i);
             const Pack<T> e_teacher = Pack<T>::load(row.divergence_term + i);
-            const Pack<T> teacher_part = teacher * e_teacher, student_part = student * (student_scale * e_student);
-            const Pack<T> q = inverse_student * e_student;
-            Pack<T> term, g;
-            Mask<T> neither;  // classes where neither side has mass: they contribute nothing
             if constexpr (Kind == Divergence::jsd) {
-                // Both log x and log y, x = (the teacher's part of m) / m and y = (the student's part) / m. With
-                // r the smaller part over the larger, each exact to T's precision relative to itself where p, q
-                // and m may be subnormal (where the larger is so small that r would lose precision, both are
-                // scaled by 2^32 first, exactly), and l = log(1 + r):
-                //   log(larger part / m) = -l  and  log(smaller part / m) = log r - l,
-                // logarithms of numbers in (0, 1] and [1, 2], and no cancellation but the last subtraction's.
-                // Where either side has no mass, r is 0 and log r finite (fast_log), weighed by 0; where
-                // neither has, r is 0 / 0.
-                const Mask<T> teacher_larger = teacher_part > student_part;
-                const Pack<T> larger = select(teacher_larger, teacher_part, student_part);
-                const Pack<T> smaller = select(teacher_larger, student_part, teacher_part);
-                const Pack<T> scale = select(larger < Pack<T>(std::numeric_limits<T>::min()), T(4294967296.0), T(1));
-                const Pack<T> r = (smaller * scale) / (larger * scale);
-                neither = larger == Pack<T>();
-                const Pack<T> l = log_one_plus(r);
-                const Pack<T> log_larger = T(0) - l, log_smaller = fast_log(r) - l;
+                // Both log x and log y, x = (the teacher's part of m) / m and y = 1 - x = (the student's part) / m,
+                // from the log of the parts' ratio, lambda = log(x / y) = (dt - ds) / T + log(beta Z_s / ((1 -
+                // beta) Z_t)), which the logits give without a logarithm (kept in base 2). With a = |lambda| and
+                // l = log(1 + 2^-a) = log(m / the larger part),
+                //   log(larger part / m) = -l  and  log(smaller part / m) = -a ln 2 - l,
+                // no cancellation but the last addition's, and no division. lambda carries the rounding of
+                // dt - ds as e^(dt/T) and e^(ds/T) carry that of dt and ds: its error moves log(smaller / m) by
+                // about a ulps, where the smaller part weighs 2^-a of the larger. Where a side's logit is -inf
+                // (a infinite), or both sides' (a NaN), a is made finite, so that every term is a 0 weight
+                // times a finite logarithm: 0, as 0 log 0 is (NaN logits make the row's sums NaN already).
+                const Pack<T> log2_ratio = Pack<T>::load(row.logit_difference + i) * logit_scale + log2_part_ratio;
+                const Mask<T> teacher_larger = log2_ratio > Pack<T>();
+                const Pack<T> magnitude = from_bits(to_bits(log2_ratio) & (~BitsOf<T>(0) >> 1));  // |log2_ratio|
+                const Pack<T> a = select(Pack<T>(T(1e30)) > magnitude, magnitude, T(1e30));       // NaN: 1e30
+                const Pack<T> l = log_one_plus(fast_exp2(T(0) - a, exp2_scale<T>(1.0)));
+                const Pack<T> log_larger = T(0) - l, log_smaller = a * T(-0.6931471805599453) - l;  // ln 2
                 const Pack<T> log_x = select(teacher_larger, log_larger, log_smaller);
                 const Pack<T> log_y = select(teacher_larger, log_smaller, log_larger);
                 // D = beta sum p log(x / beta) + (1 - beta) sum q log(y / (1 - beta)); G = (1 - beta) log y.
-                term = teacher_term * inverse_teacher * e_teacher * (log_x - log_teacher) +
-                       student_term * q * (log_y - log_student);
-                if constexpr (Gradient) g = student * log_y;
+                const Pack<T> weighted_q = student_weight * e_student;  // (1 - beta) q
+                divergence_sum += summed(
+                    Pack<T>(teacher_weight * e_teacher * (log_x - log_teacher) + weighted_q * (log_y - log_student)),
+                    T(0), skipped);
+                if constexpr (Gradient) mean += summed(Pack<T>(weighted_q * log_y), T(0), skipped);
+                return student * log_y;
+            }
+            const Pack<T> q = inverse_student * e_student;
+            // x and y themselves, as quotients of the parts by m' = Z_t m (scaled by 2^32, exactly, where m' is
+            // subnormal), each to T's precision relative to itself, and log(1 - x) or log(1 - y) from both
+            // (log_one_minus): one division and one logarithm, which cost less here than the exponential that
+            // jsd's way would need for x.
+            const Pack<T> teacher_part = teacher * e_teacher, student_part = student * (student_scale * e_student);
+            const Pack<T> mixture = teacher_part + student_part;
+            const Pack<T> scale = select(mixture < Pack<T>(std::numeric_limits<T>::min()), T(4294967296.0), T(1));
+            const Pack<T> to_mixture = T(1) / (mixture * scale);
+            const Pack<T> x = (teacher_part * scale) * to_mixture, y = (student_part * scale) * to_mixture;
+            const Mask<T> neither = mixture == Pack<T>();  // classes where neither side has mass: no terms
+            Pack<T> term, g;
+            if constexpr (Kind == Divergence::skew_forward_kl) {
+                // D = sum p log(p / m) = sum p log(x / skew); G = -(1 - skew) p / m = -(1 - skew) / skew x.
+                term = inverse_teacher * e_teacher * (log_one_minus(y, x) - log_teacher);
+                if constexpr (Gradient) g = T(0) - student_over_teacher * x;
             } else {
-                // One of the logarithms: x and y themselves, as quotients of the parts by m' = Z_t m (scaled as
-                // above where m' is subnormal), and log(1 - x) or log(1 - y) from both (log_one_minus).
-                const Pack<T> mixture = teacher_part + student_part;
-                const Pack<T> scale = select(mixture < Pack<T>(std::numeric_limits<T>::min()), T(4294967296.0), T(1));
-                const Pack<T> to_mixture = T(1) / (mixture * scale);
-                const Pack<T> x = (teacher_part * scale) * to_mixture, y = (student_part * scale) * to_mixture;
-                neither = mixture == Pack<T>();
-                if constexpr (Kind == Divergence::skew_forward_kl) {
-                    // D = sum p log(p / m) = sum p log(x / skew); G = -(1 - skew) p / m = -(1 - skew) / skew x.
-                    term = inverse_teacher * e_teacher * (log_one_minus(y, x) - log_teacher);
-                    if constexpr (Gradient) g = T(0) - student_over_teacher * x;
-                } else {
-                    // D = sum q log(q / m) = sum q log(y / skew); G = log y + x (log_one_minus_plus).
-                    const Pack<T> log_y = log_one_minus(x, y);
-                    term = q * (log_y - log_student);
-                    if constexpr (Gradient) g = log_one_minus_plus(x, y, log_y);
-                }
+                // D = sum q log(q / m) = sum q log(y / skew); G = log y + x (log_one_minus_plus).
+                const Pack<T> log_y = log_one_minus(x, y);
+                term = q * (log_y - log_student);
+                if constexpr (Gradient) g = log_one_minus_plus(x, y, log_y);
             }
             divergence_sum += summed(select(neither, T(0), term), T(0), skipped);
             if constexpr (Gradient) {

@@ -50,8 +50,12 @@ KDLOSS_NOINLINE RowSums<Terms> distill_row(const BatchProblem<T>& problem, Exp2S
     // less memory.
     T* student_soft = Terms::gradient ? gradient : scratch;
     T* teacher_soft = Terms::gradient ? scratch : scratch + n;
-    const RowBuffers<T> row{student_soft, teacher_soft, teacher_soft + n, target,
-                            hard_power(Terms::soft, problem.temperature)};
+    const RowBuffers<T> row{student_soft,
+                            teacher_soft,
+                            teacher_soft + n,
+                            target,
+                            hard_power(Terms::soft, problem.temperature),
+                            keeps_logit_difference(problem) ? teacher_soft + 2 * n : nullptr};
 
     const LaneMaxima<T> lane_max = maxima.row.student == student && maxima.row.teacher == teacher
                                        ? maxima.lanes
@@ -102,7 +106,12 @@ KDLOSS_NOINLINE void distill_block(const BatchProblem<T>& problem, Exp2Scale<T> 
     T* student = scratch;
     T* teacher = scratch + m;
     T* target = scratch + 2 * m;
-    const RowBuffers<T> row{student, teacher, scratch + 3 * m, target, hard_power(Terms::soft, problem.temperature)};
+    const RowBuffers<T> row{student,
+                            teacher,
+                            scratch + 3 * m,
+                            target,
+                            hard_power(Terms::soft, problem.temperature),
+                            keeps_logit_difference(problem) ? scratch + 4 * m : nullptr};
     T* gradient = row.student_soft;
 
     // Lanes past `count` repeat the first row: real data, computed and then dropped, so that the copy

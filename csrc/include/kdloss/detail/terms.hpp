@@ -51,12 +51,20 @@ struct Absent {
 // what the exponential pass writes and the gradient pass reads back. Null where the terms have none.
 template <class T>
 struct RowBuffers {
-    T* student_soft;     // e^(ds/T)
-    T* divergence_term;  // what the divergence's gradient pass reads beside e^(ds/T): e^(dt/T), or ds - dt
-    T* student_hard;     // e^(ds), when it is no power of e^(ds/T)
-    const T* target;     // the target distribution
-    int hard_power;      // e^(ds) is e^(ds/T) to this power; 0: it is in student_hard (cross_entropy.hpp)
+    T* student_soft;                // e^(ds/T)
+    T* divergence_term;             // what the divergence's gradient pass reads beside e^(ds/T): e^(dt/T), or ds - dt
+    T* student_hard;                // e^(ds), when it is no power of e^(ds/T)
+    const T* target;                // the target distribution
+    int hard_power;                 // e^(ds) is e^(ds/T) to this power; 0: it is in student_hard (cross_entropy.hpp)
+    T* logit_difference = nullptr;  // dt - ds, where keeps_logit_difference: null elsewhere
 };
+
+// Whether the first pass also keeps dt - ds, for jsd's second pass (mixture.hpp). Only jsd: the others would
+// pay for a stream of stores and loads they do not read (a quarter more memory per long row, measured slower).
+template <class T>
+bool keeps_logit_difference(const BatchProblem<T>& problem) noexcept {
+    return problem.divergence == Divergence::jsd && problem.sparse == nullptr;
+}
 
 // The power of e^(ds/T) that is e^(ds), when the soft term computes e^(ds/T) at all: the temperature, if it is
 // an integer from 1 to 4; else 0, and the hard term computes e^(ds) itself.
