@@ -20,6 +20,8 @@ inline namespace KDLOSS_KERNEL_NAMESPACE {
 
 struct ForwardKL {
     static constexpr bool second_pass = false;
+    static constexpr bool exact_rows = true;
+    static constexpr bool forward = true;  // exact_row's formulas
     static constexpr bool dense_teacher = true;
 
     template <class V>
@@ -84,6 +86,19 @@ struct ForwardKL {
     static KDLOSS_INLINE V divergence(const Sums<V>& sums, double temperature) noexcept {
         return sums.teacher_cross / (sums.teacher_soft * temperature) +
                fast_log(1.0 + sums.soft_difference / sums.teacher_soft);
+    }
+
+    // The size of the two terms `divergence` is the difference of, for redo_inexact_rows (exact_row.hpp), as a
+    // quotient without a division or a logarithm: |cross / (Z T)| + |log(1 + r)|, r = difference / Z, is about
+    // (|cross| + T |difference|) / (Z T) (within a factor 1.5 wherever |r| < 1/2; larger |r|, which only a row
+    // far from a match has, overstates it).
+    template <class V>
+    static KDLOSS_INLINE V terms_size_numerator(const Sums<V>& sums, double temperature) noexcept {
+        return absolute(sums.teacher_cross) + temperature * absolute(sums.soft_difference);
+    }
+    template <class V>
+    static KDLOSS_INLINE V terms_size_denominator(const Sums<V>& sums, double temperature) noexcept {
+        return sums.teacher_soft * temperature;
     }
 
     // The gradient's soft term: weight T (q - p) = q_scale e^(ds/T) - p_scale e^(dt/T).

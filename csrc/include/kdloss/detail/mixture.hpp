@@ -120,6 +120,7 @@ KDLOSS_INLINE Pack<T> log_one_minus_plus(const Pack<T>& x, const Pack<T>& y, con
 
 struct Mixture {
     static constexpr bool second_pass = true;
+    static constexpr bool exact_rows = false;
     static constexpr bool dense_teacher = true;
 
     template <class V>

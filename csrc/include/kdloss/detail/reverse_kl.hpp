@@ -25,6 +25,8 @@ inline namespace KDLOSS_KERNEL_NAMESPACE {
 
 struct ReverseKL {
     static constexpr bool second_pass = false;
+    static constexpr bool exact_rows = true;
+    static constexpr bool forward = false;  // exact_row's formulas
     static constexpr bool dense_teacher = true;
 
     template <class V>
@@ -83,6 +85,19 @@ struct ReverseKL {
     static KDLOSS_INLINE V divergence(const Sums<V>& sums, double temperature) noexcept {
         return sums.student_cross / (sums.student_soft * temperature) +
                fast_log(1.0 + sums.soft_difference / sums.student_soft);
+    }
+
+    // The size of the two terms `divergence` is the difference of, for redo_inexact_rows (exact_row.hpp), as a
+    // quotient without a division or a logarithm: |cross / (Z T)| + |log(1 + r)|, r = difference / Z, is about
+    // (|cross| + T |difference|) / (Z T) (within a factor 1.5 wherever |r| < 1/2; larger |r|, which only a row
+    // far from a match has, overstates it).
+    template <class V>
+    static KDLOSS_INLINE V terms_size_numerator(const Sums<V>& sums, double temperature) noexcept {
+        return absolute(sums.student_cross) + temperature * absolute(sums.soft_difference);
+    }
+    template <class V>
+    static KDLOSS_INLINE V terms_size_denominator(const Sums<V>& sums, double temperature) noexcept {
+        return sums.student_soft * temperature;
     }
 
     // The gradient's soft term: weight q (r - E_q[r]) = scale e^(ds/T) (r - mean) (CentredGradient).

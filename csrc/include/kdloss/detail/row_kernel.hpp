@@ -18,6 +18,7 @@
 #include <limits>
 
 #include "kdloss/detail/batch_problem.hpp"
+#include "kdloss/detail/exact_row.hpp"
 #include "kdloss/detail/kernel_namespace.hpp"
 #include "kdloss/detail/lane_math.hpp"
 #include "kdloss/detail/simd_math.hpp"
@@ -152,7 +153,7 @@ KDLOSS_NOINLINE void distill_block(const BatchProblem<T>& problem, Exp2Scale<T> 
         });
     }
     if constexpr (Terms::class_index) Terms::HardTerm::at_label(sums.hard, Pack<double>::load(label_logits));
-    store_row_losses<Terms>(problem, sums, rows, count);
+    const Pack<double> divergence = store_row_losses<Terms>(problem, sums, rows, count);
 
     if constexpr (Terms::gradient) {
         const auto coefficients = GradientCoefficients<T, Terms>::from_sums(sums, problem);
@@ -165,6 +166,7 @@ KDLOSS_NOINLINE void distill_block(const BatchProblem<T>& problem, Exp2Scale<T> 
             gradient_rows[lane] = problem.gradient + static_cast<std::ptrdiff_t>(rows[lane]) * problem.gradient_stride;
         lanes_to_rows(gradient, n, gradient_rows, count);
     }
+    redo_inexact_rows<Terms>(problem, sums, divergence, rows, count);
 }
 
 }  // namespace KDLOSS_KERNEL_NAMESPACE

@@ -10,6 +10,7 @@
 
 #include "kdloss/detail/batch_problem.hpp"
 #include "kdloss/detail/cross_entropy.hpp"
+#include "kdloss/detail/exact_row.hpp"
 #include "kdloss/detail/forward_kl.hpp"
 #include "kdloss/detail/kernel_namespace.hpp"
 #include "kdloss/detail/mixture.hpp"
@@ -41,7 +42,8 @@ public:
         typename Terms::template Sums<Pack<double>> sums;
         for_each_sum<Terms>([](Pack<double>& sum, const Column& column) { sum = Pack<double>::load(column); }, sums,
                             columns_);
-        store_row_losses<Terms>(problem_, sums, rows_, count_);
+        const Pack<double> divergence = store_row_losses<Terms>(problem_, sums, rows_, count_);
+        redo_inexact_rows<Terms>(problem_, sums, divergence, rows_, count_);  // their gradient rows are written
         count_ = 0;
     }
 

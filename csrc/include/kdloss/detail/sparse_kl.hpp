@@ -38,6 +38,7 @@ inline namespace KDLOSS_KERNEL_NAMESPACE {
 
 struct SparseKL {
     static constexpr bool second_pass = false;
+    static constexpr bool exact_rows = false;
     static constexpr bool dense_teacher = false;
 
     template <class V>

@@ -27,10 +27,17 @@ inline namespace KDLOSS_KERNEL_NAMESPACE {
 // e^x = 2^(x log2(e)) (see fast_exp2).
 constexpr double log2e = 1.4426950408889634074;
 
+// |x| of a double or a Pack<double>.
+template <class V>
+KDLOSS_INLINE V absolute(const V& x) noexcept {
+    return select(x < V(0.0), V(0.0) - x, x);
+}
+
 // A term a loss does not have: no sums, nothing to add.
 struct Absent {
     static constexpr bool distribution = false;
     static constexpr bool second_pass = false;
+    static constexpr bool exact_rows = false;
     static constexpr bool dense_teacher = false;
     template <class V>
     struct Sums {
@@ -104,6 +111,8 @@ struct Terms {
     static constexpr bool class_index = hard && !distribution;
     static constexpr bool gradient = Gradient;
     static constexpr bool second_pass = Soft::second_pass;
+    // Rows that cancellation would spoil are computed again (exact_row.hpp); Soft says how it recognises them.
+    static constexpr bool exact_rows = Soft::exact_rows;
     static constexpr bool dense_teacher = Soft::dense_teacher;  // teacher logits, not a SparseTeacherView
     using without_gradient = Terms<Soft, Hard, false>;
     template <class V>
@@ -139,18 +148,27 @@ inline void loss_parts_from_sums(const typename Terms::template Sums<V>& sums, d
 }
 
 // Each row's loss, or (problem.row_hard_losses not null) its two terms apart, from `lanes` rows' sums: rows
-// rows[0 .. count).
+// rows[0 .. count). Returns their divergences D (0 without a soft term), for redo_inexact_rows. The same
+// operations as loss_from_sums and loss_parts_from_sums, so the same bits.
 template <class Terms, class T>
-inline void store_row_losses(const BatchProblem<T>& problem, const typename Terms::template Sums<Pack<double>>& sums,
-                             const std::size_t* rows, std::size_t count) noexcept {
+inline Pack<double> store_row_losses(const BatchProblem<T>& problem,
+                                     const typename Terms::template Sums<Pack<double>>& sums, const std::size_t* rows,
+                                     std::size_t count) noexcept {
+    const double temperature = problem.temperature;
+    Pack<double> divergence = 0.0, hard = 0.0;
+    if constexpr (Terms::soft) divergence = Terms::SoftTerm::divergence(sums.soft, temperature);
+    if constexpr (Terms::hard) hard = Terms::HardTerm::loss(sums.hard);
     double losses[lanes];
     if (problem.row_hard_losses == nullptr) {
-        loss_from_sums<Terms>(sums, problem.temperature, problem.soft_weight, problem.hard_weight).store(losses);
+        Pack<double> loss = 0.0;
+        if constexpr (Terms::soft) loss = loss + problem.soft_weight * temperature * temperature * divergence;
+        if constexpr (Terms::hard) loss = loss + problem.hard_weight * hard;
+        loss.store(losses);
         for (std::size_t lane = 0; lane < count; ++lane) problem.row_losses[rows[lane]] = losses[lane];
-        return;
+        return divergence;
     }
-    Pack<double> soft, hard;
-    loss_parts_from_sums<Terms>(sums, problem.temperature, soft, hard);
+    Pack<double> soft = 0.0;
+    if constexpr (Terms::soft) soft = temperature * temperature * divergence;
     double hard_losses[lanes];
     soft.store(losses);
     hard.store(hard_losses);
@@ -158,6 +176,7 @@ inline void store_row_losses(const BatchProblem<T>& problem, const typename Term
         problem.row_losses[rows[lane]] = losses[lane];
         problem.row_hard_losses[rows[lane]] = hard_losses[lane];
     }
+    return divergence;
 }
 
 // The scale of the gradient's hard term, folding in its weight and the reduction's scale. (A divergence's

@@ -1,0 +1,217 @@
+#pragma once
+
+// Rows whose divergence the kernels' form would lose to cancellation, computed again from the relative
+// difference of the two distributions (issue 20).
+//
+// The kernels compute KL as a difference of two terms (forward_kl.hpp: a cross term and log Z_s - log Z_t),
+// each as large as the logits' spread over T, and the gradient as q - p. Where the student is close to the
+// teacher, or T is large, the divergence is far smaller than those terms and than q, and both lose to
+// cancellation what T's precision is of the terms: float32's result was wrong in its second digit for a student
+// within 1e-3 of the teacher, and in its sign at T = 1e5. Such rows are recognised from their sums
+// (needs_exact_row: the kernels' own result, small against the terms it is a difference of, or small outright)
+// and computed again here, in double, from
+//   x_c = log(p_c / q_c) = d_c - L,  d_c = ((t_c - s_c) - (max t - max s)) / T,  L = log sum_c q_c e^(d_c),
+// where t_c - s_c is formed before anything else (exact for float logits, and where t and s are close), and
+// u_c = p_c / q_c - 1 = expm1(x_c):
+//   forward KL(p || q) = sum_c q_c phi(u_c),  phi(u) = (1 + u) log1p(u) - u,  d(T^2 KL)/ds_c = -T q_c u_c,
+//   reverse KL(q || p) = sum_c q_c psi(u_c),  psi(u) = u - log1p(u),          d(T^2 KL)/ds_c = -T q_c (x_c + KL),
+// (using sum_c q_c u_c = 0) with every term non-negative, phi and psi by their series near 0 (u^2/2 there), so
+// that nothing cancels. An error e in L moves the sum by about e times itself. L comes from
+// log1p(sum_c q_c expm1(d_c)), exact relative to L however small. Where p_c is far from q_c (|x_c| > 1), the
+// terms are taken in the log domain instead, p x - (p - q) and (p - q) - q x with p = e^(log q + x), where
+// nothing cancels either: no exponential of a large d overflows, and no u_c = e^x - 1 rounds to -1.
+//
+// Plain scalar double, with libm: these rows are few in ordinary calls (student and teacher apart, T of 1 to
+// 4 take none), and a row costs a few times what the kernels take for it. The hard term is computed again too,
+// since the gradient's row is written whole.
+
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+
+#include "kdloss/detail/batch_problem.hpp"
+#include "kdloss/detail/kernel_namespace.hpp"
+#include "kdloss/detail/pack.hpp"
+#include "kdloss/detail/terms.hpp"
+
+namespace kdloss::detail {
+inline namespace KDLOSS_KERNEL_NAMESPACE {
+
+// phi(u) = (1 + u) log1p(u) - u and psi(u) = u - log1p(u), u >= -1. Near 0 by their series,
+//   phi(u) = u^2 sum_j (-u)^j / ((j + 1)(j + 2)),  psi(u) = u^2 sum_j (-u)^j / (j + 2),
+// to |u|^21 (below 2^-53 of the first term for |u| < 1/8); elsewhere no more than a factor 20 cancels.
+inline double forward_term(double u) noexcept {
+    if (std::fabs(u) < 0.125) {
+        double series = 0.0;
+        for (int j = 19; j >= 0; --j) series = series * -u + 1.0 / ((j + 1.0) * (j + 2.0));
+        return u * u * series;
+    }
+    if (u <= -1.0) return 1.0;  // (1 + u) log1p(u) -> 0
+    return (1.0 + u) * std::log1p(u) - u;
+}
+
+inline double reverse_term(double u) noexcept {
+    if (std::fabs(u) < 0.125) {
+        double series = 0.0;
+        for (int j = 19; j >= 0; --j) series = series * -u + 1.0 / (j + 2.0);
+        return u * u * series;
+    }
+    return u - std::log1p(u);
+}
+
+// Row `row` of `problem` (a dense teacher; forward KL, else reverse KL; not ignored): writes its loss (or its
+// two parts) and, if the problem has one, its gradient row, over what the kernels wrote.
+template <class T>
+void exact_row(const BatchProblem<T>& problem, std::size_t row, bool forward) noexcept {
+    const std::size_t n = problem.classes;
+    const auto r = static_cast<std::ptrdiff_t>(row);
+    const T* student = problem.student + r * problem.student_stride;
+    const T* teacher = problem.teacher + r * problem.teacher_stride;
+    const double temperature = problem.temperature;
+    constexpr double minus_infinity = -std::numeric_limits<double>::infinity();
+
+    double student_max = minus_infinity, teacher_max = minus_infinity;
+    for (std::size_t c = 0; c < n; ++c) {
+        student_max = std::fmax(student_max, static_cast<double>(student[c]));
+        teacher_max = std::fmax(teacher_max, static_cast<double>(teacher[c]));
+    }
+    const double shift = teacher_max - student_max;
+    // log q_c = ds_c / T - log Z_s; d_c as above; -inf logits leave q_c (or p_c) exactly 0.
+    double student_soft = 0.0, student_hard = 0.0;
+    for (std::size_t c = 0; c < n; ++c) {
+        const double ds = static_cast<double>(student[c]) - student_max;
+        student_soft += std::exp(ds / temperature);
+        student_hard += std::exp(ds);
+    }
+    const double log_student_soft = std::log(student_soft);
+    auto log_q = [&](std::size_t c) {
+        return (static_cast<double>(student[c]) - student_max) / temperature - log_student_soft;
+    };
+    auto d = [&](std::size_t c) {
+        return ((static_cast<double>(teacher[c]) - static_cast<double>(student[c])) - shift) / temperature;
+    };
+
+    // L = log sum_c q_c e^(d_c): by log1p of sum_c q_c expm1(d_c), unless some d_c is too large for exp (a row
+    // that is no near match; then as a log-sum-exp).
+    double largest_d = minus_infinity;
+    for (std::size_t c = 0; c < n; ++c)
+        if (student[c] != -std::numeric_limits<T>::infinity()) largest_d = std::fmax(largest_d, d(c));
+    double log_ratio_sum;
+    if (largest_d < 600.0) {
+        double sum = 0.0;
+        for (std::size_t c = 0; c < n; ++c)
+            if (student[c] != -std::numeric_limits<T>::infinity()) sum += std::exp(log_q(c)) * std::expm1(d(c));
+        log_ratio_sum = std::log1p(sum);
+    } else {
+        double largest = minus_infinity;  // of log q_c + d_c
+        for (std::size_t c = 0; c < n; ++c)
+            if (student[c] != -std::numeric_limits<T>::infinity()) largest = std::fmax(largest, log_q(c) + d(c));
+        double sum = 0.0;
+        for (std::size_t c = 0; c < n; ++c)
+            if (student[c] != -std::numeric_limits<T>::infinity()) sum += std::exp(log_q(c) + d(c) - largest);
+        log_ratio_sum = largest + std::log(sum);
+    }
+
+    // The divergence, and what each class's gradient needs: -T q u (forward) or -T q x (reverse, then less
+    // T q KL, once KL is known).
+    double divergence = 0.0;
+    for (std::size_t c = 0; c < n; ++c) {
+        if (student[c] == -std::numeric_limits<T>::infinity()) {
+            if (forward && teacher[c] != -std::numeric_limits<T>::infinity())
+                divergence = std::numeric_limits<double>::infinity();
+            continue;
+        }
+        const double q = std::exp(log_q(c));
+        const double x = d(c) - log_ratio_sum;
+        if (std::fabs(x) > 1.0) {
+            const double p = std::exp(log_q(c) + x);
+            divergence += forward ? p * x - (p - q) : (p - q) - q * x;
+        } else {
+            divergence += q * (forward ? forward_term(std::expm1(x)) : reverse_term(std::expm1(x)));
+        }
+    }
+    const double soft = temperature * temperature * divergence;
+
+    // The hard term: CE = sum(y) log Z_h - sum_c y_c ds_c (cross_entropy.hpp), y one-hot or a distribution.
+    const bool hard_term = problem.hard_weight != 0.0 && problem.label_kind != LabelKind::none;
+    const T* target =
+        problem.label_kind == LabelKind::distributions ? problem.targets + r * problem.target_stride : nullptr;
+    std::int64_t label = -1;
+    double target_mass = 1.0, target_cross = 0.0;
+    if (hard_term && target == nullptr) {
+        label = problem.class_indices[r * problem.class_index_stride];
+        target_cross = static_cast<double>(student[label]) - student_max;
+    } else if (hard_term) {
+        target_mass = 0.0;
+        for (std::size_t c = 0; c < n; ++c) {
+            const double y = static_cast<double>(target[c]);
+            target_mass += y;
+            if (y != 0.0) target_cross += y * (static_cast<double>(student[c]) - student_max);
+        }
+    }
+    const double log_student_hard = std::log(student_hard);
+    const double hard = hard_term ? target_mass * log_student_hard - target_cross : 0.0;
+
+    if (problem.row_hard_losses != nullptr) {
+        problem.row_losses[row] = soft;
+        problem.row_hard_losses[row] = hard;
+    } else {
+        problem.row_losses[row] = problem.soft_weight * soft + (hard_term ? problem.hard_weight * hard : 0.0);
+    }
+
+    if (problem.gradient == nullptr) return;
+    T* gradient = problem.gradient + r * problem.gradient_stride;
+    const double soft_scale = problem.gradient_scale * problem.soft_weight * temperature;
+    const double hard_scale = problem.gradient_scale * problem.hard_weight;
+    for (std::size_t c = 0; c < n; ++c) {
+        double g = 0.0;
+        if (student[c] != -std::numeric_limits<T>::infinity()) {
+            const double q = std::exp(log_q(c));
+            const double x = d(c) - log_ratio_sum;
+            if (forward)
+                g = std::fabs(x) > 1.0 ? soft_scale * (q - std::exp(log_q(c) + x)) : -soft_scale * q * std::expm1(x);
+            else g = -soft_scale * q * (x + divergence);
+            if (hard_term) {
+                const double h = std::exp(static_cast<double>(student[c]) - student_max - log_student_hard);
+                g += hard_scale * h * target_mass;
+            }
+        }
+        if (hard_term) {
+            if (target != nullptr) g -= hard_scale * static_cast<double>(target[c]);
+            else if (static_cast<std::int64_t>(c) == label) g -= hard_scale;
+        }
+        gradient[c] = static_cast<T>(g);
+    }
+}
+
+// Once rows[0 .. count)'s losses and gradient rows are written (a block's, or RowLosses' rows), given their
+// divergences as the kernels computed them: those whose results cancellation may have spoilt, computed again by
+// exact_row. The kernels' error is a few ulps of T's precision times the size of the terms D is the difference
+// of, in the loss, and a few ulps of q over the largest |q - p|, about sqrt(2 D), in the gradient: a row is
+// computed again where D is below 1/64 of that size (float; 1/1024 for double) or below 1e-3 (1e-6), which keeps
+// both errors below a tenth of the tolerances the library promises (float 1e-5, double 1e-12). Ordinary rows (T
+// of 1 to 4, student and teacher apart) are far from either, and pay for a comparison per block of rows.
+template <class Terms, class T>
+void redo_inexact_rows(const BatchProblem<T>& problem, const typename Terms::template Sums<Pack<double>>& sums,
+                       const Pack<double>& divergence, const std::size_t* rows, std::size_t count) noexcept {
+    if constexpr (Terms::exact_rows) {
+        using Soft = typename Terms::SoftTerm;
+        constexpr bool single = std::is_same_v<T, float>;
+        constexpr double relative = single ? 1.0 / 64 : 1.0 / 1024, small = single ? 1e-3 : 1e-6;
+        // NaN and +inf divergences compare false: such rows keep what the kernels made of them.
+        const Pack<double> size = relative * Soft::terms_size_numerator(sums.soft, problem.temperature);
+        const Pack<double> scaled = divergence * Soft::terms_size_denominator(sums.soft, problem.temperature);
+        const Mask<double> inexact = (scaled < size) | (divergence < Pack<double>(small));
+        const Pack<double> flags = select(inexact, Pack<double>(1.0), Pack<double>(0.0));
+        if (flags.sum() == 0.0) return;
+        double flag[lanes];
+        flags.store(flag);
+        for (std::size_t lane = 0; lane < count; ++lane)
+            if (flag[lane] != 0.0) exact_row(problem, rows[lane], Soft::forward);
+    }
+}
+
+}  // namespace KDLOSS_KERNEL_NAMESPACE
+}  // namespace kdloss::detail
