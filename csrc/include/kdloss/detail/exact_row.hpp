@@ -8,7 +8,7 @@
 // teacher, or T is large, the divergence is far smaller than those terms and than q, and both lose to
 // cancellation what T's precision is of the terms: float32's result was wrong in its second digit for a student
 // within 1e-3 of the teacher, and in its sign at T = 1e5. Such rows are recognised from their sums
-// (needs_exact_row: the kernels' own result, small against the terms it is a difference of, or small outright)
+// (redo_inexact_rows: the kernels' own result, small against the terms it is a difference of, or small outright)
 // and computed again here, in double, from
 //   x_c = log(p_c / q_c) = d_c - L,  d_c = ((t_c - s_c) - (max t - max s)) / T,  L = log sum_c q_c e^(d_c),
 // where t_c - s_c is formed before anything else (exact for float logits, and where t and s are close), and
