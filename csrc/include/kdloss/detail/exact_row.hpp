@@ -79,11 +79,12 @@ void exact_row(const BatchProblem<T>& problem, std::size_t row, bool forward) no
     }
     const double shift = teacher_max - student_max;
     // log q_c = ds_c / T - log Z_s; d_c as above; -inf logits leave q_c (or p_c) exactly 0.
+    const bool hard_term = problem.hard_weight != 0.0 && problem.label_kind != LabelKind::none;
     double student_soft = 0.0, student_hard = 0.0;
     for (std::size_t c = 0; c < n; ++c) {
         const double ds = static_cast<double>(student[c]) - student_max;
         student_soft += std::exp(ds / temperature);
-        student_hard += std::exp(ds);
+        if (hard_term) student_hard += std::exp(ds);
     }
     const double log_student_soft = std::log(student_soft);
     auto log_q = [&](std::size_t c) {
@@ -135,7 +136,6 @@ void exact_row(const BatchProblem<T>& problem, std::size_t row, bool forward) no
     const double soft = temperature * temperature * divergence;
 
     // The hard term: CE = sum(y) log Z_h - sum_c y_c ds_c (cross_entropy.hpp), y one-hot or a distribution.
-    const bool hard_term = problem.hard_weight != 0.0 && problem.label_kind != LabelKind::none;
     const T* target =
         problem.label_kind == LabelKind::distributions ? problem.targets + r * problem.target_stride : nullptr;
     std::int64_t label = -1;
