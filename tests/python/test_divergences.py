@@ -472,8 +472,6 @@ def test_float32_flat_distributions_at_a_high_temperature(case, request):
     """At a high temperature p and q are flat and D is small beside its terms (log ratios ~ 1/T, their first
     order cancelling): float32 rows still within 1e-5 of their loss, as the plain KLs' are (whose log-probability
     differences keep their relative precision; float32 log-probabilities themselves cost ~1e-7 here)."""
-    if case.divergence.startswith("skew"):
-        request.applymarker(FLOAT32_CANCELLATION)
     rng = np.random.default_rng(21)
     for classes in (50, 1000):
         s, t = logits(rng, (64, classes), np.float32), logits(rng, (64, classes), np.float32)
@@ -497,7 +495,8 @@ def test_saturated_rows_at_a_low_temperature(case, dtype, request):
     are tiny beside their terms, and still within the tolerances of the row's loss and of the gradient's largest
     entry (the reference keeps them to ~1e-14: test_reference_selfcheck.py)."""
     if dtype == np.float32:
-        request.applymarker(REVERSE_KL_SATURATED if case.divergence == "reverse_kl" else FLOAT32_CANCELLATION)
+        if case.divergence == "reverse_kl":
+            request.applymarker(REVERSE_KL_SATURATED)
     rng = np.random.default_rng(22)
     batches = [(logits(rng, shape, dtype), logits(rng, shape, dtype), (0.1, 0.25)) for shape in [(16, 8), (4, 1000)]]
     # One row the "explore" profile found: the student's top two classes take the gradient, nearly opposite.
@@ -512,19 +511,6 @@ def test_saturated_rows_at_a_low_temperature(case, dtype, request):
 
 
 # Known limits, kept as strict expected failures so that the day they pass is noticed.
-FLOAT32_CANCELLATION = pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "float32 mixtures lose a small loss to cancellation: an absolute error near 1e-8 T^2 from logs of rounded "
-        "ratios near 1 (issue 20's reformulation, u = expm1(d - L), is what removes it)"
-    ),
-)
-# skew 0.99 costs ~100 ulps of float32 in any evaluation; the baseline build stays within 1e-5, the FMA builds
-# (avx2, avx512) just beyond it (1.1e-5): not strict, since which holds depends on the ISA.
-FLOAT32_SKEW_NEAR_ONE = pytest.mark.xfail(
-    strict=False,
-    reason="float32 skew_reverse_kl at skew 0.99: 1.1e-5 with FMA (issue 20's reformulation removes the cancellation)",
-)
 REVERSE_KL_SATURATED = pytest.mark.xfail(
     strict=True,
     reason="float32 reverse KL does not centre its gradient on the student's top class as the mixtures do (issue 20)",
@@ -541,7 +527,7 @@ NEAR_THE_ENDS = [
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", NEAR_THE_ENDS, ids=str)
-def test_next_to_their_ends_the_mixtures_keep_full_precision(case, dtype, request):
+def test_next_to_their_ends_the_mixtures_keep_full_precision(case, dtype):
     """Next to its ends jsd is the formula, not the end (~ beta KL(p || q), not KL(p || q)), and a skew KL next to
     1 is ~ (1 - skew)^2: both to the loss's and the gradient's full relative precision (no absolute allowance).
     There a log ratio log(m/q) is ~ beta (or 1 - skew) and the first-order terms of the KL cancel: a log taken of
@@ -549,8 +535,6 @@ def test_next_to_their_ends_the_mixtures_keep_full_precision(case, dtype, reques
     of 0.99 costs any evaluation of the definition ~1/(1 - skew) ulps, the reference's included (1e-14 here),
     which the tolerances hold 1e3 (float64) and 1.6 (float32) times. beta 1e-300: float64 only, whose losses are
     ~1e-300; float32's must be 0 or tiny.)"""
-    if dtype == np.float32 and case.divergence == "skew_reverse_kl":
-        request.applymarker(FLOAT32_SKEW_NEAR_ONE)
     rng = np.random.default_rng(16)
     tolerance = 1e-5 if dtype == np.float32 else 1e-12
     for shape in [(8, 50), (3, 1000)]:

@@ -32,8 +32,11 @@
 #include <type_traits>
 
 #include "kdloss/detail/batch_problem.hpp"
+#include "kdloss/detail/forward_kl.hpp"
 #include "kdloss/detail/kernel_namespace.hpp"
+#include "kdloss/detail/mixture.hpp"
 #include "kdloss/detail/pack.hpp"
+#include "kdloss/detail/reverse_kl.hpp"
 #include "kdloss/detail/terms.hpp"
 
 namespace kdloss::detail {
@@ -61,10 +64,86 @@ inline double reverse_term(double u) noexcept {
     return u - std::log1p(u);
 }
 
-// Row `row` of `problem` (a dense teacher; forward KL, else reverse KL; not ignored): writes its loss (or its
-// two parts) and, if the problem has one, its gradient row, over what the kernels wrote.
+// log(e^a + e^b), either may be -inf.
+inline double log_add_exp(double a, double b) noexcept {
+    const double larger = std::fmax(a, b), smaller = std::fmin(a, b);
+    if (larger == -std::numeric_limits<double>::infinity()) return larger;
+    return larger + std::log1p(std::exp(smaller - larger));
+}
+
+// A mixture divergence's term of a class and its G = dD/dq (up to a constant; the gradient is T q (G - E_q[G]),
+// mixture.hpp), given p, q and x = log(p / q). With m = a p + b q = q (1 + a u), u = p / q - 1 = expm1(x):
+//   jsd (a = beta):           beta p log(p / m) + (1 - beta) q log(q / m),  G = (1 - beta) log(q / m)
+//   skew_forward_kl (a = l):  p log(p / m) - (1 - l)(p - q),              G = (1 - l)(1 - p / m)
+//   skew_reverse_kl (a = 1-l): q log(q / m) + a (p - q),                  G = log(q / m) + l (1 - q / m)
+// each term shifted by a multiple of p - q (which sums to 0 over the classes) and G by a constant, so that
+// both vanish with u, and then: log(q / m) = -log(a e^x + b) as a log-sum-exp of log a + x and log b (log1p of
+// tiny numbers where a e^x is small: exact however small a is), and log(p / m) = -log(a + b e^-x) alike. Where |u| <
+// 1/8 the terms, O(u^2), come from their series instead, without cancellation: sum_k c_k u^k with
+//   jsd:             c_k = (-1)^k beta (1 - beta^(k-1)) / (k (k - 1)),
+//   skew_forward_kl: c_k = (-1)^(k+1) ((1 - l^k) / k - (1 - l^(k-1)) / (k - 1)),
+//   skew_reverse_kl: q psi(a u) (reverse_term),
+// 1 - w^k taken as -expm1(k log w), exact for a weight w near 1; and G from u: -(1 - beta) log1p(beta u),
+// -(1 - l)^2 u / (1 + l u) and -log1p(a u) + l a u / (1 + a u), exact relative to themselves, where the
+// log-sum-exps would leave them an error of an ulp of log 2. Elsewhere no more than a factor of about 16
+// cancels (1 / (1 - l) more for the skew forward term, whose skew is below 1).
+struct MixtureClass {
+    double term, g;
+};
+
+// sum_{k=2..21} c_k u^k, c_k = sign_k (f(k) / k - f(k - 1) / (k - 1)) or sign_k f(k - 1) / (k (k - 1)).
+inline double mixture_series(Divergence kind, double u, double weight) noexcept {
+    const double log_weight = std::log(weight);
+    auto one_minus_power = [&](int k) { return k == 0 ? 0.0 : -std::expm1(k * log_weight); };  // 1 - w^k
+    double series = 0.0;
+    for (int k = 21; k >= 2; --k) {
+        const double sign = k % 2 == 0 ? 1.0 : -1.0;
+        const double c = kind == Divergence::jsd
+                             ? sign * weight * one_minus_power(k - 1) / (k * (k - 1.0))
+                             : -sign * (one_minus_power(k) / k - one_minus_power(k - 1) / (k - 1.0));
+        series = series * u + c;
+    }
+    return u * u * series;
+}
+
+// q = 0 (the student has no mass; p > 0): the terms of m = a p, and G unused.
+inline MixtureClass mixture_class(Divergence kind, double beta, double skew, double q, double p, double x) noexcept {
+    const double a = kind == Divergence::jsd ? beta : kind == Divergence::skew_forward_kl ? skew : 1.0 - skew;
+    if (q == 0.0) {
+        if (kind == Divergence::jsd) return {-beta * p * std::log(beta), 0.0};
+        if (kind == Divergence::skew_forward_kl) return {-p * std::log(skew) - (1.0 - skew) * p, 0.0};
+        return {a * p, 0.0};
+    }
+    const double u = std::expm1(x);
+    const double log_a = kind == Divergence::skew_reverse_kl ? std::log1p(-skew) : std::log(a);
+    const double log_b = kind == Divergence::skew_reverse_kl ? std::log(skew) : std::log1p(-a);
+    const double log_q_over_m = -log_add_exp(log_a + x, log_b);
+    const double log_p_over_m = -log_add_exp(log_a, log_b - x);  // not x + log(q / m), which may cancel
+    const bool near = std::fabs(u) < 0.125;
+    if (kind == Divergence::jsd) {
+        const double term = near ? q * mixture_series(kind, u, beta)
+                                 : (p > 0.0 ? beta * p * log_p_over_m : 0.0) + (1.0 - beta) * q * log_q_over_m;
+        return {term, -(1.0 - beta) * (near ? std::log1p(beta * u) : -log_q_over_m)};
+    }
+    if (kind == Divergence::skew_forward_kl) {
+        const double term =
+            near ? q * mixture_series(kind, u, skew) : (p > 0.0 ? p * log_p_over_m : 0.0) - (1.0 - skew) * (p - q);
+        return {term, near ? -(1.0 - skew) * (1.0 - skew) * u / (1.0 + skew * u)
+                           : (1.0 - skew) * (1.0 - std::exp(log_p_over_m))};
+    }
+    const double term = near ? q * reverse_term(a * u) : q * log_q_over_m + a * (p - q);
+    return {term, near ? -std::log1p(a * u) + skew * a * u / (1.0 + a * u)
+                       : log_q_over_m + skew * (1.0 - std::exp(log_q_over_m))};
+}
+
+// Row `row` of `problem` (a dense teacher, not ignored), its soft term `kind` (a KL, or the mixture
+// problem.divergence): writes its loss (or its two parts) and, if the problem has one, its gradient row, over
+// what the kernels wrote.
+enum class ExactKind { forward_kl, reverse_kl, mixture };
+
 template <class T>
-void exact_row(const BatchProblem<T>& problem, std::size_t row, bool forward) noexcept {
+void exact_row(const BatchProblem<T>& problem, std::size_t row, ExactKind kind) noexcept {
+    const bool forward = kind == ExactKind::forward_kl, mixture = kind == ExactKind::mixture;
     const std::size_t n = problem.classes;
     const auto r = static_cast<std::ptrdiff_t>(row);
     const T* student = problem.student + r * problem.student_stride;
@@ -80,12 +159,14 @@ void exact_row(const BatchProblem<T>& problem, std::size_t row, bool forward) no
     const double shift = teacher_max - student_max;
     // log q_c = ds_c / T - log Z_s; d_c as above; -inf logits leave q_c (or p_c) exactly 0.
     const bool hard_term = problem.hard_weight != 0.0 && problem.label_kind != LabelKind::none;
-    double student_soft = 0.0, student_hard = 0.0;
+    double student_soft = 0.0, student_hard = 0.0, teacher_soft = 0.0;
     for (std::size_t c = 0; c < n; ++c) {
         const double ds = static_cast<double>(student[c]) - student_max;
         student_soft += std::exp(ds / temperature);
         if (hard_term) student_hard += std::exp(ds);
+        teacher_soft += std::exp((static_cast<double>(teacher[c]) - teacher_max) / temperature);
     }
+    const double log_teacher_soft = std::log(teacher_soft);
     const double log_student_soft = std::log(student_soft);
     auto log_q = [&](std::size_t c) {
         return (static_cast<double>(student[c]) - student_max) / temperature - log_student_soft;
@@ -114,11 +195,37 @@ void exact_row(const BatchProblem<T>& problem, std::size_t row, bool forward) no
             if (student[c] != -std::numeric_limits<T>::infinity()) sum += std::exp(log_q(c) + d(c) - largest);
         log_ratio_sum = largest + std::log(sum);
     }
+    // The sums above run over the student's support; p's mass outside it, P0, makes the true L = log(Z_t / Z_s) (up
+    // to the shift) larger by -log(1 - P0).
+    double teacher_mass_outside = 0.0;
+    for (std::size_t c = 0; c < n; ++c)
+        if (student[c] == -std::numeric_limits<T>::infinity())
+            teacher_mass_outside += std::exp((static_cast<double>(teacher[c]) - teacher_max) / temperature);
+    if (teacher_mass_outside != 0.0) log_ratio_sum -= std::log1p(-teacher_mass_outside / teacher_soft);
+
+    // A mixture's term and G at class c.
+    auto mixture_at = [&](std::size_t c) {
+        if (student[c] == -std::numeric_limits<T>::infinity()) {
+            const double log_p = (static_cast<double>(teacher[c]) - teacher_max) / temperature - log_teacher_soft;
+            return mixture_class(problem.divergence, problem.beta, problem.skew, 0.0, std::exp(log_p), 0.0);
+        }
+        const double x = d(c) - log_ratio_sum;
+        return mixture_class(problem.divergence, problem.beta, problem.skew, std::exp(log_q(c)), std::exp(log_q(c) + x),
+                             x);
+    };
 
     // The divergence, and what each class's gradient needs: -T q u (forward) or -T q x (reverse, then less
-    // T q KL, once KL is known).
-    double divergence = 0.0;
+    // T q KL, once KL is known); a mixture's, E_q[G].
+    double divergence = 0.0, mean = 0.0;
     for (std::size_t c = 0; c < n; ++c) {
+        if (mixture) {
+            if (student[c] == -std::numeric_limits<T>::infinity() && teacher[c] == -std::numeric_limits<T>::infinity())
+                continue;
+            const MixtureClass at = mixture_at(c);
+            divergence += at.term;
+            if (student[c] != -std::numeric_limits<T>::infinity()) mean += std::exp(log_q(c)) * at.g;
+            continue;
+        }
         if (student[c] == -std::numeric_limits<T>::infinity()) {
             if (forward && teacher[c] != -std::numeric_limits<T>::infinity())
                 divergence = std::numeric_limits<double>::infinity();
@@ -170,7 +277,8 @@ void exact_row(const BatchProblem<T>& problem, std::size_t row, bool forward) no
         if (student[c] != -std::numeric_limits<T>::infinity()) {
             const double q = std::exp(log_q(c));
             const double x = d(c) - log_ratio_sum;
-            if (forward)
+            if (mixture) g = soft_scale * q * (mixture_at(c).g - mean);
+            else if (forward)
                 g = std::fabs(x) > 1.0 ? soft_scale * (q - std::exp(log_q(c) + x)) : -soft_scale * q * std::expm1(x);
             else g = -soft_scale * q * (x + divergence);
             if (hard_term) {
@@ -193,6 +301,12 @@ void exact_row(const BatchProblem<T>& problem, std::size_t row, bool forward) no
 // computed again where D is below 1/64 of that size (float; 1/1024 for double) or below 1e-3 (1e-6), which keeps
 // both errors below a tenth of the tolerances the library promises (float 1e-5, double 1e-12). Ordinary rows (T
 // of 1 to 4, student and teacher apart) are far from either, and pay for a comparison per block of rows.
+// Which of exact_row's formulas a soft term's rows take.
+template <class Soft>
+inline constexpr ExactKind exact_kind = std::is_same_v<Soft, ForwardKL>   ? ExactKind::forward_kl
+                                        : std::is_same_v<Soft, ReverseKL> ? ExactKind::reverse_kl
+                                                                          : ExactKind::mixture;
+
 template <class Terms, class T>
 void redo_inexact_rows(const BatchProblem<T>& problem, const typename Terms::template Sums<Pack<double>>& sums,
                        const Pack<double>& divergence, const std::size_t* rows, std::size_t count) noexcept {
@@ -209,7 +323,7 @@ void redo_inexact_rows(const BatchProblem<T>& problem, const typename Terms::tem
         double flag[lanes];
         flags.store(flag);
         for (std::size_t lane = 0; lane < count; ++lane)
-            if (flag[lane] != 0.0) exact_row(problem, rows[lane], Soft::forward);
+            if (flag[lane] != 0.0) exact_row(problem, rows[lane], exact_kind<Soft>);
     }
 }
 

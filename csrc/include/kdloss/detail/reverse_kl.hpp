@@ -26,7 +26,6 @@ inline namespace KDLOSS_KERNEL_NAMESPACE {
 struct ReverseKL {
     static constexpr bool second_pass = false;
     static constexpr bool exact_rows = true;
-    static constexpr bool forward = false;  // exact_row's formulas
     static constexpr bool dense_teacher = true;
 
     template <class V>
