@@ -91,50 +91,64 @@ struct MixtureClass {
     double term, g;
 };
 
-// sum_{k=2..21} c_k u^k, c_k = sign_k (f(k) / k - f(k - 1) / (k - 1)) or sign_k f(k - 1) / (k (k - 1)).
-inline double mixture_series(Divergence kind, double u, double weight) noexcept {
-    const double log_weight = std::log(weight);
-    auto one_minus_power = [&](int k) { return k == 0 ? 0.0 : -std::expm1(k * log_weight); };  // 1 - w^k
-    double series = 0.0;
-    for (int k = 21; k >= 2; --k) {
-        const double sign = k % 2 == 0 ? 1.0 : -1.0;
-        const double c = kind == Divergence::jsd
-                             ? sign * weight * one_minus_power(k - 1) / (k * (k - 1.0))
-                             : -sign * (one_minus_power(k) / k - one_minus_power(k - 1) / (k - 1.0));
-        series = series * u + c;
+// The formulas above for one problem: its weights, their logarithms and the series' coefficients, worked out
+// once (each coefficient costs an expm1), then `at` per class.
+class MixtureTerms {
+public:
+    MixtureTerms(Divergence kind, double beta, double skew) noexcept : kind_(kind), beta_(beta), skew_(skew) {
+        a_ = kind == Divergence::jsd ? beta : kind == Divergence::skew_forward_kl ? skew : 1.0 - skew;
+        log_a_ = kind == Divergence::skew_reverse_kl ? std::log1p(-skew) : std::log(a_);
+        log_b_ = kind == Divergence::skew_reverse_kl ? std::log(skew) : std::log1p(-a_);
+        const double weight = kind == Divergence::jsd ? beta : skew, log_weight = std::log(weight);
+        auto one_minus_power = [&](int k) { return k == 0 ? 0.0 : -std::expm1(k * log_weight); };  // 1 - w^k
+        for (int k = 2; k < terms; ++k) {
+            const double sign = k % 2 == 0 ? 1.0 : -1.0;
+            coefficient_[k] = kind == Divergence::jsd
+                                  ? sign * weight * one_minus_power(k - 1) / (k * (k - 1.0))
+                                  : -sign * (one_minus_power(k) / k - one_minus_power(k - 1) / (k - 1.0));
+        }
     }
-    return u * u * series;
-}
 
-// q = 0 (the student has no mass; p > 0): the terms of m = a p, and G unused.
-inline MixtureClass mixture_class(Divergence kind, double beta, double skew, double q, double p, double x) noexcept {
-    const double a = kind == Divergence::jsd ? beta : kind == Divergence::skew_forward_kl ? skew : 1.0 - skew;
-    if (q == 0.0) {
-        if (kind == Divergence::jsd) return {-beta * p * std::log(beta), 0.0};
-        if (kind == Divergence::skew_forward_kl) return {-p * std::log(skew) - (1.0 - skew) * p, 0.0};
-        return {a * p, 0.0};
+    // Class terms given q, p and x = log(p / q); q = 0 (the student has no mass there, p > 0): m = a p, and G
+    // unused.
+    MixtureClass at(double q, double p, double x) const noexcept {
+        if (q == 0.0) {
+            if (kind_ == Divergence::jsd) return {-beta_ * p * log_a_, 0.0};
+            if (kind_ == Divergence::skew_forward_kl) return {-p * log_a_ - (1.0 - skew_) * p, 0.0};
+            return {a_ * p, 0.0};
+        }
+        const double u = std::expm1(x);
+        if (std::fabs(u) < 0.125) {
+            if (kind_ == Divergence::jsd) return {q * series(u), -(1.0 - beta_) * std::log1p(beta_ * u)};
+            if (kind_ == Divergence::skew_forward_kl)
+                return {q * series(u), -(1.0 - skew_) * (1.0 - skew_) * u / (1.0 + skew_ * u)};
+            const double au = a_ * u;
+            return {q * reverse_term(au), -std::log1p(au) + skew_ * au / (1.0 + au)};
+        }
+        const double log_q_over_m = -log_add_exp(log_a_ + x, log_b_);
+        const double log_p_over_m = -log_add_exp(log_a_, log_b_ - x);  // not x + log(q / m), which may cancel
+        if (kind_ == Divergence::jsd)
+            return {(p > 0.0 ? beta_ * p * log_p_over_m : 0.0) + (1.0 - beta_) * q * log_q_over_m,
+                    (1.0 - beta_) * log_q_over_m};
+        if (kind_ == Divergence::skew_forward_kl)
+            return {(p > 0.0 ? p * log_p_over_m : 0.0) - (1.0 - skew_) * (p - q),
+                    (1.0 - skew_) * (1.0 - std::exp(log_p_over_m))};
+        return {q * log_q_over_m + a_ * (p - q), log_q_over_m + skew_ * (1.0 - std::exp(log_q_over_m))};
     }
-    const double u = std::expm1(x);
-    const double log_a = kind == Divergence::skew_reverse_kl ? std::log1p(-skew) : std::log(a);
-    const double log_b = kind == Divergence::skew_reverse_kl ? std::log(skew) : std::log1p(-a);
-    const double log_q_over_m = -log_add_exp(log_a + x, log_b);
-    const double log_p_over_m = -log_add_exp(log_a, log_b - x);  // not x + log(q / m), which may cancel
-    const bool near = std::fabs(u) < 0.125;
-    if (kind == Divergence::jsd) {
-        const double term = near ? q * mixture_series(kind, u, beta)
-                                 : (p > 0.0 ? beta * p * log_p_over_m : 0.0) + (1.0 - beta) * q * log_q_over_m;
-        return {term, -(1.0 - beta) * (near ? std::log1p(beta * u) : -log_q_over_m)};
+
+private:
+    static constexpr int terms = 22;  // c_2 .. c_21
+
+    double series(double u) const noexcept {  // sum_k c_k u^k
+        double sum = 0.0;
+        for (int k = terms - 1; k >= 2; --k) sum = sum * u + coefficient_[k];
+        return u * u * sum;
     }
-    if (kind == Divergence::skew_forward_kl) {
-        const double term =
-            near ? q * mixture_series(kind, u, skew) : (p > 0.0 ? p * log_p_over_m : 0.0) - (1.0 - skew) * (p - q);
-        return {term, near ? -(1.0 - skew) * (1.0 - skew) * u / (1.0 + skew * u)
-                           : (1.0 - skew) * (1.0 - std::exp(log_p_over_m))};
-    }
-    const double term = near ? q * reverse_term(a * u) : q * log_q_over_m + a * (p - q);
-    return {term, near ? -std::log1p(a * u) + skew * a * u / (1.0 + a * u)
-                       : log_q_over_m + skew * (1.0 - std::exp(log_q_over_m))};
-}
+
+    Divergence kind_;
+    double beta_, skew_, a_ = 0.0, log_a_ = 0.0, log_b_ = 0.0;
+    double coefficient_[terms] = {};
+};
 
 // Row `row` of `problem` (a dense teacher, not ignored), its soft term `kind` (a KL, or the mixture
 // problem.divergence): writes its loss (or its two parts) and, if the problem has one, its gradient row, over
@@ -204,26 +218,32 @@ void exact_row(const BatchProblem<T>& problem, std::size_t row, ExactKind kind) 
     if (teacher_mass_outside != 0.0) log_ratio_sum -= std::log1p(-teacher_mass_outside / teacher_soft);
 
     // A mixture's term and G at class c.
+    // (Its set-up only where it is used: the KLs' weights could be anything, a skew of 0 among them.)
+    const MixtureTerms mixture_terms = mixture ? MixtureTerms(problem.divergence, problem.beta, problem.skew)
+                                               : MixtureTerms(Divergence::jsd, 0.5, 0.1);
     auto mixture_at = [&](std::size_t c) {
         if (student[c] == -std::numeric_limits<T>::infinity()) {
             const double log_p = (static_cast<double>(teacher[c]) - teacher_max) / temperature - log_teacher_soft;
-            return mixture_class(problem.divergence, problem.beta, problem.skew, 0.0, std::exp(log_p), 0.0);
+            return mixture_terms.at(0.0, std::exp(log_p), 0.0);
         }
-        const double x = d(c) - log_ratio_sum;
-        return mixture_class(problem.divergence, problem.beta, problem.skew, std::exp(log_q(c)), std::exp(log_q(c) + x),
-                             x);
+        const double x = d(c) - log_ratio_sum, lq = log_q(c);
+        return mixture_terms.at(std::exp(lq), std::exp(lq + x), x);
     };
 
     // The divergence, and what each class's gradient needs: -T q u (forward) or -T q x (reverse, then less
     // T q KL, once KL is known); a mixture's, E_q[G].
+    // A mixture's G waits in the gradient's row for E_q[G] (rounded to T: its relative precision is all the
+    // gradient needs), where computing it again would cost its logarithms twice.
+    T* gradient = problem.gradient != nullptr ? problem.gradient + r * problem.gradient_stride : nullptr;
     double divergence = 0.0, mean = 0.0;
     for (std::size_t c = 0; c < n; ++c) {
         if (mixture) {
-            if (student[c] == -std::numeric_limits<T>::infinity() && teacher[c] == -std::numeric_limits<T>::infinity())
-                continue;
-            const MixtureClass at = mixture_at(c);
+            MixtureClass at{0.0, 0.0};
+            if (student[c] != -std::numeric_limits<T>::infinity() || teacher[c] != -std::numeric_limits<T>::infinity())
+                at = mixture_at(c);
             divergence += at.term;
             if (student[c] != -std::numeric_limits<T>::infinity()) mean += std::exp(log_q(c)) * at.g;
+            if (gradient != nullptr) gradient[c] = static_cast<T>(at.g);
             continue;
         }
         if (student[c] == -std::numeric_limits<T>::infinity()) {
@@ -268,8 +288,7 @@ void exact_row(const BatchProblem<T>& problem, std::size_t row, ExactKind kind) 
         problem.row_losses[row] = problem.soft_weight * soft + (hard_term ? problem.hard_weight * hard : 0.0);
     }
 
-    if (problem.gradient == nullptr) return;
-    T* gradient = problem.gradient + r * problem.gradient_stride;
+    if (gradient == nullptr) return;
     const double soft_scale = problem.gradient_scale * problem.soft_weight * temperature;
     const double hard_scale = problem.gradient_scale * problem.hard_weight;
     for (std::size_t c = 0; c < n; ++c) {
@@ -277,7 +296,7 @@ void exact_row(const BatchProblem<T>& problem, std::size_t row, ExactKind kind) 
         if (student[c] != -std::numeric_limits<T>::infinity()) {
             const double q = std::exp(log_q(c));
             const double x = d(c) - log_ratio_sum;
-            if (mixture) g = soft_scale * q * (mixture_at(c).g - mean);
+            if (mixture) g = soft_scale * q * (static_cast<double>(gradient[c]) - mean);
             else if (forward)
                 g = std::fabs(x) > 1.0 ? soft_scale * (q - std::exp(log_q(c) + x)) : -soft_scale * q * std::expm1(x);
             else g = -soft_scale * q * (x + divergence);
