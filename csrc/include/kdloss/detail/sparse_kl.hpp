@@ -279,11 +279,13 @@ void run_sparse_rows_with(const BatchProblem<T>& problem, std::size_t begin, std
         }
         const ListedSummary summary = listed_classes(problem, i, student, row_max, student_soft, n, listed, sums.soft);
 
+        const double divergence = soft_divergence<Terms>(sums, problem.temperature);
         if (problem.row_hard_losses == nullptr) {
             problem.row_losses[i] =
-                loss_from_sums<Terms>(sums, problem.temperature, problem.soft_weight, problem.hard_weight);
+                loss_from_sums<Terms>(sums, divergence, problem.temperature, problem.soft_weight, problem.hard_weight);
         } else {
-            loss_parts_from_sums<Terms>(sums, problem.temperature, problem.row_losses[i], problem.row_hard_losses[i]);
+            loss_parts_from_sums<Terms>(sums, divergence, problem.temperature, problem.row_losses[i],
+                                        problem.row_hard_losses[i]);
         }
         if constexpr (Terms::gradient) {
             const auto coefficients = GradientCoefficients<T, Terms>::from_sums(sums, problem);

@@ -126,49 +126,50 @@ KDLOSS_INLINE void for_each_sum(F&& f, S&&... sums) noexcept {
     Terms::HardTerm::for_each_sum(f, sums.hard...);
 }
 
-// A row's loss from its sums (V = double), or `lanes` rows' at once (V = Pack<double>).
+// A row's divergence D from its sums (V = double), or `lanes` rows' at once (V = Pack<double>); 0 without a soft
+// term.
 template <class Terms, class V>
-inline V loss_from_sums(const typename Terms::template Sums<V>& sums, double temperature, double soft_weight,
-                        double hard_weight) noexcept {
+inline V soft_divergence(const typename Terms::template Sums<V>& sums, double temperature) noexcept {
+    if constexpr (Terms::soft) return Terms::SoftTerm::divergence(sums.soft, temperature);
+    else return V(0.0);
+}
+
+// A row's loss from its sums and its divergence (soft_divergence).
+template <class Terms, class V>
+inline V loss_from_sums(const typename Terms::template Sums<V>& sums, const V& divergence, double temperature,
+                        double soft_weight, double hard_weight) noexcept {
     V loss = 0.0;
-    if constexpr (Terms::soft) {
-        loss = loss + soft_weight * temperature * temperature * Terms::SoftTerm::divergence(sums.soft, temperature);
-    }
+    if constexpr (Terms::soft) loss = loss + soft_weight * temperature * temperature * divergence;
     if constexpr (Terms::hard) loss = loss + hard_weight * Terms::HardTerm::loss(sums.hard);
     return loss;
 }
 
-// A row's soft term T^2 D and hard term CE apart, unweighted (0 for a term it does not have), from its sums.
+// A row's soft term T^2 D and hard term CE apart, unweighted (0 for a term it does not have), from its sums and
+// its divergence.
 template <class Terms, class V>
-inline void loss_parts_from_sums(const typename Terms::template Sums<V>& sums, double temperature, V& soft,
-                                 V& hard) noexcept {
+inline void loss_parts_from_sums(const typename Terms::template Sums<V>& sums, const V& divergence, double temperature,
+                                 V& soft, V& hard) noexcept {
     soft = hard = 0.0;
-    if constexpr (Terms::soft) soft = temperature * temperature * Terms::SoftTerm::divergence(sums.soft, temperature);
+    if constexpr (Terms::soft) soft = temperature * temperature * divergence;
     if constexpr (Terms::hard) hard = Terms::HardTerm::loss(sums.hard);
 }
 
 // Each row's loss, or (problem.row_hard_losses not null) its two terms apart, from `lanes` rows' sums: rows
-// rows[0 .. count). Returns their divergences D (0 without a soft term), for redo_inexact_rows. The same
-// operations as loss_from_sums and loss_parts_from_sums, so the same bits.
+// rows[0 .. count). Returns their divergences D (0 without a soft term), for redo_inexact_rows.
 template <class Terms, class T>
 inline Pack<double> store_row_losses(const BatchProblem<T>& problem,
                                      const typename Terms::template Sums<Pack<double>>& sums, const std::size_t* rows,
                                      std::size_t count) noexcept {
-    const double temperature = problem.temperature;
-    Pack<double> divergence = 0.0, hard = 0.0;
-    if constexpr (Terms::soft) divergence = Terms::SoftTerm::divergence(sums.soft, temperature);
-    if constexpr (Terms::hard) hard = Terms::HardTerm::loss(sums.hard);
+    const Pack<double> divergence = soft_divergence<Terms>(sums, problem.temperature);
     double losses[lanes];
     if (problem.row_hard_losses == nullptr) {
-        Pack<double> loss = 0.0;
-        if constexpr (Terms::soft) loss = loss + problem.soft_weight * temperature * temperature * divergence;
-        if constexpr (Terms::hard) loss = loss + problem.hard_weight * hard;
-        loss.store(losses);
+        loss_from_sums<Terms>(sums, divergence, problem.temperature, problem.soft_weight, problem.hard_weight)
+            .store(losses);
         for (std::size_t lane = 0; lane < count; ++lane) problem.row_losses[rows[lane]] = losses[lane];
         return divergence;
     }
-    Pack<double> soft = 0.0;
-    if constexpr (Terms::soft) soft = temperature * temperature * divergence;
+    Pack<double> soft, hard;
+    loss_parts_from_sums<Terms>(sums, divergence, problem.temperature, soft, hard);
     double hard_losses[lanes];
     soft.store(losses);
     hard.store(hard_losses);
