@@ -1,7 +1,7 @@
-// Times the header-only core as a C++ host compiles it: loss_and_gradient on one thread, class-index labels,
-// T = 3, alpha = 0.3, in nanoseconds per element (best of many calls, so inputs that fit stay in cache as in
-// a training step). For comparing the host's own flags, e.g. optimisation levels or instruction sets; no
-// Python needed:
+// Times the core as a C++ host compiles it: loss_and_gradient on one thread, class-index labels, T = 3,
+// alpha = 0.3, in nanoseconds per element (best of many calls, so inputs that fit stay in cache as in a training
+// step). For comparing the host's own flags, e.g. optimisation levels or instruction sets, header-only; no Python
+// needed (benchmarks/cpp_targets.py builds it with CMake, linked with each target, and compares them):
 //
 //   g++ -O2 -std=c++17 -Icsrc/include benchmarks/cpp_kernels.cpp -o cpp_kernels -pthread && ./cpp_kernels
 //   g++ -O3 -march=native -std=c++17 -Icsrc/include benchmarks/cpp_kernels.cpp -o cpp_kernels -pthread && ...
@@ -47,7 +47,12 @@ double nanoseconds_per_element(std::size_t rows, std::size_t classes) {
     return best * 1e9 / static_cast<double>(rows * classes);
 }
 
-int main() {
+int main(int argc, char** argv) {
+    // --isa: only which kernels run (kdloss::kdloss chooses them at run time; header-only: "header_only").
+    if (argc > 1 && std::string(argv[1]) == "--isa") {
+        std::printf("%s\n", kdloss::isa_info().active.c_str());
+        return 0;
+    }
     // bench.py's shapes; then rows of a little more than 100 classes, still in blocks, and a batch of short
     // rows much larger than L3, whose blocks fetch the next one ahead (row_kernel.hpp, run_rows.hpp).
     const std::size_t shapes[][2] = {{256, 1000}, {64, 32000}, {8, 128256}, {4096, 10},

@@ -12,27 +12,9 @@
 #include <utility>
 #include <vector>
 
-#include "dispatch.hpp"
 #include "kdloss/distillation_loss.hpp"
 #include "numpy_views.hpp"
 #include "register.hpp"
-
-namespace kdloss::detail {
-
-// DistillationLoss<T>::evaluate with the kernels chosen for this CPU (dispatch.cpp), not those compiled with the
-// module's own flags.
-struct KernelChoice {
-    template <class T, class... Arguments>
-    static double evaluate(const DistillationLoss<T>& loss, Arguments&&... arguments) {
-        return loss.evaluate_with(python::active_kernels().rows<T>(), std::forward<Arguments>(arguments)...);
-    }
-    template <class T, class... Arguments>
-    static LossParts loss_parts(const DistillationLoss<T>& loss, Arguments&&... arguments) {
-        return loss.loss_parts_with(python::active_kernels().rows<T>(), std::forward<Arguments>(arguments)...);
-    }
-};
-
-}  // namespace kdloss::detail
 
 namespace kdloss::python {
 
@@ -237,9 +219,8 @@ private:
         std::size_t counted_rows = 0;
         {
             py::gil_scoped_release release;
-            value =
-                detail::KernelChoice::evaluate(loss, student_view, teacher_view, labels, row_loss_data,
-                                               gradient_array ? &gradient_view : nullptr, normalizer, &counted_rows);
+            value = loss.evaluate(student_view, teacher_view, labels, row_loss_data,
+                                  gradient_array ? &gradient_view : nullptr, normalizer, &counted_rows);
         }
         py::object loss_result = row_losses ? py::object(*row_losses) : py::object(py::float_(value));
         py::object gradient_result = gradient_array ? py::object(*gradient_array) : py::object(py::none());
@@ -259,9 +240,9 @@ private:
         LossParts parts;
         {
             py::gil_scoped_release release;
-            parts = detail::KernelChoice::loss_parts(loss, inputs.student, inputs.teacher_argument(), inputs.labels,
-                                                     soft_rows ? soft_rows->mutable_data() : nullptr,
-                                                     hard_rows ? hard_rows->mutable_data() : nullptr, normalizer);
+            parts = loss.loss_parts(inputs.student, inputs.teacher_argument(), inputs.labels,
+                                    soft_rows ? soft_rows->mutable_data() : nullptr,
+                                    hard_rows ? hard_rows->mutable_data() : nullptr, normalizer);
         }
         if (soft_rows) return py::make_tuple(*soft_rows, *hard_rows);
         return py::make_tuple(parts.soft, parts.hard);

@@ -2,10 +2,12 @@
 // other files, or with an argument only those whose name or file name contains it.
 
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <exception>
 #include <string>
 
+#include "kdloss/isa.hpp"
 #include "kdtest.hpp"
 
 int kdtest::run_all(int argc, char** argv) {
@@ -35,24 +37,35 @@ int kdtest::run_all(int argc, char** argv) {
     return failed == 0 ? 0 : 1;
 }
 
-#ifdef KDTEST_REQUIRED_ISA
-// Whether this CPU runs code built with the flags of KDTEST_REQUIRED_ISA (CMakeLists.txt's kdloss_flags_*).
-static bool cpu_has_required_isa() {
-    const std::string isa = KDTEST_REQUIRED_ISA;
-    if (isa == "avx2") return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    if (isa == "avx512")
-        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
-               __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw");
-    return false;
-}
+// Whether this CPU lacks what code built with the flags of `isa` (CMakeLists.txt's kdloss_flags_*) needs. An
+// unknown name is not skipped: kdloss::kdloss then refuses it, and the suite fails.
+static bool cpu_lacks(const std::string& isa) {
+    if (isa != "avx2" && isa != "avx512") return false;
+#if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__))
+    if (isa == "avx2") return !(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"));
+    return !(__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw"));
+#else
+    return true;
 #endif
+}
 
 int main(int argc, char** argv) {
 #ifdef KDTEST_REQUIRED_ISA
-    if (!cpu_has_required_isa()) {
-        std::printf("skipped: this CPU cannot run code built for %s\n", KDTEST_REQUIRED_ISA);
+    const char* required = KDTEST_REQUIRED_ISA;
+#else
+    // The suite against kdloss::kdloss with an instruction set forced (tests/cpp/CMakeLists.txt).
+    const char* required = std::getenv("KDLOSS_FORCE_ISA");
+#endif
+    if (required != nullptr && cpu_lacks(required)) {
+        std::printf("skipped: this CPU cannot run code built for %s\n", required);
         return 77;  // ctest's SKIP_RETURN_CODE
     }
-#endif
+    try {
+        std::printf("kernels: %s\n", kdloss::isa_info().active.c_str());
+    } catch (const std::exception& error) {
+        std::printf("%s\n", error.what());
+        return 1;
+    }
     return kdtest::run_all(argc, argv);
 }

@@ -3,7 +3,9 @@
 
 #include <kdloss/kdloss.hpp>
 
+#include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <string>
 #include <type_traits>
@@ -139,6 +141,33 @@ KD_TEST(version_is_the_projects) {
     KD_CHECK_EQ(std::string(kdloss::version), expected);
 #ifdef KDLOSS_TEST_PROJECT_VERSION
     KD_CHECK_EQ(std::string(kdloss::version), std::string(KDLOSS_TEST_PROJECT_VERSION));  // what CMake read
+#endif
+}
+
+// Which kernels run: the library's choice among what it compiled and the CPU runs, or the forced one;
+// header-only, the host's own.
+KD_TEST(isa_info_names_the_kernels_that_run) {
+    const kdloss::IsaInfo info = kdloss::isa_info();
+    auto has = [](const std::vector<std::string>& names, const std::string& name) {
+        return std::find(names.begin(), names.end(), name) != names.end();
+    };
+    KD_CHECK(has(info.supported, info.active));
+    for (const std::string& name : info.supported) KD_CHECK(has(info.compiled, name));
+#if defined(KDLOSS_DISPATCHED)
+    KD_CHECK(info.compiled.front() == "baseline");
+    const char* forced = std::getenv("KDLOSS_FORCE_ISA");
+    KD_CHECK_EQ(info.forced, std::string(forced != nullptr ? forced : ""));
+    if (!info.forced.empty()) {
+        KD_CHECK_EQ(info.active, info.forced);
+    } else {  // the widest the CPU runs, never the building machine's own copy
+        std::string widest;
+        for (const std::string& name : info.supported)
+            if (name != "native") widest = name;
+        KD_CHECK_EQ(info.active, widest);
+    }
+#else
+    KD_CHECK_EQ(info.active, std::string("header_only"));
+    KD_CHECK(info.forced.empty());
 #endif
 }
 

@@ -17,9 +17,9 @@
 #include <vector>
 
 #include "kdloss/detail/batch_problem.hpp"
-#include "kdloss/detail/run_rows.hpp"
 #include "kdloss/detail/thread_pool.hpp"
 #include "kdloss/divergence.hpp"
+#include "kdloss/isa.hpp"
 #include "kdloss/messages.hpp"
 #include "kdloss/sparse_teacher.hpp"
 #include "kdloss/views.hpp"
@@ -111,11 +111,6 @@ struct LossParts {
     double hard = 0.0;  // the cross-entropy against the labels; 0 without labels
 };
 
-namespace detail {
-// The Python binding's way to run a loss with the kernels it chose for the CPU at run time (dispatch.cpp).
-struct KernelChoice;
-}  // namespace detail
-
 template <class T>
 class DistillationLoss {
     static_assert(std::is_same_v<T, float> || std::is_same_v<T, double>,
@@ -198,44 +193,13 @@ public:
     double evaluate(MatrixView<const T> student_logits, const Teacher& teacher_logits, const Labels<T>& true_labels,
                     T* row_losses, const MatrixView<T>* gradient, std::optional<double> normalizer = std::nullopt,
                     std::size_t* counted_rows = nullptr) const {
-        return evaluate_with(detail::run_rows<T>, student_logits, teacher_logits, true_labels, row_losses, gradient,
-                             normalizer, counted_rows);
-    }
-
-    // The loss's two terms apart, each reduced as the loss is: the soft term T^2 D and the hard term, the
-    // cross-entropy (0 without labels), so that the loss is alpha hard + (1 - alpha) soft with labels and soft
-    // without. Both are computed whatever alpha is, for one loss call's time (no gradient). Each row's terms go
-    // to soft_rows[i] and hard_rows[i] when they are not null (ignored rows: 0); "none" returns their sums.
-    LossParts loss_parts(MatrixView<const T> student_logits, const Teacher& teacher_logits,
-                         const Labels<T>& true_labels = {}, T* soft_rows = nullptr, T* hard_rows = nullptr,
-                         std::optional<double> normalizer = std::nullopt) const {
-        return loss_parts_with(detail::run_rows<T>, student_logits, teacher_logits, true_labels, soft_rows, hard_rows,
-                               normalizer);
-    }
-
-private:
-    friend struct detail::KernelChoice;
-
-    // A checked call: what the kernels run, and what the sum over rows is divided by.
-    struct Call {
-        detail::BatchProblem<T> problem;
-        double divisor = 1.0;
-    };
-
-    // evaluate() with the row kernel given: the Python module passes the copy compiled for the CPU it runs on
-    // (through detail::KernelChoice, which only it defines). C++ hosts call evaluate(), which uses the kernel
-    // compiled with their own flags.
-    double evaluate_with(detail::RowsKernel<T> kernel, MatrixView<const T> student_logits,
-                         const Teacher& teacher_logits, const Labels<T>& true_labels, T* row_losses,
-                         const MatrixView<T>* gradient, std::optional<double> normalizer = std::nullopt,
-                         std::size_t* counted_rows_out = nullptr) const {
-        Call call = prepare(student_logits, teacher_logits, true_labels, gradient, normalizer, counted_rows_out);
+        Call call = prepare(student_logits, teacher_logits, true_labels, gradient, normalizer, counted_rows);
         const std::size_t rows = call.problem.rows;
         if (rows == 0) return 0.0;
         // Left uninitialised: the kernels write every row's loss.
         const std::unique_ptr<double[]> row_loss_buffer(new double[rows]);
         call.problem.row_losses = row_loss_buffer.get();
-        run(kernel, call.problem);
+        run(detail::active_kernels().rows<T>(), call.problem);
         // Row losses are added in row order, whichever threads computed them, so results are reproducible.
         double total = 0.0;
         for (std::size_t i = 0; i < rows; ++i) {
@@ -245,10 +209,13 @@ private:
         return total / call.divisor;
     }
 
-    // loss_parts() with the row kernel given, as evaluate_with().
-    LossParts loss_parts_with(detail::RowsKernel<T> kernel, MatrixView<const T> student_logits,
-                              const Teacher& teacher_logits, const Labels<T>& true_labels, T* soft_rows, T* hard_rows,
-                              std::optional<double> normalizer = std::nullopt) const {
+    // The loss's two terms apart, each reduced as the loss is: the soft term T^2 D and the hard term, the
+    // cross-entropy (0 without labels), so that the loss is alpha hard + (1 - alpha) soft with labels and soft
+    // without. Both are computed whatever alpha is, for one loss call's time (no gradient). Each row's terms go
+    // to soft_rows[i] and hard_rows[i] when they are not null (ignored rows: 0); "none" returns their sums.
+    LossParts loss_parts(MatrixView<const T> student_logits, const Teacher& teacher_logits,
+                         const Labels<T>& true_labels = {}, T* soft_rows = nullptr, T* hard_rows = nullptr,
+                         std::optional<double> normalizer = std::nullopt) const {
         Call call = prepare(student_logits, teacher_logits, true_labels, nullptr, normalizer, nullptr);
         const std::size_t rows = call.problem.rows;
         if (rows == 0) return {};
@@ -257,7 +224,7 @@ private:
         const std::unique_ptr<double[]> buffer(new double[2 * rows]);
         call.problem.row_losses = buffer.get();
         call.problem.row_hard_losses = buffer.get() + rows;
-        run(kernel, call.problem);
+        run(detail::active_kernels().rows<T>(), call.problem);
         LossParts parts;
         for (std::size_t i = 0; i < rows; ++i) {
             parts.soft += buffer[i];
@@ -269,6 +236,13 @@ private:
         parts.hard /= call.divisor;
         return parts;
     }
+
+private:
+    // A checked call: what the kernels run, and what the sum over rows is divided by.
+    struct Call {
+        detail::BatchProblem<T> problem;
+        double divisor = 1.0;
+    };
 
     // Every check, then the problem the kernels run (its row_losses still to be given).
     Call prepare(MatrixView<const T> student_logits, const Teacher& teacher_logits, const Labels<T>& true_labels,
@@ -357,7 +331,7 @@ private:
         });
     }
 
-    static constexpr std::size_t min_rows_per_task = 4;  // where there are rows enough (see evaluate_with)
+    static constexpr std::size_t min_rows_per_task = 4;  // where there are rows enough (see evaluate)
     static constexpr std::size_t min_elements_per_task = 32768;
     static constexpr std::size_t min_elements_per_thread = 65536;
 

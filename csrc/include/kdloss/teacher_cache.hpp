@@ -190,9 +190,7 @@ void run_cache(CacheKernel<T> kernel, const CacheProblem<T>& problem, std::size_
                 {problem.logits, problem.rows, problem.classes, problem.logit_stride}, bad_rows[task], leading));
 }
 
-// top_k() with the row kernel given: the Python module passes the copy compiled for the CPU it runs on
-// (dispatch.cpp), and the logits' leading shape to name rows by; C++ hosts call top_k(), which uses the kernel
-// compiled with their own flags.
+// top_k() with the row kernel given, and the logits' leading shape to name rows by (the Python module's).
 template <class T>
 void top_k_with(CacheKernel<T> kernel, MatrixView<const T> teacher_logits, std::size_t k, double temperature,
                 const MatrixView<std::int32_t>& indices, const MatrixView<T>& logprobs, std::size_t num_threads,
@@ -246,7 +244,8 @@ void sample_teacher_with(CacheKernel<T> kernel, MatrixView<const T> teacher_logi
 template <class T>
 void top_k(MatrixView<const typename detail::NotDeduced<T>::type> teacher_logits, std::size_t k, double temperature,
            const MatrixView<std::int32_t>& indices, const MatrixView<T>& logprobs, std::size_t num_threads = 1) {
-    detail::top_k_with<T>(detail::top_k_rows<T>, teacher_logits, k, temperature, indices, logprobs, num_threads);
+    detail::top_k_with<T>(detail::active_kernels().top_k<T>(), teacher_logits, k, temperature, indices, logprobs,
+                          num_threads);
 }
 
 // num_samples draws with replacement from each row's softmax(t / T); each class drawn is listed once, by
@@ -259,8 +258,8 @@ template <class T>
 void sample_teacher(MatrixView<const typename detail::NotDeduced<T>::type> teacher_logits, std::size_t num_samples,
                     double temperature, std::uint64_t seed, const MatrixView<std::int32_t>& indices,
                     const MatrixView<T>& logprobs, std::size_t num_threads = 1) {
-    detail::sample_teacher_with<T>(detail::sample_rows<T>, teacher_logits, num_samples, temperature, seed, indices,
-                                   logprobs, num_threads);
+    detail::sample_teacher_with<T>(detail::active_kernels().sample<T>(), teacher_logits, num_samples, temperature, seed,
+                                   indices, logprobs, num_threads);
 }
 
 }  // namespace kdloss

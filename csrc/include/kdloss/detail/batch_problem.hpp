@@ -70,6 +70,14 @@ std::size_t scratch_elements(std::size_t classes) noexcept {
     return classes <= block_max_classes<T> ? 5 * lanes * std::max<std::size_t>(classes, 2) : 4 * classes;
 }
 
+// Per-thread scratch for a sparse teacher of k slots a row, in elements of T, ahead of the rows' buffers: k of
+// sparse_kl.hpp's ListedClass, 32 bytes, a whole number of elements of T, so the buffers after them stay aligned.
+constexpr std::size_t listed_class_bytes = 32;
+template <class T>
+std::size_t sparse_scratch_elements(std::size_t k) noexcept {
+    return k * (listed_class_bytes / sizeof(T));
+}
+
 // Computes rows [begin, end) of `problem`; `scratch` holds scratch_elements(classes) elements.
 template <class T>
 using RowsKernel = void (*)(const BatchProblem<T>& problem, std::size_t begin, std::size_t end, T* scratch);

@@ -155,8 +155,16 @@ private:
 // what the kernels wrote.
 enum class ExactKind { forward_kl, reverse_kl, mixture };
 
+// Scalar by design (a row's terms in double, through libm). g++ 12's vectoriser for aarch64 fails on it at -O3
+// with an internal compiler error (in vect_transform_reduction), so it is told not to try there.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__aarch64__)
+#define KDLOSS_NO_VECTORISE __attribute__((optimize("no-tree-vectorize")))
+#else
+#define KDLOSS_NO_VECTORISE
+#endif
+
 template <class T>
-void exact_row(const BatchProblem<T>& problem, std::size_t row, ExactKind kind) noexcept {
+KDLOSS_NO_VECTORISE void exact_row(const BatchProblem<T>& problem, std::size_t row, ExactKind kind) noexcept {
     const bool forward = kind == ExactKind::forward_kl, mixture = kind == ExactKind::mixture;
     const std::size_t n = problem.classes;
     const auto r = static_cast<std::ptrdiff_t>(row);

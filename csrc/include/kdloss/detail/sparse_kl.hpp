@@ -119,13 +119,7 @@ struct ListedClass {
     double log_q;       // the student's log-probability
 };
 
-// Per-thread scratch for a sparse teacher of k slots a row, in elements of T, ahead of the rows' buffers
-// (ListedClass is 32 bytes, a whole number of elements of T, so the buffers after it stay aligned).
-template <class T>
-std::size_t sparse_scratch_elements(std::size_t k) noexcept {
-    static_assert(sizeof(ListedClass) % sizeof(double) == 0);
-    return k * (sizeof(ListedClass) / sizeof(T));
-}
+static_assert(sizeof(ListedClass) == listed_class_bytes, "sparse_scratch_elements (batch_problem.hpp) sizes them");
 
 // A row's listed classes, reduced: how many, P = sum pi + rho, and rho.
 struct ListedSummary {

@@ -1,28 +1,24 @@
-// Run-time choice of the row kernels: the widest instruction set that was compiled in and that this CPU
-// (and its operating system) supports, unless KDLOSS_FORCE_ISA names one. Also kdloss.build_info().
-
-#include "dispatch.hpp"
-
-#include <pybind11/pybind11.h>
+// Run-time choice of the kernels (isa.hpp): the widest instruction set that was compiled in and that this CPU
+// (and its operating system) supports, unless KDLOSS_FORCE_ISA names one.
 
 #include <cstdlib>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
-#include "kdloss/detail/thread_pool.hpp"
-#include "kdloss/version.hpp"
-#include "register.hpp"
+#include "kdloss/isa.hpp"
+#include "kernel_tables.hpp"
 
 #if defined(_MSC_VER) && (defined(_M_X64) || defined(_M_IX86))
 #include <immintrin.h>
 #include <intrin.h>
 #endif
 
-namespace kdloss::python {
+namespace kdloss {
 
 namespace {
 
-namespace py = pybind11;
+using detail::KernelTable;
 
 struct CpuFeatures {
     bool avx2 = false;    // with FMA
@@ -58,15 +54,15 @@ CpuFeatures detect_cpu() {
 
 // Compiled-in kernel tables, narrowest first.
 std::vector<KernelTable> compiled_tables() {
-    std::vector<KernelTable> tables{baseline_kernel_table()};
+    std::vector<KernelTable> tables{detail::baseline_kernel_table()};
 #ifdef KDLOSS_HAS_AVX2_KERNELS
-    tables.push_back(avx2_kernel_table());
+    tables.push_back(detail::avx2_kernel_table());
 #endif
 #ifdef KDLOSS_HAS_AVX512_KERNELS
-    tables.push_back(avx512_kernel_table());
+    tables.push_back(detail::avx512_kernel_table());
 #endif
 #ifdef KDLOSS_HAS_NATIVE_KERNELS
-    tables.push_back(native_kernel_table());
+    tables.push_back(detail::native_kernel_table());
 #endif
     return tables;
 }
@@ -79,24 +75,25 @@ bool cpu_runs(const KernelTable& table, const CpuFeatures& cpu) {
     return isa == "baseline" || is_native(table) || (isa == "avx2" && cpu.avx2) || (isa == "avx512" && cpu.avx512);
 }
 
-const char* forced_isa() {
+std::string forced_isa() {
     const char* value = std::getenv("KDLOSS_FORCE_ISA");
-    return value != nullptr && *value != '\0' ? value : nullptr;
+    return value != nullptr ? value : "";
 }
 
 KernelTable choose_kernels() {
     const CpuFeatures cpu = detect_cpu();
     const std::vector<KernelTable> tables = compiled_tables();
-    if (const char* forced = forced_isa()) {
+    const std::string forced = forced_isa();
+    if (!forced.empty()) {
         for (const KernelTable& table : tables) {
-            if (forced != std::string(table.isa)) continue;
+            if (forced != table.isa) continue;
             if (!cpu_runs(table, cpu))
-                throw std::runtime_error(std::string("KDLOSS_FORCE_ISA=") + forced + ": this CPU cannot run it");
+                throw std::runtime_error("KDLOSS_FORCE_ISA=" + forced + ": this CPU cannot run it");
             return table;
         }
         std::string names;
         for (const KernelTable& table : tables) names += std::string(names.empty() ? "" : ", ") + table.isa;
-        throw std::runtime_error(std::string("KDLOSS_FORCE_ISA=") + forced +
+        throw std::runtime_error("KDLOSS_FORCE_ISA=" + forced +
                                  " is not compiled into this build; choose one of: " + names);
     }
     KernelTable best = tables.front();
@@ -105,55 +102,24 @@ KernelTable choose_kernels() {
     return best;
 }
 
-std::string compiler_name() {
-#if defined(__clang__)
-    return std::string("clang ") + __clang_version__;
-#elif defined(__GNUC__)
-    return "gcc " + std::to_string(__GNUC__) + "." + std::to_string(__GNUC_MINOR__) + "." +
-           std::to_string(__GNUC_PATCHLEVEL__);
-#elif defined(_MSC_VER)
-    return "msvc " + std::to_string(_MSC_VER);
-#else
-    return "unknown";
-#endif
-}
-
-py::dict build_info() {
-    const CpuFeatures cpu = detect_cpu();
-    py::list compiled, runnable;
-    for (const KernelTable& table : compiled_tables()) {
-        compiled.append(table.isa);
-        if (cpu_runs(table, cpu)) runnable.append(table.isa);
-    }
-    py::dict info;
-    info["version"] = KDLOSS_VERSION_STRING;
-    info["compiler"] = compiler_name();
-    info["compiled_isas"] = compiled;
-    info["cpu_isas"] = runnable;
-    info["active_isa"] = active_kernels().isa;
-    const char* forced = forced_isa();
-    info["forced_isa"] = forced != nullptr ? py::object(py::str(forced)) : py::object(py::none());
-    info["hardware_threads"] = detail::ThreadPool::hardware_threads();
-    // The kernels' internal limits, so that tests of their boundaries read them rather than copy them.
-    py::dict block_max_classes;
-    block_max_classes["float32"] = detail::block_max_classes<float>;
-    block_max_classes["float64"] = detail::block_max_classes<double>;
-    info["block_max_classes"] = block_max_classes;
-    info["lanes"] = detail::lanes;
-    return info;
-}
-
 }  // namespace
 
-const KernelTable& active_kernels() {
+const detail::KernelTable& detail::active_kernels() {
+    // Chosen once; a choice that throws (a bad KDLOSS_FORCE_ISA) throws again at the next call.
     static const KernelTable table = choose_kernels();
     return table;
 }
 
-void register_build_info(py::module_& module) {
-    active_kernels();  // a bad KDLOSS_FORCE_ISA fails the import, not some later call
-    module.def("build_info", &build_info,
-               "What this build of kdloss compiled, what the CPU supports and which kernels run.");
+IsaInfo isa_info() {
+    IsaInfo info;
+    info.active = detail::active_kernels().isa;
+    const CpuFeatures cpu = detect_cpu();
+    for (const KernelTable& table : compiled_tables()) {
+        info.compiled.emplace_back(table.isa);
+        if (cpu_runs(table, cpu)) info.supported.emplace_back(table.isa);
+    }
+    info.forced = forced_isa();
+    return info;
 }
 
-}  // namespace kdloss::python
+}  // namespace kdloss
