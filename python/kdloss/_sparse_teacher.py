@@ -384,7 +384,7 @@ class SparseTeacher:
         A row is bad if, in this order of precedence, its log-probabilities hold NaN or +inf, an index of a listed
         (not empty) slot is outside [0, C), a class is listed twice, or the probabilities sum to more than
         1 + 1e-6 (in float64; a positive log-probability makes the sum exceed 1; float16 log-probabilities get what
-        their rounding can add, 2^-11 sum p |log p|, on top). An empty slot's index is not
+        their rounding can add, ``2^-11 sum p |log p|``, on top). An empty slot's index is not
         checked. Rows are taken in C order of the leading shape, a piece at a time (memory maps are not read
         whole into memory). The loss checks the same things with the same messages.
 
