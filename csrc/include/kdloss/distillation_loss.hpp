@@ -199,7 +199,7 @@ public:
         // Left uninitialised: the kernels write every row's loss.
         const std::unique_ptr<double[]> row_loss_buffer(new double[rows]);
         call.problem.row_losses = row_loss_buffer.get();
-        run(detail::active_kernels().rows<T>(), call.problem);
+        run(detail::rows_kernel<T>(), call.problem);
         // Row losses are added in row order, whichever threads computed them, so results are reproducible.
         double total = 0.0;
         for (std::size_t i = 0; i < rows; ++i) {
@@ -224,7 +224,7 @@ public:
         const std::unique_ptr<double[]> buffer(new double[2 * rows]);
         call.problem.row_losses = buffer.get();
         call.problem.row_hard_losses = buffer.get() + rows;
-        run(detail::active_kernels().rows<T>(), call.problem);
+        run(detail::rows_kernel<T>(), call.problem);
         LossParts parts;
         for (std::size_t i = 0; i < rows; ++i) {
             parts.soft += buffer[i];

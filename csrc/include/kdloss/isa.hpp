@@ -38,17 +38,38 @@ IsaInfo isa_info();
 namespace detail {
 // The kernels chosen for this process (csrc/lib/dispatch.cpp); throws as isa_info() does.
 const KernelTable& active_kernels();
+
+template <class T>
+RowsKernel<T> rows_kernel() {
+    return active_kernels().rows<T>();
+}
+template <class T>
+CacheKernel<T> top_k_kernel() {
+    return active_kernels().top_k<T>();
+}
+template <class T>
+CacheKernel<T> sample_kernel() {
+    return active_kernels().sample<T>();
+}
 }  // namespace detail
 
 #else
 
 inline IsaInfo isa_info() { return {"header_only", {"header_only"}, {"header_only"}, ""}; }
 
+// Each entry point instantiates only the kernel it runs.
 namespace detail {
-inline const KernelTable& active_kernels() noexcept {
-    static const KernelTable table{"header_only",       &run_rows<float>,    &run_rows<double>,   &top_k_rows<float>,
-                                   &top_k_rows<double>, &sample_rows<float>, &sample_rows<double>};
-    return table;
+template <class T>
+RowsKernel<T> rows_kernel() noexcept {
+    return &run_rows<T>;
+}
+template <class T>
+CacheKernel<T> top_k_kernel() noexcept {
+    return &top_k_rows<T>;
+}
+template <class T>
+CacheKernel<T> sample_kernel() noexcept {
+    return &sample_rows<T>;
 }
 }  // namespace detail
 

@@ -1,6 +1,6 @@
 #pragma once
 
-// The row kernels of one instruction set, as one table of function pointers: what isa.hpp's active_kernels()
+// The row kernels of one instruction set, as one table of function pointers: what kdloss::kdloss's dispatch
 // hands the loss and the teacher-cache builders.
 
 #include "kdloss/detail/batch_problem.hpp"
