@@ -67,8 +67,8 @@ py::tuple top_k(const py::array& logits, std::size_t k, double temperature, std:
         const MatrixView<T> logprobs = outputs.logprobs_view();
         {
             py::gil_scoped_release release;
-            detail::top_k_with<T>(detail::top_k_kernel<T>(), view, k, temperature, indices, logprobs,
-                                  num_threads, outputs.leading_shape());
+            detail::top_k_with<T>(detail::top_k_kernel<T>(), view, k, temperature, indices, logprobs, num_threads,
+                                  outputs.leading_shape());
         }
         return outputs.result();
     });
@@ -84,8 +84,8 @@ py::tuple sample_teacher(const py::array& logits, std::size_t num_samples, doubl
         const MatrixView<T> logprobs = outputs.logprobs_view();
         {
             py::gil_scoped_release release;
-            detail::sample_teacher_with<T>(detail::sample_kernel<T>(), view, num_samples, temperature, seed,
-                                           indices, logprobs, num_threads, outputs.leading_shape());
+            detail::sample_teacher_with<T>(detail::sample_kernel<T>(), view, num_samples, temperature, seed, indices,
+                                           logprobs, num_threads, outputs.leading_shape());
         }
         return outputs.result();
     });

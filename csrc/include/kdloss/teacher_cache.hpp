@@ -244,8 +244,7 @@ void sample_teacher_with(CacheKernel<T> kernel, MatrixView<const T> teacher_logi
 template <class T>
 void top_k(MatrixView<const typename detail::NotDeduced<T>::type> teacher_logits, std::size_t k, double temperature,
            const MatrixView<std::int32_t>& indices, const MatrixView<T>& logprobs, std::size_t num_threads = 1) {
-    detail::top_k_with<T>(detail::top_k_kernel<T>(), teacher_logits, k, temperature, indices, logprobs,
-                          num_threads);
+    detail::top_k_with<T>(detail::top_k_kernel<T>(), teacher_logits, k, temperature, indices, logprobs, num_threads);
 }
 
 // num_samples draws with replacement from each row's softmax(t / T); each class drawn is listed once, by
@@ -258,8 +257,8 @@ template <class T>
 void sample_teacher(MatrixView<const typename detail::NotDeduced<T>::type> teacher_logits, std::size_t num_samples,
                     double temperature, std::uint64_t seed, const MatrixView<std::int32_t>& indices,
                     const MatrixView<T>& logprobs, std::size_t num_threads = 1) {
-    detail::sample_teacher_with<T>(detail::sample_kernel<T>(), teacher_logits, num_samples, temperature, seed,
-                                   indices, logprobs, num_threads);
+    detail::sample_teacher_with<T>(detail::sample_kernel<T>(), teacher_logits, num_samples, temperature, seed, indices,
+                                   logprobs, num_threads);
 }
 
 }  // namespace kdloss
