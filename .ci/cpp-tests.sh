@@ -1,24 +1,28 @@
 #!/usr/bin/env bash
 # The C++ side of kdloss's CI, no Python needed:
-#   - the ctest suite (tests/cpp) built warning-free with -Wall -Wextra -Wpedantic -Werror and run (Release),
-#     with g++ and clang++; with g++ once more without GNU vector extensions (-DKDLOSS_NO_VECTOR_EXTENSIONS,
-#     MSVC's path); and once under AddressSanitizer + UndefinedBehaviorSanitizer (-fno-sanitize-recover=all),
-#     with clang++ when its sanitizer runtimes are there, else with g++;
+#   - the ctest suite (tests/cpp) built warning-free with -Wall -Wextra -Wpedantic -Werror and run: with g++
+#     (Release) against kdloss::kdloss, each of its instruction sets that this CPU runs forced in turn; with
+#     clang++ (-O2) without GNU vector extensions (-DKDLOSS_NO_VECTOR_EXTENSIONS, MSVC's path); and under
+#     AddressSanitizer + UndefinedBehaviorSanitizer (-fno-sanitize-recover=all), with clang++ when its sanitizer
+#     runtimes are there, else with g++;
 #   - the suite cross-compiled for aarch64 at -O2 and run under qemu (NEON), when Debian's cross g++ and
 #     qemu-user are installed or can be (set KDLOSS_CI_AARCH64=0 to skip);
-#   - the host program tests/cmake_consumer built against an install prefix (find_package) and via
-#     add_subdirectory, linked with kdloss::kdloss and with kdloss::header_only, run, and its printed loss
-#     checked against the specification's check value.
+#   - the host program tests/cmake_consumer built against an install prefix (find_package, kdloss::kdloss, a
+#     release build) and via add_subdirectory (kdloss::header_only), run, and its printed loss checked against
+#     the specification's check value.
 # clang++ is used when it is installed or Debian's clang can be installed here quickly (set KDLOSS_CI_CLANG=0
-# to skip clang). Build trees live in a temporary directory, never in the repo. Each step prints its wall
-# time and its CPU time (on a busy machine the second says what it costs). The suites run two at a time (see
-# "two lanes" below); .ci/run runs all this beside its Python side.
+# to skip clang; g++ then builds the portable suite). Build trees live in build/ci-cpp.* (ignored by git, removed
+# at the end): at the depth of the wheel's build tree in .ci/run, so that with .ci/ccache.sh's compiler cache the
+# g++ suite's kernels, compiled with the wheel's flags, are the wheel's. Each step prints its wall time and its CPU
+# time (on a busy machine the second says what it costs). The suites run two at a time (see "two lanes" below);
+# .ci/run runs all this beside its Python side.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root="$PWD"
 start=$SECONDS
 
-work="$(mktemp -d)"
+mkdir -p "$root/build"
+work="$(mktemp -d "$root/build/ci-cpp.XXXXXX")"
 trap 'rm -rf "$work"' EXIT
 jobs="$(nproc 2>/dev/null || echo 2)"
 
@@ -144,10 +148,12 @@ suite() {
     # forced in turn; the other suites against kdloss::header_only, the kernels compiled in the suite with the
     # suite's flags (no library: it would compile the kernels three times more in each).
     local targets=(-DKDLOSS_TEST_TARGETS=header_only -DKDLOSS_INSTALL=OFF)
-    if [ "$cxx $mode" = "g++ plain" ]; then
+    if [ "$mode" = plain ]; then
         # The sets this CPU runs: one it cannot run would be compiled only to be skipped (the wheel compiles every
-        # set, and README's test command runs each that the CPU has).
+        # set, and README's test command runs each that the CPU has). The warnings come from KDLOSS_WERROR alone,
+        # so that the kernels' command lines are the wheel's (and, cached, compile once: .ci/ccache.sh).
         targets=(-DKDLOSS_TEST_TARGETS=kdloss "-DKDLOSS_KERNEL_ISAS=$(runnable_isas)")
+        flags=""
     fi
     if [ "$mode" = sanitized ]; then
         # -O0: the sanitized build then takes a fifth of the time of -O1's, and its tests only twice as long.
@@ -155,9 +161,12 @@ suite() {
         link="$sanitizers"
         type=""       # the flags above only
         headers=OFF   # the standalone-header tests check compilation, which the plain build has done
+        targets+=(-DKDLOSS_TEST_REDUCED=ON)  # the slowest tests on smaller sizes (kdtest::sized)
     elif [ "$mode" = portable ]; then
-        # The kernels without GNU vector extensions: the plain C++ that MSVC compiles.
-        flags="-DKDLOSS_NO_VECTOR_EXTENSIONS $warnings"
+        # The kernels without GNU vector extensions: the plain C++ that MSVC compiles. At -O2: their loops over
+        # arrays of lanes, unrolled, take g++ minutes at -O3 (clang++ a third of that), for no more coverage.
+        flags="-O2 -DKDLOSS_NO_VECTOR_EXTENSIONS $warnings"
+        type=""
         headers=OFF
     fi
     local cross=()
@@ -217,12 +226,11 @@ refuses_versions() {
 consumer() {
     local cxx="$1" prefix="$work/prefix-$1"
     echo "$cxx: consumer (tests/cmake_consumer)"
-    # The library alone, as a packager would build it: no tests, then cmake --install.
-    # With the baseline kernels alone, at -O0: every set compiles, optimised, in the g++ plain suite and in the
-    # wheel; what is tested here is the package (the library installed, found and linked), in a fraction of the time.
+    # The library alone, as a packager would build it: no tests, a release build, then cmake --install. The
+    # kernels with the g++ suite's (and the wheel's) flags and sets: with .ci/ccache.sh's cache, compiled once.
     step "$cxx: configure kdloss (KDLOSS_BUILD_TESTS=OFF)" cmake -S "$root" -B "$work/lib-$cxx" \
-        -DCMAKE_BUILD_TYPE= -DCMAKE_CXX_FLAGS=-O0 -DKDLOSS_OPTIMIZE_KERNELS=OFF -DCMAKE_CXX_COMPILER="$cxx" \
-        -DKDLOSS_BUILD_TESTS=OFF -DKDLOSS_KERNEL_ISAS=baseline -DCMAKE_INSTALL_PREFIX="$prefix" || return 0
+        -DCMAKE_BUILD_TYPE=Release -DKDLOSS_WERROR=ON -DCMAKE_CXX_COMPILER="$cxx" -DKDLOSS_BUILD_TESTS=OFF \
+        "-DKDLOSS_KERNEL_ISAS=$(runnable_isas)" -DCMAKE_INSTALL_PREFIX="$prefix" || return 0
     step "$cxx: build kdloss (the library's kernels)" cmake --build "$work/lib-$cxx" -j "$jobs" || return 0
     step "$cxx: cmake --install to a prefix" cmake --install "$work/lib-$cxx" || return 0
     step "$cxx: installed tree has headers, library + package files" test -f "$prefix/include/kdloss/kdloss.hpp" \
@@ -231,32 +239,33 @@ consumer() {
         -a -f "$prefix/share/cmake/kdloss/kdlossConfigVersion.cmake" \
         -a -f "$prefix/share/cmake/kdloss/kdlossTargets.cmake" || true
 
+    # Two hosts of the same main.cpp: a release build (-O3, warnings as errors) of kdloss::kdloss found with
+    # find_package in the installed prefix, as a packager's user has it; and kdloss::header_only added with
+    # add_subdirectory at -O0, since what that way adds is CMake's (the subproject's targets, include path, C++17,
+    # threads), and -O0 compiles the kernels in a fifth of -O3's time. (README's test command builds the
+    # header-only one too: tests/python/test_cmake_consumer.py.)
     local target mode type flags
     for target in kdloss header_only; do
-        for mode in find_package add_subdirectory; do
-            local build="$work/consumer-$cxx-$target-$mode"
-            # find_package: a host's release build (-O3). add_subdirectory: the same main.cpp and headers at -O0
-            # (the library's kernels too), since what this way adds is CMake's (the subproject's targets, include
-            # path, C++17, threads), and -O0 compiles the kernels in a quarter of -O3's time. (README's test
-            # command builds this way at -O3 too, header-only, without -Werror: tests/python/test_cmake_consumer.py.)
-            if [ "$mode" = find_package ]; then type=Release flags="$warnings"; else type="" flags="-O0 $warnings"; fi
-            step "$cxx: consumer of kdloss::$target via $mode: configure" cmake -S "$root/tests/cmake_consumer" \
-                -B "$build" -DCMAKE_BUILD_TYPE="$type" -DCMAKE_CXX_COMPILER="$cxx" -DCMAKE_CXX_FLAGS="$flags" \
-                -DKDLOSS_CONSUMER_MODE="$mode" -DKDLOSS_CONSUMER_TARGET="kdloss::$target" \
-                -DKDLOSS_OPTIMIZE_KERNELS=OFF -DKDLOSS_KERNEL_ISAS=baseline -DCMAKE_PREFIX_PATH="$prefix" \
-                -DKDLOSS_SOURCE_TREE="$root" || continue
-            step "$cxx: consumer of kdloss::$target via $mode: build (${type:--O0} -Werror)" \
-                cmake --build "$build" -j "$jobs" || continue
-            step "$cxx: consumer of kdloss::$target via $mode: run, loss = $check_loss" run_consumer "$build" ||
-                continue
-            summary+=("$cxx consumer of kdloss::$target via $mode: $(head -n 1 "$build/out.txt")")
-        done
-        # Both ways compile the same program from the same headers: the same numbers, to the last bit or two
-        # (the optimiser may round a last bit differently).
-        step "$cxx: kdloss::$target: find_package and add_subdirectory print the same" \
-            agree "$work/consumer-$cxx-$target-find_package/out.txt" \
-            "$work/consumer-$cxx-$target-add_subdirectory/out.txt" || true
+        if [ "$target" = kdloss ]; then
+            mode=find_package type=Release flags="$warnings"
+        else
+            mode=add_subdirectory type="" flags="-O0 $warnings"
+        fi
+        local build="$work/consumer-$cxx-$target"
+        step "$cxx: consumer of kdloss::$target via $mode: configure" cmake -S "$root/tests/cmake_consumer" \
+            -B "$build" -DCMAKE_BUILD_TYPE="$type" -DCMAKE_CXX_COMPILER="$cxx" -DCMAKE_CXX_FLAGS="$flags" \
+            -DKDLOSS_CONSUMER_MODE="$mode" -DKDLOSS_CONSUMER_TARGET="kdloss::$target" \
+            -DCMAKE_PREFIX_PATH="$prefix" -DKDLOSS_SOURCE_TREE="$root" || continue
+        step "$cxx: consumer of kdloss::$target via $mode: build (${type:--O0} -Werror)" \
+            cmake --build "$build" -j "$jobs" || continue
+        step "$cxx: consumer of kdloss::$target via $mode: run, loss = $check_loss" run_consumer "$build" ||
+            continue
+        summary+=("$cxx consumer of kdloss::$target via $mode: $(head -n 1 "$build/out.txt")")
     done
+    # The same program from the same headers, one way and the other: the same numbers, to the last bit or two
+    # (the optimiser may round a last bit differently).
+    step "$cxx: kdloss::kdloss via find_package and kdloss::header_only via add_subdirectory print the same" \
+        agree "$work/consumer-$cxx-kdloss/out.txt" "$work/consumer-$cxx-header_only/out.txt" || true
     # Before 1.0, 0.1 is compatible with 0.1.x only: asking for 0.2 or 0.0 must be refused.
     step "$cxx: find_package(kdloss 0.2), (kdloss 0.0) refused" refuses_versions "$prefix" 0.2 0.0 || true
 }
@@ -264,9 +273,11 @@ consumer() {
 # --- two lanes ------------------------------------------------------------------------------------
 # Most of a suite's time goes into one process (the unity translation unit; under qemu, one long test), so
 # one suite at a time left a core idle. Two lanes of suites run at once, of about the same CPU time each
-# (seconds of CPU when this was written: lane 1, aarch64 95 to build and 220 to run under qemu,
-# then sanitized 120 with clang++, ~170 with g++; lane 2, g++ plain 140, portable 175, clang++ plain 65,
-# the consumer 50). Each lane's report is printed when both are done.
+# (seconds of CPU when this was written, on 2 cores beside .ci/run's Python side: lane 1, aarch64 180 to
+# build and 210 to run under qemu, then g++ plain ~120 with its kernels cached, ~350 without; lane 2,
+# sanitized 160 + 100 with clang++, portable 70 + 15 with clang++, the consumer ~30 cached). The g++ suite
+# and the consumer come after others: by then the wheel that .ci/run builds first has cached the kernels they
+# share with it. Each lane's report is printed when both are done.
 # lane NAME JOB...: runs each JOB (a command line: "suite CXX MODE", "consumer CXX") in turn, its report in
 # $work/lane.NAME and its counts and summary lines in $work/lane.NAME.result.
 lane() {
@@ -280,13 +291,15 @@ lane() {
     printf '%s\n' "$passed $failed" "${summary[@]}" >"$work/lane.$name.result"
 }
 
+# The portable suite with clang++, which compiles its unrolled loops in a third of g++'s time.
+portable_cxx=g++
+if [[ " ${compilers[*]} " == *" clang++ "* ]]; then portable_cxx=clang++; fi
 lane1=() lane2=()
 if [ "$aarch64" = 1 ]; then lane1+=("suite aarch64-linux-gnu-g++ aarch64"); fi
-lane1+=("suite $sanitized_cxx sanitized")
-lane2+=("suite g++ plain" "suite g++ portable")
-if [[ " ${compilers[*]} " == *" clang++ "* ]]; then lane2+=("suite clang++ plain"); fi
+lane1+=("suite g++ plain")
+lane2+=("suite $sanitized_cxx sanitized" "suite $portable_cxx portable")
 # The host's view, with the default compiler (the suites have compiled every header with each).
-lane1+=("consumer g++")
+lane2+=("consumer g++")
 lane 1 "${lane1[@]}" &
 lane1_pid=$!
 lane 2 "${lane2[@]}" &

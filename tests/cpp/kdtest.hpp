@@ -29,6 +29,17 @@
 
 namespace kdtest {
 
+// Whether the suite is built to run slowly (KDLOSS_TEST_REDUCED in CMake: under an emulator, where long double is
+// software, or sanitized): the few tests that take minutes there run on smaller sizes, chosen with
+// sized(full, reduced). The native optimised builds run the full sizes.
+#ifdef KDTEST_REDUCED
+inline constexpr bool reduced = true;
+#else
+inline constexpr bool reduced = false;
+#endif
+
+inline constexpr std::size_t sized(std::size_t full, std::size_t reduced_size) { return reduced ? reduced_size : full; }
+
 struct TestCase {
     const char* name;
     const char* file;

@@ -68,8 +68,12 @@ export PATH="$tools:$PATH" # auditwheel repair runs patchelf
 # ----------------------------------------------------------------------------------------------------------------
 step "1. python -m build: the sdist, then the wheel from the sdist alone"
 # No --sdist/--wheel: build's default builds the wheel from the unpacked sdist, so a file the build needs and
-# the sdist lacks fails here. The build directory is our own (kept with the workspace if the build fails).
-"$tools/python" -m build --outdir "$work/dist" -C "build-dir=$work/wheel-build" "$repo" >"$work/build.log" 2>&1 ||
+# the sdist lacks fails here. The build directory is our own (kept with the workspace if the build fails), unless
+# SKBUILD_BUILD_DIR names one: .ci/run's is relative, inside the unpacked sdist as README's build is inside the
+# checkout, so that its compiler cache (.ci/ccache.sh) gives this build the objects of that one.
+build_dir=(-C "build-dir=$work/wheel-build")
+if [[ -n "${SKBUILD_BUILD_DIR:-}" ]]; then build_dir=(); fi
+"$tools/python" -m build --outdir "$work/dist" "${build_dir[@]}" "$repo" >"$work/build.log" 2>&1 ||
     { tail -n 40 "$work/build.log"; fail "python -m build (sdist, then the wheel from it)"; }
 grep -q "Building wheel from sdist" "$work/build.log" || fail "python -m build did not build the wheel from the sdist"
 shopt -s nullglob
