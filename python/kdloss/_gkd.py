@@ -75,7 +75,7 @@ def generalized_jsd_loss(
     beta : float, default 0.5
         The mixture's weight, in [0, 1].
     temperature : float, default 1.0
-        Softmax temperature, in [1e-30, 100] (kdloss's range; TRL takes any positive number).
+        Softmax temperature, in [1e-30, 1e6] (kdloss's range; TRL takes any positive number).
     reduction : {"batchmean", "sum", "mean", "none"}, default "batchmean"
         As TRL: "batchmean" divides the sum by the number of kept positions (labels given) or by
         ``shape[0]`` (no labels); "mean" by the number of kept *elements* (positions x V); "none" returns the

@@ -78,8 +78,8 @@ class DistillationLoss:
     Parameters
     ----------
     temperature : float, default 3.0
-        Softmax temperature, in [1e-30, 100] (where the loss meets its accuracy). Higher values soften both
-        distributions.
+        Softmax temperature, in [1e-30, 1e6] (where the loss meets its accuracy; up to 100 with a sparse teacher).
+        Higher values soften both distributions.
     alpha : float, default 0.3
         Weight of the hard (cross-entropy) term when labels are given, in [0, 1]. Unused without labels.
     reduction : {"mean", "sum", "none"}, default "mean"
@@ -125,7 +125,7 @@ class DistillationLoss:
     Raises
     ------
     ValueError
-        If ``temperature`` is not in [1e-30, 100], ``alpha`` or ``beta`` is not in [0, 1], ``skew`` is not in
+        If ``temperature`` is not in [1e-30, 1e6], ``alpha`` or ``beta`` is not in [0, 1], ``skew`` is not in
         [0, 1), or ``reduction`` or ``divergence`` is unknown.
     TypeError
         If a parameter is not a number (or, for ``reduction`` and ``divergence``, a string).
@@ -176,7 +176,7 @@ class DistillationLoss:
 
     @property
     def temperature(self) -> float:
-        """Softmax temperature ``T``, in [1e-30, 100]."""
+        """Softmax temperature ``T``, in [1e-30, 1e6]."""
         return self._params.temperature
 
     @temperature.setter

@@ -2,15 +2,18 @@
 
 ``kdloss.DistillationLoss`` keeps one (its ``repr``, ``==`` and pickling read it), and ``kdloss.torch`` passes one to
 its autograd function and spells it out for its operators' schemas. A new parameter is a field here and its
-check in :meth:`Parameters.checked`; the native class checks ranges (``temperature must be in [1e-30, 100]``),
+check in :meth:`Parameters.checked`; the native class checks ranges (``temperature must be in [1e-30, 1e6]``),
 so that C++ hosts get the same messages.
 """
 
 from __future__ import annotations
 
+import math
 import numbers
 import sys
 from typing import Any, NamedTuple
+
+import numpy as np
 
 from . import _core
 
@@ -84,11 +87,23 @@ def check_normalizer(value: Any) -> float | None:
     return number
 
 
+# The highest temperature with a sparse teacher: distillation_loss.hpp's max_sparse_temperature (its loss has no
+# pass for the cancellation of larger temperatures yet; the dense loss takes up to 1e6).
+MAX_SPARSE_TEMPERATURE = 100.0
+
+
 def format_number(value: float) -> str:
-    """The shortest text that reads back as `value`, as the native messages write it (messages.hpp): 0, -1, 0.3,
-    1e-300, inf, nan."""
-    text = repr(value)
-    return text[:-2] if text.endswith(".0") else text
+    """The shortest text that reads back as `value`, as the native messages write it (messages.hpp, std::to_chars):
+    0, -1, 0.3, 100.5, 1e-300, 1e+06, inf, nan. Of the fixed and the scientific form of the shortest digits, the
+    shorter, and the fixed one where they tie."""
+    value = float(value)
+    if math.isnan(value):
+        return "nan"
+    if math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    fixed = np.format_float_positional(value, unique=True, trim="-")
+    scientific = np.format_float_scientific(value, unique=True, trim="-", exp_digits=2)
+    return scientific if len(scientific) < len(fixed) else fixed
 
 
 class Parameters(NamedTuple):

@@ -68,8 +68,8 @@ def top_k(
     k : int
         Classes listed per row, in [1, C].
     temperature : float
-        The softmax temperature, in [1e-30, 100], as :class:`kdloss.DistillationLoss` takes it: the cache is for a
-        loss at this temperature.
+        The softmax temperature, in [1e-30, 1e6], as :class:`kdloss.DistillationLoss` takes it: the cache is for a
+        loss at this temperature (which takes a sparse teacher up to 100).
     num_threads : int or None, default None
         Rows are split over up to this many threads (None: all cores; 1: the calling thread). Results are
         bitwise identical whatever the count.
@@ -86,7 +86,7 @@ def top_k(
         If ``teacher_logits`` is not floating-point (bool and integer logits are refused), or an argument is of the
         wrong type.
     ValueError
-        If ``k`` is not in [1, C], ``temperature`` not in [1e-30, 100], ``teacher_logits`` has no class (or more
+        If ``k`` is not in [1, C], ``temperature`` not in [1e-30, 1e6], ``teacher_logits`` has no class (or more
         than 2**31 - 1), or a row holds NaN or +inf, or only -inf (it has no softmax): the message names the first
         such row by its index in the leading shape, e.g. ``(3, 17)``.
 
@@ -142,7 +142,7 @@ def sample_teacher(
     num_samples : int
         Draws per row, >= 1.
     temperature : float
-        The softmax temperature, in [1e-30, 100].
+        The softmax temperature, in [1e-30, 1e6].
     seed : int
         In [0, 2**64). A row's draws depend on the seed and the row's index (its place in C order over the leading
         axes) alone, whatever ``num_threads`` is: the same call gives the same cache. A cache built in pieces should

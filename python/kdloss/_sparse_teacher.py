@@ -185,7 +185,7 @@ class SparseTeacher:
         ``-inf`` marks an empty slot (a row may list fewer than K classes). A row's probabilities sum to at most
         1 (+1e-6 for rounding); the rest, the *tail*, is the mass of the classes it does not list.
     temperature : float, optional
-        The temperature the log-probabilities are at, in [1e-30, 100] (None: not recorded). Metadata: stored
+        The temperature the log-probabilities are at, in [1e-30, 1e6] (None: not recorded). Metadata: stored
         with the cache, never applied to the values.
     vocab_size : int, optional
         C, the number of classes of the teacher's distribution (None: not recorded), at least K.
@@ -199,7 +199,7 @@ class SparseTeacher:
         If ``indices`` are not int32/int64 (nothing is cast: an int16 or uint32 array is refused, not converted),
         ``logprobs`` not float16/float32/float64, or a parameter is of the wrong type.
     ValueError
-        If the two shapes differ, are 0-d or have K = 0, ``temperature`` is not in [1e-30, 100], or
+        If the two shapes differ, are 0-d or have K = 0, ``temperature`` is not in [1e-30, 1e6], or
         ``vocab_size`` is below 1 or below K.
 
     Notes

@@ -17,7 +17,7 @@ import torch
 
 from ._arrays import floating_class_indices_message
 from ._loss import DistillationLoss as NumpyDistillationLoss
-from ._params import Parameters
+from ._params import MAX_SPARSE_TEMPERATURE, Parameters, format_number
 from ._sparse_teacher import check_structure
 
 
@@ -34,7 +34,7 @@ def validated_params(
 ) -> Parameters:
     """The parameters as the NumPy class takes them: its type checks and messages, then its range checks."""
     params = Parameters.checked(temperature, alpha, reduction, ignore_index, num_threads, divergence, beta, skew, tail)
-    # The range checks ("temperature must be in [1e-30, 100]", ...) live in the native class. torch.compile
+    # The range checks ("temperature must be in [1e-30, 1e6]", ...) live in the native class. torch.compile
     # cannot trace its constructor; there the operators' fake implementations run this function for real.
     if not torch.compiler.is_compiling():
         engine(params)
@@ -103,6 +103,11 @@ def check_sparse_shapes(
         raise ValueError(
             f"divergence '{params.divergence}' needs the teacher's whole distribution: a sparse teacher takes "
             "divergence 'forward_kl' only"
+        )
+    if params.temperature > MAX_SPARSE_TEMPERATURE:
+        raise ValueError(
+            f"temperature must be at most {format_number(MAX_SPARSE_TEMPERATURE)} with a sparse teacher (where kdloss "
+            f"is accurate), got {format_number(params.temperature)}"
         )
     _check_classes(student)
 

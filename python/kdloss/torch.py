@@ -272,7 +272,7 @@ class DistillationLoss(torch.nn.Module):
     Parameters
     ----------
     temperature : float, default 3.0
-        Softmax temperature, in [1e-30, 100] (where the loss meets its accuracy).
+        Softmax temperature, in [1e-30, 1e6] (where the loss meets its accuracy; up to 100 with a sparse teacher).
     alpha : float, default 0.3
         Weight of the hard (cross-entropy) term when labels are given, in [0, 1].
     reduction : {"mean", "sum", "none"}, default "mean"
@@ -345,7 +345,7 @@ class DistillationLoss(torch.nn.Module):
 
     @property
     def temperature(self) -> float:
-        """Softmax temperature ``T``, in [1e-30, 100]; settable."""
+        """Softmax temperature ``T``, in [1e-30, 1e6]; settable."""
         return self._params.temperature
 
     @temperature.setter

@@ -275,6 +275,25 @@ def test_other_divergences_and_shapes_are_refused() -> None:
         kdloss.DistillationLoss(tail=1)
 
 
+def test_temperatures_above_100_are_refused_with_a_sparse_teacher() -> None:
+    """The dense loss takes temperatures up to 1e6 (computing the rows that cancellation would spoil again); a sparse
+    teacher's loss has no such pass, and stops at 100 with a clear error rather than a number off in its digits."""
+    rng = np.random.default_rng(12)
+    student, teacher = logits(rng, (3, 20), np.float32), logits(rng, (3, 20), np.float32)
+    out = np.full(student.shape, 7.0, np.float32)
+    for temperature, shown in ((100.5, "100.5"), (1e3, "1000"), (1e6, "1e+06")):
+        kd = kdloss.DistillationLoss(temperature)
+        cache = top_k_cache(teacher, 4, temperature)
+        message = f"temperature must be at most 100 with a sparse teacher (where kdloss is accurate), got {shown}"
+        with pytest.raises(ValueError, match=re.escape(message)):
+            kd.compute_gradient(student, cache, out=out)
+        with pytest.raises(ValueError, match=re.escape(message)):
+            kd.compute_loss(student, cache)
+        assert np.all(out == 7.0)
+        assert np.isfinite(kd.compute_loss(student, teacher))  # the dense teacher's loss takes it
+    assert np.isfinite(kdloss.DistillationLoss(100.0).compute_loss(student, top_k_cache(teacher, 4, 100.0)))
+
+
 def test_a_cache_of_another_temperature_or_vocabulary_is_refused() -> None:
     rng = np.random.default_rng(11)
     student, teacher = logits(rng, (3, 20), np.float32), logits(rng, (3, 20), np.float32)

@@ -266,7 +266,7 @@ BAD = [
      "reduction must be one of 'batchmean', 'sum', 'mean', 'none', got 'batch_mean'"),
     (dict(beta=1.5), ValueError, "beta must be in [0, 1], got 1.5"),
     (dict(beta=-0.5), ValueError, "beta must be in [0, 1], got -0.5"),
-    (dict(temperature=0.0), ValueError, "temperature must be in [1e-30, 100]"),
+    (dict(temperature=0.0), ValueError, "temperature must be in [1e-30, 1e6]"),
     (dict(labels=torch.zeros(2, 4, dtype=torch.long)), ValueError,
      "labels must have the logits' leading shape (2, 3), got (2, 4)"),
 ]  # fmt: skip

@@ -525,6 +525,8 @@ SHAPE_ERRORS = {
     "divergence before classes": ((2, 0), (2,), None, dict(divergence="skew_forward_kl")),
     "tail": ((2, 5), (2,), None, dict(tail="top")),
     "tail type": ((2, 5), (2,), None, dict(tail=1)),
+    "temperature above 100": ((2, 5), (2,), None, dict(temperature=100.5)),
+    "divergence before temperature": ((2, 5), (2,), None, dict(divergence="jsd", temperature=1e3)),
 }
 
 
@@ -534,7 +536,9 @@ def test_shapes_are_checked_as_the_numpy_class_checks_them(case):
     module, for CPU and meta tensors, in training and in evaluation."""
     student_shape, leading, labels, kwargs = SHAPE_ERRORS[case]
     kwargs = dict(kwargs)
-    constructor = {name: kwargs.pop(name) for name in ("reduction", "divergence", "tail") if name in kwargs}
+    constructor = {
+        name: kwargs.pop(name) for name in ("temperature", "reduction", "divergence", "tail") if name in kwargs
+    }
     cache = kdloss.SparseTeacher(np.zeros((*leading, 2), np.int64), np.full((*leading, 2), -np.inf))
     numpy_labels = None
     if labels is not None:

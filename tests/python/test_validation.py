@@ -68,7 +68,7 @@ def expect_error_from_every_method(exc, match, kd, s, t, y=None, *, out_shape=No
 # parameters
 # ---------------------------------------------------------------------------
 
-# Out of [1e-30, 100], where the loss meets its accuracy (test_temperature_range.py checks inside it).
+# Out of [1e-30, 1e6], where the loss meets its accuracy (test_temperature_range.py checks inside it).
 BAD_TEMPERATURES = [
     0.0,
     -0.0,
@@ -79,8 +79,8 @@ BAD_TEMPERATURES = [
     -1e-300,
     1e-310,
     9.99e-31,
-    100.00000000000001,
-    1e3,
+    1000000.0000000001,
+    1e7,
     1e155,
 ]
 BAD_ALPHAS = [-0.1, 1.1, -1e-12, 1.0 + 1e-12, math.nan, math.inf, -math.inf, 2]
@@ -785,3 +785,14 @@ def test_messages_are_the_cpp_cores(student_shape, teacher_shape, labels, kwargs
     with pytest.raises(ValueError) as info:
         DistillationLoss().compute_loss(np.zeros(student_shape), np.zeros(teacher_shape), labels, **kwargs)
     assert str(info.value) == message
+
+
+@pytest.mark.parametrize("value", [1e7, 2e6, 1.5e7, 123456789.0, 1e155, 1000000.0000000001, 1e-300, -2.5, -0.0])
+def test_python_messages_write_numbers_as_the_native_ones_do(value):
+    """The torch checks (kdloss._torch_checks) write their numbers with _params.format_number, the native class with
+    std::to_chars: the same text, fixed or scientific (1e+07, not 10000000)."""
+    from kdloss._params import format_number
+
+    with pytest.raises(ValueError) as native:
+        DistillationLoss(value)
+    assert str(native.value).endswith(f"got {format_number(value)}")

@@ -48,10 +48,14 @@ inline const char* reduction_name(Reduction reduction) noexcept {
 inline constexpr std::size_t max_threads = 4096;
 
 // The temperatures in which the loss and gradient meet their stated accuracy (float32 1e-5 relative, float64
-// 1e-12; benchmarks/temperature_accuracy.py measures it): above, the two terms of the soft loss cancel to
-// O(1/T^2) of themselves; below 1e-30, e^(ds/T)'s scale leaves float's range.
+// 1e-12; tests/python/test_temperature_range.py checks it against mpmath): below 1e-30, e^(ds/T)'s scale leaves
+// float's range; up to 1e6, where the soft loss's terms cancel to O(1/T^2) of themselves, every row is computed
+// again from the distributions' relative difference (detail/exact_row.hpp). A sparse teacher's loss has no such
+// pass yet: up to 100 (max_sparse_temperature), where its terms keep the accuracy themselves.
 inline constexpr double min_temperature = 1e-30;
-inline constexpr double max_temperature = 100.0;
+inline constexpr double max_temperature = 1e6;
+inline constexpr double max_sparse_temperature = 100.0;
+static_assert(max_temperature == 1e6, "Parameters::checked's message spells max_temperature");
 
 // The smallest positive beta and skew: a mixture weight below it leaves float's normal range in the kernels'
 // products (and the mixture divergence is then within rounding of its plain KL anyway).
@@ -77,9 +81,8 @@ struct Parameters {
     // that is out of range.
     Parameters checked() const {
         if (!(temperature >= min_temperature && temperature <= max_temperature))
-            throw std::invalid_argument("temperature must be in [" + detail::format_number(min_temperature) + ", " +
-                                        detail::format_number(max_temperature) + "] (where kdloss is accurate), got " +
-                                        detail::format_number(temperature));
+            throw std::invalid_argument("temperature must be in [" + detail::format_number(min_temperature) +
+                                        ", 1e6] (where kdloss is accurate), got " + detail::format_number(temperature));
         if (!(alpha >= 0.0 && alpha <= 1.0))
             throw std::invalid_argument("alpha must be finite and in [0, 1], got " + detail::format_number(alpha));
         if (num_threads > max_threads)
@@ -425,6 +428,10 @@ private:
             throw std::invalid_argument(std::string("divergence '") + divergence_name(params_.divergence) +
                                         "' needs the teacher's whole distribution: a sparse teacher takes "
                                         "divergence 'forward_kl' only");
+        if (params_.temperature > max_sparse_temperature)
+            throw std::invalid_argument("temperature must be at most " + detail::format_number(max_sparse_temperature) +
+                                        " with a sparse teacher (where kdloss is accurate), got " +
+                                        detail::format_number(params_.temperature));
         if (sparse.rows() != student.rows)
             throw std::invalid_argument("a sparse teacher must have a row for each row of student_logits (" +
                                         std::to_string(student.rows) + "), got " + std::to_string(sparse.rows()));

@@ -20,6 +20,10 @@
 // log1p(sum_c q_c expm1(d_c)), exact relative to L however small. Where p_c is far from q_c (|x_c| > 1), the
 // terms are taken in the log domain instead, p x - (p - q) and (p - q) - q x with p = e^(log q + x), where
 // nothing cancels either: no exponential of a large d overflows, and no u_c = e^x - 1 rounds to -1.
+// Reverse KL's gradient is centred on the student's top class k: x_c + KL = (x_c - x_k) - sum_j q_j (x_j - x_k),
+// where x_c - x_k = d_c - d_k leaves L out, and the top class's own term is 0. Where the student is nearly one-hot
+// (q_k near 1, rows that saturate at a low T), x_k + KL is a difference of two numbers near x_k; this way it is
+// the small sum over the other classes, which keeps its relative precision.
 //
 // Plain scalar double, with libm: these rows are few in ordinary calls (student and teacher apart, T of 1 to
 // 4 take none), and a row costs a few times what the kernels take for it. The hard term is computed again too,
@@ -179,6 +183,8 @@ KDLOSS_NO_VECTORISE void exact_row(const BatchProblem<T>& problem, std::size_t r
         teacher_max = std::fmax(teacher_max, static_cast<double>(teacher[c]));
     }
     const double shift = teacher_max - student_max;
+    std::size_t top = 0;  // the student's top class (its first, if several)
+    while (top + 1 < n && static_cast<double>(student[top]) != student_max) ++top;
     // log q_c = ds_c / T - log Z_s; d_c as above; -inf logits leave q_c (or p_c) exactly 0.
     const bool hard_term = problem.hard_weight != 0.0 && problem.label_kind != LabelKind::none;
     double student_soft = 0.0, student_hard = 0.0, teacher_soft = 0.0;
@@ -243,7 +249,7 @@ KDLOSS_NO_VECTORISE void exact_row(const BatchProblem<T>& problem, std::size_t r
     // A mixture's G waits in the gradient's row for E_q[G] (rounded to T: its relative precision is all the
     // gradient needs), where computing it again would cost its logarithms twice.
     T* gradient = problem.gradient != nullptr ? problem.gradient + r * problem.gradient_stride : nullptr;
-    double divergence = 0.0, mean = 0.0;
+    double divergence = 0.0, mean = 0.0;  // mean: a mixture's E_q[G], reverse KL's sum_j q_j (d_j - d_top)
     for (std::size_t c = 0; c < n; ++c) {
         if (mixture) {
             MixtureClass at{0.0, 0.0};
@@ -261,6 +267,7 @@ KDLOSS_NO_VECTORISE void exact_row(const BatchProblem<T>& problem, std::size_t r
         }
         const double q = std::exp(log_q(c));
         const double x = d(c) - log_ratio_sum;
+        if (!forward && c != top) mean += q * (d(c) - d(top));
         if (std::fabs(x) > 1.0) {
             const double p = std::exp(log_q(c) + x);
             divergence += forward ? p * x - (p - q) : (p - q) - q * x;
@@ -268,6 +275,9 @@ KDLOSS_NO_VECTORISE void exact_row(const BatchProblem<T>& problem, std::size_t r
             divergence += q * (forward ? forward_term(std::expm1(x)) : reverse_term(std::expm1(x)));
         }
     }
+    // Over the student's support, sum_c q_c u_c = -P0, not 0, where the teacher has mass P0 outside it: reverse KL's
+    // sum of q psi(u) leaves it out. (Forward KL is infinite then, and the mixtures' terms count every class.)
+    if (!forward && !mixture) divergence += teacher_mass_outside / teacher_soft;
     const double soft = temperature * temperature * divergence;
 
     // The hard term: CE = sum(y) log Z_h - sum_c y_c ds_c (cross_entropy.hpp), y one-hot or a distribution.
@@ -307,7 +317,8 @@ KDLOSS_NO_VECTORISE void exact_row(const BatchProblem<T>& problem, std::size_t r
             if (mixture) g = soft_scale * q * (static_cast<double>(gradient[c]) - mean);
             else if (forward)
                 g = std::fabs(x) > 1.0 ? soft_scale * (q - std::exp(log_q(c) + x)) : -soft_scale * q * std::expm1(x);
-            else g = -soft_scale * q * (x + divergence);
+            else if (std::isinf(divergence)) g = std::numeric_limits<double>::quiet_NaN();  // no derivative
+            else g = -soft_scale * q * ((c == top ? 0.0 : d(c) - d(top)) - mean);
             if (hard_term) {
                 const double h = std::exp(static_cast<double>(student[c]) - student_max - log_student_hard);
                 g += hard_scale * h * target_mass;
@@ -323,11 +334,15 @@ KDLOSS_NO_VECTORISE void exact_row(const BatchProblem<T>& problem, std::size_t r
 
 // Once rows[0 .. count)'s losses and gradient rows are written (a block's, or RowLosses' rows), given their
 // divergences as the kernels computed them: those whose results cancellation may have spoilt, computed again by
-// exact_row. The kernels' error is a few ulps of T's precision times the size of the terms D is the difference
-// of, in the loss, and a few ulps of q over the largest |q - p|, about sqrt(2 D), in the gradient: a row is
-// computed again where D is below 1/64 of that size (float; 1/1024 for double) or below 1e-3 (1e-6), which keeps
-// both errors below a tenth of the tolerances the library promises (float 1e-5, double 1e-12). Ordinary rows (T
-// of 1 to 4, student and teacher apart) are far from either, and pay for a comparison per block of rows.
+// exact_row (and reverse KL's rows whose student is nearly one-hot, below). The kernels' error is a few ulps of T's
+// precision times the size of the terms D is the difference of, in the loss, and a few ulps of q over the largest |q -
+// p|, about sqrt(2 D), in the gradient: a row is computed again where D is below 1/64 of that size (float; 1/1024 for
+// double) or below 1e-3 (1e-6), which keeps both errors below a tenth of the tolerances the library promises (float
+// 1e-5, double 1e-12). Ordinary rows (T of 1 to 4, student and teacher apart) are far from either, and pay for a
+// comparison per block of rows. The highest temperature at which the kernels' results are taken where they pass the
+// tests below.
+inline constexpr double kernels_max_temperature = 100.0;
+
 // Which of exact_row's formulas a soft term's rows take.
 template <class Soft>
 inline constexpr ExactKind exact_kind = std::is_same_v<Soft, ForwardKL>   ? ExactKind::forward_kl
@@ -344,7 +359,22 @@ void redo_inexact_rows(const BatchProblem<T>& problem, const typename Terms::tem
         // NaN and +inf divergences compare false: such rows keep what the kernels made of them.
         const Pack<double> size = relative * Soft::terms_size_numerator(sums.soft, problem.temperature);
         const Pack<double> scaled = divergence * Soft::terms_size_denominator(sums.soft, problem.temperature);
-        const Mask<double> inexact = (scaled < size) | (divergence < Pack<double>(small));
+        // Above T = 100 every row: the kernels' terms there are of order 1/T and D of 1/T^2, and the tests of
+        // their accuracy reach T = 100 (test_temperature_range.py); above it exact_row computes them all.
+        if (problem.temperature > kernels_max_temperature) {
+            for (std::size_t lane = 0; lane < count; ++lane) exact_row(problem, rows[lane], exact_kind<Soft>);
+            return;
+        }
+        Mask<double> inexact = (scaled < size) | (divergence < Pack<double>(small));
+        if constexpr (std::is_same_v<Soft, ReverseKL>) {
+            // A nearly one-hot student: its top class's e^0 = 1 is all but the whole of Z_s, and the kernels'
+            // gradient there, q (r - E_q[r]), a difference of two numbers near r_top (exact_row centres it). The
+            // loss alone takes the same rows, so that it is the loss of loss_and_gradient, bit for bit.
+            // Float's 2^-24 of r_top is then 1e-5 of the gradient below Z_s - 1 ~ 1/16; double's 2^-53, 1e-12 of it
+            // below ~1e-4 (a margin of 10 below each).
+            constexpr double saturated = single ? 1.0 / 16 : 1e-5;
+            inexact = inexact | (sums.soft.student_soft < Pack<double>(1.0 + saturated));
+        }
         const Pack<double> flags = select(inexact, Pack<double>(1.0), Pack<double>(0.0));
         if (flags.sum() == 0.0) return;
         double flag[lanes];

@@ -79,12 +79,12 @@ struct ForwardKL {
     };
 
     // KL(p || q). log Z_s - log Z_t = log(1 + (Z_s - Z_t) / Z_t), one logarithm instead of two, and exact to
-    // the last bits of the difference however small it is. fast_log, not std::log: it costs a few cycles,
-    // which matters for short rows, and it runs on all lanes of a block at once.
+    // the last bits of the difference however small it is (fast_log1p). Not std::log1p: fast_log costs a few
+    // cycles, which matters for short rows, and it runs on all lanes of a block at once.
     template <class V>
     static KDLOSS_INLINE V divergence(const Sums<V>& sums, double temperature) noexcept {
         return sums.teacher_cross / (sums.teacher_soft * temperature) +
-               fast_log(1.0 + sums.soft_difference / sums.teacher_soft);
+               fast_log1p(sums.soft_difference / sums.teacher_soft);
     }
 
     // The size of the two terms `divergence` is the difference of, for redo_inexact_rows (exact_row.hpp), as a

@@ -10,6 +10,7 @@
 // measured slower than the same arithmetic in registers. Other compilers (MSVC) get an array of scalars and
 // the same loops, which they may vectorise or not. Every operation is per lane, so both give the same bits.
 
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -417,6 +418,8 @@ KDLOSS_INLINE Pack<T> fused_multiply_add(const Pack<T>& a, const Pack<T>& b, con
 #elif KDLOSS_VECTOR_EXTENSIONS && defined(__aarch64__)
         if constexpr (is_float) r.part[i] = vfmaq_f32(c.part[i], a.part[i], b.part[i]);
         else r.part[i] = vfmaq_f64(c.part[i], a.part[i], b.part[i]);
+#elif !KDLOSS_VECTOR_EXTENSIONS && (defined(__FMA__) || defined(__aarch64__))
+        r.part[i] = std::fma(a.part[i], b.part[i], c.part[i]);  // one instruction where the target has it
 #else
         r.part[i] = a.part[i] * b.part[i] + c.part[i];
 #endif

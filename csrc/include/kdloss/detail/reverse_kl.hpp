@@ -83,7 +83,7 @@ struct ReverseKL {
     template <class V>
     static KDLOSS_INLINE V divergence(const Sums<V>& sums, double temperature) noexcept {
         return sums.student_cross / (sums.student_soft * temperature) +
-               fast_log(1.0 + sums.soft_difference / sums.student_soft);
+               fast_log1p(sums.soft_difference / sums.student_soft);
     }
 
     // The size of the two terms `divergence` is the difference of, for redo_inexact_rows (exact_row.hpp), as a
