@@ -154,6 +154,11 @@ private:
     double coefficient_[terms] = {};
 };
 
+// The highest temperature at which the kernels' results are kept where redo_inexact_rows finds them accurate: above
+// it their terms are of order 1/T and D of 1/T^2, and the tests of their accuracy reach T = 100
+// (test_temperature_range.py), so every row is computed here.
+inline constexpr double kernels_max_temperature = 100.0;
+
 // Row `row` of `problem` (a dense teacher, not ignored), its soft term `kind` (a KL, or the mixture
 // problem.divergence): writes its loss (or its two parts) and, if the problem has one, its gradient row, over
 // what the kernels wrote.
@@ -202,6 +207,7 @@ KDLOSS_NO_VECTORISE void exact_row(const BatchProblem<T>& problem, std::size_t r
     auto d = [&](std::size_t c) {
         return ((static_cast<double>(teacher[c]) - static_cast<double>(student[c])) - shift) / temperature;
     };
+    const double top_d = d(top);
 
     // L = log sum_c q_c e^(d_c): by log1p of sum_c q_c expm1(d_c), unless some d_c is too large for exp (a row
     // that is no near match; then as a log-sum-exp).
@@ -267,7 +273,7 @@ KDLOSS_NO_VECTORISE void exact_row(const BatchProblem<T>& problem, std::size_t r
         }
         const double q = std::exp(log_q(c));
         const double x = d(c) - log_ratio_sum;
-        if (!forward && c != top) mean += q * (d(c) - d(top));
+        if (!forward && c != top) mean += q * (d(c) - top_d);
         if (std::fabs(x) > 1.0) {
             const double p = std::exp(log_q(c) + x);
             divergence += forward ? p * x - (p - q) : (p - q) - q * x;
@@ -318,7 +324,7 @@ KDLOSS_NO_VECTORISE void exact_row(const BatchProblem<T>& problem, std::size_t r
             else if (forward)
                 g = std::fabs(x) > 1.0 ? soft_scale * (q - std::exp(log_q(c) + x)) : -soft_scale * q * std::expm1(x);
             else if (std::isinf(divergence)) g = std::numeric_limits<double>::quiet_NaN();  // no derivative
-            else g = -soft_scale * q * ((c == top ? 0.0 : d(c) - d(top)) - mean);
+            else g = -soft_scale * q * ((c == top ? 0.0 : d(c) - top_d) - mean);
             if (hard_term) {
                 const double h = std::exp(static_cast<double>(student[c]) - student_max - log_student_hard);
                 g += hard_scale * h * target_mass;
@@ -339,10 +345,7 @@ KDLOSS_NO_VECTORISE void exact_row(const BatchProblem<T>& problem, std::size_t r
 // p|, about sqrt(2 D), in the gradient: a row is computed again where D is below 1/64 of that size (float; 1/1024 for
 // double) or below 1e-3 (1e-6), which keeps both errors below a tenth of the tolerances the library promises (float
 // 1e-5, double 1e-12). Ordinary rows (T of 1 to 4, student and teacher apart) are far from either, and pay for a
-// comparison per block of rows. The highest temperature at which the kernels' results are taken where they pass the
-// tests below.
-inline constexpr double kernels_max_temperature = 100.0;
-
+// comparison per block of rows. Above kernels_max_temperature every row is computed again.
 // Which of exact_row's formulas a soft term's rows take.
 template <class Soft>
 inline constexpr ExactKind exact_kind = std::is_same_v<Soft, ForwardKL>   ? ExactKind::forward_kl
@@ -356,15 +359,13 @@ void redo_inexact_rows(const BatchProblem<T>& problem, const typename Terms::tem
         using Soft = typename Terms::SoftTerm;
         constexpr bool single = std::is_same_v<T, float>;
         constexpr double relative = single ? 1.0 / 64 : 1.0 / 1024, small = single ? 1e-3 : 1e-6;
-        // NaN and +inf divergences compare false: such rows keep what the kernels made of them.
-        const Pack<double> size = relative * Soft::terms_size_numerator(sums.soft, problem.temperature);
-        const Pack<double> scaled = divergence * Soft::terms_size_denominator(sums.soft, problem.temperature);
-        // Above T = 100 every row: the kernels' terms there are of order 1/T and D of 1/T^2, and the tests of
-        // their accuracy reach T = 100 (test_temperature_range.py); above it exact_row computes them all.
         if (problem.temperature > kernels_max_temperature) {
             for (std::size_t lane = 0; lane < count; ++lane) exact_row(problem, rows[lane], exact_kind<Soft>);
             return;
         }
+        // NaN and +inf divergences compare false: such rows keep what the kernels made of them.
+        const Pack<double> size = relative * Soft::terms_size_numerator(sums.soft, problem.temperature);
+        const Pack<double> scaled = divergence * Soft::terms_size_denominator(sums.soft, problem.temperature);
         Mask<double> inexact = (scaled < size) | (divergence < Pack<double>(small));
         if constexpr (std::is_same_v<Soft, ReverseKL>) {
             // A nearly one-hot student: its top class's e^0 = 1 is all but the whole of Z_s, and the kernels'
