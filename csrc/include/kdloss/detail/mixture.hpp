@@ -90,31 +90,42 @@ SoftTerm soft_term(const BatchProblem<T>& problem) noexcept {
 }
 
 // log(1 - x) for x in [0, 1], given x and y = 1 - x each to T's relative precision: log(y), corrected by the
-// part of x that y lost to rounding, ((1 - y) - x) / y, where 1 - y is exact (y >= 1/2; the factor 2 - y for
-// 1 / y is good enough for a correction of an ulp); and below an ulp of 1, where y rounds to 1 or just under
-// it and log(y)'s own rounding would be most of the result, -x itself (x^2 / 2 is below its last bit). Exact
-// relative to itself however small x is.
+// part of x that y lost to rounding, c = (1 - y) - x, exact where y >= 1/2 (Sterbenz): log(y + c) = log(y) +
+// c / y to first order, and c in place of c / y leaves out c x / y, under 2 |c| <= 2^-p of log(1 - x) itself
+// (|log(1 - x)| >= x). fast_log(y) is exact relative to itself near 1 (it takes y - 1 exactly), so the sum is,
+// however small x is.
 template <class T>
 KDLOSS_INLINE Pack<T> log_one_minus(const Pack<T>& x, const Pack<T>& y) noexcept {
-    const Pack<T> correction = ((T(1) - y) - x) * (T(2) - y);
-    const Pack<T> result = fast_log(y) + select(x > Pack<T>(T(0.5)), Pack<T>(), correction);
-    return select(x < Pack<T>(std::numeric_limits<T>::epsilon()), T(0) - x, result);
+    return fast_log(y) + select(x > Pack<T>(T(0.5)), Pack<T>(), (T(1) - y) - x);
 }
 
-// log(1 - x) + x for x in [0, 1], given log(1 - x) and y = 1 - x to T's precision relative to themselves. For
-// x <= 1/4 by the series log(1 - x) = -2 atanh(w), w = x / (2 - x) = x / (1 + y), where x - 2w = -x w leaves
-//   log(1 - x) + x = -w (x + 2 w^2 (1/3 + w^2/5 + w^4/7 + ...)),
-// terms of one sign, exact relative to the result however small x is (the result is -x^2/2 there, which
-// log(1 - x) + x would lose to cancellation); elsewhere log(1 - x) + x, where no more than a tenth cancels.
+// log(1 - x) + x for x in [0, 1], given log(1 - x) and y = 1 - x to T's precision relative to themselves: for
+// x <= 1/4 by a series whose terms have one sign, exact relative to the result however small x is (it is
+// -x^2/2 there, which log(1 - x) + x would lose to cancellation); elsewhere log(1 - x) + x, where no more than
+// a tenth cancels.
+//   float: -x^2 S(x), S(x) = -(log(1 - x) + x) / x^2 = 1/2 + x/3 + x^2/4 + ..., by its interpolant at the
+//     seven Chebyshev nodes of [0, 1/4] (relative error 1e-8; 1.1 ulps evaluated in float), with no division.
+//   double: log(1 - x) = -2 atanh(w), w = x / (2 - x) = x / (1 + y), where x - 2w = -x w leaves
+//     log(1 - x) + x = -w (x + 2 w^2 (1/3 + w^2/5 + w^4/7 + ...)), w <= 1/7: terms to w^18/21 leave out less
+//     than double's rounding (a polynomial in x would take some twenty terms).
 template <class T>
 KDLOSS_INLINE Pack<T> log_one_minus_plus(const Pack<T>& x, const Pack<T>& y, const Pack<T>& log_y) noexcept {
-    const Pack<T> w = x / (T(1) + y);
-    const Pack<T> w2 = w * w;
-    // w <= 1/7: terms to w^18/21 (double) or w^8/11 (float) leave out less than T's rounding.
-    constexpr int terms = std::is_same_v<T, float> ? 5 : 10;
-    Pack<T> series = T(1) / T(2 * terms + 1);
-    for (int k = terms - 1; k >= 1; --k) series = series * w2 + T(1) / T(2 * k + 1);
-    const Pack<T> near = T(0) - w * (x + T(2) * w2 * series);
+    Pack<T> near;
+    if constexpr (std::is_same_v<T, float>) {
+        const Pack<T> x2 = x * x;
+        const Pack<T> x4 = x2 * x2;
+        const Pack<T> s01 = x * 0.33333256133742345f + 0.5000000019739496f;
+        const Pack<T> s23 = x * 0.19885578458393893f + 0.2500488215053713f;
+        const Pack<T> s45 = x * 0.07455085805055447f + 0.17921138989124977f;
+        const Pack<T> s46 = x2 * 0.2948846488110105f + s45;
+        near = (T(0) - x2) * (s46 * x4 + (s23 * x2 + s01));
+    } else {
+        const Pack<T> w = x / (T(1) + y);
+        const Pack<T> w2 = w * w;
+        Pack<T> series = T(1) / T(21);
+        for (int k = 9; k >= 1; --k) series = series * w2 + T(1) / T(2 * k + 1);
+        near = T(0) - w * (x + T(2) * w2 * series);
+    }
     return select(x > Pack<T>(T(0.25)), log_y + x, near);
 }
 
@@ -172,44 +183,63 @@ struct Mixture {
     // own arithmetic (with_second_pass picks it).
     template <class T, bool Gradient, Divergence Kind>
     struct SecondPass {
-        Pack<T> inverse_student, inverse_teacher;  // 1 / Z_s, 1 / Z_t
-        Pack<T> student_scale;                     // Z_t / Z_s
         // Packs, not scalars: a scalar would be broadcast again at each use inside the loop.
-        Pack<T> teacher, student;            // the mixture's weights
-        Pack<T> teacher_term, student_term;  // the loss's
+        Pack<T> teacher, student;            // the parts' weights: of e^(dt/T) and of e^(ds/T) (skews, see add)
         Pack<T> log_teacher, log_student;    // the mixture's weights' logarithms
-        Pack<T> student_over_teacher;        // student / teacher
+        Pack<T> minus_student_over_teacher;  // -student / teacher (the mixture's weights)
         // jsd: log2 of (the teacher's part of m) / (the student's) is logit_scale (dt - ds) + log2_part_ratio,
         // and the terms' weights per exponential, teacher_term / Z_t and student_term / Z_s.
         Pack<T> logit_scale, log2_part_ratio;
         Pack<T> teacher_weight, student_weight;
         Pack<T> divergence_sum, mean;  // partial sums over a chunk
+        // What the partial sums are multiplied by as they are added up in double (the skews sum e^(dt/T) and
+        // e^(ds/T) times their terms: the 1 / Z comes out of the loop).
+        Pack<double> divergence_scale, mean_scale;
 
         template <class V>
         static SecondPass from_sums(const Sums<V>& sums, const BatchProblem<T>& problem) noexcept {
             const MixtureWeights w = mixture_weights(problem);
-            const V log2_part_ratio =
-                log2e * (w.log_teacher - w.log_student + fast_log(sums.student_soft / sums.teacher_soft));
-            // A row whose sums are NaN (NaN or +inf logits) must have a NaN gradient. jsd's lambda may hide it
-            // (its second pass makes NaN lambdas finite, see add), so G's factor carries it: 0 log2_part_ratio
-            // is 0, or NaN (the sums are at least 1, never infinite).
-            const V student_with_nan = w.student + 0.0 * log2_part_ratio;
-            return {narrow<T>(1.0 / sums.student_soft),
-                    narrow<T>(1.0 / sums.teacher_soft),
-                    narrow<T>(sums.teacher_soft / sums.student_soft),
-                    Pack<T>(static_cast<T>(w.teacher)),
-                    narrow<T>(student_with_nan),
-                    Pack<T>(static_cast<T>(w.teacher_term)),
-                    Pack<T>(static_cast<T>(w.student_term)),
-                    Pack<T>(static_cast<T>(w.log_teacher)),
-                    Pack<T>(static_cast<T>(w.log_student)),
-                    Pack<T>(static_cast<T>(w.student / w.teacher)),
-                    Pack<T>(exp2_scale<T>(log2e / problem.temperature).scale),  // as soft_exponent's
-                    narrow<T>(log2_part_ratio),
-                    narrow<T>(w.teacher_term / sums.teacher_soft),
-                    narrow<T>(w.student_term / sums.student_soft),
-                    Pack<T>(),
-                    Pack<T>()};
+            // The skews' parts scaled by 2^64, exactly: a part below T's smallest normal number would make the
+            // reciprocal of m infinite and x and y lose their precision (the parts are then at least 2^-62 times
+            // their weight, and at most 2^64 n).
+            constexpr double part_scale = 18446744073709551616.0;
+            if constexpr (Kind == Divergence::jsd) {
+                const V log2_part_ratio =
+                    log2e * (w.log_teacher - w.log_student + fast_log(sums.student_soft / sums.teacher_soft));
+                // A row whose sums are NaN (NaN or +inf logits) must have a NaN gradient. jsd's lambda may hide
+                // it (its second pass makes NaN lambdas finite, see add), so G's factor carries it: 0
+                // log2_part_ratio is 0, or NaN (the sums are at least 1, never infinite).
+                const V student_with_nan = w.student + 0.0 * log2_part_ratio;
+                return {Pack<T>(),
+                        narrow<T>(student_with_nan),
+                        Pack<T>(static_cast<T>(w.log_teacher)),
+                        Pack<T>(static_cast<T>(w.log_student)),
+                        Pack<T>(),
+                        Pack<T>(exp2_scale<T>(log2e / problem.temperature).scale),  // as soft_exponent's
+                        narrow<T>(log2_part_ratio),
+                        narrow<T>(w.teacher_term * part_scale / sums.teacher_soft),
+                        narrow<T>(w.student_term * part_scale / sums.student_soft),
+                        Pack<T>(),
+                        Pack<T>(),
+                        Pack<double>(1.0 / part_scale),
+                        Pack<double>(1.0 / part_scale)};
+            } else {
+                const V inverse_student = 1.0 / sums.student_soft;
+                const V inverse_teacher = 1.0 / sums.teacher_soft;
+                return {Pack<T>(static_cast<T>(w.teacher * part_scale)),
+                        narrow<T>(w.student * part_scale * sums.teacher_soft * inverse_student),
+                        Pack<T>(static_cast<T>(w.log_teacher)),
+                        Pack<T>(static_cast<T>(w.log_student)),
+                        Pack<T>(static_cast<T>(-w.student / w.teacher)),
+                        Pack<T>(),
+                        Pack<T>(),
+                        Pack<T>(),
+                        Pack<T>(),
+                        Pack<T>(),
+                        Pack<T>(),
+                        Pack<double>(Kind == Divergence::skew_forward_kl ? inverse_teacher : inverse_student),
+                        Pack<double>(inverse_student)};
+            }
         }
 
         // The block at element i; returns G (Gradient), or nothing of use.
@@ -218,66 +248,70 @@ struct Mixture {
             const Pack<T> e_student = Pack<T>::load(row.student_soft + i);
             const Pack<T> e_teacher = Pack<T>::load(row.divergence_term + i);
             if constexpr (Kind == Divergence::jsd) {
-                // Both log x and log y, x = (the teacher's part of m) / m and y = 1 - x = (the student's part) / m,
-                // from the log of the parts' ratio, lambda = log(x / y) = (dt - ds) / T + log(beta Z_s / ((1 -
-                // beta) Z_t)), which the logits give without a logarithm (kept in base 2). With a = |lambda| and
-                // l = log(1 + 2^-a) = log(m / the larger part),
-                //   log(larger part / m) = -l  and  log(smaller part / m) = -a ln 2 - l,
-                // no cancellation but the last addition's, and no division. lambda carries the rounding of
-                // dt - ds as e^(dt/T) and e^(ds/T) carry that of dt and ds: its error moves log(smaller / m) by
-                // about a ulps, where the smaller part weighs 2^-a of the larger. Where a side's logit is -inf
-                // (a infinite), or both sides' (a NaN), a is made finite, so that every term is a 0 weight
-                // times a finite logarithm: 0, as 0 log 0 is (NaN logits make the row's sums NaN already).
+                // Both log x and log y, x = (the teacher's part of m) / m and y = 1 - x = (the student's part) / m.
+                // With r = (the smaller part) / (the larger) and l = log(1 + r) = log(m / the larger part),
+                //   log(larger part / m) = -l  and  log(smaller part / m) = log r - l,
+                // no cancellation but the last addition's. r comes from the parts, one division (which costs
+                // less than an exponential of the logits), and is good to a few ulps, as l is then; log r, which
+                // can be large, from the logits without a logarithm: log2 r = -a, a = |lambda|, lambda =
+                // log2(x / y) = (dt - ds) log2(e) / T + log2(beta Z_s / ((1 - beta) Z_t)). lambda carries the
+                // rounding of dt - ds as e^(dt/T) and e^(ds/T) carry that of dt and ds: its error moves log(smaller
+                // / m) by about a ulps, where the smaller part weighs 2^-a of the larger. Where a side's logit is
+                // -inf (a infinite), or both sides' (a NaN), a is made finite, so that every term is a 0 weight
+                // times a finite logarithm: 0, as 0 log 0 is (NaN logits make the row's sums NaN already); where
+                // both parts are 0, the larger is taken as T's smallest normal number, which leaves r = 0.
                 const Pack<T> log2_ratio = Pack<T>::load(row.logit_difference + i) * logit_scale + log2_part_ratio;
                 const Mask<T> teacher_larger = log2_ratio > Pack<T>();
                 const Pack<T> magnitude = from_bits(to_bits(log2_ratio) & (~BitsOf<T>(0) >> 1));  // |log2_ratio|
                 const Pack<T> a = select(Pack<T>(T(1e30)) > magnitude, magnitude, T(1e30));       // NaN: 1e30
-                const Pack<T> l = log_one_plus(fast_exp2(T(0) - a, exp2_scale<T>(1.0)));
+                // The parts, beta p and (1 - beta) q, scaled by 2^64 (divergence_scale and mean_scale take it out
+                // again), as the skews' are: the smaller part is normal wherever its weight is above 2^-62 n.
+                const Pack<T> teacher_part = teacher_weight * e_teacher, student_part = student_weight * e_student;
+                // Which part is the smaller is the parts' own to say here: where an exponential was flushed to 0,
+                // lambda may say otherwise (and r would be out of range).
+                const Mask<T> teacher_smaller = teacher_part < student_part;
+                const Pack<T> smaller = select(teacher_smaller, teacher_part, student_part);
+                const Pack<T> larger = select(teacher_smaller, student_part, teacher_part);
+                constexpr T smallest = std::numeric_limits<T>::min();
+                const Pack<T> l = log_one_plus(smaller / select(larger < Pack<T>(smallest), smallest, larger));
                 const Pack<T> log_larger = T(0) - l, log_smaller = a * T(-0.6931471805599453) - l;  // ln 2
                 const Pack<T> log_x = select(teacher_larger, log_larger, log_smaller);
                 const Pack<T> log_y = select(teacher_larger, log_smaller, log_larger);
                 // D = beta sum p log(x / beta) + (1 - beta) sum q log(y / (1 - beta)); G = (1 - beta) log y.
-                const Pack<T> weighted_q = student_weight * e_student;  // (1 - beta) q
-                divergence_sum += summed(
-                    Pack<T>(teacher_weight * e_teacher * (log_x - log_teacher) + weighted_q * (log_y - log_student)),
-                    T(0), skipped);
-                if constexpr (Gradient) mean += summed(Pack<T>(weighted_q * log_y), T(0), skipped);
+                divergence_sum +=
+                    summed(Pack<T>(teacher_part * (log_x - log_teacher) + student_part * (log_y - log_student)), T(0),
+                           skipped);
+                if constexpr (Gradient) mean += summed(Pack<T>(student_part * log_y), T(0), skipped);
                 return student * log_y;
             }
-            const Pack<T> q = inverse_student * e_student;
-            // x and y themselves, as quotients of the parts by m' = Z_t m (scaled by 2^32, exactly, where m' is
-            // subnormal), each to T's precision relative to itself, and log(1 - x) or log(1 - y) from both
-            // (log_one_minus): one division and one logarithm, which cost less here than the exponential that
-            // jsd's way would need for x.
-            const Pack<T> teacher_part = teacher * e_teacher, student_part = student * (student_scale * e_student);
+            // x and y themselves, as quotients of the parts by m' = 2^64 Z_t m, each to T's precision relative to
+            // itself, and log(1 - x) or log(1 - y) from both (log_one_minus): one division and one logarithm,
+            // which cost less here than the exponential that jsd's way would need for x. Where neither side has
+            // mass, m' is taken as T's smallest normal number instead of 0, which leaves x = y = 0 and every term
+            // 0 (a NaN m' stays NaN).
+            const Pack<T> teacher_part = teacher * e_teacher, student_part = student * e_student;
             const Pack<T> mixture = teacher_part + student_part;
-            const Pack<T> scale = select(mixture < Pack<T>(std::numeric_limits<T>::min()), T(4294967296.0), T(1));
-            const Pack<T> to_mixture = T(1) / (mixture * scale);
-            const Pack<T> x = (teacher_part * scale) * to_mixture, y = (student_part * scale) * to_mixture;
-            const Mask<T> neither = mixture == Pack<T>();  // classes where neither side has mass: no terms
-            Pack<T> term, g;
+            constexpr T smallest = std::numeric_limits<T>::min();
+            const Pack<T> to_mixture = T(1) / select(mixture < Pack<T>(smallest), smallest, mixture);
+            const Pack<T> x = teacher_part * to_mixture, y = student_part * to_mixture;
+            Pack<T> g;
             if constexpr (Kind == Divergence::skew_forward_kl) {
                 // D = sum p log(p / m) = sum p log(x / skew); G = -(1 - skew) p / m = -(1 - skew) / skew x.
-                term = inverse_teacher * e_teacher * (log_one_minus(y, x) - log_teacher);
-                if constexpr (Gradient) g = T(0) - student_over_teacher * x;
+                divergence_sum += summed(Pack<T>(e_teacher * (log_one_minus(y, x) - log_teacher)), T(0), skipped);
+                if constexpr (Gradient) g = minus_student_over_teacher * x;
             } else {
                 // D = sum q log(q / m) = sum q log(y / skew); G = log y + x (log_one_minus_plus).
                 const Pack<T> log_y = log_one_minus(x, y);
-                term = q * (log_y - log_student);
+                divergence_sum += summed(Pack<T>(e_student * (log_y - log_student)), T(0), skipped);
                 if constexpr (Gradient) g = log_one_minus_plus(x, y, log_y);
             }
-            divergence_sum += summed(select(neither, T(0), term), T(0), skipped);
-            if constexpr (Gradient) {
-                // Where neither side has mass G is NaN (0 / 0); it weighs nothing there.
-                g = select(neither, T(0), g);
-                mean += summed(Pack<T>(q * g), T(0), skipped);
-            }
+            if constexpr (Gradient) mean += summed(Pack<T>(e_student * g), T(0), skipped);
             return g;
         }
 
         KDLOSS_INLINE void flush_into(Sums<Pack<double>>& totals) noexcept {
-            totals.divergence += widen(divergence_sum);
-            totals.mean += widen(mean);
+            totals.divergence += widen(divergence_sum) * divergence_scale;
+            totals.mean += widen(mean) * mean_scale;
             divergence_sum = mean = Pack<T>();
         }
     };

@@ -195,19 +195,17 @@ KDLOSS_INLINE V fast_log(V x) noexcept {
     constexpr double ln2_hi = 6.93147180369123816490e-01;
     constexpr double ln2_lo = 1.90821492927058770002e-10;
     constexpr std::uint64_t mantissa_mask = (std::uint64_t{1} << 52) - 1;
-    constexpr std::uint64_t exponent_one = std::uint64_t{1023} << 52;
-    constexpr double sqrt2 = 1.4142135623730951;
-
+    constexpr std::uint64_t sqrt_half = 0x3FE6A09E667F3BCD;  // the bits of sqrt(1/2), rounded down
     constexpr double two_52 = 4503599627370496.0;
 
-    const auto bits = to_bits(x);
-    // The biased exponent (< 2^11) placed in the mantissa of 2^52 is 2^52 + exponent exactly: an integer
-    // to floating-point conversion that needs no conversion instruction, which SSE2 lacks for 64-bit lanes.
-    V exponent = from_bits((bits >> 52) | to_bits(V(two_52))) - (two_52 + 1023.0);
-    V m = from_bits((bits & mantissa_mask) | exponent_one);  // in [1, 2)
-    const auto high = m > V(sqrt2);
-    m = select(high, m * 0.5, m);
-    exponent = select(high, exponent + 1.0, exponent);
+    // x = 2^e m, m in [sqrt(1/2), sqrt(2)), read off x's bits counted from sqrt(1/2)'s rather than from 1's:
+    // (bits - sqrt_half) = e 2^52 + (m's bits - sqrt_half), offset by 1024 2^52 to stay unsigned. Four integer
+    // operations, where splitting at 1 and then moving [sqrt(2), 2) down takes a comparison and two selects.
+    const auto offset = to_bits(x) + ((std::uint64_t{1024} << 52) - sqrt_half);
+    // e + 1024 (< 2^12) placed in the mantissa of 2^52 is 2^52 + e + 1024 exactly: an integer to floating-point
+    // conversion that needs no conversion instruction, which SSE2 lacks for 64-bit lanes.
+    const V exponent = from_bits((offset >> 52) | to_bits(V(two_52))) - (two_52 + 1024.0);
+    const V m = from_bits((offset & mantissa_mask) + sqrt_half);
     const V f = (m - 1.0) / (m + 1.0);
     const V s = f * f;
     // |f| <= (sqrt 2 - 1) / (sqrt 2 + 1) = 0.172: the first term left out, f^21 / 21, is 1e-17 of the result.
@@ -222,8 +220,8 @@ KDLOSS_INLINE V fast_log(V x) noexcept {
     p = p * s + 1.0 / 3.0;
     const V log_m = 2.0 * f + 2.0 * f * s * p;
     const V result = exponent * ln2_hi + (log_m + exponent * ln2_lo);
-    // Only sums and their ratios come here, normal positive numbers; NaN and +inf pass through unchanged.
-    return select((x != x) | (x > V(std::numeric_limits<double>::max())), x, result);
+    // NaN and +inf pass through unchanged (one comparison: x <= max is false for both).
+    return select(x <= V(std::numeric_limits<double>::max()), result, x);
 }
 
 // log(1 + r) for r > -1 (doubles, or Packs of them), within a few ulps of itself however small r is. fast_log(1 + r)
@@ -243,34 +241,32 @@ KDLOSS_INLINE V fast_log(V x) noexcept {
     constexpr float ln2_hi = 0.693359375f;
     constexpr float ln2_lo = -2.12194440e-4f;
     constexpr std::uint32_t mantissa_mask = (std::uint32_t{1} << 23) - 1;
-    constexpr std::uint32_t exponent_one = std::uint32_t{127} << 23;
-    constexpr float sqrt2 = 1.41421356f;
+    constexpr std::uint32_t sqrt_half = 0x3F3504F3;  // the bits of sqrt(1/2), rounded down
     constexpr float two_23 = 8388608.0f;
 
-    const auto bits = to_bits(x);
-    // The biased exponent in the mantissa of 2^23, as in the double log: 2^23 + exponent exactly.
-    V exponent = from_bits((bits >> 23) | to_bits(V(two_23))) - (two_23 + 127.0f);
-    const V m = from_bits((bits & mantissa_mask) | exponent_one);  // in [1, 2)
-    // t = m - 1 (or m / 2 - 1 above sqrt 2), in [sqrt(1/2) - 1, sqrt(2) - 1), exactly (Sterbenz).
-    const auto high = m > V(sqrt2);
-    const V t = select(high, m * 0.5f - 1.0f, m - 1.0f);
-    exponent = select(high, exponent + 1.0f, exponent);
+    // x = 2^e m, m in [sqrt(1/2), sqrt(2)), from the bits as in the double log, and e + 128 in the mantissa of 2^23.
+    const auto offset = to_bits(x) + ((std::uint32_t{128} << 23) - sqrt_half);
+    const V exponent = from_bits((offset >> 23) | to_bits(V(two_23))) - (two_23 + 128.0f);
+    const V t = from_bits((offset & mantissa_mask) + sqrt_half) - 1.0f;  // m - 1, exactly (Sterbenz)
     // log(1 + t) = t - t^2/2 + t^3 P(t): Cephes' logf polynomial, without the division of the double log's
-    // series (the mixture divergences take one or two logarithms an element).
+    // series (the mixture divergences take one or two logarithms an element, and their second pass is bound
+    // by the count of its operations). P by Estrin's scheme, not Horner's: four multiply-adds deep instead of
+    // nine, which the same pass also felt (its chain runs from the exponentials through a division and this
+    // logarithm to the sums).
     const V t2 = t * t;
-    V p = 7.0376836292e-2f;
-    p = p * t - 1.1514610310e-1f;
-    p = p * t + 1.1676998740e-1f;
-    p = p * t - 1.2420140846e-1f;
-    p = p * t + 1.4249322787e-1f;
-    p = p * t - 1.6668057665e-1f;
-    p = p * t + 2.0000714765e-1f;
-    p = p * t - 2.4999993993e-1f;
-    p = p * t + 3.3333331174e-1f;
-    const V tail = p * t * t2 + exponent * ln2_lo - 0.5f * t2;
+    const V t4 = t2 * t2;
+    const V p01 = t * -2.4999993993e-1f + 3.3333331174e-1f;
+    const V p23 = t * -1.6668057665e-1f + 2.0000714765e-1f;
+    const V p45 = t * -1.2420140846e-1f + 1.4249322787e-1f;
+    const V p67 = t * -1.1514610310e-1f + 1.1676998740e-1f;
+    const V p03 = p23 * t2 + p01;
+    const V p47 = p67 * t2 + p45;
+    const V p48 = t4 * 7.0376836292e-2f + p47;
+    const V p = p48 * t4 + p03;
+    const V tail = p * (t * t2) + (exponent * ln2_lo - 0.5f * t2);
     const V result = (t + tail) + exponent * ln2_hi;
     // NaN and +inf pass through unchanged.
-    return select((x != x) | (x > V(std::numeric_limits<float>::max())), x, result);
+    return select(x <= V(std::numeric_limits<float>::max()), result, x);
 }
 
 // log(1 + r) for r in [0, 1], exact relative to itself however small r is (within 3 ulps, test_simd_math.cpp).
@@ -280,17 +276,18 @@ KDLOSS_INLINE V fast_log(V x) noexcept {
 template <class T>
 KDLOSS_INLINE Pack<T> log_one_plus(const Pack<T>& r) noexcept {
     if constexpr (std::is_same_v<T, float>) {
-        Pack<T> p = -3.1760570101959967e-3f;
-        p = p * r + 1.9542527221239617e-2f;
-        p = p * r - 5.6373612750104135e-2f;
-        p = p * r + 1.054362378672801e-1f;
-        p = p * r - 1.526966706883121e-1f;
-        p = p * r + 1.9663274255110802e-1f;
-        p = p * r - 2.4951616262414725e-1f;
-        p = p * r + 3.332971049886465e-1f;
-        p = p * r - 4.9999892648060534e-1f;
-        p = p * r + 9.999999946562915e-1f;
-        return p * r;
+        // By Estrin's scheme (fast_log's reason).
+        const Pack<T> r2 = r * r;
+        const Pack<T> r4 = r2 * r2;
+        const Pack<T> p01 = r * -4.9999892648060534e-1f + 9.999999946562915e-1f;
+        const Pack<T> p23 = r * -2.4951616262414725e-1f + 3.332971049886465e-1f;
+        const Pack<T> p45 = r * -1.526966706883121e-1f + 1.9663274255110802e-1f;
+        const Pack<T> p67 = r * -5.6373612750104135e-2f + 1.054362378672801e-1f;
+        const Pack<T> p89 = r * -3.1760570101959967e-3f + 1.9542527221239617e-2f;
+        const Pack<T> p03 = p23 * r2 + p01;
+        const Pack<T> p47 = p67 * r2 + p45;
+        const Pack<T> p49 = (p89 * r4) + p47;
+        return (p49 * r4 + p03) * r;
     } else {
         const Pack<T> w = r / (T(2) + r);
         const Pack<T> w2 = w * w;
