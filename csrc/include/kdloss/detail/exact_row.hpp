@@ -159,11 +159,6 @@ private:
 // (test_temperature_range.py), so every row is computed here.
 inline constexpr double kernels_max_temperature = 100.0;
 
-// Row `row` of `problem` (a dense teacher, not ignored), its soft term `kind` (a KL, or the mixture
-// problem.divergence): writes its loss (or its two parts) and, if the problem has one, its gradient row, over
-// what the kernels wrote.
-enum class ExactKind { forward_kl, reverse_kl, mixture };
-
 // Scalar by design (a row's terms in double, through libm). g++ 12's vectoriser for aarch64 fails on it at -O3
 // with an internal compiler error (in vect_transform_reduction), so it is told not to try there.
 #if defined(__GNUC__) && !defined(__clang__) && defined(__aarch64__)
@@ -172,6 +167,9 @@ enum class ExactKind { forward_kl, reverse_kl, mixture };
 #define KDLOSS_NO_VECTORISE
 #endif
 
+// Row `row` of `problem` (a dense teacher, not ignored), its soft term `kind` (a KL, or the mixture
+// problem.divergence): writes its loss (or its two parts) and, if the problem has one, its gradient row, over
+// what the kernels wrote.
 template <class T>
 KDLOSS_NO_VECTORISE void exact_row(const BatchProblem<T>& problem, std::size_t row, ExactKind kind) noexcept {
     const bool forward = kind == ExactKind::forward_kl, mixture = kind == ExactKind::mixture;
@@ -345,13 +343,8 @@ KDLOSS_NO_VECTORISE void exact_row(const BatchProblem<T>& problem, std::size_t r
 // p|, about sqrt(2 D), in the gradient: a row is computed again where D is below 1/64 of that size (float; 1/1024 for
 // double) or below 1e-3 (1e-6), which keeps both errors below a tenth of the tolerances the library promises (float
 // 1e-5, double 1e-12). Ordinary rows (T of 1 to 4, student and teacher apart) are far from either, and pay for a
-// comparison per block of rows. Above kernels_max_temperature every row is computed again.
-// Which of exact_row's formulas a soft term's rows take.
-template <class Soft>
-inline constexpr ExactKind exact_kind = std::is_same_v<Soft, ForwardKL>   ? ExactKind::forward_kl
-                                        : std::is_same_v<Soft, ReverseKL> ? ExactKind::reverse_kl
-                                                                          : ExactKind::mixture;
-
+// comparison per block of rows. Above kernels_max_temperature every row is computed again. A soft term may
+// name more rows (its `saturated`) and names the formula (its `exact_kind`).
 template <class Terms, class T>
 void redo_inexact_rows(const BatchProblem<T>& problem, const typename Terms::template Sums<Pack<double>>& sums,
                        const Pack<double>& divergence, const std::size_t* rows, std::size_t count) noexcept {
@@ -360,28 +353,20 @@ void redo_inexact_rows(const BatchProblem<T>& problem, const typename Terms::tem
         constexpr bool single = std::is_same_v<T, float>;
         constexpr double relative = single ? 1.0 / 64 : 1.0 / 1024, small = single ? 1e-3 : 1e-6;
         if (problem.temperature > kernels_max_temperature) {
-            for (std::size_t lane = 0; lane < count; ++lane) exact_row(problem, rows[lane], exact_kind<Soft>);
+            for (std::size_t lane = 0; lane < count; ++lane) exact_row(problem, rows[lane], Soft::exact_kind);
             return;
         }
         // NaN and +inf divergences compare false: such rows keep what the kernels made of them.
         const Pack<double> size = relative * Soft::terms_size_numerator(sums.soft, problem.temperature);
         const Pack<double> scaled = divergence * Soft::terms_size_denominator(sums.soft, problem.temperature);
         Mask<double> inexact = (scaled < size) | (divergence < Pack<double>(small));
-        if constexpr (std::is_same_v<Soft, ReverseKL>) {
-            // A nearly one-hot student: its top class's e^0 = 1 is all but the whole of Z_s, and the kernels'
-            // gradient there, q (r - E_q[r]), a difference of two numbers near r_top (exact_row centres it). The
-            // loss alone takes the same rows, so that it is the loss of loss_and_gradient, bit for bit.
-            // Float's 2^-24 of r_top is then 1e-5 of the gradient below Z_s - 1 ~ 1/16; double's 2^-53, 1e-12 of it
-            // below ~1e-4 (a margin of 10 below each).
-            constexpr double saturated = single ? 1.0 / 16 : 1e-5;
-            inexact = inexact | (sums.soft.student_soft < Pack<double>(1.0 + saturated));
-        }
+        inexact = inexact | Soft::template saturated<T>(sums.soft);
         const Pack<double> flags = select(inexact, Pack<double>(1.0), Pack<double>(0.0));
         if (flags.sum() == 0.0) return;
         double flag[lanes];
         flags.store(flag);
         for (std::size_t lane = 0; lane < count; ++lane)
-            if (flag[lane] != 0.0) exact_row(problem, rows[lane], exact_kind<Soft>);
+            if (flag[lane] != 0.0) exact_row(problem, rows[lane], Soft::exact_kind);
     }
 }
 

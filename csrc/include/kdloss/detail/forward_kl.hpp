@@ -87,6 +87,13 @@ struct ForwardKL {
                fast_log1p(sums.soft_difference / sums.teacher_soft);
     }
 
+    // redo_inexact_rows' formula for this term, and no rows that it computes again whatever their divergence.
+    static constexpr ExactKind exact_kind = ExactKind::forward_kl;
+    template <class T>
+    static KDLOSS_INLINE Mask<double> saturated(const Sums<Pack<double>>&) noexcept {
+        return Pack<double>() != Pack<double>();  // none
+    }
+
     // The size of the two terms `divergence` is the difference of, for redo_inexact_rows (exact_row.hpp), as a
     // quotient without a division or a logarithm: |cross / (Z T)| + |log(1 + r)|, r = difference / Z, is about
     // (|cross| + T |difference|) / (Z T) (within a factor 1.5 wherever |r| < 1/2; larger |r|, which only a row

@@ -335,6 +335,14 @@ struct Mixture {
         return sums.divergence;
     }
 
+    // redo_inexact_rows' formula for these terms, and no rows that it computes again whatever their divergence
+    // (G is centred on the student's dominant class already, see the top of this file).
+    static constexpr ExactKind exact_kind = ExactKind::mixture;
+    template <class T>
+    static KDLOSS_INLINE Mask<double> saturated(const Sums<Pack<double>>&) noexcept {
+        return Pack<double>() != Pack<double>();  // none
+    }
+
     // D is a sum of terms here, not a difference of two: only its own size says whether redo_inexact_rows
     // (exact_row.hpp) computes it again. Each term's logarithm is good to a few ulps of its size, the logits'
     // spread over T, which leaves D an absolute error of some ulps of T's precision times that spread (a few 1e-7

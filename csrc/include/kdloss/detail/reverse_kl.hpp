@@ -14,6 +14,7 @@
 
 #include <cstddef>
 #include <limits>
+#include <type_traits>
 
 #include "kdloss/detail/kernel_namespace.hpp"
 #include "kdloss/detail/pack.hpp"
@@ -84,6 +85,18 @@ struct ReverseKL {
     static KDLOSS_INLINE V divergence(const Sums<V>& sums, double temperature) noexcept {
         return sums.student_cross / (sums.student_soft * temperature) +
                fast_log1p(sums.soft_difference / sums.student_soft);
+    }
+
+    // Rows that redo_inexact_rows computes again whatever their divergence: a nearly one-hot student. Its top
+    // class's e^0 = 1 is all but the whole of Z_s, and the kernels' gradient there, q (r - E_q[r]), a difference
+    // of two numbers near r_top (exact_row centres it). The loss alone takes the same rows, so that it is the loss
+    // of loss_and_gradient, bit for bit. Float's 2^-24 of r_top is then 1e-5 of the gradient below Z_s - 1 ~ 1/16;
+    // double's 2^-53, 1e-12 of it below ~1e-4 (a margin of 10 below each).
+    static constexpr ExactKind exact_kind = ExactKind::reverse_kl;
+    template <class T>
+    static KDLOSS_INLINE Mask<double> saturated(const Sums<Pack<double>>& sums) noexcept {
+        constexpr double margin = std::is_same_v<T, float> ? 1.0 / 16 : 1e-5;
+        return sums.student_soft < Pack<double>(1.0 + margin);
     }
 
     // The size of the two terms `divergence` is the difference of, for redo_inexact_rows (exact_row.hpp), as a

@@ -33,6 +33,9 @@ KDLOSS_INLINE V absolute(const V& x) noexcept {
     return select(x < V(0.0), V(0.0) - x, x);
 }
 
+// Which of exact_row's formulas (exact_row.hpp) a dense soft term's rows are computed again by.
+enum class ExactKind { forward_kl, reverse_kl, mixture };
+
 // A term a loss does not have: no sums, nothing to add.
 struct Absent {
     static constexpr bool distribution = false;
