@@ -25,17 +25,13 @@
 // (q_k near 1, rows that saturate at a low T), x_k + KL is a difference of two numbers near x_k; this way it is
 // the small sum over the other classes, which keeps its relative precision.
 //
-// Plain scalar double, with libm: these rows are few in ordinary calls (student and teacher apart, T of 1 to
-// 4 take none), and a row costs a few times what the kernels take for it. The hard term is computed again too,
-// since the gradient's row is written whole.
-
-#include <cmath>
-#include <cstddef>
-#include <cstdint>
-#include <limits>
-#include <type_traits>
+// The KLs on Packs of doubles (exact_kl_row.hpp, with the kernels' exp2, log1p and fast_expm1: in a call where the
+// student has all but caught up with the teacher every row comes here, and scalar libm made such a call 85 times an
+// ordinary one, now about 20); the mixtures here, in plain scalar double with libm. The hard term is computed again
+// too, since the gradient's row is written whole.
 
 #include "kdloss/detail/batch_problem.hpp"
+#include "kdloss/detail/exact_kl_row.hpp"
 #include "kdloss/detail/forward_kl.hpp"
 #include "kdloss/detail/kernel_namespace.hpp"
 #include "kdloss/detail/mixture.hpp"
@@ -46,19 +42,9 @@
 namespace kdloss::detail {
 inline namespace KDLOSS_KERNEL_NAMESPACE {
 
-// phi(u) = (1 + u) log1p(u) - u and psi(u) = u - log1p(u), u >= -1. Near 0 by their series,
-//   phi(u) = u^2 sum_j (-u)^j / ((j + 1)(j + 2)),  psi(u) = u^2 sum_j (-u)^j / (j + 2),
-// to |u|^21 (below 2^-53 of the first term for |u| < 1/8); elsewhere no more than a factor 20 cancels.
-inline double forward_term(double u) noexcept {
-    if (std::fabs(u) < 0.125) {
-        double series = 0.0;
-        for (int j = 19; j >= 0; --j) series = series * -u + 1.0 / ((j + 1.0) * (j + 2.0));
-        return u * u * series;
-    }
-    if (u <= -1.0) return 1.0;  // (1 + u) log1p(u) -> 0
-    return (1.0 + u) * std::log1p(u) - u;
-}
-
+// psi(u) = u - log1p(u), u > -1 (skew reverse KL's series below; exact_kl_row.hpp's reverse KL term, there on
+// Packs). Near 0 by its series, psi(u) = u^2 sum_j (-u)^j / (j + 2), to |u|^21 (below 2^-53 of the first term for
+// |u| < 1/8); elsewhere no more than a factor 20 cancels.
 inline double reverse_term(double u) noexcept {
     if (std::fabs(u) < 0.125) {
         double series = 0.0;
@@ -172,7 +158,11 @@ inline constexpr double kernels_max_temperature = 100.0;
 // what the kernels wrote.
 template <class T>
 KDLOSS_NO_VECTORISE void exact_row(const BatchProblem<T>& problem, std::size_t row, ExactKind kind) noexcept {
-    const bool forward = kind == ExactKind::forward_kl, mixture = kind == ExactKind::mixture;
+    if (kind != ExactKind::mixture) {
+        if (kind == ExactKind::forward_kl) exact_kl_row<true>(problem, row);
+        else exact_kl_row<false>(problem, row);
+        return;
+    }
     const std::size_t n = problem.classes;
     const auto r = static_cast<std::ptrdiff_t>(row);
     const T* student = problem.student + r * problem.student_stride;
@@ -186,8 +176,6 @@ KDLOSS_NO_VECTORISE void exact_row(const BatchProblem<T>& problem, std::size_t r
         teacher_max = std::fmax(teacher_max, static_cast<double>(teacher[c]));
     }
     const double shift = teacher_max - student_max;
-    std::size_t top = 0;  // the student's top class (its first, if several)
-    while (top + 1 < n && static_cast<double>(student[top]) != student_max) ++top;
     // log q_c = ds_c / T - log Z_s; d_c as above; -inf logits leave q_c (or p_c) exactly 0.
     const bool hard_term = problem.hard_weight != 0.0 && problem.label_kind != LabelKind::none;
     double student_soft = 0.0, student_hard = 0.0, teacher_soft = 0.0;
@@ -205,7 +193,6 @@ KDLOSS_NO_VECTORISE void exact_row(const BatchProblem<T>& problem, std::size_t r
     auto d = [&](std::size_t c) {
         return ((static_cast<double>(teacher[c]) - static_cast<double>(student[c])) - shift) / temperature;
     };
-    const double top_d = d(top);
 
     // L = log sum_c q_c e^(d_c): by log1p of sum_c q_c expm1(d_c), unless some d_c is too large for exp (a row
     // that is no near match; then as a log-sum-exp).
@@ -235,10 +222,8 @@ KDLOSS_NO_VECTORISE void exact_row(const BatchProblem<T>& problem, std::size_t r
             teacher_mass_outside += std::exp((static_cast<double>(teacher[c]) - teacher_max) / temperature);
     if (teacher_mass_outside != 0.0) log_ratio_sum -= std::log1p(-teacher_mass_outside / teacher_soft);
 
-    // A mixture's term and G at class c.
-    // (Its set-up only where it is used: the KLs' weights could be anything, a skew of 0 among them.)
-    const MixtureTerms mixture_terms = mixture ? MixtureTerms(problem.divergence, problem.beta, problem.skew)
-                                               : MixtureTerms(Divergence::jsd, 0.5, 0.1);
+    // The mixture's term and G at class c.
+    const MixtureTerms mixture_terms(problem.divergence, problem.beta, problem.skew);
     auto mixture_at = [&](std::size_t c) {
         if (student[c] == -std::numeric_limits<T>::infinity()) {
             const double log_p = (static_cast<double>(teacher[c]) - teacher_max) / temperature - log_teacher_soft;
@@ -248,40 +233,18 @@ KDLOSS_NO_VECTORISE void exact_row(const BatchProblem<T>& problem, std::size_t r
         return mixture_terms.at(std::exp(lq), std::exp(lq + x), x);
     };
 
-    // The divergence, and what each class's gradient needs: -T q u (forward) or -T q x (reverse, then less
-    // T q KL, once KL is known); a mixture's, E_q[G].
-    // A mixture's G waits in the gradient's row for E_q[G] (rounded to T: its relative precision is all the
-    // gradient needs), where computing it again would cost its logarithms twice.
+    // The divergence and E_q[G]. G waits in the gradient's row for E_q[G] (rounded to T: its relative precision is
+    // all the gradient needs), where computing it again would cost its logarithms twice.
     T* gradient = problem.gradient != nullptr ? problem.gradient + r * problem.gradient_stride : nullptr;
-    double divergence = 0.0, mean = 0.0;  // mean: a mixture's E_q[G], reverse KL's sum_j q_j (d_j - d_top)
+    double divergence = 0.0, mean = 0.0;
     for (std::size_t c = 0; c < n; ++c) {
-        if (mixture) {
-            MixtureClass at{0.0, 0.0};
-            if (student[c] != -std::numeric_limits<T>::infinity() || teacher[c] != -std::numeric_limits<T>::infinity())
-                at = mixture_at(c);
-            divergence += at.term;
-            if (student[c] != -std::numeric_limits<T>::infinity()) mean += std::exp(log_q(c)) * at.g;
-            if (gradient != nullptr) gradient[c] = static_cast<T>(at.g);
-            continue;
-        }
-        if (student[c] == -std::numeric_limits<T>::infinity()) {
-            if (forward && teacher[c] != -std::numeric_limits<T>::infinity())
-                divergence = std::numeric_limits<double>::infinity();
-            continue;
-        }
-        const double q = std::exp(log_q(c));
-        const double x = d(c) - log_ratio_sum;
-        if (!forward && c != top) mean += q * (d(c) - top_d);
-        if (std::fabs(x) > 1.0) {
-            const double p = std::exp(log_q(c) + x);
-            divergence += forward ? p * x - (p - q) : (p - q) - q * x;
-        } else {
-            divergence += q * (forward ? forward_term(std::expm1(x)) : reverse_term(std::expm1(x)));
-        }
+        MixtureClass at{0.0, 0.0};
+        if (student[c] != -std::numeric_limits<T>::infinity() || teacher[c] != -std::numeric_limits<T>::infinity())
+            at = mixture_at(c);
+        divergence += at.term;
+        if (student[c] != -std::numeric_limits<T>::infinity()) mean += std::exp(log_q(c)) * at.g;
+        if (gradient != nullptr) gradient[c] = static_cast<T>(at.g);
     }
-    // Over the student's support, sum_c q_c u_c = -P0, not 0, where the teacher has mass P0 outside it: reverse KL's
-    // sum of q psi(u) leaves it out. (Forward KL is infinite then, and the mixtures' terms count every class.)
-    if (!forward && !mixture) divergence += teacher_mass_outside / teacher_soft;
     const double soft = temperature * temperature * divergence;
 
     // The hard term: CE = sum(y) log Z_h - sum_c y_c ds_c (cross_entropy.hpp), y one-hot or a distribution.
@@ -316,13 +279,7 @@ KDLOSS_NO_VECTORISE void exact_row(const BatchProblem<T>& problem, std::size_t r
     for (std::size_t c = 0; c < n; ++c) {
         double g = 0.0;
         if (student[c] != -std::numeric_limits<T>::infinity()) {
-            const double q = std::exp(log_q(c));
-            const double x = d(c) - log_ratio_sum;
-            if (mixture) g = soft_scale * q * (static_cast<double>(gradient[c]) - mean);
-            else if (forward)
-                g = std::fabs(x) > 1.0 ? soft_scale * (q - std::exp(log_q(c) + x)) : -soft_scale * q * std::expm1(x);
-            else if (std::isinf(divergence)) g = std::numeric_limits<double>::quiet_NaN();  // no derivative
-            else g = -soft_scale * q * ((c == top ? 0.0 : d(c) - top_d) - mean);
+            g = soft_scale * std::exp(log_q(c)) * (static_cast<double>(gradient[c]) - mean);
             if (hard_term) {
                 const double h = std::exp(static_cast<double>(student[c]) - student_max - log_student_hard);
                 g += hard_scale * h * target_mass;

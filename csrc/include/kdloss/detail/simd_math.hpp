@@ -269,6 +269,34 @@ KDLOSS_INLINE V fast_log(V x) noexcept {
     return select(x <= V(std::numeric_limits<float>::max()), result, x);
 }
 
+// e^x - 1 of doubles, relative to itself however small x is (the exact pass's u = p / q - 1, exact_kl_row.hpp),
+// for x up to 700. Below ln(2)/2 in magnitude by Taylor's series to x^13 / 13!, whose first term left out is 4e-18
+// of the result: x P(x), no subtraction; elsewhere exp_x - 1, exp_x = 2^(x log2(e)) by fast_exp2, where the result
+// is at least 0.29 of exp_x in magnitude and exp2's few ulps stay a few (plus up to |x| from rounding the product x
+// log2(e), 2 |x| without FMA: test_simd_math.cpp). NaN stays NaN.
+KDLOSS_INLINE Pack<double> fast_expm1(const Pack<double>& x, const Pack<double>& exp_x) noexcept {
+    const Pack<double> x2 = x * x;
+    const Pack<double> x4 = x2 * x2;
+    // 1 + x/2 + x^2/6 + ... + x^12/13!, by Estrin's scheme.
+    const Pack<double> c01 = x * (1.0 / 2) + 1.0;
+    const Pack<double> c23 = x * (1.0 / 24) + 1.0 / 6;
+    const Pack<double> c45 = x * (1.0 / 720) + 1.0 / 120;
+    const Pack<double> c67 = x * (1.0 / 40320) + 1.0 / 5040;
+    const Pack<double> c89 = x * (1.0 / 3628800) + 1.0 / 362880;
+    const Pack<double> c1011 = x * (1.0 / 479001600) + 1.0 / 39916800;
+    const Pack<double> c03 = c23 * x2 + c01;
+    const Pack<double> c47 = c67 * x2 + c45;
+    const Pack<double> c811 = c1011 * x2 + c89;
+    const Pack<double> c812 = x4 * (1.0 / 6227020800) + c811;
+    const Pack<double> series = x * ((c812 * x4 + c47) * x4 + c03);
+    const Pack<double> magnitude = from_bits(to_bits(x) & (~std::uint64_t{0} >> 1));
+    return select(magnitude < Pack<double>(0.34657359027997264), series, exp_x - 1.0);
+}
+// The same, where e^x is not known already.
+KDLOSS_INLINE Pack<double> fast_expm1(const Pack<double>& x) noexcept {
+    return fast_expm1(x, fast_exp2(x, exp2_scale<double>(1.4426950408889634)));  // log2(e)
+}
+
 // log(1 + r) for r in [0, 1], exact relative to itself however small r is (within 3 ulps, test_simd_math.cpp).
 // float: r P(r), P the Chebyshev interpolant of log(1 + r) / r at ten nodes of [0, 1] re-expanded in powers
 // of r, with no division. double, where a polynomial would take twenty terms: 2 atanh(w), w = r / (2 + r) <=
