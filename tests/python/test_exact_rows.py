@@ -112,6 +112,22 @@ def test_near_matches_and_large_temperatures(dtype, divergence, classes, tempera
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("temperature, closeness", [(1e3, None), (1e4, 1e-3)])
+def test_masked_forward_kl_rows(dtype, temperature, closeness):
+    """Forward KL's recomputed rows (every row above T = 100) with -inf masks: the teacher's alone (p = 0 where the
+    student keeps mass: that class's term in the log domain is q, not 0 (-inf) - (0 - q), which is NaN) and both
+    sides' (no terms)."""
+    mp.mp.dps = 50
+    rng = np.random.default_rng(24)
+    student, teacher = rows(rng, 3, 40, closeness, dtype)
+    teacher[:, 5] = -np.inf
+    student[1:, 9] = teacher[1:, 9] = -np.inf
+    true_loss, true_gradient = true_rows(student, teacher, temperature, "forward_kl", None)
+    loss, gradient = DistillationLoss(temperature, reduction="none").loss_and_gradient(student, teacher)
+    assert_rows_close(loss, gradient, true_loss, true_gradient, dtype, f"T={temperature}")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 @pytest.mark.parametrize("labels", ["indices", "distributions"])
 @pytest.mark.parametrize("classes", [12, 300])
