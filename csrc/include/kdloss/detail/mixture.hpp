@@ -188,7 +188,7 @@ struct Mixture {
         Pack<T> log_teacher, log_student;    // the mixture's weights' logarithms
         Pack<T> minus_student_over_teacher;  // -student / teacher (the mixture's weights)
         // jsd: log2 of (the teacher's part of m) / (the student's) is logit_scale (dt - ds) + log2_part_ratio,
-        // and the terms' weights per exponential, teacher_term / Z_t and student_term / Z_s.
+        // and the parts' weights per exponential, 2^64 teacher_term / Z_t and 2^64 student_term / Z_s.
         Pack<T> logit_scale, log2_part_ratio;
         Pack<T> teacher_weight, student_weight;
         Pack<T> divergence_sum, mean;  // partial sums over a chunk
@@ -199,9 +199,9 @@ struct Mixture {
         template <class V>
         static SecondPass from_sums(const Sums<V>& sums, const BatchProblem<T>& problem) noexcept {
             const MixtureWeights w = mixture_weights(problem);
-            // The skews' parts scaled by 2^64, exactly: a part below T's smallest normal number would make the
-            // reciprocal of m infinite and x and y lose their precision (the parts are then at least 2^-62 times
-            // their weight, and at most 2^64 n).
+            // The parts (the skews' m, jsd's ratio r) scaled by 2^64, exactly: a part below T's smallest normal
+            // number would make a reciprocal infinite and x, y or r lose their precision (the parts are then at
+            // least 2^-62 times their weight over n, and at most 2^64 n).
             constexpr double part_scale = 18446744073709551616.0;
             if constexpr (Kind == Divergence::jsd) {
                 const V log2_part_ratio =
