@@ -7,8 +7,11 @@
 // 16-lane vector would be simpler, but g++ lowers a conditional on a vector wider than the hardware's into
 // scalar code.) The kernels were first written as loops over arrays of lanes for the auto-vectoriser; it did
 // vectorise them, but kept every accumulator in memory and re-checked pointer aliasing on every block, which
-// measured slower than the same arithmetic in registers. Other compilers (MSVC) get an array of scalars and
-// the same loops, which they may vectorise or not. Every operation is per lane, so both give the same bits.
+// measured slower than the same arithmetic in registers. Compilers without GNU vectors (MSVC), and g++ and
+// clang told to do without them (KDLOSS_NO_VECTOR_EXTENSIONS, which is how that path is tested), get the same
+// array of registers written with the target's intrinsics (intrinsic_registers.hpp: x86 and AArch64; other
+// targets need GNU vectors). Every operation is per lane, so both give the same bits where the compiler
+// fuses the same multiply-adds.
 
 #include <cmath>
 #include <cstddef>
@@ -69,6 +72,13 @@
 #define KDLOSS_VECTOR_EXTENSIONS 1
 #else
 #define KDLOSS_VECTOR_EXTENSIONS 0
+#include "kdloss/detail/intrinsic_registers.hpp"
+#ifndef KDLOSS_INTRINSIC_REGISTERS
+#error "kdloss: this compiler has no GNU vector extensions and this target no intrinsics kdloss knows (x86, AArch64)"
+#endif
+#endif
+#ifndef KDLOSS_INTRINSIC_REGISTERS
+#define KDLOSS_INTRINSIC_REGISTERS 0
 #endif
 
 // __builtin_shufflevector: clang, and g++ from 12.
@@ -122,20 +132,20 @@ struct PartOf {
     typedef T unaligned __attribute__((vector_size(vector_bytes), aligned(alignof(T)), may_alias));
 };
 #else
-inline constexpr std::size_t vector_bytes = sizeof(float);
+inline constexpr std::size_t vector_bytes = register_bytes;
 template <class T>
 struct PartOf {
-    using type = T;
+    using type = Register<T>;
 };
 #endif
 
 template <class T>
-inline constexpr std::size_t lanes_per_part = vector_bytes / sizeof(T) > 0 ? vector_bytes / sizeof(T) : 1;
+inline constexpr std::size_t lanes_per_part = vector_bytes / sizeof(T);
 template <class T>
 inline constexpr std::size_t parts = lanes / lanes_per_part<T>;
 
 // The result of comparing two Packs lane by lane: integer vectors of all ones where the comparison holds
-// (bools without vector extensions).
+// (RegisterMasks without vector extensions).
 template <class T>
 struct Mask {
     using Part = decltype(typename PartOf<T>::type{} < typename PartOf<T>::type{});
@@ -158,7 +168,13 @@ struct Pack {
     // Implicit, so that constants mix with Packs in expressions: p * r + 0.5f.
     KDLOSS_INLINE Pack(T x) noexcept {  // NOLINT(google-explicit-constructor)
         KDLOSS_UNROLL
-        for (std::size_t i = 0; i < parts<T>; ++i) part[i] = Part{} + x;
+        for (std::size_t i = 0; i < parts<T>; ++i) {
+#if KDLOSS_VECTOR_EXTENSIONS
+            part[i] = Part{} + x;
+#else
+            part[i] = Part(x);
+#endif
+        }
     }
 
     static KDLOSS_INLINE Pack load(const T* p) noexcept {
@@ -169,7 +185,8 @@ struct Pack {
         for (std::size_t i = 0; i < parts<T>; ++i)
             result.part[i] = *reinterpret_cast<const Unaligned*>(p + i * lanes_per_part<T>);
 #else
-        std::memcpy(&result.part, p, sizeof result.part);
+        KDLOSS_UNROLL
+        for (std::size_t i = 0; i < parts<T>; ++i) result.part[i] = Part::load(p + i * lanes_per_part<T>);
 #endif
         return result;
     }
@@ -179,7 +196,8 @@ struct Pack {
         KDLOSS_UNROLL
         for (std::size_t i = 0; i < parts<T>; ++i) *reinterpret_cast<Unaligned*>(p + i * lanes_per_part<T>) = part[i];
 #else
-        std::memcpy(p, &part, sizeof part);
+        KDLOSS_UNROLL
+        for (std::size_t i = 0; i < parts<T>; ++i) part[i].store(p + i * lanes_per_part<T>);
 #endif
     }
 
@@ -291,7 +309,15 @@ template <class To, class From>
 KDLOSS_INLINE Pack<To> reinterpret(const Pack<From>& x) noexcept {
     static_assert(sizeof(To) == sizeof(From));
     Pack<To> result;
+#if KDLOSS_VECTOR_EXTENSIONS
     std::memcpy(&result.part, &x.part, sizeof result.part);
+#else
+    KDLOSS_UNROLL
+    for (std::size_t i = 0; i < parts<To>; ++i) {
+        if constexpr (std::is_floating_point_v<From>) result.part[i] = bits_of(x.part[i]);
+        else result.part[i] = from_bits_of(x.part[i]);
+    }
+#endif
     return result;
 }
 inline std::uint32_t to_bits(float x) noexcept { return bits_as<std::uint32_t>(x); }
@@ -322,7 +348,13 @@ KDLOSS_INLINE Pack<T> select(const Mask<T>& condition, const typename Identity<P
                              const typename Identity<Pack<T>>::type& if_false) noexcept {
     Pack<T> r;
     KDLOSS_UNROLL
-    for (std::size_t i = 0; i < parts<T>; ++i) r.part[i] = condition.part[i] ? if_true.part[i] : if_false.part[i];
+    for (std::size_t i = 0; i < parts<T>; ++i) {
+#if KDLOSS_VECTOR_EXTENSIONS
+        r.part[i] = condition.part[i] ? if_true.part[i] : if_false.part[i];
+#else
+        r.part[i] = blend(condition.part[i], if_true.part[i], if_false.part[i]);
+#endif
+    }
     return r;
 }
 
@@ -369,7 +401,8 @@ KDLOSS_INLINE Pack<double> widen(const Pack<float>& x) noexcept {
         result.part[i] = __builtin_convertvector(half_of(x.part[i / 2], i % 2), Pack<double>::Part);
 #else
     KDLOSS_UNROLL
-    for (std::size_t i = 0; i < lanes; ++i) result.part[i] = x.part[i];
+    for (std::size_t i = 0; i < parts<double>; ++i)
+        result.part[i] = Register<double>(widen_half(x.part[i / 2].v, i % 2));
 #endif
     return result;
 }
@@ -395,7 +428,8 @@ KDLOSS_INLINE Pack<T> narrow(const Pack<double>& x) noexcept {
         }
 #else
         KDLOSS_UNROLL
-        for (std::size_t i = 0; i < lanes; ++i) result.part[i] = static_cast<float>(x.part[i]);
+        for (std::size_t i = 0; i < parts<float>; ++i)
+            result.part[i] = Register<float>(narrow_pair(x.part[2 * i].v, x.part[2 * i + 1].v));
 #endif
         return result;
     }
@@ -403,7 +437,9 @@ KDLOSS_INLINE Pack<T> narrow(const Pack<double>& x) noexcept {
 
 // a * b + c rounded once, lane by lane, where the target has fused multiply-adds (FMA3 and AVX-512 on
 // x86-64, and aarch64), and rounded twice elsewhere: for the few places whose exactness rests on it, which
-// cannot leave it to the compiler (clang, for one, does not fuse a product that has two uses).
+// cannot leave it to the compiler (clang, for one, does not fuse a product that has two uses), and for the
+// exponential's polynomial steps, which g++ and clang fuse by themselves but a compiler that does not fuse
+// intrinsics (MSVC) would not (a float64 call took 1.4x as long there: benchmarks/cpp_backends.py's unfused).
 template <class T>
 KDLOSS_INLINE Pack<T> fused_multiply_add(const Pack<T>& a, const Pack<T>& b, const Pack<T>& c) noexcept {
     Pack<T> r;
@@ -419,8 +455,8 @@ KDLOSS_INLINE Pack<T> fused_multiply_add(const Pack<T>& a, const Pack<T>& b, con
 #elif KDLOSS_VECTOR_EXTENSIONS && defined(__aarch64__)
         if constexpr (is_float) r.part[i] = vfmaq_f32(c.part[i], a.part[i], b.part[i]);
         else r.part[i] = vfmaq_f64(c.part[i], a.part[i], b.part[i]);
-#elif !KDLOSS_VECTOR_EXTENSIONS && (defined(__FMA__) || defined(__aarch64__))
-        r.part[i] = std::fma(a.part[i], b.part[i], c.part[i]);  // one instruction where the target has it
+#elif !KDLOSS_VECTOR_EXTENSIONS
+        r.part[i] = fused_multiply_add(a.part[i], b.part[i], c.part[i]);  // intrinsic_registers.hpp's
 #else
         r.part[i] = a.part[i] * b.part[i] + c.part[i];
 #endif
@@ -435,7 +471,26 @@ KDLOSS_INLINE Pack<T> fused_multiply_add(const Pack<T>& a, const Pack<T>& b, con
 // and clang has no vector-extension builtin for one, hence the intrinsics.
 template <class U>
 inline constexpr std::size_t lookup_entries = 0;
-#if KDLOSS_VECTOR_EXTENSIONS && defined(__AVX512F__)
+
+// A part of integers as the intrinsics' type, and back: the permutes below, for both kinds of part.
+template <class Native, class Part>
+KDLOSS_INLINE Native as_native(const Part& part) noexcept {
+#if KDLOSS_VECTOR_EXTENSIONS
+    return reinterpret_cast<Native>(part);
+#else
+    return part.v;
+#endif
+}
+template <class U, class Native>
+KDLOSS_INLINE typename Pack<U>::Part from_native(const Native& native) noexcept {
+#if KDLOSS_VECTOR_EXTENSIONS
+    return reinterpret_cast<typename Pack<U>::Part>(native);
+#else
+    return typename Pack<U>::Part(native);
+#endif
+}
+
+#if (KDLOSS_VECTOR_EXTENSIONS || defined(KDLOSS_X86_REGISTERS)) && defined(__AVX512F__)
 template <>
 inline constexpr std::size_t lookup_entries<std::uint32_t> = 16;
 template <>
@@ -445,8 +500,8 @@ KDLOSS_INLINE Pack<std::uint32_t> lookup(const Pack<std::uint32_t>& table, const
     Pack<std::uint32_t> r;
     // The zero-masked form with every lane set is the same instruction; the plain one makes g++ 12 warn of
     // its own placeholder operand (-Wmaybe-uninitialized).
-    r.part[0] = reinterpret_cast<Pack<std::uint32_t>::Part>(_mm512_maskz_permutexvar_epi32(
-        __mmask16(0xffff), reinterpret_cast<__m512i>(index.part[0]), reinterpret_cast<__m512i>(table.part[0])));
+    r.part[0] = from_native<std::uint32_t>(_mm512_maskz_permutexvar_epi32(
+        __mmask16(0xffff), as_native<__m512i>(index.part[0]), as_native<__m512i>(table.part[0])));
     return r;
 }
 KDLOSS_INLINE Pack<std::uint64_t> lookup(const Pack<std::uint64_t>& table, const Pack<std::uint64_t>& index) noexcept {
@@ -454,12 +509,11 @@ KDLOSS_INLINE Pack<std::uint64_t> lookup(const Pack<std::uint64_t>& table, const
     Pack<std::uint64_t> r;
     KDLOSS_UNROLL
     for (std::size_t i = 0; i < 2; ++i)
-        r.part[i] = reinterpret_cast<Pack<std::uint64_t>::Part>(_mm512_permutex2var_epi64(
-            reinterpret_cast<__m512i>(table.part[0]), reinterpret_cast<__m512i>(index.part[i]),
-            reinterpret_cast<__m512i>(table.part[1])));
+        r.part[i] = from_native<std::uint64_t>(_mm512_permutex2var_epi64(
+            as_native<__m512i>(table.part[0]), as_native<__m512i>(index.part[i]), as_native<__m512i>(table.part[1])));
     return r;
 }
-#elif KDLOSS_VECTOR_EXTENSIONS && defined(__AVX2__)
+#elif (KDLOSS_VECTOR_EXTENSIONS || defined(KDLOSS_X86_REGISTERS)) && defined(__AVX2__)
 template <>
 inline constexpr std::size_t lookup_entries<std::uint32_t> = 8;
 KDLOSS_INLINE Pack<std::uint32_t> lookup(const Pack<std::uint32_t>& table, const Pack<std::uint32_t>& index) noexcept {
@@ -467,8 +521,8 @@ KDLOSS_INLINE Pack<std::uint32_t> lookup(const Pack<std::uint32_t>& table, const
     Pack<std::uint32_t> r;
     KDLOSS_UNROLL
     for (std::size_t i = 0; i < 2; ++i)
-        r.part[i] = reinterpret_cast<Pack<std::uint32_t>::Part>(_mm256_permutevar8x32_epi32(
-            reinterpret_cast<__m256i>(table.part[0]), reinterpret_cast<__m256i>(index.part[i])));
+        r.part[i] = from_native<std::uint32_t>(
+            _mm256_permutevar8x32_epi32(as_native<__m256i>(table.part[0]), as_native<__m256i>(index.part[i])));
     return r;
 }
 #endif

@@ -50,7 +50,7 @@ KDLOSS_INLINE bool any_lane(const Mask<T>& mask) noexcept {
     for (std::size_t i = 0; i < sizeof words / sizeof words[0]; ++i) any |= words[i];
     return any != 0;
 #else
-    return folded;
+    return any_lane_of(folded);  // intrinsic_registers.hpp's
 #endif
 }
 

@@ -126,7 +126,7 @@ KDLOSS_INLINE Pack<T> exp2_by_table(const Pack<T>& x, Exp2Scale<T> e) noexcept {
     constexpr std::size_t terms = std::size(Table::p);
     Pack<T> p = Table::p[terms - 1];
     KDLOSS_UNROLL
-    for (std::size_t i = 2; i <= terms; ++i) p = p * f + Table::p[terms - i];
+    for (std::size_t i = 2; i <= terms; ++i) p = fused_multiply_add(p, f, Pack<T>(Table::p[terms - i]));
     // entry (1 + f P) as entry + entry (f P): one rounding, after the sum.
     const Pack<T> result = fused_multiply_add(scaled_entry, p * f, scaled_entry);
     return select(x < Pack<T>(e.lowest_x), T(0), result);
@@ -146,12 +146,12 @@ KDLOSS_INLINE V exp2_by_polynomial(V x, Exp2Scale<float> e) noexcept {
     const V f = fused_multiply_add(x, scale, round_magic - shifted);  // the product is rounded only here
     // Minimax polynomial of 2^f on [-1/2, 1/2]: the one of e^r on [-ln2/2, ln2/2], r = f ln2.
     V p = 1.534581242594868e-4f;
-    p = p * f + 1.339993090368807e-3f;
-    p = p * f + 9.618489071726799e-3f;
-    p = p * f + 5.550328642129898e-2f;
-    p = p * f + 2.402264624834061e-1f;
-    p = p * f + 6.931471824645996e-1f;
-    p = p * f + 1.0f;
+    p = fused_multiply_add(p, f, V(1.339993090368807e-3f));
+    p = fused_multiply_add(p, f, V(9.618489071726799e-3f));
+    p = fused_multiply_add(p, f, V(5.550328642129898e-2f));
+    p = fused_multiply_add(p, f, V(2.402264624834061e-1f));
+    p = fused_multiply_add(p, f, V(6.931471824645996e-1f));
+    p = fused_multiply_add(p, f, V(1.0f));
     const V two_k = from_bits(to_bits(shifted) << 23);
     // Comparisons are false for NaN, which therefore falls through as NaN (a multiply keeps it NaN, where
     // adding k to p's exponent bits could turn a NaN's payload into a number).
@@ -168,17 +168,17 @@ KDLOSS_INLINE V exp2_by_polynomial(V x, Exp2Scale<double> e) noexcept {
     // 2^f on [-1/2, 1/2]: a Chebyshev interpolant of e^r on [-ln2/2, ln2/2], r = f ln2, relative error 4.2e-18
     // before rounding.
     V p = 4.4558179083360645e-10;
-    p = p * f + 7.074194297288521e-9;
-    p = p * f + 1.0178057087733941e-7;
-    p = p * f + 1.3215432535912377e-6;
-    p = p * f + 1.5252733841556772e-5;
-    p = p * f + 1.5403530463724356e-4;
-    p = p * f + 1.333355814640647e-3;
-    p = p * f + 9.618129107587258e-3;
-    p = p * f + 5.5504108664821625e-2;
-    p = p * f + 2.402265069591016e-1;
-    p = p * f + 6.931471805599453e-1;
-    p = p * f + 1.0;
+    p = fused_multiply_add(p, f, V(7.074194297288521e-9));
+    p = fused_multiply_add(p, f, V(1.0178057087733941e-7));
+    p = fused_multiply_add(p, f, V(1.3215432535912377e-6));
+    p = fused_multiply_add(p, f, V(1.5252733841556772e-5));
+    p = fused_multiply_add(p, f, V(1.5403530463724356e-4));
+    p = fused_multiply_add(p, f, V(1.333355814640647e-3));
+    p = fused_multiply_add(p, f, V(9.618129107587258e-3));
+    p = fused_multiply_add(p, f, V(5.5504108664821625e-2));
+    p = fused_multiply_add(p, f, V(2.402265069591016e-1));
+    p = fused_multiply_add(p, f, V(6.931471805599453e-1));
+    p = fused_multiply_add(p, f, V(1.0));
     const V two_k = from_bits(to_bits(shifted) << 52);
     return select(x < V(e.lowest_x), 0.0, p * two_k);
 }

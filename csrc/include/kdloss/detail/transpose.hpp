@@ -5,9 +5,9 @@
 // a block of 100-class rows, so whole tiles are transposed at once, in one of two ways:
 //   - by tiles: tiles of lanes x lanes values go through a local array with constant loop bounds, which
 //     compilers that vectorise at all turn into permutes;
-//   - by shuffles (g++ >= 12, clang): tiles of V x V values, V the values in one register, are loaded as
-//     V vectors and transposed by rounds of shuffles that each map onto one instruction of the target
-//     (with AVX-512, the first round is done by the loads).
+//   - by shuffles (g++ >= 12, clang; and the intrinsics of intrinsic_registers.hpp): tiles of V x V values, V
+//     the values in one register, are loaded as V vectors and transposed by rounds of shuffles that each map
+//     onto one instruction of the target (with AVX-512 and GNU vectors, the first round is done by the loads).
 // Columns past the last whole tile are moved element by element.
 
 #include <cstddef>
@@ -65,7 +65,8 @@ void lanes_to_rows_by_tiles(const T* in, std::size_t n, T* const (&rows)[lanes],
     lanes_to_rows_one_by_one(in, first, n, rows, count);
 }
 
-#if KDLOSS_VECTOR_SHUFFLES
+#if KDLOSS_VECTOR_SHUFFLES || KDLOSS_INTRINSIC_REGISTERS
+#define KDLOSS_TRANSPOSE_BY_SHUFFLES 1
 // The values of one register, and their number.
 template <class T>
 using Vector = typename PartOf<T>::type;
@@ -73,15 +74,33 @@ template <class T>
 inline constexpr std::size_t tile_width = lanes_per_part<T>;
 
 // Unaligned vector loads and stores (a memcpy of a vector goes through the stack in 16-byte pieces with
-// g++ -mavx2).
+// g++ -mavx2), and the larger of two, lane by lane, as lane_maxima takes it (a NaN is never the maximum).
 template <class T>
 KDLOSS_INLINE Vector<T> load_vector(const T* p) noexcept {
+#if KDLOSS_VECTOR_SHUFFLES
     return *reinterpret_cast<const typename PartOf<T>::unaligned*>(p);
+#else
+    return Vector<T>::load(p);
+#endif
 }
 template <class T>
 KDLOSS_INLINE void store_vector(T* p, const Vector<T>& v) noexcept {
+#if KDLOSS_VECTOR_SHUFFLES
     *reinterpret_cast<typename PartOf<T>::unaligned*>(p) = v;
+#else
+    v.store(p);
+#endif
 }
+template <class V>
+KDLOSS_INLINE V larger_of(const V& candidate, const V& maximum) noexcept {
+#if KDLOSS_VECTOR_SHUFFLES
+    return candidate > maximum ? candidate : maximum;
+#else
+    return blend(candidate > maximum, candidate, maximum);
+#endif
+}
+
+#if KDLOSS_VECTOR_SHUFFLES
 
 // The first (High = false) or second half of a and b, interleaved: a0 b0 a1 b1 ...
 template <bool High, class V, std::size_t Width, std::size_t... I>
@@ -142,7 +161,79 @@ KDLOSS_INLINE void transpose_tile(Vector<T> (&v)[tile_width<T>]) noexcept {
     }
 }
 
-#if defined(__AVX512F__)
+#elif KDLOSS_INTRINSIC_REGISTERS
+// The same transposes with intrinsics: rows v[0 .. tile_width) in, columns out.
+template <class T>
+KDLOSS_INLINE void transpose_tile(Vector<T> (&v)[tile_width<T>]) noexcept {
+    constexpr std::size_t n = tile_width<T>;
+    using V = Vector<T>;
+#if defined(KDLOSS_X86_REGISTERS) && defined(__AVX2__) && !defined(__AVX512F__)
+    if constexpr (n == 8) {
+        // 8 floats: unpcklps/unpckhps, shufps, vperm2f128, as the GNU path's shuffles become.
+        __m256 t[8], u[8];
+        KDLOSS_UNROLL
+        for (std::size_t k = 0; k < 4; ++k) {
+            t[2 * k] = _mm256_unpacklo_ps(v[2 * k].v, v[2 * k + 1].v);
+            t[2 * k + 1] = _mm256_unpackhi_ps(v[2 * k].v, v[2 * k + 1].v);
+        }
+        KDLOSS_UNROLL
+        for (std::size_t g = 0; g < 8; g += 4) KDLOSS_UNROLL
+        for (std::size_t k = 0; k < 2; ++k) {
+            u[g + 2 * k] = _mm256_shuffle_ps(t[g + k], t[g + k + 2], 0x44);
+            u[g + 2 * k + 1] = _mm256_shuffle_ps(t[g + k], t[g + k + 2], 0xee);
+        }
+        KDLOSS_UNROLL
+        for (std::size_t j = 0; j < 4; ++j) {
+            v[j] = V(_mm256_permute2f128_ps(u[j], u[j + 4], 0x20));
+            v[j + 4] = V(_mm256_permute2f128_ps(u[j], u[j + 4], 0x31));
+        }
+    } else {
+        // 4 doubles: unpcklpd/unpckhpd, then vperm2f128.
+        const __m256d t0 = _mm256_unpacklo_pd(v[0].v, v[1].v), t1 = _mm256_unpackhi_pd(v[0].v, v[1].v);
+        const __m256d t2 = _mm256_unpacklo_pd(v[2].v, v[3].v), t3 = _mm256_unpackhi_pd(v[2].v, v[3].v);
+        v[0] = V(_mm256_permute2f128_pd(t0, t2, 0x20));
+        v[1] = V(_mm256_permute2f128_pd(t1, t3, 0x20));
+        v[2] = V(_mm256_permute2f128_pd(t0, t2, 0x31));
+        v[3] = V(_mm256_permute2f128_pd(t1, t3, 0x31));
+    }
+#else
+    // log2(n) rounds of pairing row i with row i + n/2 by interleaves: the first (or second) halves of a and b,
+    // a0 b0 a1 b1 ...: vpermt2ps/pd with AVX-512, unpcklps/pd (unpckh) with SSE2, zip1 (zip2) with NEON.
+    auto interleave = [](const V& a, const V& b, bool high) KDLOSS_INLINE_LAMBDA {
+#if defined(KDLOSS_X86_REGISTERS) && defined(__AVX512F__)
+        if constexpr (n == 16) {
+            const __m512i low_half = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+            const __m512i high_half = _mm512_add_epi32(low_half, _mm512_set1_epi32(8));
+            return V(_mm512_permutex2var_ps(a.v, high ? high_half : low_half, b.v));
+        } else {
+            const __m512i low_half = _mm512_setr_epi64(0, 8, 1, 9, 2, 10, 3, 11);
+            const __m512i high_half = _mm512_add_epi64(low_half, _mm512_set1_epi64(4));
+            return V(_mm512_permutex2var_pd(a.v, high ? high_half : low_half, b.v));
+        }
+#elif defined(KDLOSS_X86_REGISTERS)
+        if constexpr (n == 4) return V(high ? _mm_unpackhi_ps(a.v, b.v) : _mm_unpacklo_ps(a.v, b.v));
+        else return V(high ? _mm_unpackhi_pd(a.v, b.v) : _mm_unpacklo_pd(a.v, b.v));
+#else
+        if constexpr (n == 4) return V(high ? vzip2q_f32(a.v, b.v) : vzip1q_f32(a.v, b.v));
+        else return V(high ? vzip2q_f64(a.v, b.v) : vzip1q_f64(a.v, b.v));
+#endif
+    };
+    KDLOSS_UNROLL
+    for (std::size_t width = 1; width < n; width *= 2) {
+        V next[n];
+        KDLOSS_UNROLL
+        for (std::size_t i = 0; i < n / 2; ++i) {
+            next[2 * i] = interleave(v[i], v[i + n / 2], false);
+            next[2 * i + 1] = interleave(v[i], v[i + n / 2], true);
+        }
+        KDLOSS_UNROLL
+        for (std::size_t i = 0; i < n; ++i) v[i] = next[i];
+    }
+#endif
+}
+#endif
+
+#if KDLOSS_VECTOR_SHUFFLES && defined(__AVX512F__)
 // A register of the 32 bytes at low, then the 32 at high. By intrinsics: g++ 12 turned the same
 // concatenation of two vectors into two loads and a shuff64x2, where vinsertf64x4 takes its half from memory.
 template <class T>
@@ -185,7 +276,7 @@ KDLOSS_INLINE V shuffle(V a, V b, std::index_sequence<I...>) noexcept {
 template <class T>
 KDLOSS_INLINE void load_transposed_tile(const T* const (&src)[tile_width<T>], Vector<T> (&v)[tile_width<T>]) noexcept {
     constexpr std::size_t n = tile_width<T>;
-#if defined(__AVX512F__)
+#if KDLOSS_VECTOR_SHUFFLES && defined(__AVX512F__)
     if constexpr (vector_bytes == 64) {
         // AVX-512: the round of 32-byte halves is done by the loads (vinsertf64x4 from memory), which
         // takes a round off the shuffle units that bound the transposes, and the rounds left are unpck,
@@ -255,7 +346,7 @@ KDLOSS_INLINE void rows_to_lanes_tile(const T* const (&rows)[lanes], std::size_t
         KDLOSS_UNROLL
         for (std::size_t c = 0; c < n_tile; ++c) {
             store_vector(out + (first + c) * lanes + group, v[c]);
-            maximum = v[c] > maximum ? v[c] : maximum;  // as lane_maxima: a NaN is never the maximum
+            maximum = larger_of(v[c], maximum);
         }
     }
 }
@@ -307,13 +398,13 @@ void lanes_to_rows_by_shuffles(const T* in, std::size_t n, T* const (&rows)[lane
     if (n % n_tile != 0) lanes_to_rows_tile(in, n - n_tile, rows, count);
 }
 
-#endif
+#endif  // KDLOSS_TRANSPOSE_BY_SHUFFLES
 
 // out[c * lanes + l] = rows[l][c] for c < n; returns each row's maximum (lane l: row l's), which the
 // shuffles find on the way, saving the kernel a pass.
 template <class T>
 Pack<T> rows_to_lanes(const T* const (&rows)[lanes], std::size_t n, T* out) noexcept {
-#if KDLOSS_VECTOR_SHUFFLES
+#if KDLOSS_TRANSPOSE_BY_SHUFFLES
     return rows_to_lanes_by_shuffles(rows, n, out);
 #else
     return rows_to_lanes_by_tiles(rows, n, out);
@@ -323,7 +414,7 @@ Pack<T> rows_to_lanes(const T* const (&rows)[lanes], std::size_t n, T* out) noex
 // rows[l][c] = in[c * lanes + l] for c < n and the first `count` lanes.
 template <class T>
 void lanes_to_rows(const T* in, std::size_t n, T* const (&rows)[lanes], std::size_t count) noexcept {
-#if KDLOSS_VECTOR_SHUFFLES
+#if KDLOSS_TRANSPOSE_BY_SHUFFLES
     lanes_to_rows_by_shuffles(in, n, rows, count);
 #else
     lanes_to_rows_by_tiles(in, n, rows, count);
