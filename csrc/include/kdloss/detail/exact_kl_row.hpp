@@ -12,6 +12,7 @@
 #include <limits>
 
 #include "kdloss/detail/batch_problem.hpp"
+#include "kdloss/detail/exact_hard_term.hpp"
 #include "kdloss/detail/kernel_namespace.hpp"
 #include "kdloss/detail/pack.hpp"
 #include "kdloss/detail/simd_math.hpp"
@@ -132,24 +133,9 @@ void exact_kl_row(const BatchProblem<T>& problem, std::size_t row) noexcept {
     if (teacher_mass_outside != 0.0) log_ratio_sum -= std::log1p(-teacher_mass_outside / teacher_sum);
     const double mean = mean_lanes.sum() / student_sum;
 
-    // The hard term: CE = sum(y) log Z_h - sum_c y_c ds_c (cross_entropy.hpp), y one-hot or a distribution.
-    const T* target =
-        problem.label_kind == LabelKind::distributions ? problem.targets + r * problem.target_stride : nullptr;
-    std::int64_t label = -1;
-    double target_mass = 1.0, target_cross = 0.0;
-    if (hard_term && target == nullptr) {
-        label = problem.class_indices[r * problem.class_index_stride];
-        target_cross = static_cast<double>(student[label]) - student_max;
-    } else if (hard_term) {
-        target_mass = 0.0;
-        for (std::size_t c = 0; c < n; ++c) {
-            const double y = static_cast<double>(target[c]);
-            target_mass += y;
-            if (y != 0.0) target_cross += y * (static_cast<double>(student[c]) - student_max);
-        }
-    }
+    const ExactHardTerm<T> labels = exact_hard_term(problem, r, student, student_max);
     const double hard_sum = student_hard.sum();
-    const double hard = hard_term ? target_mass * std::log(hard_sum) - target_cross : 0.0;
+    const double hard = hard_term ? labels.loss(std::log(hard_sum)) : 0.0;
 
     // The divergence and the gradient row in one pass, per class over q's support from q, x = d - L = log(p / q),
     // e^x and u = expm1(x): the terms q phi(u) or q psi(u), or where |x| > 1, in the log domain with p = q e^x;
@@ -169,18 +155,12 @@ void exact_kl_row(const BatchProblem<T>& problem, std::size_t row) noexcept {
         if (gradient == nullptr) continue;
         V g = Forward ? select(far, soft_scale * (q - p), (0.0 - soft_scale) * q * u)
                       : (0.0 - soft_scale) * q * ((k.d - top_d) - mean);
-        if (hard_term) g += hard_scale * target_mass * (fast_exp2(k.ds, natural) / hard_sum);
+        if (hard_term) g += hard_scale * labels.target_mass * (fast_exp2(k.ds, natural) / hard_sum);
         g = select(k.student_support, g, 0.0);
         double values[lanes];
         g.store(values);
-        for (std::size_t i = 0; i < lanes && c + i < n; ++i) {
-            double value = values[i];
-            if (hard_term) {
-                if (target != nullptr) value -= hard_scale * static_cast<double>(target[c + i]);
-                else if (static_cast<std::int64_t>(c + i) == label) value -= hard_scale;
-            }
-            gradient[c + i] = static_cast<T>(value);
-        }
+        for (std::size_t i = 0; i < lanes && c + i < n; ++i)
+            gradient[c + i] = static_cast<T>(hard_term ? labels.less_target(values[i], c + i, hard_scale) : values[i]);
     }
     double divergence = divergence_lanes.sum();
     // Forward KL is infinite where the teacher has mass outside q's support. Over q's support, sum_c q_c u_c = -P0,

@@ -31,6 +31,7 @@
 // too, since the gradient's row is written whole.
 
 #include "kdloss/detail/batch_problem.hpp"
+#include "kdloss/detail/exact_hard_term.hpp"
 #include "kdloss/detail/exact_kl_row.hpp"
 #include "kdloss/detail/forward_kl.hpp"
 #include "kdloss/detail/kernel_namespace.hpp"
@@ -247,24 +248,9 @@ KDLOSS_NO_VECTORISE void exact_row(const BatchProblem<T>& problem, std::size_t r
     }
     const double soft = temperature * temperature * divergence;
 
-    // The hard term: CE = sum(y) log Z_h - sum_c y_c ds_c (cross_entropy.hpp), y one-hot or a distribution.
-    const T* target =
-        problem.label_kind == LabelKind::distributions ? problem.targets + r * problem.target_stride : nullptr;
-    std::int64_t label = -1;
-    double target_mass = 1.0, target_cross = 0.0;
-    if (hard_term && target == nullptr) {
-        label = problem.class_indices[r * problem.class_index_stride];
-        target_cross = static_cast<double>(student[label]) - student_max;
-    } else if (hard_term) {
-        target_mass = 0.0;
-        for (std::size_t c = 0; c < n; ++c) {
-            const double y = static_cast<double>(target[c]);
-            target_mass += y;
-            if (y != 0.0) target_cross += y * (static_cast<double>(student[c]) - student_max);
-        }
-    }
+    const ExactHardTerm<T> labels = exact_hard_term(problem, r, student, student_max);
     const double log_student_hard = std::log(student_hard);
-    const double hard = hard_term ? target_mass * log_student_hard - target_cross : 0.0;
+    const double hard = hard_term ? labels.loss(log_student_hard) : 0.0;
 
     if (problem.row_hard_losses != nullptr) {
         problem.row_losses[row] = soft;
@@ -282,13 +268,10 @@ KDLOSS_NO_VECTORISE void exact_row(const BatchProblem<T>& problem, std::size_t r
             g = soft_scale * std::exp(log_q(c)) * (static_cast<double>(gradient[c]) - mean);
             if (hard_term) {
                 const double h = std::exp(static_cast<double>(student[c]) - student_max - log_student_hard);
-                g += hard_scale * h * target_mass;
+                g += hard_scale * h * labels.target_mass;
             }
         }
-        if (hard_term) {
-            if (target != nullptr) g -= hard_scale * static_cast<double>(target[c]);
-            else if (static_cast<std::int64_t>(c) == label) g -= hard_scale;
-        }
+        if (hard_term) g = labels.less_target(g, c, hard_scale);
         gradient[c] = static_cast<T>(g);
     }
 }
