@@ -2,7 +2,8 @@
 # The C++ side of kdloss's CI, no Python needed:
 #   - the ctest suite (tests/cpp) built warning-free with -Wall -Wextra -Wpedantic -Werror and run: with g++
 #     (Release) against kdloss::kdloss, each of its instruction sets that this CPU runs forced in turn; with
-#     clang++ (-O2) without GNU vector extensions (-DKDLOSS_NO_VECTOR_EXTENSIONS, MSVC's path); and under
+#     clang++ (-O2) without GNU vector extensions (-DKDLOSS_NO_VECTOR_EXTENSIONS: the intrinsics registers that
+#     MSVC compiles), against kdloss::kdloss, each instruction set forced in turn too; and under
 #     AddressSanitizer + UndefinedBehaviorSanitizer (-fno-sanitize-recover=all), with clang++ when its sanitizer
 #     runtimes are there, else with g++;
 #   - the suite cross-compiled for aarch64 at -O2 and run under qemu (NEON), when Debian's cross g++ and
@@ -163,11 +164,14 @@ suite() {
         headers=OFF   # the standalone-header tests check compilation, which the plain build has done
         targets+=(-DKDLOSS_TEST_REDUCED=ON)  # the slowest tests on smaller sizes (kdtest::sized)
     elif [ "$mode" = portable ]; then
-        # The kernels without GNU vector extensions: the plain C++ that MSVC compiles. At -O2: their loops over
-        # arrays of lanes, unrolled, take g++ minutes at -O3 (clang++ a third of that), for no more coverage.
+        # The kernels without GNU vector extensions: the intrinsics registers that MSVC compiles
+        # (intrinsic_registers.hpp), for each instruction set this CPU runs (SSE2, AVX2, AVX-512 registers, each
+        # forced in turn), all at -O2. clang++ fuses no multiply-add of intrinsics by itself, as MSVC does not.
         flags="-O2 -DKDLOSS_NO_VECTOR_EXTENSIONS $warnings"
         type=""
         headers=OFF
+        targets=(-DKDLOSS_TEST_TARGETS=kdloss "-DKDLOSS_KERNEL_ISAS=$(runnable_isas)" -DKDLOSS_OPTIMIZE_KERNELS=OFF
+                 -DKDLOSS_INSTALL=OFF)
     fi
     local cross=()
     if [ "$mode" = aarch64 ]; then

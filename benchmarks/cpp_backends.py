@@ -16,8 +16,8 @@ The three programs run in turn, ``--rounds`` times, and each cell keeps its best
 compiler only::
 
     python benchmarks/cpp_backends.py                      # g++ (c++ on PATH), -O2 -mavx2 -mfma
-    python benchmarks/cpp_backends.py --flags "-O2 -mavx512f -mavx512dq -mavx512vl -mavx512bw"
-    python benchmarks/cpp_backends.py --flags -O2          # the x86-64 baseline, SSE2
+    python benchmarks/cpp_backends.py --flags="-O2 -mavx512f -mavx512dq -mavx512vl -mavx512bw"
+    python benchmarks/cpp_backends.py --flags=-O2          # the x86-64 baseline, SSE2
 """
 
 from __future__ import annotations
