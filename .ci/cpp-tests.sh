@@ -279,9 +279,9 @@ consumer() {
 # one suite at a time left a core idle. Two lanes of suites run at once, of about the same CPU time each
 # (seconds of CPU when this was written, on 2 cores beside .ci/run's Python side: lane 1, aarch64 180 to
 # build and 210 to run under qemu, then g++ plain ~120 with its kernels cached, ~350 without; lane 2,
-# sanitized 160 + 100 with clang++, portable 70 + 15 with clang++, the consumer ~30 cached). The g++ suite
-# and the consumer come after others: by then the wheel that .ci/run builds first has cached the kernels they
-# share with it. Each lane's report is printed when both are done.
+# sanitized 160 + 100 with clang++, portable 110 + 30 with clang++ (the library for each set), the consumer ~30
+# cached). The g++ suite and the consumer come after others: by then the wheel that .ci/run builds first has cached
+# the kernels they share with it. Each lane's report is printed when both are done.
 # lane NAME JOB...: runs each JOB (a command line: "suite CXX MODE", "consumer CXX") in turn, its report in
 # $work/lane.NAME and its counts and summary lines in $work/lane.NAME.result.
 lane() {

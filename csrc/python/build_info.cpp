@@ -7,6 +7,7 @@
 #include <string>
 
 #include "kdloss/detail/batch_problem.hpp"
+#include "kdloss/detail/pack.hpp"
 #include "kdloss/detail/thread_pool.hpp"
 #include "kdloss/isa.hpp"
 #include "kdloss/version.hpp"
@@ -36,6 +37,9 @@ py::dict build_info() {
     py::dict info;
     info["version"] = KDLOSS_VERSION_STRING;
     info["compiler"] = compiler_name();
+    // How the kernels' vectors are written: GNU vector extensions (g++, clang), or the intrinsics of
+    // intrinsic_registers.hpp (MSVC, or KDLOSS_NO_VECTOR_EXTENSIONS). This unit has the kernels' flags.
+    info["vectors"] = KDLOSS_VECTOR_EXTENSIONS ? "gnu" : "intrinsics";
     info["compiled_isas"] = py::cast(isa.compiled);
     info["cpu_isas"] = py::cast(isa.supported);
     info["active_isa"] = isa.active;

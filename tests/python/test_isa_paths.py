@@ -50,6 +50,10 @@ def test_unknown_isa_fails_the_import_clearly() -> None:
 def test_build_info_reports_the_kernels() -> None:
     info = kdloss.build_info()
     assert info["version"] == kdloss.__version__
+    # MSVC has no GNU vector extensions; g++ and clang use them unless told not to (KDLOSS_NO_VECTOR_EXTENSIONS).
+    assert info["vectors"] in {"gnu", "intrinsics"}
+    if info["compiler"].startswith("msvc"):
+        assert info["vectors"] == "intrinsics"
     assert "baseline" in info["compiled_isas"]
     assert set(info["cpu_isas"]) <= set(info["compiled_isas"])
     # The widest set this CPU runs, never the opt-in "native" copy (KDLOSS_NATIVE_KERNELS) unless forced.
