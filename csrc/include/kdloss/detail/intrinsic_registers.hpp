@@ -47,12 +47,15 @@ struct RegisterMask;
 
 #if defined(KDLOSS_X86_REGISTERS)
 
-// The widest registers the target has, and the intrinsics' prefix for them. AVX without AVX2 has no 256-bit
+// The widest registers the target has, and the intrinsics' prefix for them (and and or by their whole names: as
+// macro arguments, `and` and `or` are C++'s alternative tokens for && and ||). AVX without AVX2 has no 256-bit
 // integer operations, so it gets SSE2's 128 bits (as g++ -mavx does not: the GNU path is 256 bits there).
 #if defined(__AVX512F__)
 inline constexpr std::size_t register_bytes = 64;
 #define KDLOSS_MM(name) _mm512_##name
 #define KDLOSS_SI(name) _mm512_##name##_si512
+#define KDLOSS_AND _mm512_and_si512
+#define KDLOSS_OR _mm512_or_si512
 using NativeFloat = __m512;
 using NativeDouble = __m512d;
 using NativeInteger = __m512i;
@@ -60,6 +63,8 @@ using NativeInteger = __m512i;
 inline constexpr std::size_t register_bytes = 32;
 #define KDLOSS_MM(name) _mm256_##name
 #define KDLOSS_SI(name) _mm256_##name##_si256
+#define KDLOSS_AND _mm256_and_si256
+#define KDLOSS_OR _mm256_or_si256
 using NativeFloat = __m256;
 using NativeDouble = __m256d;
 using NativeInteger = __m256i;
@@ -67,6 +72,8 @@ using NativeInteger = __m256i;
 inline constexpr std::size_t register_bytes = 16;
 #define KDLOSS_MM(name) _mm_##name
 #define KDLOSS_SI(name) _mm_##name##_si128
+#define KDLOSS_AND _mm_and_si128
+#define KDLOSS_OR _mm_or_si128
 using NativeFloat = __m128;
 using NativeDouble = __m128d;
 using NativeInteger = __m128i;
@@ -211,10 +218,10 @@ KDLOSS_FLOATING_REGISTER(double, NativeDouble, pd)
             return Register(KDLOSS_MM(sub_epi##bits)(a.v, b.v));                                                \
         }                                                                                                       \
         friend KDLOSS_REGISTER_INLINE Register operator&(Register a, Register b) noexcept {                     \
-            return Register(KDLOSS_SI (and)(a.v, b.v));                                                         \
+            return Register(KDLOSS_AND(a.v, b.v));                                                              \
         }                                                                                                       \
         friend KDLOSS_REGISTER_INLINE Register operator|(Register a, Register b) noexcept {                     \
-            return Register(KDLOSS_SI(or)(a.v, b.v));                                                           \
+            return Register(KDLOSS_OR(a.v, b.v));                                                               \
         }                                                                                                       \
         friend KDLOSS_REGISTER_INLINE Register operator<<(Register a, int shift) noexcept {                     \
             return Register(KDLOSS_SHIFT(sll, bits, a.v, _mm_cvtsi32_si128(shift)));                            \
@@ -309,6 +316,8 @@ KDLOSS_REGISTER_INLINE Register<double> fused_multiply_add(Register<double> a, R
 
 #undef KDLOSS_MM
 #undef KDLOSS_SI
+#undef KDLOSS_AND
+#undef KDLOSS_OR
 
 #elif defined(KDLOSS_NEON_REGISTERS)
 
