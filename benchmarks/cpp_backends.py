@@ -28,6 +28,8 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from cpp_targets import run  # cpp_kernels' table, read (this folder is the script's, first on sys.path)
+
 ROOT = Path(__file__).resolve().parent.parent
 PROGRAMS = {
     "gnu": [],
@@ -40,17 +42,6 @@ def build(cxx: str, flags: list[str], extra: list[str], program: Path) -> None:
     source = ROOT / "benchmarks" / "cpp_kernels.cpp"
     command = [cxx, "-std=c++17", *flags, *extra, f"-I{ROOT / 'csrc' / 'include'}", str(source), "-pthread"]
     subprocess.run([*command, "-o", str(program)], check=True)
-
-
-def run(program: Path) -> dict[tuple[str, str], float]:
-    """ns per element by (shape, dtype), from cpp_kernels' table."""
-    out = subprocess.run([str(program)], check=True, capture_output=True, text=True).stdout.splitlines()
-    cells = {}
-    for line in out[1:]:
-        shape, float32, float64 = line.split()
-        cells[(shape, "float32")] = float(float32)
-        cells[(shape, "float64")] = float(float64)
-    return cells
 
 
 def main() -> None:
