@@ -36,8 +36,13 @@ def mixture(divergence, p, q, T):
         a, wp, wq = mp.mpf("0.9"), 0, 1
     b = 1 - a
     m = [a * pc + b * qc for pc, qc in zip(p, q)]
-    d = mp.fsum(wp * pc * mp.log(pc / mc) + wq * qc * mp.log(qc / mc) for pc, qc, mc in zip(p, q, m))
-    g = [wq * (mp.log(qc / mc) + 1) - b * (wp * pc + wq * qc) / mc for pc, qc, mc in zip(p, q, m)]
+
+    def x_log(x, y):  # x log(x / y), 0 at x = 0
+        return x * mp.log(x / y) if x != 0 else 0
+
+    d = mp.fsum(wp * x_log(pc, mc) + wq * x_log(qc, mc) for pc, qc, mc in zip(p, q, m))
+    # (where q = 0, G is multiplied by q = 0 below: any finite value does)
+    g = [(wq * (mp.log(qc / mc) + 1) if qc != 0 else 0) - b * (wp * pc + wq * qc) / mc for pc, qc, mc in zip(p, q, m)]
     mean = mp.fsum(qc * gc for qc, gc in zip(q, g))
     return d, [T * qc * (gc - mean) for qc, gc in zip(q, g)]
 
@@ -55,7 +60,7 @@ def true_rows(student, teacher, temperature, divergence, targets):
             soft_gradient = [T * (qc - pc) for qc, pc in zip(q, p)]
         elif divergence == "reverse_kl":
             d = mp.fsum(qc * mp.log(qc / pc) for pc, qc in zip(p, q) if qc != 0)
-            soft_gradient = [T * qc * (mp.log(qc / pc) - d) for pc, qc in zip(p, q)]
+            soft_gradient = [T * qc * (mp.log(qc / pc) - d) if qc != 0 else 0 for pc, qc in zip(p, q)]
         else:
             d, soft_gradient = mixture(divergence, p, q, T)
         soft = T**2 * d
@@ -109,6 +114,63 @@ def test_near_matches_and_large_temperatures(dtype, divergence, classes, tempera
     loss, gradient = kd.loss_and_gradient(student, teacher)
     assert_rows_close(loss, gradient, true_loss, true_gradient, dtype, f"C={classes}, T={temperature}")
     assert np.array_equal(kd.compute_loss(student, teacher), loss)  # the loss alone is the same, bit for bit
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("classes", [5, 40, 300])
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 20.0])
+def test_rows_between_near_matches_and_independent(dtype, divergence, classes, temperature):
+    """Teachers 0.03 to 1 per logit from the student (students ~N(0, 3^2)), where D runs from ~1e-4 to ~1: the
+    kernels' rows, or recomputed ones where their rounding would miss (float32 rows with D near 1e-3 and few classes
+    missed the loss's tolerance by up to 4x before exact_row.hpp's floor)."""
+    mp.mp.dps = 40
+    rng = np.random.default_rng(25)
+    student = rng.normal(0, 3, (8, classes))
+    teacher = student + rng.normal(0, 1, student.shape) * np.repeat([0.03, 0.1, 0.3, 1.0], 2)[:, None]
+    student, teacher = student.astype(dtype), teacher.astype(dtype)
+    true_loss, true_gradient = true_rows(student, teacher, temperature, divergence, None)
+    kd = DistillationLoss(temperature, reduction="none", divergence=divergence, beta=0.5, skew=0.1)
+    loss, gradient = kd.loss_and_gradient(student, teacher)
+    assert_rows_close(loss, gradient, true_loss, true_gradient, dtype, f"C={classes}, T={temperature}")
+
+
+def _masked_cases():
+    """(dtype, divergence, masked side), without the KLs' infinite cases (test_divergences.py has those)."""
+    # Known gap (issue 20): a float64 skew row whose D (8e-3) is above the mixtures' threshold keeps the kernels'
+    # gradient, which is good to ~1e-10 of its largest entry here: that entry is ~1e-6, far below the sqrt(2 D) the
+    # criterion assumes. Fixing it needs the gradient pass's largest entry in redo_inexact_rows.
+    gap = pytest.mark.xfail(strict=True, reason="float64 kernel gradient against a tiny largest entry (issue 20)")
+    cases = []
+    for dtype, name in [(np.float32, "float32"), (np.float64, "float64")]:
+        for divergence in DIVERGENCES:
+            for masked in ["teacher", "student"]:
+                if (divergence, masked) in [("reverse_kl", "teacher"), ("forward_kl", "student")]:
+                    continue
+                known = name == "float64" and masked == "student" and divergence.startswith("skew")
+                marks = [gap] if known else []
+                cases.append(pytest.param(dtype, divergence, masked, marks=marks, id=f"{masked}-{divergence}-{name}"))
+    return cases
+
+
+@pytest.mark.parametrize("dtype, divergence, masked", _masked_cases())
+def test_near_matches_with_one_class_masked(dtype, divergence, masked):
+    """A student within 1e-4 of the teacher but for one class that one side rules out (-inf) where the other puts
+    3e-4 to 1e-2 of its mass: D is about that mass, far above the near-match threshold, with the terms it is a
+    difference of no larger. Before the floor (exact_row.hpp), float32 forward KL's loss missed by 1.7x its
+    tolerance and its gradient by 3.7x; the mixtures' exact pass, float32's gradient by 1.3x (exact_row.hpp)."""
+    mp.mp.dps = 40
+    rng = np.random.default_rng(26)
+    student, teacher = rows(rng, 4, 40, 1e-4, dtype)
+    for row, mass in enumerate([3e-4, 1e-3, 3e-3, 1e-2]):
+        q = np.exp(student[row].astype(np.float64) - student[row].max())
+        q /= q.sum()
+        c = int(np.argmin(np.abs(np.log(q) - np.log(mass))))
+        (teacher if masked == "teacher" else student)[row, c] = -np.inf
+    true_loss, true_gradient = true_rows(student, teacher, 1.0, divergence, None)
+    kd = DistillationLoss(1.0, reduction="none", divergence=divergence, beta=0.5, skew=0.1)
+    loss, gradient = kd.loss_and_gradient(student, teacher)
+    assert_rows_close(loss, gradient, true_loss, true_gradient, dtype, f"{masked} masked")
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])

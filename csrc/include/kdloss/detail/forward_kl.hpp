@@ -9,6 +9,7 @@
 
 #include <cstddef>
 #include <limits>
+#include <type_traits>
 
 #include "kdloss/detail/kernel_namespace.hpp"
 #include "kdloss/detail/pack.hpp"
@@ -105,6 +106,16 @@ struct ForwardKL {
     template <class V>
     static KDLOSS_INLINE V terms_size_denominator(const Sums<V>& sums, double temperature) noexcept {
         return sums.teacher_soft * temperature;
+    }
+
+    // For redo_inexact_rows: the fraction of the terms' size below which D is computed again (the kernels' float
+    // error measured at up to 4 ulps of that size, double's at up to 1/10 of 1024 ulps), and the largest probability
+    // of the distribution whose exponentials D is summed with, max p = 1 / Z_t.
+    template <class T>
+    static constexpr double redo_fraction = std::is_same_v<T, float> ? 1.0 / 16 : 1.0 / 1024;
+    template <class V>
+    static KDLOSS_INLINE V largest_probability(const Sums<V>& sums) noexcept {
+        return 1.0 / sums.teacher_soft;
     }
 
     // The gradient's soft term: weight T (q - p) = q_scale e^(ds/T) - p_scale e^(dt/T).

@@ -357,6 +357,15 @@ struct Mixture {
         return V(1.0);
     }
 
+    // For redo_inexact_rows: the fractions the size above is taken with, and no floor from the exponentials' rounding
+    // (a largest probability of 0): each of D's terms is rounded relative to itself.
+    template <class T>
+    static constexpr double redo_fraction = std::is_same_v<T, float> ? 1.0 / 64 : 1.0 / 1024;
+    template <class V>
+    static KDLOSS_INLINE V largest_probability(const Sums<V>&) noexcept {
+        return V(0.0);
+    }
+
     // The gradient's soft term: weight T q (G - E_q[G]) = scale e^(ds/T) (G - mean) (CentredGradient).
     template <class T>
     struct Coefficients : CentredGradient<T> {

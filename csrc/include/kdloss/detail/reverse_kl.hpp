@@ -112,6 +112,14 @@ struct ReverseKL {
         return sums.student_soft * temperature;
     }
 
+    // For redo_inexact_rows, as forward_kl.hpp's, with max q = 1 / Z_s.
+    template <class T>
+    static constexpr double redo_fraction = std::is_same_v<T, float> ? 1.0 / 16 : 1.0 / 1024;
+    template <class V>
+    static KDLOSS_INLINE V largest_probability(const Sums<V>& sums) noexcept {
+        return 1.0 / sums.student_soft;
+    }
+
     // The gradient's soft term: weight q (r - E_q[r]) = scale e^(ds/T) (r - mean) (CentredGradient).
     template <class T>
     struct Coefficients : CentredGradient<T> {
