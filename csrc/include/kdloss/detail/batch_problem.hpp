@@ -48,6 +48,9 @@ struct BatchProblem {
     double* row_hard_losses = nullptr;
     T* gradient = nullptr;  // null: loss only
     std::ptrdiff_t gradient_stride = 0;
+    // Set on the double problem that computes a row of a float call again (widened_row, run_rows.hpp): its results
+    // need only float's tolerance, by which redo_inexact_rows then judges them.
+    bool float_tolerance = false;
 };
 
 // The kernels' vector lanes (lane_math.hpp), and the row length up to which rows are processed a block of
@@ -64,10 +67,26 @@ static_assert(block_max_classes<double> >= lanes, "long rows must fill at least 
 // of exponentials and one of logit differences (mixture.hpp). Blocks: lanes x classes each of the student
 // (then its exponentials, then the gradient), the teacher (then its exponentials), the targets, the hard
 // exponentials and the logit differences. (A sparse teacher's row shorter
-// than `lanes` takes five rows of `lanes`: sparse_kl.hpp.)
+// than `lanes` takes five rows of `lanes`: sparse_kl.hpp.) A whole number of 64 bytes.
+template <class T>
+std::size_t kernel_scratch_elements(std::size_t classes) noexcept {
+    const std::size_t elements =
+        classes <= block_max_classes<T> ? 5 * lanes * std::max<std::size_t>(classes, 2) : 4 * classes;
+    constexpr std::size_t line = 64 / sizeof(T);
+    return (elements + line - 1) / line * line;
+}
+
+// Doubles that a row of a float call computed again in double takes (widened_row, run_rows.hpp): its logits,
+// targets and gradient, and the double kernels' scratch.
+inline std::size_t widened_elements(std::size_t classes) noexcept {
+    return 4 * classes + kernel_scratch_elements<double>(classes);
+}
+
+// Per-thread scratch, in elements of T: the kernels', and a float call's widened rows' after it.
 template <class T>
 std::size_t scratch_elements(std::size_t classes) noexcept {
-    return classes <= block_max_classes<T> ? 5 * lanes * std::max<std::size_t>(classes, 2) : 4 * classes;
+    if constexpr (std::is_same_v<T, float>) return kernel_scratch_elements<T>(classes) + 2 * widened_elements(classes);
+    return kernel_scratch_elements<T>(classes);
 }
 
 // Per-thread scratch for a sparse teacher of k slots a row, in elements of T, ahead of the rows' buffers: k of

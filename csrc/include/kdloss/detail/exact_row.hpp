@@ -25,8 +25,8 @@
 // (q_k near 1, rows that saturate at a low T), x_k + KL is a difference of two numbers near x_k; this way it is
 // the small sum over the other classes, which keeps its relative precision.
 //
-// The KLs on Packs of doubles (exact_kl_row.hpp, with the kernels' exp2, log1p and fast_expm1: in a call where the
-// student has all but caught up with the teacher every row comes here, and scalar libm made such a call 85 times an
+// The KLs on Packs of doubles (exact_kl_row.hpp, with the kernels' exp2, log1p and fast_expm1: in a float64 call where
+// the student has all but caught up with the teacher every row comes here, and scalar libm made such a call 85 times an
 // ordinary one, now about 20); the mixtures here, in plain scalar double with libm. The hard term is computed again
 // too, since the gradient's row is written whole.
 
@@ -140,6 +140,11 @@ private:
     double beta_, skew_, a_ = 0.0, log_a_ = 0.0, log_b_ = 0.0;
     double coefficient_[terms] = {};
 };
+
+// Row `row` of a float problem computed again by the double kernels, in `widened` (widened_elements(classes)
+// doubles' worth of floats): run_rows.hpp, which defines it next to the kernels' table it calls into.
+template <class T>
+void widened_row(const BatchProblem<T>& problem, std::size_t row, T* widened) noexcept;
 
 // The highest temperature at which the kernels' results are kept where redo_inexact_rows finds them accurate: above
 // it their terms are of order 1/T and D of 1/T^2, and the tests of their accuracy reach T = 100
@@ -283,8 +288,10 @@ KDLOSS_NO_VECTORISE void exact_row(const BatchProblem<T>& problem, std::size_t r
 }
 
 // Once rows[0 .. count)'s losses and gradient rows are written (a block's, or RowLosses' rows), given their
-// divergences as the kernels computed them: those whose results cancellation or rounding may have spoilt, computed
-// again by exact_row (and reverse KL's rows whose student is nearly one-hot, below). The kernels' error in D, measured
+// divergences as the kernels computed them: those whose results cancellation or rounding may have spoilt (and
+// reverse KL's rows whose student is nearly one-hot, below), computed again: a float row by the double kernels
+// (widened_row, in `widened`), which judge it by float's tolerance and send it on here if they must; a double row
+// by exact_row. The kernels' error in D, measured
 // against a high-precision truth over rows from near matches to independent logits (issue 20), has two parts:
 // - some ulps of T's precision times the size of the terms D is the difference of (its soft term's terms_size): a
 //   row is computed again where D is below its redo_fraction of that size;
@@ -293,23 +300,27 @@ KDLOSS_NO_VECTORISE void exact_row(const BatchProblem<T>& problem, std::size_t r
 //   computed again where D is below 4 ulps times that over the tolerance, D^2 < floor^2 max p. (Float32 rows with D
 //   from 1e-3 to 1e-2 and few classes missed the tolerance by up to 4x before this part.)
 // and rows with D below 1e-3 (float; 1e-6 for double) are computed again whatever else. These keep the loss within
-// half the tolerances the library promises (float 1e-5, double 1e-12) on every kept row measured. Their gradient, a
+// 0.6 of the tolerances the library promises (float 1e-5, double 1e-12) on every kept row measured. Their gradient, a
 // few ulps of q over the largest |q - p|, about sqrt(2 D), is as good. Ordinary rows (T of 1 to 4, student and
 // teacher apart) are far from all three, and pay for a comparison per block of rows. Above kernels_max_temperature
 // every row is computed again. A soft term may name more rows (its `saturated`) and names the formula (its
 // `exact_kind`).
 template <class Terms, class T>
 void redo_inexact_rows(const BatchProblem<T>& problem, const typename Terms::template Sums<Pack<double>>& sums,
-                       const Pack<double>& divergence, const std::size_t* rows, std::size_t count) noexcept {
+                       const Pack<double>& divergence, const std::size_t* rows, std::size_t count,
+                       T* widened) noexcept {
     if constexpr (Terms::exact_rows) {
         using Soft = typename Terms::SoftTerm;
         constexpr bool single = std::is_same_v<T, float>;
-        constexpr double relative = Soft::template redo_fraction<T>, small = single ? 1e-3 : 1e-6;
-        constexpr double floor = single ? 4 * 0x1p-24 / 1e-5 : 4 * 0x1p-53 / 1e-12;
         if (problem.temperature > kernels_max_temperature) {
             for (std::size_t lane = 0; lane < count; ++lane) exact_row(problem, rows[lane], Soft::exact_kind);
             return;
         }
+        // Each threshold is a number of ulps of T over the tolerance: a double problem that recomputes a float row
+        // (float_tolerance) needs 1e-12 / 1e-5 as many.
+        const double scale = problem.float_tolerance ? 1e-7 : 1.0;
+        const double relative = scale * Soft::template redo_fraction<T>, small = scale * (single ? 1e-3 : 1e-6);
+        const double floor = scale * (single ? 4 * 0x1p-24 / 1e-5 : 4 * 0x1p-53 / 1e-12);
         // NaN and +inf divergences compare false: such rows keep what the kernels made of them.
         const Pack<double> size = relative * Soft::terms_size_numerator(sums.soft, problem.temperature);
         const Pack<double> scaled = divergence * Soft::terms_size_denominator(sums.soft, problem.temperature);
@@ -320,8 +331,14 @@ void redo_inexact_rows(const BatchProblem<T>& problem, const typename Terms::tem
         if (flags.sum() == 0.0) return;
         double flag[lanes];
         flags.store(flag);
-        for (std::size_t lane = 0; lane < count; ++lane)
-            if (flag[lane] != 0.0) exact_row(problem, rows[lane], Soft::exact_kind);
+        for (std::size_t lane = 0; lane < count; ++lane) {
+            if (flag[lane] == 0.0) continue;
+            // A float row first in double, by the kernels (widened_row): about 2.5 times a float row where the
+            // exact pass takes 18 (the KLs) to 65 (the mixtures), and good to float's tolerance but for the near
+            // matches that the double kernels send on to the exact pass themselves.
+            if constexpr (single) widened_row(problem, rows[lane], widened);
+            else exact_row(problem, rows[lane], Soft::exact_kind);
+        }
     }
 }
 

@@ -166,7 +166,7 @@ KDLOSS_NOINLINE void distill_block(const BatchProblem<T>& problem, Exp2Scale<T> 
             gradient_rows[lane] = problem.gradient + static_cast<std::ptrdiff_t>(rows[lane]) * problem.gradient_stride;
         lanes_to_rows(gradient, n, gradient_rows, count);
     }
-    redo_inexact_rows<Terms>(problem, sums, divergence, rows, count);
+    redo_inexact_rows<Terms>(problem, sums, divergence, rows, count, scratch + kernel_scratch_elements<T>(n));
 }
 
 }  // namespace KDLOSS_KERNEL_NAMESPACE
