@@ -48,7 +48,7 @@ struct BatchProblem {
     double* row_hard_losses = nullptr;
     T* gradient = nullptr;  // null: loss only
     std::ptrdiff_t gradient_stride = 0;
-    // Set on the double problem that computes a row of a float call again (widened_row, run_rows.hpp): its results
+    // Set on the double problem that computes a row of a float call again (widened_rows, run_rows.hpp): its results
     // need only float's tolerance, by which redo_inexact_rows then judges them.
     bool float_tolerance = false;
 };
@@ -76,10 +76,16 @@ std::size_t kernel_scratch_elements(std::size_t classes) noexcept {
     return (elements + line - 1) / line * line;
 }
 
-// Doubles that a row of a float call computed again in double takes (widened_row, run_rows.hpp): its logits,
-// targets and gradient, and the double kernels' scratch.
+// Rows of a float call computed again in double together (widened_rows, run_rows.hpp): as many as the double
+// kernels take in a block where their rows are that short, else one at a time.
+inline std::size_t widened_group(std::size_t classes) noexcept {
+    return classes <= block_max_classes<double> ? lanes : 1;
+}
+
+// Doubles that such a group takes: its logits, targets and gradient, its losses and labels, and the double
+// kernels' scratch.
 inline std::size_t widened_elements(std::size_t classes) noexcept {
-    return 4 * classes + kernel_scratch_elements<double>(classes);
+    return widened_group(classes) * (4 * classes + 3) + kernel_scratch_elements<double>(classes);
 }
 
 // Per-thread scratch, in elements of T: the kernels', and a float call's widened rows' after it.

@@ -141,10 +141,11 @@ private:
     double coefficient_[terms] = {};
 };
 
-// Row `row` of a float problem computed again by the double kernels, in `widened` (widened_elements(classes)
-// doubles' worth of floats): run_rows.hpp, which defines it next to the kernels' table it calls into.
+// Rows rows[0 .. count) of a float problem computed again by the double kernels, in `widened`
+// (widened_elements(classes) doubles' worth of floats): run_rows.hpp, which defines it next to the kernels' table
+// it calls into.
 template <class T>
-void widened_row(const BatchProblem<T>& problem, std::size_t row, T* widened) noexcept;
+void widened_rows(const BatchProblem<T>& problem, const std::size_t* rows, std::size_t count, T* widened) noexcept;
 
 // The highest temperature at which the kernels' results are kept where redo_inexact_rows finds them accurate: above
 // it their terms are of order 1/T and D of 1/T^2, and the tests of their accuracy reach T = 100
@@ -290,7 +291,7 @@ KDLOSS_NO_VECTORISE void exact_row(const BatchProblem<T>& problem, std::size_t r
 // Once rows[0 .. count)'s losses and gradient rows are written (a block's, or RowLosses' rows), given their
 // divergences as the kernels computed them: those whose results cancellation or rounding may have spoilt (and
 // reverse KL's rows whose student is nearly one-hot, below), computed again: a float row by the double kernels
-// (widened_row, in `widened`), which judge it by float's tolerance and send it on here if they must; a double row
+// (widened_rows, in `widened`), which judge it by float's tolerance and send it on here if they must; a double row
 // by exact_row. The kernels' error in D, measured
 // against a high-precision truth over rows from near matches to independent logits (issue 20), has two parts:
 // - some ulps of T's precision times the size of the terms D is the difference of (its soft term's terms_size): a
@@ -331,13 +332,18 @@ void redo_inexact_rows(const BatchProblem<T>& problem, const typename Terms::tem
         if (flags.sum() == 0.0) return;
         double flag[lanes];
         flags.store(flag);
-        for (std::size_t lane = 0; lane < count; ++lane) {
-            if (flag[lane] == 0.0) continue;
-            // A float row first in double, by the kernels (widened_row): about 2.5 times a float row where the
-            // exact pass takes 18 (the KLs) to 65 (the mixtures), and good to float's tolerance but for the near
-            // matches that the double kernels send on to the exact pass themselves.
-            if constexpr (single) widened_row(problem, rows[lane], widened);
-            else exact_row(problem, rows[lane], Soft::exact_kind);
+        if constexpr (single) {
+            // Float rows first in double, by the kernels (widened_rows): about 2.5 times a float row where the exact
+            // pass takes 18 (the KLs) to 65 (the mixtures), and good to float's tolerance but for the near matches
+            // that the double kernels send on to the exact pass themselves.
+            std::size_t inexact_rows[lanes];
+            std::size_t inexact_count = 0;
+            for (std::size_t lane = 0; lane < count; ++lane)
+                if (flag[lane] != 0.0) inexact_rows[inexact_count++] = rows[lane];
+            widened_rows(problem, inexact_rows, inexact_count, widened);
+        } else {
+            for (std::size_t lane = 0; lane < count; ++lane)
+                if (flag[lane] != 0.0) exact_row(problem, rows[lane], Soft::exact_kind);
         }
     }
 }

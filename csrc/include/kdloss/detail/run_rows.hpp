@@ -181,37 +181,31 @@ void run_rows(const BatchProblem<T>& problem, std::size_t begin, std::size_t end
     rows_kernel(problem)(problem, begin, end, scratch);
 }
 
-// A row of a float problem computed again in double (redo_inexact_rows): its logits (and targets) widened into
-// `widened`, a problem of that one row for the double kernels, judged by float's tolerance, whose loss lands
-// where the float row's does and whose gradient is narrowed into the float row's. The double kernels send the
-// rows that need it on to the exact pass in double, as for a double call. Where float's kernels lose to
-// rounding about an ulp of float (D from 1e-3 to 0.1, or the mixtures' near matches), this costs about 2.5 float
-// rows instead of the exact pass's 18 to 65.
+// Rows of a float problem computed again in double (redo_inexact_rows), widened_group(classes) at a time: their
+// logits (and targets, labels) widened into `widened`, a problem of those rows for the double kernels, judged by
+// float's tolerance, whose losses are copied to the float rows' and whose gradient rows are narrowed into theirs.
+// The double kernels send the rows that need it on to the exact pass in double, as for a double call. Where float's
+// kernels lose to rounding about an ulp of float (D from 1e-3 to 0.1, or the mixtures' near matches), this costs
+// about 2.5 float rows instead of the exact pass's 18 to 65; short rows go as a block of rows, as the double kernels
+// take them.
 template <class T>
-void widened_row(const BatchProblem<T>& problem, std::size_t row, T* widened) noexcept {
+void widened_rows(const BatchProblem<T>& problem, const std::size_t* rows, std::size_t count, T* widened) noexcept {
     static_assert(std::is_same_v<T, float>, "only float rows are computed again in double");
-    const std::size_t n = problem.classes;
+    const std::size_t n = problem.classes, group = widened_group(n);
     // Double objects in the scratch's storage, which the float kernels never touch (placement new: no code).
     double* const buffer = reinterpret_cast<double*>(widened);
     std::uninitialized_default_construct_n(buffer, widened_elements(n));
     double* const student = buffer;
-    double* const teacher = buffer + n;
-    double* const targets = buffer + 2 * n;
-    double* const gradient = buffer + 3 * n;
-    double* const scratch = buffer + 4 * n;
-
-    const auto r = static_cast<std::ptrdiff_t>(row);
-    const T* const student_row = problem.student + r * problem.student_stride;
-    const T* const teacher_row = problem.teacher + r * problem.teacher_stride;
-    for (std::size_t c = 0; c < n; ++c) student[c] = static_cast<double>(student_row[c]);
-    for (std::size_t c = 0; c < n; ++c) teacher[c] = static_cast<double>(teacher_row[c]);
-    if (problem.label_kind == LabelKind::distributions) {
-        const T* const target_row = problem.targets + r * problem.target_stride;
-        for (std::size_t c = 0; c < n; ++c) targets[c] = static_cast<double>(target_row[c]);
-    }
+    double* const teacher = student + group * n;
+    double* const targets = teacher + group * n;
+    double* const gradient = targets + group * n;
+    double* const losses = gradient + group * n;
+    double* const hard_losses = losses + group;
+    auto* const labels = reinterpret_cast<std::int64_t*>(hard_losses + group);  // (int64 and double: 8 bytes)
+    std::uninitialized_default_construct_n(labels, group);
+    double* const scratch = hard_losses + 2 * group;
 
     BatchProblem<double> wide;
-    wide.rows = 1;
     wide.classes = n;
     wide.student = student;
     wide.student_stride = static_cast<std::ptrdiff_t>(n);
@@ -219,8 +213,7 @@ void widened_row(const BatchProblem<T>& problem, std::size_t row, T* widened) no
     wide.teacher_stride = static_cast<std::ptrdiff_t>(n);
     wide.tail = problem.tail;
     wide.label_kind = problem.label_kind;
-    if (problem.label_kind == LabelKind::class_indices)
-        wide.class_indices = problem.class_indices + r * problem.class_index_stride;
+    wide.class_indices = labels;
     wide.ignore_index = problem.ignore_index;
     if (problem.label_kind == LabelKind::distributions) {
         wide.targets = targets;
@@ -233,16 +226,38 @@ void widened_row(const BatchProblem<T>& problem, std::size_t row, T* widened) no
     wide.soft_weight = problem.soft_weight;
     wide.hard_weight = problem.hard_weight;
     wide.gradient_scale = problem.gradient_scale;
-    wide.row_losses = problem.row_losses + row;
-    wide.row_hard_losses = problem.row_hard_losses != nullptr ? problem.row_hard_losses + row : nullptr;
+    wide.row_losses = losses;
+    wide.row_hard_losses = problem.row_hard_losses != nullptr ? hard_losses : nullptr;
     wide.gradient = problem.gradient != nullptr ? gradient : nullptr;
     wide.gradient_stride = static_cast<std::ptrdiff_t>(n);
     wide.float_tolerance = true;
-    run_rows(wide, 0, 1, scratch);
 
-    if (problem.gradient == nullptr) return;
-    T* const gradient_row = problem.gradient + r * problem.gradient_stride;
-    for (std::size_t c = 0; c < n; ++c) gradient_row[c] = static_cast<T>(gradient[c]);
+    for (std::size_t first = 0; first < count; first += group) {
+        const std::size_t size = count - first < group ? count - first : group;
+        for (std::size_t k = 0; k < size; ++k) {
+            const auto r = static_cast<std::ptrdiff_t>(rows[first + k]);
+            const T* const student_row = problem.student + r * problem.student_stride;
+            const T* const teacher_row = problem.teacher + r * problem.teacher_stride;
+            for (std::size_t c = 0; c < n; ++c) student[k * n + c] = static_cast<double>(student_row[c]);
+            for (std::size_t c = 0; c < n; ++c) teacher[k * n + c] = static_cast<double>(teacher_row[c]);
+            if (problem.label_kind == LabelKind::distributions) {
+                const T* const target_row = problem.targets + r * problem.target_stride;
+                for (std::size_t c = 0; c < n; ++c) targets[k * n + c] = static_cast<double>(target_row[c]);
+            }
+            if (problem.label_kind == LabelKind::class_indices)
+                labels[k] = problem.class_indices[r * problem.class_index_stride];
+        }
+        wide.rows = size;
+        run_rows(wide, 0, size, scratch);
+        for (std::size_t k = 0; k < size; ++k) {
+            const std::size_t row = rows[first + k];
+            problem.row_losses[row] = losses[k];
+            if (problem.row_hard_losses != nullptr) problem.row_hard_losses[row] = hard_losses[k];
+            if (problem.gradient == nullptr) continue;
+            T* const gradient_row = problem.gradient + static_cast<std::ptrdiff_t>(row) * problem.gradient_stride;
+            for (std::size_t c = 0; c < n; ++c) gradient_row[c] = static_cast<T>(gradient[k * n + c]);
+        }
+    }
 }
 
 }  // namespace KDLOSS_KERNEL_NAMESPACE
