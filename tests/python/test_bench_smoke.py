@@ -67,3 +67,16 @@ def test_teacher_cache_quick_run_prints_its_targets(tmp_path: Path) -> None:
     lines = done.stdout.splitlines()
     assert any(line.startswith("4x1000 ") for line in lines), done.stdout
     assert "targets (issue 17):" in lines, done.stdout
+
+
+ROW_ACCURACY = BENCH.parent / "row_accuracy.py"
+
+
+@pytest.mark.skipif(not ROW_ACCURACY.is_file(), reason="benchmarks/row_accuracy.py is not next to the tests")
+def test_row_accuracy_prints_every_divergence(tmp_path: Path) -> None:
+    command = [sys.executable, str(ROW_ACCURACY), "--rows", "2"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT_S, cwd=tmp_path)
+    assert done.returncode == 0, f"stdout:\n{done.stdout}\nstderr:\n{done.stderr}"
+    lines = done.stdout.splitlines()
+    for divergence in ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl"):
+        assert any(line.startswith(divergence + " ") and "1e-3" in line for line in lines), done.stdout
