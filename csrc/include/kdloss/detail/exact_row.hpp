@@ -298,12 +298,15 @@ KDLOSS_NO_VECTORISE void exact_row(const BatchProblem<T>& problem, std::size_t r
 //   row is computed again where D is below its redo_fraction of that size;
 // - a floor from the rounding of each exponential, about an ulp times sqrt(sum p^2) <= sqrt(max p) of the
 //   distribution D's sums are weighted by (the soft term's largest_probability), whatever the terms' size: a row is
-//   computed again where D is below 4 ulps times that over the tolerance, D^2 < floor^2 max p. (Float32 rows with D
-//   from 1e-3 to 1e-2 and few classes missed the tolerance by up to 4x before this part.)
+//   computed again where D is below 4 ulps times that over the tolerance, D^2 < rounding_floor^2 max p. (Float32 rows
+//   with D from 1e-3 to 1e-2 and few classes missed the tolerance by up to 4x before this part.)
 // and rows with D below 1e-3 (float; 1e-6 for double) are computed again whatever else. These keep the loss within
-// 0.6 of the tolerances the library promises (float 1e-5, double 1e-12) on every kept row measured. Their gradient, a
-// few ulps of q over the largest |q - p|, about sqrt(2 D), is as good. Ordinary rows (T of 1 to 4, student and
-// teacher apart) are far from all three, and pay for a comparison per block of rows. Above kernels_max_temperature
+// 0.6 of the tolerances the library promises (float 1e-5, double 1e-12) on every kept row measured. The gradient is
+// judged only through D: it stays within the tolerance of the whole gradient's largest entry, but a row whose own
+// largest entry is far below the terms its entries are differences of (a near match with the student's side of one
+// class masked, a row saturated on one class) can keep the kernels' gradient, good only relative to those terms
+// (issue 20). Ordinary rows (T of 1 to 4, student and teacher apart) are far from all three, and pay for a comparison
+// per block of rows. Above kernels_max_temperature
 // every row is computed again. A soft term may name more rows (its `saturated`) and names the formula (its
 // `exact_kind`).
 template <class Terms, class T>
@@ -321,12 +324,13 @@ void redo_inexact_rows(const BatchProblem<T>& problem, const typename Terms::tem
         // (float_tolerance) needs 1e-12 / 1e-5 as many.
         const double scale = problem.float_tolerance ? 1e-7 : 1.0;
         const double relative = scale * Soft::template redo_fraction<T>, small = scale * (single ? 1e-3 : 1e-6);
-        const double floor = scale * (single ? 4 * 0x1p-24 / 1e-5 : 4 * 0x1p-53 / 1e-12);
+        const double rounding_floor = scale * (single ? 4 * 0x1p-24 / 1e-5 : 4 * 0x1p-53 / 1e-12);
         // NaN and +inf divergences compare false: such rows keep what the kernels made of them.
         const Pack<double> size = relative * Soft::terms_size_numerator(sums.soft, problem.temperature);
         const Pack<double> scaled = divergence * Soft::terms_size_denominator(sums.soft, problem.temperature);
         Mask<double> inexact = (scaled < size) | (divergence < Pack<double>(small));
-        inexact = inexact | (divergence * divergence < (floor * floor) * Soft::largest_probability(sums.soft));
+        inexact = inexact |
+                  (divergence * divergence < (rounding_floor * rounding_floor) * Soft::largest_probability(sums.soft));
         inexact = inexact | Soft::template saturated<T>(sums.soft);
         const Pack<double> flags = select(inexact, Pack<double>(1.0), Pack<double>(0.0));
         if (flags.sum() == 0.0) return;
