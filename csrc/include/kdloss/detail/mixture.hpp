@@ -27,7 +27,7 @@
 // the mixture's own derivatives cancelling in jsd's. Each is shifted so that G -> 0 where the student's mass
 // dominates (x -> 0): where a row saturates, the student's confident class has q near 1 and a gradient near 0,
 // G - E_q[G] is a difference of two numbers near 0 there, not of two near a constant, and keeps its relative
-// precision (log_one_minus_plus). The second pass stores G where the first stored e^(dt/T), and sums E_q[G] on
+// precision (log_one_minus). The second pass stores G where the first stored e^(dt/T), and sums E_q[G] on
 // the way: the gradient pass is then reverse_kl.hpp's, q (G - E_q[G]) centred in T as exactly as it can be.
 // Every mixture is finite wherever either side has mass: m > 0 there.
 
@@ -89,44 +89,52 @@ SoftTerm soft_term(const BatchProblem<T>& problem) noexcept {
     return SoftTerm::forward_kl;
 }
 
-// log(1 - x) for x in [0, 1], given x and y = 1 - x each to T's relative precision: log(y), corrected by the
-// part of x that y lost to rounding, c = (1 - y) - x, exact where y >= 1/2 (Sterbenz): log(y + c) = log(y) +
-// c / y to first order, and c in place of c / y leaves out c x / y, under 2 |c| <= 2^-p of log(1 - x) itself
-// (|log(1 - x)| >= x). fast_log(y) is exact relative to itself near 1 (it takes y - 1 exactly), so the sum is,
-// however small x is.
+// log(1 - x) for x in [0, 1], given x and y = 1 - x each to T's precision relative to itself (the skews' log y
+// and log x), and log(1 - x) + x in plus_x (skew_reverse_kl's G), each exact relative to itself however small x:
+//   float: one logarithm, fast_log's, for both. Where y >= sqrt(1/2) (x <= 0.29) fast_log would split y as
+//     2^0 (1 + t) with t = y - 1, which is -x but for y's rounding; -x itself is exact and in the polynomial's
+//     range, so log(1 - x) = -x + tail(-x) and log(1 - x) + x = tail(-x) (log_one_plus_tail), whose terms have
+//     one sign. Elsewhere log y, and log y + x, where no more than 6/7 cancels (|log(1 - x) + x| >= 0.052
+//     there, |log y| >= 0.35). (double's way below, a series of its own for log(1 - x) + x, costs more.)
+//   double: log(y), corrected by the part of x that y lost to rounding, c = (1 - y) - x, exact where y >= 1/2
+//     (Sterbenz): log(y + c) = log(y) + c / y to first order, and c in place of c / y leaves out c x / y,
+//     under 2 |c| <= 2^-p of log(1 - x) itself (|log(1 - x)| >= x); fast_log(y) is exact relative to itself
+//     near 1. Then log(1 - x) + x for x <= 1/4 by a series whose terms have one sign (it is -x^2/2 there, which
+//     log(1 - x) + x would lose to cancellation): log(1 - x) = -2 atanh(w), w = x / (2 - x) = x / (1 + y),
+//     where x - 2w = -x w leaves log(1 - x) + x = -w (x + 2 w^2 (1/3 + w^2/5 + w^4/7 + ...)), w <= 1/7: terms
+//     to w^18/21 leave out less than double's rounding (a polynomial in x would take some twenty terms);
+//     elsewhere log(1 - x) + x, where no more than a tenth cancels.
+// (plus_x is an out-parameter, not half of a returned pair: g++ moved such a pair of Packs through general
+// registers, which cost the second pass a sixth of its time.)
 template <class T>
-KDLOSS_INLINE Pack<T> log_one_minus(const Pack<T>& x, const Pack<T>& y) noexcept {
-    return fast_log(y) + select(x > Pack<T>(T(0.5)), Pack<T>(), (T(1) - y) - x);
-}
-
-// log(1 - x) + x for x in [0, 1], given log(1 - x) and y = 1 - x to T's precision relative to themselves: for
-// x <= 1/4 by a series whose terms have one sign, exact relative to the result however small x is (it is
-// -x^2/2 there, which log(1 - x) + x would lose to cancellation); elsewhere log(1 - x) + x, where no more than
-// a tenth cancels.
-//   float: -x^2 S(x), S(x) = -(log(1 - x) + x) / x^2 = 1/2 + x/3 + x^2/4 + ..., by its interpolant at the
-//     seven Chebyshev nodes of [0, 1/4] (relative error 1e-8; 1.1 ulps evaluated in float), with no division.
-//   double: log(1 - x) = -2 atanh(w), w = x / (2 - x) = x / (1 + y), where x - 2w = -x w leaves
-//     log(1 - x) + x = -w (x + 2 w^2 (1/3 + w^2/5 + w^4/7 + ...)), w <= 1/7: terms to w^18/21 leave out less
-//     than double's rounding (a polynomial in x would take some twenty terms).
-template <class T>
-KDLOSS_INLINE Pack<T> log_one_minus_plus(const Pack<T>& x, const Pack<T>& y, const Pack<T>& log_y) noexcept {
-    Pack<T> near;
+KDLOSS_INLINE Pack<T> log_one_minus(const Pack<T>& x, const Pack<T>& y, Pack<T>& plus_x) noexcept {
     if constexpr (std::is_same_v<T, float>) {
-        const Pack<T> x2 = x * x;
-        const Pack<T> x4 = x2 * x2;
-        const Pack<T> s01 = x * 0.33333256133742345f + 0.5000000019739496f;
-        const Pack<T> s23 = x * 0.19885578458393893f + 0.2500488215053713f;
-        const Pack<T> s45 = x * 0.07455085805055447f + 0.17921138989124977f;
-        const Pack<T> s46 = x2 * 0.2948846488110105f + s45;
-        near = (T(0) - x2) * (s46 * x4 + (s23 * x2 + s01));
+        // y below sqrt(1/2) rounded down, where log_argument splits it: its exponent is 0 wherever this is false,
+        // but where y is NaN, which goes on with t = -x, NaN too, as a NaN should.
+        const Mask<T> far = y < Pack<T>(0x1.6a09e6p-1f);
+        const LogArgument<Pack<T>> a = log_argument(y);
+        const Pack<T> t = select(far, a.t, T(0) - x);
+        // Where far, log y corrected by what y lost to rounding, as double's is (below): exact for y >= 1/2, and
+        // within an ulp of 1 below, where |log y| > 0.69.
+        const Pack<T> correction = select(far, (T(1) - y) - x, Pack<T>());
+        const Pack<T> tail = log_one_plus_tail(t, a.exponent * float_ln2_lo + correction);
+        const Pack<T> log = (t + tail) + a.exponent * float_ln2_hi;
+        plus_x = select(far, log + x, tail);
+        return log;
     } else {
+        const Pack<T> log = fast_log(y) + select(x > Pack<T>(T(0.5)), Pack<T>(), (T(1) - y) - x);
         const Pack<T> w = x / (T(1) + y);
         const Pack<T> w2 = w * w;
         Pack<T> series = T(1) / T(21);
         for (int k = 9; k >= 1; --k) series = series * w2 + T(1) / T(2 * k + 1);
-        near = T(0) - w * (x + T(2) * w2 * series);
+        plus_x = select(x > Pack<T>(T(0.25)), log + x, T(0) - w * (x + T(2) * w2 * series));
+        return log;
     }
-    return select(x > Pack<T>(T(0.25)), log_y + x, near);
+}
+template <class T>
+KDLOSS_INLINE Pack<T> log_one_minus(const Pack<T>& x, const Pack<T>& y) noexcept {
+    Pack<T> unused;  // and not computed
+    return log_one_minus(x, y, unused);
 }
 
 struct Mixture {
@@ -300,10 +308,9 @@ struct Mixture {
                 divergence_sum += summed(Pack<T>(e_teacher * (log_one_minus(y, x) - log_teacher)), T(0), skipped);
                 if constexpr (Gradient) g = minus_student_over_teacher * x;
             } else {
-                // D = sum q log(q / m) = sum q log(y / skew); G = log y + x (log_one_minus_plus).
-                const Pack<T> log_y = log_one_minus(x, y);
+                // D = sum q log(q / m) = sum q log(y / skew); G = log y + x.
+                const Pack<T> log_y = log_one_minus(x, y, g);
                 divergence_sum += summed(Pack<T>(e_student * (log_y - log_student)), T(0), skipped);
-                if constexpr (Gradient) g = log_one_minus_plus(x, y, log_y);
             }
             if constexpr (Gradient) mean += summed(Pack<T>(e_student * g), T(0), skipped);
             return g;

@@ -235,24 +235,31 @@ KDLOSS_INLINE V fast_log1p(V r) noexcept {
     return fast_log(u) - select(correction == correction, correction, V(0.0));
 }
 
+// The float log's pieces: x = 2^e m, m in [sqrt(1/2), sqrt(2)), with e and t = m - 1 (exact, Sterbenz).
+template <class V>
+struct LogArgument {
+    V exponent, t;
+};
+
 template <class V, IfFloat<V> = 0>
-KDLOSS_INLINE V fast_log(V x) noexcept {
-    // ln 2 split so that e ln2_hi is exact for every exponent e of a float (ln2_hi has 9 significant bits).
-    constexpr float ln2_hi = 0.693359375f;
-    constexpr float ln2_lo = -2.12194440e-4f;
+KDLOSS_INLINE LogArgument<V> log_argument(V x) noexcept {
     constexpr std::uint32_t mantissa_mask = (std::uint32_t{1} << 23) - 1;
     constexpr std::uint32_t sqrt_half = 0x3F3504F3;  // the bits of sqrt(1/2), rounded down
     constexpr float two_23 = 8388608.0f;
-
     // x = 2^e m, m in [sqrt(1/2), sqrt(2)), from the bits as in the double log, and e + 128 in the mantissa of 2^23.
     const auto offset = to_bits(x) + ((std::uint32_t{128} << 23) - sqrt_half);
-    const V exponent = from_bits((offset >> 23) | to_bits(V(two_23))) - (two_23 + 128.0f);
-    const V t = from_bits((offset & mantissa_mask) + sqrt_half) - 1.0f;  // m - 1, exactly (Sterbenz)
-    // log(1 + t) = t - t^2/2 + t^3 P(t): Cephes' logf polynomial, without the division of the double log's
-    // series (the mixture divergences take one or two logarithms an element, and their second pass is bound
-    // by the count of its operations). P by Estrin's scheme, not Horner's: four multiply-adds deep instead of
-    // nine, which the same pass also felt (its chain runs from the exponentials through a division and this
-    // logarithm to the sums).
+    return {from_bits((offset >> 23) | to_bits(V(two_23))) - (two_23 + 128.0f),
+            from_bits((offset & mantissa_mask) + sqrt_half) - 1.0f};
+}
+
+// log(1 + t) - t + added, for t in [sqrt(1/2) - 1, sqrt(2) - 1]: -t^2/2 + t^3 P(t), Cephes' logf polynomial,
+// without the division of the double log's series (the mixture divergences take one or two logarithms an
+// element, and their second pass is bound by the count of its operations). P by Estrin's scheme, not Horner's:
+// four multiply-adds deep instead of nine, which the same pass also felt (its chain runs from the exponentials
+// through a division and this logarithm to the sums). For t <= 0 both terms are negative: the result is exact
+// relative to itself however small t is (mixture.hpp's log_one_minus takes it so).
+template <class V, IfFloat<V> = 0>
+KDLOSS_INLINE V log_one_plus_tail(V t, V added) noexcept {
     const V t2 = t * t;
     const V t4 = t2 * t2;
     const V p01 = t * -2.4999993993e-1f + 3.3333331174e-1f;
@@ -263,8 +270,17 @@ KDLOSS_INLINE V fast_log(V x) noexcept {
     const V p47 = p67 * t2 + p45;
     const V p48 = t4 * 7.0376836292e-2f + p47;
     const V p = p48 * t4 + p03;
-    const V tail = p * (t * t2) + (exponent * ln2_lo - 0.5f * t2);
-    const V result = (t + tail) + exponent * ln2_hi;
+    return p * (t * t2) + (added - 0.5f * t2);
+}
+
+// ln 2 split so that e ln2_hi is exact for every exponent e of a float (ln2_hi has 9 significant bits).
+constexpr float float_ln2_hi = 0.693359375f;
+constexpr float float_ln2_lo = -2.12194440e-4f;
+
+template <class V, IfFloat<V> = 0>
+KDLOSS_INLINE V fast_log(V x) noexcept {
+    const LogArgument<V> a = log_argument(x);
+    const V result = (a.t + log_one_plus_tail(a.t, a.exponent * float_ln2_lo)) + a.exponent * float_ln2_hi;
     // NaN and +inf pass through unchanged.
     return select(x <= V(std::numeric_limits<float>::max()), result, x);
 }
