@@ -250,9 +250,11 @@ struct Mixture {
             }
         }
 
-        // The block at element i; returns G (Gradient), or nothing of use.
+        // The block at element i, given what stage stored for it (the skews); returns G (Gradient), or nothing of
+        // use.
         template <class Skipped>
-        KDLOSS_INLINE Pack<T> add(std::size_t i, const Skipped& skipped, const RowBuffers<T>& row) noexcept {
+        KDLOSS_INLINE Pack<T> add(std::size_t i, const Skipped& skipped, const RowBuffers<T>& row,
+                                  [[maybe_unused]] const T* staged) noexcept {
             const Pack<T> e_student = Pack<T>::load(row.student_soft + i);
             const Pack<T> e_teacher = Pack<T>::load(row.divergence_term + i);
             if constexpr (Kind == Divergence::jsd) {
@@ -292,16 +294,8 @@ struct Mixture {
                 if constexpr (Gradient) mean += summed(Pack<T>(student_part * log_y), T(0), skipped);
                 return student * log_y;
             }
-            // x and y themselves, as quotients of the parts by m' = 2^64 Z_t m, each to T's precision relative to
-            // itself, and log(1 - x) or log(1 - y) from both (log_one_minus): one division and one logarithm,
-            // which cost less here than the exponential that jsd's way would need for x. Where neither side has
-            // mass, m' is taken as T's smallest normal number instead of 0, which leaves x = y = 0 and every term
-            // 0 (a NaN m' stays NaN).
-            const Pack<T> teacher_part = teacher * e_teacher, student_part = student * e_student;
-            const Pack<T> mixture = teacher_part + student_part;
-            constexpr T smallest = std::numeric_limits<T>::min();
-            const Pack<T> to_mixture = T(1) / select(mixture < Pack<T>(smallest), smallest, mixture);
-            const Pack<T> x = teacher_part * to_mixture, y = student_part * to_mixture;
+            // The skews: x and y from stage (below), and log(1 - x) or log(1 - y) from both (log_one_minus).
+            const Pack<T> x = Pack<T>::load(staged), y = Pack<T>::load(staged + lanes);
             Pack<T> g;
             if constexpr (Kind == Divergence::skew_forward_kl) {
                 // D = sum p log(p / m) = sum p log(x / skew); G = -(1 - skew) p / m = -(1 - skew) / skew x.
@@ -314,6 +308,22 @@ struct Mixture {
             }
             if constexpr (Gradient) mean += summed(Pack<T>(e_student * g), T(0), skipped);
             return g;
+        }
+
+        // The skews' first loop (second_pass, lane_math.hpp): x and y of the block at element i, into out[0, lanes)
+        // and out[lanes, 2 lanes). x and y themselves, as quotients of the parts by m' = 2^64 Z_t m, each to T's
+        // precision relative to itself: one division here and one logarithm in add, which cost less than the
+        // exponential that jsd's way would need for x. Where neither side has mass, m' is taken as T's smallest
+        // normal number instead of 0, which leaves x = y = 0 and every term 0 (a NaN m' stays NaN).
+        static constexpr std::size_t staged = Kind == Divergence::jsd ? 0 : 2;
+        KDLOSS_INLINE void stage(std::size_t i, const RowBuffers<T>& row, T* out) const noexcept {
+            const Pack<T> teacher_part = teacher * Pack<T>::load(row.divergence_term + i);
+            const Pack<T> student_part = student * Pack<T>::load(row.student_soft + i);
+            const Pack<T> mixture = teacher_part + student_part;
+            constexpr T smallest = std::numeric_limits<T>::min();
+            const Pack<T> to_mixture = T(1) / select(mixture < Pack<T>(smallest), smallest, mixture);
+            Pack<T>(teacher_part * to_mixture).store(out);
+            Pack<T>(student_part * to_mixture).store(out + lanes);
         }
 
         KDLOSS_INLINE void flush_into(Sums<Pack<double>>& totals) noexcept {
