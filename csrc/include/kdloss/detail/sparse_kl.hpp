@@ -127,24 +127,64 @@ struct ListedSummary {
     double total, tail;
 };
 
+// The sums of e^(ds/T) over a row's classes in [begin, end), in double from the logits (ds = s - max).
+template <class T>
+double exponential_sum(const T* student, std::size_t begin, std::size_t end, double row_max,
+                       double temperature) noexcept {
+    const Exp2Scale<double> scale = exp2_scale<double>(1.4426950408889634 / temperature);  // log2(e) / T
+    Pack<double> total{};
+    std::size_t i = begin;
+    for (; i + lanes <= end; i += lanes) total += fast_exp2(widen(Pack<T>::load(student + i)) - row_max, scale);
+    double sum = total.sum();
+    for (; i < end; ++i) sum += std::exp((static_cast<double>(student[i]) - row_max) / temperature);
+    return sum;
+}
+
+// Z_s and Z_u of a float32 row again, in double from its logits, for listed_classes: the kernels' Z_s, a sum of
+// float exponentials, is good to a few 2^-24 of itself, and D moves by up to as much, absolutely (D = ... +
+// P log Z_s; measured 1.7e-7 at D = 3e-3, C = 1000, 40x D for a teacher 1e-4 per logit from the student). Z_u is
+// Z_s less the listed classes' exponentials, to some 2^-53 Z_s / Z_u of itself, which moves D by about rho times
+// that, against D's 1e-5 (rows whose tail is near the student's own, Z_u / Z_s ~ rho, are the ones worked out
+// again); below 2^-20 Z_s it is summed over the unlisted classes themselves, between the listed ones (sorted for
+// it).
+template <class T>
+void student_sums_in_double(const T* student, T row_max, std::size_t n, double temperature, ListedClass* classes,
+                            std::size_t count, bool with_tail, double& z_student, double& z_unlisted) noexcept {
+    const double max = static_cast<double>(row_max);
+    z_student = exponential_sum(student, 0, n, max, temperature);
+    if (!with_tail) return;
+    double z_listed = 0.0;
+    for (std::size_t j = 0; j < count; ++j)
+        z_listed += std::exp((static_cast<double>(student[classes[j].index]) - max) / temperature);
+    z_unlisted = z_student - z_listed;
+    if (z_unlisted >= 0x1p-20 * z_student) return;
+    std::sort(classes, classes + count, [](const ListedClass& a, const ListedClass& b) { return a.index < b.index; });
+    z_unlisted = 0.0;
+    std::size_t begin = 0;
+    for (std::size_t j = 0; j < count; ++j) {
+        z_unlisted += exponential_sum(student, begin, classes[j].index, max, temperature);
+        begin = classes[j].index + 1;
+    }
+    z_unlisted += exponential_sum(student, begin, n, max, temperature);
+}
+
 // What the listed classes give a row: D into sums.divergence, the unlisted classes' gradient factor into
 // sums.unlisted, each listed class into `listed` (for write_listed). `student` is the row's logits, `row_max`
-// their maximum, `exponentials` their e^(ds/T).
+// their maximum, `exponentials` their e^(ds/T). A float32 row whose D the float sums' rounding could spoil is
+// worked out again from Z_s and Z_u in double (student_sums_in_double), and sums.student_soft becomes that Z_s.
 template <class T>
 ListedSummary listed_classes(const BatchProblem<T>& problem, std::size_t row, const T* student, T row_max,
                              T* exponentials, std::size_t n, ListedClass* listed,
                              SparseKL::Sums<double>& sums) noexcept {
     const SparseTeacherView& teacher = *problem.sparse;
-    const double z_student = sums.student_soft, log_z_student = std::log(z_student);
     std::size_t count = 0;
     double p_sum = 0.0, listed_exponentials = 0.0;
     for (std::size_t k = 0; k < teacher.k(); ++k) {
         const double logprob = teacher.logprob(row, k);
         if (logprob == -std::numeric_limits<double>::infinity()) continue;  // an empty slot
         const auto c = static_cast<std::size_t>(teacher.index(row, k));
-        const double ds = static_cast<double>(student[c]) - static_cast<double>(row_max);
         const double p = std::exp(logprob);
-        ::new (static_cast<void*>(listed + count)) ListedClass{c, logprob, p, ds / problem.temperature - log_z_student};
+        ::new (static_cast<void*>(listed + count)) ListedClass{c, logprob, p, 0.0};
         ++count;
         p_sum += p;
         listed_exponentials += static_cast<double>(exponentials[c]);
@@ -158,25 +198,56 @@ ListedSummary listed_classes(const BatchProblem<T>& problem, std::size_t row, co
             classes[j].pi /= p_sum;
         }
     }
-    double divergence = 0.0;
-    for (std::size_t j = 0; j < count; ++j)
-        if (classes[j].pi > 0.0) divergence += classes[j].pi * (classes[j].log_pi - classes[j].log_q);
     // The tail: none where every class is listed (whatever rounding left of 1), nor for a renormalised row.
     const double tail = renormalize || count == problem.classes ? 0.0 : std::max(0.0, 1.0 - p_sum);
-    double unlisted_part = 0.0;  // rho / Z_u
+    const double total = renormalize ? (count == 0 ? 0.0 : 1.0) : tail > 0.0 ? 1.0 : p_sum;
+    double z_student = sums.student_soft, z_unlisted = 0.0;
+    bool unlisted_by_difference = false;
     if (tail > 0.0) {
         // Z_u, the unlisted classes' sum of e^(ds/T): Z_s less the listed ones' where that keeps at least half of
         // it (so Z_s's rounding stays within twice its own relative size), else summed over the unlisted classes
         // themselves, the listed ones set to 0 (write_listed writes their gradient).
-        double z_unlisted = z_student - listed_exponentials;
-        if (!(z_unlisted >= 0.5 * z_student)) {
+        z_unlisted = z_student - listed_exponentials;
+        unlisted_by_difference = z_unlisted >= 0.5 * z_student;
+        if (!unlisted_by_difference) {
             for (std::size_t j = 0; j < count; ++j) exponentials[classes[j].index] = T(0);
             z_unlisted = row_sum(exponentials, n);
         }
-        divergence += tail * (std::log(tail) - (std::log(z_unlisted) - log_z_student));
-        unlisted_part = tail / z_unlisted;
     }
-    const double total = renormalize ? (count == 0 ? 0.0 : 1.0) : tail > 0.0 ? 1.0 : p_sum;
+    // D and rho / Z_u from the two sums, each listed class's log q on the way.
+    double divergence = 0.0, unlisted_part = 0.0;
+    auto evaluate = [&] {
+        const double log_z_student = std::log(z_student);
+        divergence = 0.0;
+        for (std::size_t j = 0; j < count; ++j) {
+            const double ds = static_cast<double>(student[classes[j].index]) - static_cast<double>(row_max);
+            classes[j].log_q = ds / problem.temperature - log_z_student;
+            if (classes[j].pi > 0.0) divergence += classes[j].pi * (classes[j].log_pi - classes[j].log_q);
+        }
+        unlisted_part = 0.0;
+        if (tail > 0.0) {
+            divergence += tail * (std::log(tail) - (std::log(z_unlisted) - log_z_student));
+            unlisted_part = tail / z_unlisted;
+        }
+    };
+    evaluate();
+    if constexpr (std::is_same_v<T, float>) {
+        // D = ... + P log Z_s - rho log Z_u moves by P e_s - rho e_u for relative errors e_s of Z_s, e_u of Z_u. A
+        // sum of float exponentials is good to some 4 2^-24 of itself; Z_u = Z_s - L takes Z_s's error whole
+        // (and L's, 2^-24 of it), which then mostly cancels where rho is near Q_u = Z_u / Z_s, as it is in long
+        // rows whose tail holds most of both sides' mass; summed apart, it has its own. The row is worked out
+        // again where that leaves D outside a quarter of float32's tolerance.
+        const double error = 4 * 0x1p-24 *
+                             (unlisted_by_difference ? std::fabs(total - tail * z_student / z_unlisted) +
+                                                           tail * listed_exponentials / z_unlisted
+                                                     : total + tail);
+        if (!(divergence > error / (0.25 * 1e-5))) {
+            student_sums_in_double(student, row_max, n, problem.temperature, classes, count, tail > 0.0, z_student,
+                                   z_unlisted);
+            evaluate();
+            sums.student_soft = z_student;
+        }
+    }
     sums.divergence = divergence;
     sums.unlisted = total / z_student - unlisted_part;
     return {count, total, tail};
