@@ -131,7 +131,7 @@ struct ListedSummary {
 template <class T>
 double exponential_sum(const T* student, std::size_t begin, std::size_t end, double row_max,
                        double temperature) noexcept {
-    const Exp2Scale<double> scale = exp2_scale<double>(1.4426950408889634 / temperature);  // log2(e) / T
+    const Exp2Scale<double> scale = soft_exponent<double>(temperature);
     Pack<double> total{};
     std::size_t i = begin;
     for (; i + lanes <= end; i += lanes) total += fast_exp2(widen(Pack<T>::load(student + i)) - row_max, scale);
@@ -241,7 +241,7 @@ ListedSummary listed_classes(const BatchProblem<T>& problem, std::size_t row, co
                              (unlisted_by_difference ? std::fabs(total - tail * z_student / z_unlisted) +
                                                            tail * listed_exponentials / z_unlisted
                                                      : total + tail);
-        if (!(divergence > error / (0.25 * 1e-5))) {
+        if (divergence < error / (0.25 * 1e-5)) {  // NaN rows stay NaN, +inf ones infinite
             student_sums_in_double(student, row_max, n, problem.temperature, classes, count, tail > 0.0, z_student,
                                    z_unlisted);
             evaluate();
