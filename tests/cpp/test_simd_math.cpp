@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "kdloss/detail/double_double.hpp"
 #include "kdloss/detail/mixture.hpp"
 #include "kdloss/detail/simd_math.hpp"
 #include "kdtest.hpp"
@@ -350,6 +351,52 @@ KD_TEST(expm1_is_accurate_relative_to_itself) {
     }
     KD_CHECK(worst_near <= 6.0);
     std::printf("fast_expm1: %.2f ulps below |x| = 1, at most %.2f + |x| / 2 above\n", worst_near, worst_excess);
+}
+
+// double_double.hpp, for float64 rows against a sparse teacher near a match: ExactExponential within 2^-57 of
+// e^(x/T) (|x/T| <= 20, where long double's own rounding of x/T stays below 2^-59), and precise_exponential within
+// long double's precision of e^x; beyond that precision, by identities its results must keep to 2^-100: E(x)^2 =
+// E(2x), and the table's 2^(j/64) 2^((64-j)/64) = 2.
+KD_TEST(double_double_exponentials_keep_their_promise) {
+    using kdloss::detail::DoubleDouble;
+    auto relative = [](DoubleDouble got, long double exact) {
+        return static_cast<double>(std::fabs((static_cast<long double>(got.hi) + got.lo) - exact) / exact);
+    };
+    const double long_double_floor = 8 * static_cast<double>(std::numeric_limits<long double>::epsilon());
+    double worst_exact = 0.0, worst_precise = 0.0, worst_square = 0.0;
+    const double step = kdtest::reduced ? 1.05 : 1.001;
+    for (const double temperature : {0.05, 1.0, 3.0, 100.0}) {
+        const kdloss::detail::ExactExponential exponential(temperature);
+        for (double y = 1e-12; y < 20.0; y *= step) {
+            const double x = -y * temperature;
+            const long double exact = std::exp(static_cast<long double>(x) / temperature);
+            worst_exact = std::max(worst_exact, relative(exponential(x), exact));
+            // A low part moves the result as e^(x_lo / T) would.
+            const double x_lo = x * 0x1p-60;
+            worst_exact = std::max(
+                worst_exact,
+                relative(exponential(x, x_lo), exact * std::exp(static_cast<long double>(x_lo) / temperature)));
+        }
+    }
+    for (double y = 1e-12; y < 300.0; y *= step) {
+        for (const double x : {-y, y < 20.0 ? y : -y}) {
+            const DoubleDouble got = kdloss::detail::precise_exponential(x);
+            if (std::fabs(x) < 20.0)
+                worst_precise = std::max(worst_precise, relative(got, std::exp(static_cast<long double>(x))));
+            const DoubleDouble square = got * got, doubled = kdloss::detail::precise_exponential(2 * x);
+            worst_square = std::max(worst_square, std::fabs((square - doubled).value()) / doubled.hi);
+        }
+    }
+    for (int j = 1; j < 64; ++j) {
+        const DoubleDouble product = kdloss::detail::exp2_sixty_fourths[j] * kdloss::detail::exp2_sixty_fourths[64 - j];
+        KD_CHECK(std::fabs((product - DoubleDouble{2.0, 0.0}).value()) <= 0x1p-102);
+    }
+    KD_CHECK(worst_exact <= 0x1p-57);
+    KD_CHECK(worst_precise <= std::max(0x1p-100, long_double_floor));
+    KD_CHECK(worst_square <= 0x1p-99);
+    std::printf(
+        "ExactExponential: %.1e relative; precise_exponential: %.1e against long double, %.1e in E(x)^2 = E(2x)\n",
+        worst_exact, worst_precise, worst_square);
 }
 
 }  // namespace test_simd_math

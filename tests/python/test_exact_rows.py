@@ -5,7 +5,7 @@ independent 50-digit mpmath truth.
 Each row's loss within 1e-5 (float32) or 1e-12 (float64) of its true value, relative, and its gradient within the
 same fraction of the row's largest true entry. Before rows were recognised and computed again (exact_row.hpp), float32
 missed by up to 1e3 relative at T = 100 and by 2x at T = 1 for a student within 1e-4. Against a sparse teacher (a
-top-k cache), float32 rows (sparse_kl.hpp; float64's near matches are still open).
+top-k cache), float32 and float64 rows alike (sparse_kl.hpp).
 """
 
 from __future__ import annotations
@@ -263,9 +263,10 @@ def test_saturated_rows(dtype, divergence, classes):
     assert off <= tolerance, f"C={classes}: gradient off by {off:.2e} of its largest entry"
 
 
+@mp.workdps(50)
 def true_sparse_rows(student, indices, logprobs, temperature, tail):
     """Per row: T^2 D against a sparse teacher, bucket or renormalised (docs/math.md, "Sparse teachers"), and its
-    gradient, from the cache's values as they are."""
+    gradient, from the cache's values as they are, to 50 digits."""
     T = mp.mpf(temperature)
     losses, gradient = [], np.zeros(student.shape)
     for row, s_row in enumerate(student):
@@ -289,40 +290,59 @@ def true_sparse_rows(student, indices, logprobs, temperature, tail):
     return np.array([float(x) for x in losses]), gradient
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("tail", ["bucket", "renormalize"])
 @pytest.mark.parametrize("classes, k", [(40, 8), (1000, 64)])
 @pytest.mark.parametrize("temperature", [1.0, 4.0])
 @pytest.mark.parametrize("closeness", [1e-4, 1e-2, 0.3, None])
-def test_float32_sparse_teacher_rows(tail, classes, k, temperature, closeness):
-    # A top-k cache of a teacher near the student: the loss once moved by the rounding of the student's float32
-    # normaliser, ~1e-7 absolutely, 40x its true value for a teacher 1e-4 per logit from the student and 5e-5 of it
-    # at 0.1; such rows are worked out again from normalisers in double (sparse_kl.hpp).
+def test_sparse_teacher_rows(dtype, tail, classes, k, temperature, closeness):
+    # A top-k cache of a teacher near the student. float32: the loss once moved by the rounding of the student's
+    # float normaliser, ~1e-7 absolutely, 40x its true value for a teacher 1e-4 per logit from the student and 5e-5
+    # of it at 0.1. float64: the difference of the bins' log-probabilities left such a loss 3e-6 of itself, and
+    # normalisers in double the gradient 1e-11 of its largest entry. Such rows are taken relative (sparse_kl.hpp).
     rng = np.random.default_rng(classes + k)
     student, teacher = rows(rng, 3, classes, closeness, np.float64)
-    check_sparse_rows(student, teacher, k, temperature, tail, f"{tail}, {closeness}")
+    check_sparse_rows(student, teacher, k, temperature, tail, dtype, f"{tail}, {closeness}")
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("tail", ["bucket", "renormalize"])
-def test_float32_sparse_teacher_rows_whose_listed_classes_hold_nearly_everything(tail):
+@pytest.mark.parametrize(
+    "temperature, closeness",
+    [(0.05, 1e-4), (0.05, 1e-2), (0.3, 1e-4), (0.3, None), (30.0, 1e-4), (100.0, 1e-4), (100.0, None)],
+)
+def test_sparse_teacher_rows_across_temperatures(dtype, tail, temperature, closeness):
+    # At T = 0.05 both sides saturate: the teacher's listed mass misses 1 by ~1e-16, or by less than double's
+    # rounding of 1 (its tail, and P - 1, come from the probabilities summed in double-double), the loss is ~1e-20,
+    # and float32's unlisted classes' gradient is a tail of ~1e-16 spread over student probabilities below float's
+    # smallest normal number, which its exponentials flush to 0 (added in double: restore_flushed_unlisted).
+    rng = np.random.default_rng(300)
+    student, teacher = rows(rng, 2, 300, closeness, np.float64)
+    check_sparse_rows(student, teacher, 16, temperature, tail, dtype, f"T={temperature}, {tail}, {closeness}")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("tail", ["bucket", "renormalize"])
+def test_sparse_teacher_rows_whose_listed_classes_hold_nearly_everything(dtype, tail):
     # The listed classes hold all but ~1e-10 of both sides' mass: Z_u is summed over the unlisted classes apart.
     rng = np.random.default_rng(5)
     student = rng.normal(0, 1, (3, 1000))
     student[:, :8] += 30
-    check_sparse_rows(student, student + rng.normal(0, 1e-4, student.shape), 8, 1.0, tail, tail)
+    check_sparse_rows(student, student + rng.normal(0, 1e-4, student.shape), 8, 1.0, tail, dtype, tail)
 
 
-def check_sparse_rows(student, teacher, k, temperature, tail, what):
-    """float32 rows against a top-k cache of the teacher (float32 log-probabilities): each row's loss and gradient
-    against true_sparse_rows."""
+def check_sparse_rows(student, teacher, k, temperature, tail, dtype, what):
+    """Rows of `dtype` against a top-k cache of the teacher (log-probabilities of `dtype`): each row's loss and
+    gradient against true_sparse_rows."""
     scaled = teacher / temperature
     top = scaled.max(-1, keepdims=True)
     log_softmax = scaled - top - np.log(np.exp(scaled - top).sum(-1, keepdims=True))
     indices = np.argsort(-scaled, axis=-1)[:, :k].astype(np.int32)
-    logprobs = np.take_along_axis(log_softmax, indices, -1).astype(np.float32)
+    logprobs = np.take_along_axis(log_softmax, indices, -1).astype(dtype)
     cache = SparseTeacher(indices, logprobs)
-    student = student.astype(np.float32)
+    student = student.astype(dtype)
     kd = DistillationLoss(temperature, tail=tail, reduction="none", num_threads=1)
     loss = kd.compute_loss(student, cache)
     gradient = DistillationLoss(temperature, tail=tail, reduction="sum", num_threads=1).compute_gradient(student, cache)
     true_loss, true_gradient = true_sparse_rows(student, indices, logprobs, temperature, tail)
-    assert_rows_close(loss, gradient, true_loss, true_gradient, np.float32, what)
+    assert_rows_close(loss, gradient, true_loss, true_gradient, dtype, what)

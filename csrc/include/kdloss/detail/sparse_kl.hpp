@@ -25,6 +25,8 @@
 #include <new>
 
 #include "kdloss/detail/batch_problem.hpp"
+#include "kdloss/detail/double_double.hpp"
+#include "kdloss/detail/exact_kl_row.hpp"
 #include "kdloss/detail/kernel_namespace.hpp"
 #include "kdloss/detail/lane_math.hpp"
 #include "kdloss/detail/pack.hpp"
@@ -115,8 +117,9 @@ double row_sum(const T* values, std::size_t n) noexcept {
 // A listed class of the row at hand, as listed_classes works it out once for the loss and the gradient.
 struct ListedClass {
     std::size_t index;
-    double log_pi, pi;  // the teacher's pi (p, or p / sum p)
-    double log_q;       // the student's log-probability
+    double log_p, pi;  // the teacher's log-probability as cached, and pi (p, or p / sum p)
+    double log_q;      // the student's log-probability
+    double excess;     // u = pi / q - 1, where the row's D is taken relative (relative_divergence)
 };
 
 static_assert(sizeof(ListedClass) == listed_class_bytes, "sparse_scratch_elements (batch_problem.hpp) sizes them");
@@ -125,18 +128,36 @@ static_assert(sizeof(ListedClass) == listed_class_bytes, "sparse_scratch_element
 struct ListedSummary {
     std::size_t count;
     double total, tail;
+    bool relative;        // D and the gradient from each bin's u = pi / q - 1 (RelativeBins)
+    double total_excess;  // P - 1, where relative
 };
 
-// The sums of e^(ds/T) over a row's classes in [begin, end), in double from the logits (ds = s - max).
+// The sum of e^(ds/T) over a row's classes in [begin, end), in double from the logits (ds = s - max), with the
+// terms at the maximum (exactly 1) counted apart: log Z_s = log1p((at_max - 1) + below_max) keeps the precision of
+// a saturated row's Z_s - 1, which may be 1e-17 (log Z_s would round it away).
+struct ExponentialSum {
+    double at_max, below_max;
+
+    double total() const noexcept { return at_max + below_max; }
+    double log() const noexcept { return std::log1p((at_max - 1.0) + below_max); }
+};
 template <class T>
-double exponential_sum(const T* student, std::size_t begin, std::size_t end, double row_max,
-                       double temperature) noexcept {
+ExponentialSum exponential_sum(const T* student, std::size_t begin, std::size_t end, double row_max,
+                               double temperature) noexcept {
     const Exp2Scale<double> scale = soft_exponent<double>(temperature);
-    Pack<double> total{};
+    Pack<double> at_max{}, below_max{};
     std::size_t i = begin;
-    for (; i + lanes <= end; i += lanes) total += fast_exp2(widen(Pack<T>::load(student + i)) - row_max, scale);
-    double sum = total.sum();
-    for (; i < end; ++i) sum += std::exp((static_cast<double>(student[i]) - row_max) / temperature);
+    for (; i + lanes <= end; i += lanes) {
+        const Pack<double> ds = widen(Pack<T>::load(student + i)) - row_max;
+        const Mask<double> top = ds == Pack<double>(0.0);
+        at_max += select(top, 1.0, 0.0);
+        below_max += select(top, 0.0, fast_exp2(ds, scale));
+    }
+    ExponentialSum sum{at_max.sum(), below_max.sum()};
+    for (; i < end; ++i) {
+        const double ds = static_cast<double>(student[i]) - row_max;
+        (ds == 0.0 ? sum.at_max : sum.below_max) += ds == 0.0 ? 1.0 : std::exp(ds / temperature);
+    }
     return sum;
 }
 
@@ -146,12 +167,15 @@ double exponential_sum(const T* student, std::size_t begin, std::size_t end, dou
 // Z_s less the listed classes' exponentials, to some 2^-53 Z_s / Z_u of itself, which moves D by about rho times
 // that, against D's 1e-5 (rows whose tail is near the student's own, Z_u / Z_s ~ rho, are the ones worked out
 // again); below 2^-20 Z_s it is summed over the unlisted classes themselves, between the listed ones (sorted for
-// it).
+// it). log Z_s into log_z_student, from its terms at the maximum and below (ExponentialSum).
 template <class T>
 void student_sums_in_double(const T* student, T row_max, std::size_t n, double temperature, ListedClass* classes,
-                            std::size_t count, bool with_tail, double& z_student, double& z_unlisted) noexcept {
+                            std::size_t count, bool with_tail, double& z_student, double& log_z_student,
+                            double& z_unlisted) noexcept {
     const double max = static_cast<double>(row_max);
-    z_student = exponential_sum(student, 0, n, max, temperature);
+    const ExponentialSum all = exponential_sum(student, 0, n, max, temperature);
+    z_student = all.total();
+    log_z_student = all.log();
     if (!with_tail) return;
     double z_listed = 0.0;
     for (std::size_t j = 0; j < count; ++j)
@@ -162,16 +186,146 @@ void student_sums_in_double(const T* student, T row_max, std::size_t n, double t
     z_unlisted = 0.0;
     std::size_t begin = 0;
     for (std::size_t j = 0; j < count; ++j) {
-        z_unlisted += exponential_sum(student, begin, classes[j].index, max, temperature);
+        z_unlisted += exponential_sum(student, begin, classes[j].index, max, temperature).total();
         begin = classes[j].index + 1;
     }
-    z_unlisted += exponential_sum(student, begin, n, max, temperature);
+    z_unlisted += exponential_sum(student, begin, n, max, temperature).total();
+}
+
+// A row taken relative (relative_divergence): its bins are the listed classes and, where the row has a tail, the
+// unlisted classes together (pi = rho, q = Q_u = Z_u / Z_s); each listed class's u = pi / q - 1 is in its
+// `excess` and log q in its `log_q`, and:
+struct RelativeBins {
+    double tail;            // rho, > 0 where the row has a tail
+    double tail_excess;     // the tail's u = rho / Q_u - 1 (where it has one)
+    double unlisted_share;  // Q_u (0 where every class is listed)
+    double total_excess;    // P - 1: 0 but where the listed probabilities sum to 1 or more
+};
+
+// The teacher's side of a row taken relative, from the listed probabilities summed in double-double: rho = 1 - sum
+// pi, P - 1 and, for a renormalised row, sum p. Their rounded sum (listed_classes') decides whether a row has a
+// tail and how large, to 2^-53: where one class holds nearly all the teacher's mass, the true rho may be 1e-20,
+// and the row's loss as small.
+struct TeacherShares {
+    double tail, total_excess;
+    DoubleDouble listed_sum;
+};
+inline TeacherShares teacher_shares(const ListedClass* classes, std::size_t count, bool renormalize,
+                                    bool every_class_listed) noexcept {
+    DoubleDouble sum{0.0, 0.0};
+    for (std::size_t j = 0; j < count; ++j) sum = sum + precise_exponential(classes[j].log_p);
+    if (renormalize) return {0.0, count == 0 ? -1.0 : 0.0, sum};
+    const DoubleDouble rest = DoubleDouble{1.0, 0.0} - sum;
+    if (every_class_listed || rest.hi <= 0.0) return {0.0, -rest.value(), sum};
+    return {rest.value(), 0.0, sum};
+}
+
+// D = sum_b q_b phi(u_b) + (P - 1) + Q_u [no tail's bin],  phi(u) = (1 + u) log1p(u) - u >= 0
+// (with sum_b q_b = 1 and sum_b pi_b = P; Q_u is then the listed classes' shortfall, as for renormalised rows),
+// phi by its series near 0 (kl_term) and, where |x| = |log(pi / q)| > 1, in the log domain, pi x - (pi - q).
+// Nothing cancels: an error e in the normaliser Z_s moves D by about e^2 / 2, one in a bin's q by u_b times it.
+inline double relative_divergence(const ListedClass* classes, ListedSummary summary, RelativeBins bins) noexcept {
+    using V = Pack<double>;
+    const Exp2Scale<double> natural = exp2_scale<double>(log2e);
+    const bool tail_bin = bins.tail > 0.0;
+    const std::size_t count = summary.count, bin_count = count + (tail_bin ? 1 : 0);
+    V terms(0.0);
+    for (std::size_t first = 0; first < bin_count; first += lanes) {
+        double excess[lanes], log_q[lanes], pi[lanes];
+        for (std::size_t i = 0; i < lanes; ++i) {
+            const std::size_t j = first + i;
+            const bool listed = j < count;
+            excess[i] = listed ? classes[j].excess : j == count ? bins.tail_excess : 0.0;
+            log_q[i] = listed                   ? classes[j].log_q
+                       : j == count && tail_bin ? std::log(bins.unlisted_share)
+                                                : -std::numeric_limits<double>::infinity();  // no bin: a term of 0
+            pi[i] = listed ? classes[j].pi : j == count ? bins.tail : 0.0;
+        }
+        const V u = V::load(excess), q = fast_exp2(V::load(log_q), natural), p = V::load(pi);
+        const V x = fast_log1p(u);
+        const Mask<double> far = from_bits(to_bits(x) & (~std::uint64_t{0} >> 1)) > V(1.0);
+        // (pi = 0, u = -1: x = -inf, and the far term is q; so is phi(-1) q.)
+        terms += select(far, select(p == V(0.0), q, p * x - (p - q)), q * kl_term<true>(u));
+    }
+    return terms.sum() + bins.total_excess + (tail_bin ? 0.0 : bins.unlisted_share);
+}
+
+// The bins of a float32 row from Z_s and Z_u in double (student_sums_in_double, and log q from them): good to
+// float32's tolerance, which asks no more of the normalisers than double. x = log pi + log Z_s - ds / T with ds /
+// T's rounding kept (ds = s - max is exact for float logits), so that x keeps its relative precision where pi and
+// q are close; u = expm1(x), the tail's u = (rho Z_s - Z_u) / Z_u.
+template <class T>
+RelativeBins bins_from_double_sums(const T* student, T row_max, double temperature, ListedClass* classes,
+                                   ListedSummary summary, bool renormalize, bool every_class_listed, double z_student,
+                                   double log_z_student, double z_unlisted) noexcept {
+    const TeacherShares teacher = teacher_shares(classes, summary.count, renormalize, every_class_listed);
+    // log pi = log p - log sum p for a renormalised row, the latter as log1p of sum p - 1 in double-double.
+    const double log_p_sum = renormalize ? std::log1p((teacher.listed_sum - DoubleDouble{1.0, 0.0}).value()) : 0.0;
+    const double log_normaliser = log_z_student - log_p_sum, max = static_cast<double>(row_max);
+    for (std::size_t j = 0; j < summary.count; ++j) {
+        const double ds = static_cast<double>(student[classes[j].index]) - max;
+        const double scaled = ds / temperature, scaled_error = std::fma(-scaled, temperature, ds) / temperature;
+        const DoubleDouble log_pi_z = two_sum(classes[j].log_p, log_normaliser);  // log pi + log Z_s
+        classes[j].excess = std::expm1((log_pi_z.hi - scaled) + (log_pi_z.lo - scaled_error));
+    }
+    return {teacher.tail, teacher.tail > 0.0 ? std::fma(teacher.tail, z_student, -z_unlisted) / z_unlisted : 0.0,
+            every_class_listed ? 0.0 : z_unlisted / z_student, teacher.total_excess};
+}
+
+// The bins of a float64 row, whose tolerance does ask more (double_double.hpp has why): every exponential, the
+// teacher's probabilities and the sums in double-double, and per class u = (pi Z_s - e S) / (e S), e = e^(ds/T), S
+// = sum pi for a renormalised row (else 1); the tail's u = (rho Z_s - Z_u) / Z_u, rho = 1 - sum pi. Sorts the
+// classes by index (Z_u is summed between them), sets each one's log q, and z_student to Z_s. (A listed class's
+// exponentials are taken twice, before and after Z_s is known: k a row, against the row's n.)
+template <class T>
+RelativeBins bins_in_double_double(const T* student, T row_max, std::size_t n, double temperature, ListedClass* classes,
+                                   ListedSummary summary, bool renormalize, bool every_class_listed,
+                                   double& z_student) noexcept {
+    const ExactExponential exponential(temperature);
+    const double max = static_cast<double>(row_max);
+    auto exponential_of = [&](std::size_t c) {
+        const double s = static_cast<double>(student[c]);
+        if (s == -std::numeric_limits<double>::infinity()) return DoubleDouble{0.0, 0.0};
+        const DoubleDouble ds = two_sum(s, -max);
+        return exponential(ds.hi, ds.lo);
+    };
+    const std::size_t count = summary.count;
+    std::sort(classes, classes + count, [](const ListedClass& a, const ListedClass& b) { return a.index < b.index; });
+    // Z_u: the high parts by two-sum, their errors and the low parts summed apart, in double.
+    double unlisted_hi = 0.0, unlisted_lo = 0.0;
+    for (std::size_t j = 0, c = 0; j <= count; ++j) {
+        const std::size_t end = j < count ? classes[j].index : n;
+        for (; c < end; ++c) {
+            const DoubleDouble e = exponential_of(c), sum = two_sum(unlisted_hi, e.hi);
+            unlisted_hi = sum.hi;
+            unlisted_lo += sum.lo + e.lo;
+        }
+        c = end + 1;
+    }
+    const DoubleDouble z_unlisted = two_sum(unlisted_hi, unlisted_lo);
+    DoubleDouble z = z_unlisted;
+    for (std::size_t j = 0; j < count; ++j) z = z + exponential_of(classes[j].index);
+    z_student = z.value();
+    const TeacherShares teacher = teacher_shares(classes, count, renormalize, every_class_listed);
+    const DoubleDouble scale = renormalize ? teacher.listed_sum : DoubleDouble{1.0, 0.0};
+    for (std::size_t j = 0; j < count; ++j) {
+        const DoubleDouble e = exponential_of(classes[j].index), denominator = e * scale;
+        classes[j].log_q = std::log(e.value() / z_student);
+        // (e = 0: the student rules the class out, and pi = 0 in a row taken relative; -1 makes its term 0.)
+        classes[j].excess =
+            e.hi == 0.0 ? -1.0 : quotient(precise_exponential(classes[j].log_p) * z - denominator, denominator);
+    }
+    const double tail_excess =
+        teacher.tail > 0.0 ? quotient((DoubleDouble{1.0, 0.0} - teacher.listed_sum) * z - z_unlisted, z_unlisted) : 0.0;
+    return {teacher.tail, tail_excess, every_class_listed ? 0.0 : z_unlisted.value() / z_student, teacher.total_excess};
 }
 
 // What the listed classes give a row: D into sums.divergence, the unlisted classes' gradient factor into
 // sums.unlisted, each listed class into `listed` (for write_listed). `student` is the row's logits, `row_max`
-// their maximum, `exponentials` their e^(ds/T). A float32 row whose D the float sums' rounding could spoil is
-// worked out again from Z_s and Z_u in double (student_sums_in_double), and sums.student_soft becomes that Z_s.
+// their maximum, `exponentials` their e^(ds/T). D is taken as the difference of the bins' log-probabilities,
+// unless that could leave it with less than its tolerance, judged from the row's own sums (a student near the
+// teacher): then by relative_divergence, a float32 row from Z_s and Z_u summed in double from the logits
+// (student_sums_in_double), and sums.student_soft becomes that Z_s.
 template <class T>
 ListedSummary listed_classes(const BatchProblem<T>& problem, std::size_t row, const T* student, T row_max,
                              T* exponentials, std::size_t n, ListedClass* listed,
@@ -184,73 +338,94 @@ ListedSummary listed_classes(const BatchProblem<T>& problem, std::size_t row, co
         if (logprob == -std::numeric_limits<double>::infinity()) continue;  // an empty slot
         const auto c = static_cast<std::size_t>(teacher.index(row, k));
         const double p = std::exp(logprob);
-        ::new (static_cast<void*>(listed + count)) ListedClass{c, logprob, p, 0.0};
+        ::new (static_cast<void*>(listed + count)) ListedClass{c, logprob, p, 0.0, 0.0};
         ++count;
         p_sum += p;
         listed_exponentials += static_cast<double>(exponentials[c]);
     }
     ListedClass* const classes = std::launder(listed);
     const bool renormalize = problem.tail == Tail::renormalize;
-    if (renormalize && count > 0) {
-        const double log_p_sum = std::log(p_sum);
-        for (std::size_t j = 0; j < count; ++j) {
-            classes[j].log_pi -= log_p_sum;
-            classes[j].pi /= p_sum;
-        }
-    }
+    const double log_p_sum = renormalize && count > 0 ? std::log(p_sum) : 0.0;  // log pi = log p - log_p_sum
+    if (renormalize)
+        for (std::size_t j = 0; j < count; ++j) classes[j].pi /= p_sum;
+    const bool every_class_listed = count == problem.classes;
     // The tail: none where every class is listed (whatever rounding left of 1), nor for a renormalised row.
-    const double tail = renormalize || count == problem.classes ? 0.0 : std::max(0.0, 1.0 - p_sum);
+    const double tail = renormalize || every_class_listed ? 0.0 : std::max(0.0, 1.0 - p_sum);
     const double total = renormalize ? (count == 0 ? 0.0 : 1.0) : tail > 0.0 ? 1.0 : p_sum;
     double z_student = sums.student_soft, z_unlisted = 0.0;
+    // Z_u, the unlisted classes' sum of e^(ds/T): Z_s less the listed ones' where that keeps at least half of it (so
+    // Z_s's rounding stays within twice its own relative size), else summed over the unlisted classes themselves,
+    // the listed ones set to 0 (write_listed writes their gradient). Wanted for the tail, and for a row taken
+    // relative.
     bool unlisted_by_difference = false;
-    if (tail > 0.0) {
-        // Z_u, the unlisted classes' sum of e^(ds/T): Z_s less the listed ones' where that keeps at least half of
-        // it (so Z_s's rounding stays within twice its own relative size), else summed over the unlisted classes
-        // themselves, the listed ones set to 0 (write_listed writes their gradient).
+    auto sum_unlisted = [&] {
         z_unlisted = z_student - listed_exponentials;
         unlisted_by_difference = z_unlisted >= 0.5 * z_student;
         if (!unlisted_by_difference) {
             for (std::size_t j = 0; j < count; ++j) exponentials[classes[j].index] = T(0);
             z_unlisted = row_sum(exponentials, n);
         }
-    }
-    // D and rho / Z_u from the two sums, each listed class's log q on the way.
-    double divergence = 0.0, unlisted_part = 0.0;
+    };
+    if (tail > 0.0) sum_unlisted();
+    // D and rho / Z_u from the two sums, each listed class's log q on the way, and the sum of the magnitudes of
+    // what D is the difference of (log_terms), whose rounding D carries.
+    double divergence = 0.0, unlisted_part = 0.0, log_terms = 0.0;
     auto evaluate = [&] {
         const double log_z_student = std::log(z_student);
-        divergence = 0.0;
+        divergence = 0.0, log_terms = 0.0;
         for (std::size_t j = 0; j < count; ++j) {
             const double ds = static_cast<double>(student[classes[j].index]) - static_cast<double>(row_max);
             classes[j].log_q = ds / problem.temperature - log_z_student;
-            if (classes[j].pi > 0.0) divergence += classes[j].pi * (classes[j].log_pi - classes[j].log_q);
+            if (classes[j].pi > 0.0) {
+                const double log_pi = classes[j].log_p - log_p_sum;
+                divergence += classes[j].pi * (log_pi - classes[j].log_q);
+                log_terms += classes[j].pi * (std::fabs(log_pi) + 2 * std::fabs(classes[j].log_q));
+            }
         }
         unlisted_part = 0.0;
         if (tail > 0.0) {
-            divergence += tail * (std::log(tail) - (std::log(z_unlisted) - log_z_student));
+            const double log_z_unlisted = std::log(z_unlisted);
+            divergence += tail * (std::log(tail) - (log_z_unlisted - log_z_student));
+            log_terms += tail * (std::fabs(std::log(tail)) + std::fabs(log_z_unlisted) + 2 * std::fabs(log_z_student));
             unlisted_part = tail / z_unlisted;
         }
     };
     evaluate();
-    if constexpr (std::is_same_v<T, float>) {
-        // D = ... + P log Z_s - rho log Z_u moves by P e_s - rho e_u for relative errors e_s of Z_s, e_u of Z_u. A
-        // sum of float exponentials is good to some 4 2^-24 of itself; Z_u = Z_s - L takes Z_s's error whole
-        // (and L's, 2^-24 of it), which then mostly cancels where rho is near Q_u = Z_u / Z_s, as it is in long
-        // rows whose tail holds most of both sides' mass; summed apart, it has its own. The row is worked out
-        // again where that leaves D outside a quarter of float32's tolerance.
-        const double error = 4 * 0x1p-24 *
-                             (unlisted_by_difference ? std::fabs(total - tail * z_student / z_unlisted) +
-                                                           tail * listed_exponentials / z_unlisted
-                                                     : total + tail);
-        if (divergence < error / (0.25 * 1e-5)) {  // NaN rows stay NaN, +inf ones infinite
-            student_sums_in_double(student, row_max, n, problem.temperature, classes, count, tail > 0.0, z_student,
-                                   z_unlisted);
-            evaluate();
-            sums.student_soft = z_student;
+    // D = ... + P log Z_s - rho log Z_u moves by P e_s - rho e_u for relative errors e_s of Z_s, e_u of Z_u. A
+    // sum of exponentials is good to some 4 ulps of itself; Z_u = Z_s - L takes Z_s's error whole (and L's, an
+    // ulp of it), which then mostly cancels where rho is near Q_u = Z_u / Z_s, as it is in long rows whose tail
+    // holds most of both sides' mass; summed apart, it has its own. Besides, D carries the rounding of the terms it
+    // is the difference of. The row is taken relative where that leaves D outside a quarter of its tolerance.
+    constexpr double unit = std::is_same_v<T, float> ? 0x1p-24 : 0x1p-53;
+    constexpr double tolerance = std::is_same_v<T, float> ? 1e-5 : 1e-12;
+    const double sums_error = 4 * unit *
+                              (unlisted_by_difference ? std::fabs(total - tail * z_student / z_unlisted) +
+                                                            tail * listed_exponentials / z_unlisted
+                                                      : total + tail);
+    const double error = sums_error + 0x1p-53 * log_terms;
+    ListedSummary summary{count, total, tail, divergence < error / (0.25 * tolerance), 0.0};  // not NaN, +inf
+    if (summary.relative) {
+        RelativeBins bins;
+        if constexpr (std::is_same_v<T, float>) {
+            double log_z_student;
+            student_sums_in_double(student, row_max, n, problem.temperature, classes, count, !every_class_listed,
+                                   z_student, log_z_student, z_unlisted);
+            evaluate();  // each class's log q from the new Z_s
+            bins = bins_from_double_sums(student, row_max, problem.temperature, classes, summary, renormalize,
+                                         every_class_listed, z_student, log_z_student, z_unlisted);
+        } else {
+            bins = bins_in_double_double(student, row_max, n, problem.temperature, classes, summary, renormalize,
+                                         every_class_listed, z_student);
         }
+        sums.student_soft = z_student;
+        summary.total_excess = bins.total_excess;
+        divergence = relative_divergence(classes, summary, bins);
+        sums.unlisted = (bins.total_excess - (bins.tail > 0.0 ? bins.tail_excess : -1.0)) / z_student;
+    } else {
+        sums.unlisted = total / z_student - unlisted_part;
     }
     sums.divergence = divergence;
-    sums.unlisted = total / z_student - unlisted_part;
-    return {count, total, tail};
+    return summary;
 }
 
 // The gradient at the listed classes of a row whose other classes write_gradient has written, before the
@@ -268,12 +443,38 @@ void write_listed(const BatchProblem<T>& problem, const T* student, T row_max, c
     }
     for (std::size_t j = 0; j < summary.count; ++j) {
         const std::size_t c = listed[j].index;
-        double g = soft_scale * (summary.total * std::exp(listed[j].log_q) - listed[j].pi);
+        // P q - pi, or q ((P - 1) - u) where the row was taken relative: no cancellation where pi is near q.
+        const double q = std::exp(listed[j].log_q);
+        double g = soft_scale * (summary.relative ? q * (summary.total_excess - listed[j].excess)
+                                                  : summary.total * q - listed[j].pi);
         if constexpr (Terms::hard) {
             g += hard_scale * std::exp(static_cast<double>(student[c]) - static_cast<double>(row_max));
             if constexpr (Terms::distribution) g -= target_scale * static_cast<double>(target[c]);
         }
         gradient[c] = static_cast<T>(g);
+    }
+}
+
+// A float32 row taken relative whose unlisted classes' gradient factor is large (at a low temperature, a tail
+// spread over student probabilities of 1e-38 and below): the kernels' float exponentials are flushed to 0 below
+// float's smallest normal number, which loses the soft term there, up to 2^-126 times that factor. Where that could
+// exceed a quarter of the tolerance of the listed classes' largest entry, such classes' soft term is added in double
+// (before write_listed, which writes the listed classes over whatever this leaves there).
+template <class T>
+void restore_flushed_unlisted(const BatchProblem<T>& problem, const T* student, T row_max, Exp2Scale<T> soft,
+                              double factor, const ListedClass* listed, ListedSummary summary, T* gradient) noexcept {
+    if constexpr (std::is_same_v<T, float>) {
+        double largest_listed = 0.0;  // over T
+        for (std::size_t j = 0; j < summary.count; ++j)
+            largest_listed = std::max(largest_listed,
+                                      std::fabs(std::exp(listed[j].log_q) * (summary.total_excess - listed[j].excess)));
+        const double soft_scale = problem.gradient_scale * problem.soft_weight * problem.temperature;
+        if (std::fabs(factor) * 0x1p-126 <= 0.25 * 1e-5 * soft_scale * largest_listed) return;
+        for (std::size_t c = 0; c < problem.classes; ++c) {
+            const T ds = student[c] - row_max;
+            if (ds < soft.lowest_x && student[c] != -std::numeric_limits<T>::infinity())
+                gradient[c] += static_cast<T>(factor * std::exp(static_cast<double>(ds) / problem.temperature));
+        }
     }
 }
 
@@ -357,6 +558,11 @@ void run_sparse_rows_with(const BatchProblem<T>& problem, std::size_t begin, std
             const LaneMaxima<T> found = write_gradient<T, Terms>(row_gradient, row, coefficients, n,
                                                                  scan_in_exponentials ? RowLogits<T>{} : ahead.next);
             if constexpr (!scan_in_exponentials) maxima = {found, ahead.next};
+            if (summary.relative)
+                restore_flushed_unlisted(
+                    problem, student, row_max, soft,
+                    problem.gradient_scale * problem.soft_weight * problem.temperature * sums.soft.unlisted,
+                    std::launder(listed), summary, row_gradient);
             write_listed<T, Terms>(problem, student, row_max, target, sums, std::launder(listed), summary,
                                    row_gradient);
             if constexpr (Terms::class_index) row_gradient[class_index] -= coefficients.hard.label_scale;
