@@ -96,8 +96,8 @@ std::size_t scratch_elements(std::size_t classes) noexcept {
 }
 
 // Per-thread scratch for a sparse teacher of k slots a row, in elements of T, ahead of the rows' buffers: k of
-// sparse_kl.hpp's ListedClass, 40 bytes, a whole number of elements of T, so the buffers after them stay aligned.
-constexpr std::size_t listed_class_bytes = 40;
+// sparse_kl.hpp's ListedClass, 56 bytes, a whole number of elements of T, so the buffers after them stay aligned.
+constexpr std::size_t listed_class_bytes = 56;
 template <class T>
 std::size_t sparse_scratch_elements(std::size_t k) noexcept {
     return k * (listed_class_bytes / sizeof(T));

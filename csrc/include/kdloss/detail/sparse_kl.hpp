@@ -120,6 +120,7 @@ struct ListedClass {
     double log_p, pi;  // the teacher's log-probability as cached, and pi (p, or p / sum p)
     double log_q;      // the student's log-probability
     double excess;     // u = pi / q - 1, where the row's D is taken relative (relative_divergence)
+    DoubleDouble p;    // e^(log p) in double-double, where it is taken relative (teacher_shares)
 };
 
 static_assert(sizeof(ListedClass) == listed_class_bytes, "sparse_scratch_elements (batch_problem.hpp) sizes them");
@@ -205,19 +206,31 @@ struct RelativeBins {
 // The teacher's side of a row taken relative, from the listed probabilities summed in double-double: rho = 1 - sum
 // pi, P - 1 and, for a renormalised row, sum p. Their rounded sum (listed_classes') decides whether a row has a
 // tail and how large, to 2^-53: where one class holds nearly all the teacher's mass, the true rho may be 1e-20,
-// and the row's loss as small.
+// and the row's loss as small. Each p by ExactExponential (good to 2^-57: `error` bounds rho's and P - 1's,
+// absolutely), or where the listed mass is within 2^-20 of 1, or `precise`, by precise_exponential (2^-100; some
+// 300 operations a class, which in rows of a thousand classes cost more than the rest); each kept in its class.
 struct TeacherShares {
     double tail, total_excess;
     DoubleDouble listed_sum;
+    double error;
 };
-inline TeacherShares teacher_shares(const ListedClass* classes, std::size_t count, bool renormalize,
-                                    bool every_class_listed) noexcept {
+inline TeacherShares teacher_shares(ListedClass* classes, std::size_t count, bool renormalize, bool every_class_listed,
+                                    bool precise) noexcept {
     DoubleDouble sum{0.0, 0.0};
-    for (std::size_t j = 0; j < count; ++j) sum = sum + precise_exponential(classes[j].log_p);
-    if (renormalize) return {0.0, count == 0 ? -1.0 : 0.0, sum};
+    if (!precise) {
+        const ExactExponential exponential(1.0);
+        for (std::size_t j = 0; j < count; ++j) sum = sum + (classes[j].p = exponential(classes[j].log_p));
+        precise = std::fabs((DoubleDouble{1.0, 0.0} - sum).value()) < 0x1p-20;
+    }
+    if (precise) {
+        sum = {0.0, 0.0};
+        for (std::size_t j = 0; j < count; ++j) sum = sum + (classes[j].p = precise_exponential(classes[j].log_p));
+    }
+    const double error = (precise ? 0x1p-100 : 0x1p-57) * sum.hi;
+    if (renormalize) return {0.0, count == 0 ? -1.0 : 0.0, sum, error};
     const DoubleDouble rest = DoubleDouble{1.0, 0.0} - sum;
-    if (every_class_listed || rest.hi <= 0.0) return {0.0, -rest.value(), sum};
-    return {rest.value(), 0.0, sum};
+    if (every_class_listed || rest.hi <= 0.0) return {0.0, -rest.value(), sum, error};
+    return {rest.value(), 0.0, sum, error};
 }
 
 // D = sum_b q_b phi(u_b) + (P - 1) + Q_u [no tail's bin],  phi(u) = (1 + u) log1p(u) - u >= 0
@@ -256,9 +269,9 @@ inline double relative_divergence(const ListedClass* classes, ListedSummary summ
 // q are close; u = expm1(x), the tail's u = (rho Z_s - Z_u) / Z_u.
 template <class T>
 RelativeBins bins_from_double_sums(const T* student, T row_max, double temperature, ListedClass* classes,
-                                   ListedSummary summary, bool renormalize, bool every_class_listed, double z_student,
-                                   double log_z_student, double z_unlisted) noexcept {
-    const TeacherShares teacher = teacher_shares(classes, summary.count, renormalize, every_class_listed);
+                                   ListedSummary summary, const TeacherShares& teacher, bool renormalize,
+                                   bool every_class_listed, double z_student, double log_z_student,
+                                   double z_unlisted) noexcept {
     // log pi = log p - log sum p for a renormalised row, the latter as log1p of sum p - 1 in double-double.
     const double log_p_sum = renormalize ? std::log1p((teacher.listed_sum - DoubleDouble{1.0, 0.0}).value()) : 0.0;
     const double log_normaliser = log_z_student - log_p_sum, max = static_cast<double>(row_max);
@@ -279,8 +292,8 @@ RelativeBins bins_from_double_sums(const T* student, T row_max, double temperatu
 // exponentials are taken twice, before and after Z_s is known: k a row, against the row's n.)
 template <class T>
 RelativeBins bins_in_double_double(const T* student, T row_max, std::size_t n, double temperature, ListedClass* classes,
-                                   ListedSummary summary, bool renormalize, bool every_class_listed,
-                                   double& z_student) noexcept {
+                                   ListedSummary summary, const TeacherShares& teacher, bool renormalize,
+                                   bool every_class_listed, double& z_student) noexcept {
     const ExactExponential exponential(temperature);
     const double max = static_cast<double>(row_max);
     auto exponential_of = [&](std::size_t c) {
@@ -306,14 +319,12 @@ RelativeBins bins_in_double_double(const T* student, T row_max, std::size_t n, d
     DoubleDouble z = z_unlisted;
     for (std::size_t j = 0; j < count; ++j) z = z + exponential_of(classes[j].index);
     z_student = z.value();
-    const TeacherShares teacher = teacher_shares(classes, count, renormalize, every_class_listed);
     const DoubleDouble scale = renormalize ? teacher.listed_sum : DoubleDouble{1.0, 0.0};
     for (std::size_t j = 0; j < count; ++j) {
         const DoubleDouble e = exponential_of(classes[j].index), denominator = e * scale;
         classes[j].log_q = std::log(e.value() / z_student);
         // (e = 0: the student rules the class out, and pi = 0 in a row taken relative; -1 makes its term 0.)
-        classes[j].excess =
-            e.hi == 0.0 ? -1.0 : quotient(precise_exponential(classes[j].log_p) * z - denominator, denominator);
+        classes[j].excess = e.hi == 0.0 ? -1.0 : quotient(classes[j].p * z - denominator, denominator);
     }
     const double tail_excess =
         teacher.tail > 0.0 ? quotient((DoubleDouble{1.0, 0.0} - teacher.listed_sum) * z - z_unlisted, z_unlisted) : 0.0;
@@ -338,7 +349,7 @@ ListedSummary listed_classes(const BatchProblem<T>& problem, std::size_t row, co
         if (logprob == -std::numeric_limits<double>::infinity()) continue;  // an empty slot
         const auto c = static_cast<std::size_t>(teacher.index(row, k));
         const double p = std::exp(logprob);
-        ::new (static_cast<void*>(listed + count)) ListedClass{c, logprob, p, 0.0, 0.0};
+        ::new (static_cast<void*>(listed + count)) ListedClass{c, logprob, p, 0.0, 0.0, {p, 0.0}};
         ++count;
         p_sum += p;
         listed_exponentials += static_cast<double>(exponentials[c]);
@@ -405,17 +416,44 @@ ListedSummary listed_classes(const BatchProblem<T>& problem, std::size_t row, co
     const double error = sums_error + 0x1p-53 * log_terms;
     ListedSummary summary{count, total, tail, divergence < error / (0.25 * tolerance), 0.0};  // not NaN, +inf
     if (summary.relative) {
+        TeacherShares teacher = teacher_shares(classes, count, renormalize, every_class_listed, false);
         RelativeBins bins;
         if constexpr (std::is_same_v<T, float>) {
             double log_z_student;
             student_sums_in_double(student, row_max, n, problem.temperature, classes, count, !every_class_listed,
                                    z_student, log_z_student, z_unlisted);
             evaluate();  // each class's log q from the new Z_s
-            bins = bins_from_double_sums(student, row_max, problem.temperature, classes, summary, renormalize,
+            bins = bins_from_double_sums(student, row_max, problem.temperature, classes, summary, teacher, renormalize,
                                          every_class_listed, z_student, log_z_student, z_unlisted);
         } else {
-            bins = bins_in_double_double(student, row_max, n, problem.temperature, classes, summary, renormalize,
-                                         every_class_listed, z_student);
+            // First as a float32 row, from the kernels' sums: their log Z_s is good to some 8 ulps of max(1, |log
+            // Z_s|), and Z_u to 4 of Z_s, an error e common to every u that moves the gradient by about e q (q up
+            // to 1 / Z_s) and D by e times sum_b q_b |u_b| (and Q_u). Where that could leave either outside a
+            // quarter of float64's tolerance (a student within ~1e-2 of the teacher, or saturated), in
+            // double-double, which costs some 10 ns a class.
+            if (tail == 0.0 && !every_class_listed) sum_unlisted();
+            bins = bins_from_double_sums(student, row_max, problem.temperature, classes, summary, teacher, renormalize,
+                                         every_class_listed, z_student, std::log(z_student), z_unlisted);
+            const double common = 0x1p-53 * (8 * std::max(1.0, std::fabs(std::log(z_student))) +
+                                             (every_class_listed ? 0.0 : 4 * z_student / z_unlisted));
+            double largest = 0.0, spread = bins.unlisted_share * std::fabs(bins.tail_excess) +
+                                           (bins.tail > 0.0 ? 0.0 : bins.unlisted_share);
+            for (std::size_t j = 0; j < count; ++j) {
+                const double q = std::exp(classes[j].log_q);
+                largest = std::max(largest, q * std::fabs(bins.total_excess - classes[j].excess));
+                spread += q * std::fabs(classes[j].excess);
+            }
+            summary.total_excess = bins.total_excess;
+            const double relative = relative_divergence(classes, summary, bins);
+            // (The teacher's rho and P - 1: an error e there moves D by up to (1 + |log(rho / Q_u)|) e, and the
+            // unlisted classes' gradient by up to T e.)
+            const double teacher_error = teacher.error * (1.0 + std::fabs(std::log1p(bins.tail_excess)));
+            if (!(common / z_student + teacher.error <= 0.25 * 1e-12 * largest &&
+                  common * spread + teacher_error <= 0.25 * 1e-12 * relative)) {
+                teacher = teacher_shares(classes, count, renormalize, every_class_listed, true);
+                bins = bins_in_double_double(student, row_max, n, problem.temperature, classes, summary, teacher,
+                                             renormalize, every_class_listed, z_student);
+            }
         }
         sums.student_soft = z_student;
         summary.total_excess = bins.total_excess;
