@@ -206,9 +206,9 @@ struct RelativeBins {
 // The teacher's side of a row taken relative, from the listed probabilities summed in double-double: rho = 1 - sum
 // pi, P - 1 and, for a renormalised row, sum p. Their rounded sum (listed_classes') decides whether a row has a
 // tail and how large, to 2^-53: where one class holds nearly all the teacher's mass, the true rho may be 1e-20,
-// and the row's loss as small. Each p by ExactExponential (good to 2^-57: `error` bounds rho's and P - 1's,
-// absolutely), or where the listed mass is within 2^-20 of 1, or `precise`, by precise_exponential (2^-100; some
-// 300 operations a class, which in rows of a thousand classes cost more than the rest); each kept in its class.
+// and the row's loss as small. Each p as listed_classes took it (within an ulp: `error` bounds rho's and P - 1's
+// error, absolutely), or where the listed mass is within 2^-20 of 1, or `precise`, by precise_exponential (2^-100;
+// some 300 operations a class, which in rows of a thousand classes cost more than the rest), kept in its class.
 struct TeacherShares {
     double tail, total_excess;
     DoubleDouble listed_sum;
@@ -218,15 +218,14 @@ inline TeacherShares teacher_shares(ListedClass* classes, std::size_t count, boo
                                     bool precise) noexcept {
     DoubleDouble sum{0.0, 0.0};
     if (!precise) {
-        const ExactExponential exponential(1.0);
-        for (std::size_t j = 0; j < count; ++j) sum = sum + (classes[j].p = exponential(classes[j].log_p));
+        for (std::size_t j = 0; j < count; ++j) sum = sum + classes[j].p;
         precise = std::fabs((DoubleDouble{1.0, 0.0} - sum).value()) < 0x1p-20;
     }
     if (precise) {
         sum = {0.0, 0.0};
         for (std::size_t j = 0; j < count; ++j) sum = sum + (classes[j].p = precise_exponential(classes[j].log_p));
     }
-    const double error = (precise ? 0x1p-100 : 0x1p-57) * sum.hi;
+    const double error = (precise ? 0x1p-100 : 0x1p-52) * sum.hi;
     if (renormalize) return {0.0, count == 0 ? -1.0 : 0.0, sum, error};
     const DoubleDouble rest = DoubleDouble{1.0, 0.0} - sum;
     if (every_class_listed || rest.hi <= 0.0) return {0.0, -rest.value(), sum, error};
