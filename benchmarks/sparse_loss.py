@@ -4,8 +4,8 @@ timed interleaved in one run (class-index labels, T=3, alpha=0.3), the cache the
 
 Issue 17's target: a K = 64 cache at least 1.3x faster than the dense teacher at 64x32000 and 8x128256 float32
 (it reads one B x V array instead of two and takes one exponential fewer per element). The last column is the
-cost of a cache whose teacher is 1e-3 per logit from the student, against that of an independent one: float32 rows
-so close are worked out again from normalisers in double (issue 20, sparse_kl.hpp).
+cost of a cache whose teacher is 1e-3 per logit from the student, against that of an independent one: rows so close
+are taken relative, float32 from normalisers in double, float64 in double-double (issue 20, sparse_kl.hpp).
 
     python benchmarks/sparse_loss.py [--shapes 64x32000:float32 ...] [--k 64] [--budget 1]
 """
