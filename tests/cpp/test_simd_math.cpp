@@ -391,6 +391,23 @@ KD_TEST(double_double_exponentials_keep_their_promise) {
         const DoubleDouble product = kdloss::detail::exp2_sixty_fourths[j] * kdloss::detail::exp2_sixty_fourths[64 - j];
         KD_CHECK(std::fabs((product - DoubleDouble{2.0, 0.0}).value()) <= 0x1p-102);
     }
+    // A row's sum on Packs (ExactExponential::add), -inf adding 0, against long double.
+    for (const double temperature : {0.05, 1.0, 3.0}) {
+        const kdloss::detail::ExactExponential exponential(temperature);
+        std::vector<double> logits;
+        for (int c = 0; c < 1000; ++c)
+            logits.push_back(c % 97 == 5 ? -std::numeric_limits<double>::infinity() : std::sin(c * 12.9898) * 4.0);
+        while (logits.size() % lanes) logits.push_back(-std::numeric_limits<double>::infinity());
+        const double max = 4.0;
+        kdloss::detail::ExactExponential::Sum sum{};
+        long double exact = 0;
+        for (std::size_t c = 0; c < logits.size(); c += lanes) {
+            exponential.add(Pack<double>::load(logits.data() + c), max, sum);
+            for (std::size_t i = c; i < c + lanes; ++i)
+                exact += std::exp((static_cast<long double>(logits[i]) - max) / temperature);
+        }
+        worst_exact = std::max(worst_exact, relative(sum.value(), exact));
+    }
     KD_CHECK(worst_exact <= 0x1p-57);
     KD_CHECK(worst_precise <= std::max(0x1p-100, long_double_floor));
     KD_CHECK(worst_square <= 0x1p-99);

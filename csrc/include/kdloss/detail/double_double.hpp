@@ -7,13 +7,15 @@
 // the student's q (double's exponentials, their sum and its logarithm: e ~ 3e-16) moves that gradient by e q,
 // against its size u q, u = pi / q - 1 ~ 2.5e-5 for a student 1e-4 per logit from the teacher at T = 4: 1e-11 of
 // it, where float64's tolerance is 1e-12. (A dense teacher does not need this: its p is known relative to q.)
-// Scalar code: it runs for such rows only.
+// It runs for such rows only: the exponentials of a row on Packs (ExactExponential::add), the rest scalar.
 
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 
 #include "kdloss/detail/kernel_namespace.hpp"
+#include "kdloss/detail/pack.hpp"
 
 namespace kdloss::detail {
 inline namespace KDLOSS_KERNEL_NAMESPACE {
@@ -161,6 +163,54 @@ public:
         std::memcpy(&scale, &scale_bits, sizeof scale);
         const DoubleDouble entry = exp2_sixty_fourths[j];
         return {entry.hi * scale, (entry.hi * p + entry.lo) * scale};
+    }
+
+    // Sums of e^((s - max) / T) over Packs of logits s (-inf adds 0): their high parts by two-sum, lane by lane, the
+    // errors and the low parts in double. Within about 2^-58 of the sum, as each term is.
+    struct Sum {
+        Pack<double> high, errors, low;
+
+        DoubleDouble value() const noexcept {
+            double high_lanes[lanes];
+            high.store(high_lanes);
+            DoubleDouble total{0.0, errors.sum() + low.sum()};
+            for (std::size_t i = 0; i < lanes; ++i) {
+                const DoubleDouble sum = two_sum(total.hi, high_lanes[i]);
+                total = {sum.hi, total.lo + sum.lo};
+            }
+            return two_sum(total.hi, total.lo);
+        }
+    };
+
+    // The same steps as operator()'s, lane by lane: n rounded by adding 1.5 2^52 (whose low bits then hold it, in
+    // two's complement), the table entries gathered through a buffer.
+    KDLOSS_INLINE void add(const Pack<double>& s, double max, Sum& sum) const noexcept {
+        using V = Pack<double>;
+        using Bits = Pack<std::uint64_t>;
+        constexpr double round_magic = 0x1.8p52;
+        const V ds = s - max, b_part = ds - s;
+        const V ds_lo = (s - (ds - b_part)) + (V(-max) - b_part);  // two-sum's error: s - max = ds + ds_lo
+        const V shifted = ds * steps_per_x_ + round_magic, n = shifted - round_magic;
+        const V r = ((((ds - n * step_1_) - n * step_2_) - n * step_3_) + ds_lo) * inverse_temperature_;
+        constexpr double c2 = 1.0 / 2, c3 = 1.0 / 6, c4 = 1.0 / 24, c5 = 1.0 / 120, c6 = 1.0 / 720, c7 = 1.0 / 5040;
+        const V p = r * (1.0 + r * (c2 + r * (c3 + r * (c4 + r * (c5 + r * (c6 + r * c7))))));
+        // k = n + 64 2048, non-negative down to the cut-off: its low 6 bits are j, the rest m + 2048.
+        const Bits k = to_bits(shifted) - Bits(to_bits(round_magic) - 64 * 2048);
+        std::uint64_t k_lanes[lanes];
+        k.store(k_lanes);
+        double entry_high[lanes], entry_low[lanes];
+        for (std::size_t i = 0; i < lanes; ++i) {
+            entry_high[i] = exp2_sixty_fourths[k_lanes[i] & 63].hi;
+            entry_low[i] = exp2_sixty_fourths[k_lanes[i] & 63].lo;
+        }
+        const V scale = from_bits(((k >> 6) + Bits(std::uint64_t{1023} - 2048)) << 52);
+        const V high = V::load(entry_high), low = V::load(entry_low);
+        const Mask<double> zero = (n < V(-64.0 * 1020)) | (s == V(-std::numeric_limits<double>::infinity()));
+        const V e_high = select(zero, 0.0, high * scale), e_low = select(zero, 0.0, (high * p + low) * scale);
+        const V total = sum.high + e_high, e_part = total - sum.high;
+        sum.errors += (sum.high - (total - e_part)) + (e_high - e_part);
+        sum.high = total;
+        sum.low += e_low;
     }
 
 private:

@@ -303,18 +303,17 @@ RelativeBins bins_in_double_double(const T* student, T row_max, std::size_t n, d
     };
     const std::size_t count = summary.count;
     std::sort(classes, classes + count, [](const ListedClass& a, const ListedClass& b) { return a.index < b.index; });
-    // Z_u: the high parts by two-sum, their errors and the low parts summed apart, in double.
-    double unlisted_hi = 0.0, unlisted_lo = 0.0;
-    for (std::size_t j = 0, c = 0; j <= count; ++j) {
-        const std::size_t end = j < count ? classes[j].index : n;
-        for (; c < end; ++c) {
-            const DoubleDouble e = exponential_of(c), sum = two_sum(unlisted_hi, e.hi);
-            unlisted_hi = sum.hi;
-            unlisted_lo += sum.lo + e.lo;
-        }
-        c = end + 1;
+    // Z_u, a Pack of logits at a time, the listed classes' set to -inf.
+    ExactExponential::Sum unlisted{};
+    for (std::size_t c = 0, j = 0; c < n; c += lanes) {
+        double logits[lanes];
+        for (std::size_t i = 0; i < lanes; ++i)
+            logits[i] = c + i < n ? static_cast<double>(student[c + i]) : -std::numeric_limits<double>::infinity();
+        for (; j < count && classes[j].index < c + lanes; ++j)
+            logits[classes[j].index - c] = -std::numeric_limits<double>::infinity();
+        exponential.add(Pack<double>::load(logits), max, unlisted);
     }
-    const DoubleDouble z_unlisted = two_sum(unlisted_hi, unlisted_lo);
+    const DoubleDouble z_unlisted = unlisted.value();
     DoubleDouble z = z_unlisted;
     for (std::size_t j = 0; j < count; ++j) z = z + exponential_of(classes[j].index);
     z_student = z.value();
