@@ -10,8 +10,10 @@
 //   T (P q_j - pi_j) at a listed class,   T q_j (P - rho / Q_u) elsewhere.
 // The dense passes (lane_math.hpp) take the student's maxima and exponentials, and write the second formula
 // everywhere; the K listed classes, a few dozen of tens of thousands, are then computed in double one by one,
-// as is D (listed_classes). Q_u is summed over the unlisted classes themselves, never as 1 - sum_k q_k, which
-// would lose all of it where the listed classes hold nearly all of the student's mass.
+// as is D (listed_classes), or, where a student near its teacher would lose D to cancellation, from each bin's
+// relative difference u = pi / q - 1 (relative_divergence; in float64 from double-double sums). Q_u is summed
+// over the unlisted classes themselves, never as 1 - sum_k q_k, which would lose all of it where the listed
+// classes hold nearly all of the student's mass.
 //
 // A row's slots have been checked (DistillationLoss): indices in [0, C), none listed twice, no NaN or +inf,
 // probabilities summing to at most 1 + 1e-6. Every row is run on its own (no blocks of short rows: sparse
@@ -287,7 +289,7 @@ RelativeBins bins_from_double_sums(const T* student, T row_max, double temperatu
 // The bins of a float64 row, whose tolerance does ask more (double_double.hpp has why): every exponential, the
 // teacher's probabilities and the sums in double-double, and per class u = (pi Z_s - e S) / (e S), e = e^(ds/T), S
 // = sum pi for a renormalised row (else 1); the tail's u = (rho Z_s - Z_u) / Z_u, rho = 1 - sum pi. Sorts the
-// classes by index (Z_u is summed between them), sets each one's log q, and z_student to Z_s. (A listed class's
+// classes by index (Z_u's sum passes over them), sets each one's log q, and z_student to Z_s. (A listed class's
 // exponentials are taken twice, before and after Z_s is known: k a row, against the row's n.)
 template <class T>
 RelativeBins bins_in_double_double(const T* student, T row_max, std::size_t n, double temperature, ListedClass* classes,
