@@ -127,6 +127,22 @@ public:
         return {q * log_q_over_m + a_ * (p - q), log_q_over_m + skew_ * (1.0 - std::exp(log_q_over_m))};
     }
 
+    // G at a class less G at the student's top class, given u at both and du = u - u_top (more exact than u less
+    // u_top): from G's definitions above, with v = a u and w = a du / (1 + v_top),
+    //   jsd: -(1 - beta) log1p(w),  skew_forward_kl: -(1 - l)^2 du / ((1 + l u)(1 + l u_top)),
+    //   skew_reverse_kl: -log1p(w) + l w / (1 + v), or psi(w) - w (1 - l + v) / (1 + v) where |w| < 1/2,
+    // each exact relative to itself but for the last's sum, which cancels only where G is flat (where the teacher
+    // has next to no mass, v near l - 1). (Its second form for a large w would cancel: psi(w) ~ w there.)
+    double less_top(double u, double u_top, double du) const noexcept {
+        if (kind_ == Divergence::skew_forward_kl)
+            return -(1.0 - skew_) * (1.0 - skew_) * (du / (1.0 + skew_ * u)) / (1.0 + skew_ * u_top);
+        const double w = a_ * du / (1.0 + a_ * u_top);
+        if (kind_ == Divergence::jsd) return -(1.0 - beta_) * std::log1p(w);
+        const double v = a_ * u;
+        if (std::fabs(w) < 0.5) return reverse_term(w) - w * ((1.0 - skew_) + v) / (1.0 + v);
+        return -std::log1p(w) + skew_ * w / (1.0 + v);
+    }
+
 private:
     static constexpr int terms = 22;  // c_2 .. c_21
 
@@ -244,10 +260,16 @@ KDLOSS_NO_VECTORISE void exact_row(const BatchProblem<T>& problem, std::size_t r
     // logarithms twice: as G - G_top, G at the student's top class, rounded to T. That difference is what the
     // gradient's G - E_q[G] is made of, so T's rounding is relative to it; G itself can be far larger (where one
     // side rules out a class that the other gives mass, G is near a constant elsewhere: float32's rounding of G
-    // missed the gradient's tolerance by 1.3x).
+    // missed the gradient's tolerance by 1.3x). So G - G_top is not taken as a difference of the two either (which
+    // left float64 gradients 3e-12 of their largest entry off there), but from u_top and du = u_c - u_top =
+    // e^(x_top) expm1(d_c - d_top) (MixtureTerms::less_top), where d_c - d_top is formed from the two classes'
+    // t - s, and L and the shift cancel. e^(x_top) <= n (q_top >= 1 / n), and du is finite unless d_c - d_top is
+    // far too large for a near constant G; there, and where u_c is not finite, the difference of the two.
     std::size_t top = 0;
     while (top + 1 < n && static_cast<double>(student[top]) != student_max) ++top;
     const double top_g = mixture_at(top).g;
+    const double x_top = d(top) - log_ratio_sum, u_top = std::expm1(x_top), e_top = std::exp(x_top);
+    const double top_gap = static_cast<double>(teacher[top]) - static_cast<double>(student[top]);
     T* gradient = problem.gradient != nullptr ? problem.gradient + r * problem.gradient_stride : nullptr;
     double divergence = 0.0, mean = 0.0;
     for (std::size_t c = 0; c < n; ++c) {
@@ -255,8 +277,15 @@ KDLOSS_NO_VECTORISE void exact_row(const BatchProblem<T>& problem, std::size_t r
         if (student[c] != -std::numeric_limits<T>::infinity() || teacher[c] != -std::numeric_limits<T>::infinity())
             at = mixture_at(c);
         divergence += at.term;
-        if (student[c] != -std::numeric_limits<T>::infinity()) mean += std::exp(log_q(c)) * (at.g - top_g);
-        if (gradient != nullptr) gradient[c] = static_cast<T>(at.g - top_g);
+        double g = at.g - top_g;
+        if (student[c] != -std::numeric_limits<T>::infinity()) {
+            const double apart =
+                ((static_cast<double>(teacher[c]) - static_cast<double>(student[c])) - top_gap) / temperature;
+            const double u = std::expm1(d(c) - log_ratio_sum);
+            if (apart < 700.0 && std::isfinite(u)) g = mixture_terms.less_top(u, u_top, e_top * std::expm1(apart));
+            mean += std::exp(log_q(c)) * g;
+        }
+        if (gradient != nullptr) gradient[c] = static_cast<T>(g);
     }
     const double soft = temperature * temperature * divergence;
 
@@ -301,18 +330,21 @@ KDLOSS_NO_VECTORISE void exact_row(const BatchProblem<T>& problem, std::size_t r
 //   computed again where D is below 4 ulps times that over the tolerance, D^2 < rounding_floor^2 max p. (Float32 rows
 //   with D from 1e-3 to 1e-2 and few classes missed the tolerance by up to 4x before this part.)
 // and rows with D below 1e-3 (float; 1e-6 for double) are computed again whatever else. These keep the loss within
-// 0.6 of the tolerances the library promises (float 1e-5, double 1e-12) on every kept row measured. The gradient is
-// judged only through D: it stays within the tolerance of the whole gradient's largest entry, but a row whose own
-// largest entry is far below the terms its entries are differences of (a near match with the student's side of one
-// class masked, a row saturated on one class) can keep the kernels' gradient, good only relative to those terms
-// (issue 20). Ordinary rows (T of 1 to 4, student and teacher apart) are far from all three, and pay for a comparison
-// per block of rows. Above kernels_max_temperature
-// every row is computed again. A soft term may name more rows (its `saturated`) and names the formula (its
-// `exact_kind`).
+// 0.6 of the tolerances the library promises (float 1e-5, double 1e-12) on every kept row measured. The gradient
+// (with one; gradient_size, null for the loss alone): each soft entry is a difference of terms (q and p, or q G and
+// q E_q[G]), rounded relative to them, so a row is computed again where its largest soft entry is below 4 ulps over
+// the tolerance of the largest such terms (GradientSize, found by the gradient pass). D does not say so: where the
+// student rules out (or all but) a class that the teacher gives mass, D is about that mass, and every other entry a
+// small difference of two numbers near a constant; the kernels' gradient missed by up to 1e3 times float's
+// tolerance there, and 170 times double's. Such a row keeps the kernels' loss, which is accurate, so that the loss
+// alone stays that of loss_and_gradient, bit for bit. Ordinary rows (T of 1 to 4, student and teacher apart) are far
+// from all of these, and pay for two maxima in the gradient pass and a comparison per block of rows. Above
+// kernels_max_temperature every row is computed again. A soft term may name more rows (its `saturated`) and names the
+// formula (its `exact_kind`).
 template <class Terms, class T>
 void redo_inexact_rows(const BatchProblem<T>& problem, const typename Terms::template Sums<Pack<double>>& sums,
-                       const Pack<double>& divergence, const std::size_t* rows, std::size_t count,
-                       T* widened) noexcept {
+                       const Pack<double>& divergence, const std::size_t* rows, std::size_t count, T* widened,
+                       const GradientSize<Pack<double>>* gradient_size) noexcept {
     if constexpr (Terms::exact_rows) {
         using Soft = typename Terms::SoftTerm;
         constexpr bool single = std::is_same_v<T, float>;
@@ -332,15 +364,27 @@ void redo_inexact_rows(const BatchProblem<T>& problem, const typename Terms::tem
         inexact = inexact |
                   (divergence * divergence < (rounding_floor * rounding_floor) * Soft::largest_probability(sums.soft));
         inexact = inexact | Soft::template saturated<T>(sums.soft);
+        double loss_flag[lanes], flag[lanes];
+        select(inexact, Pack<double>(1.0), Pack<double>(0.0)).store(loss_flag);
+        // The gradient: a row whose soft part's largest entry is within 4 ulps over the tolerance of the terms its
+        // entries are differences of (GradientSize). Its loss is kept: it is accurate, and the loss alone is then
+        // that of loss_and_gradient, bit for bit.
+        if (gradient_size != nullptr)
+            inexact = inexact | (gradient_size->largest < rounding_floor * gradient_size->terms);
         const Pack<double> flags = select(inexact, Pack<double>(1.0), Pack<double>(0.0));
         if (flags.sum() == 0.0) return;
-        double flag[lanes];
         flags.store(flag);
+        double kept_loss[lanes] = {}, kept_hard_loss[lanes] = {};
+        for (std::size_t lane = 0; lane < count; ++lane) {
+            if (flag[lane] == 0.0 || loss_flag[lane] != 0.0) continue;
+            kept_loss[lane] = problem.row_losses[rows[lane]];
+            if (problem.row_hard_losses != nullptr) kept_hard_loss[lane] = problem.row_hard_losses[rows[lane]];
+        }
         if constexpr (single) {
             // Float rows first in double, by the kernels (widened_rows): about 2.5 times a float row where the exact
             // pass takes 18 (the KLs) to 65 (the mixtures), and good to float's tolerance but for the near matches
             // that the double kernels send on to the exact pass themselves.
-            std::size_t inexact_rows[lanes];
+            std::size_t inexact_rows[lanes] = {};
             std::size_t inexact_count = 0;
             for (std::size_t lane = 0; lane < count; ++lane)
                 if (flag[lane] != 0.0) inexact_rows[inexact_count++] = rows[lane];
@@ -348,6 +392,11 @@ void redo_inexact_rows(const BatchProblem<T>& problem, const typename Terms::tem
         } else {
             for (std::size_t lane = 0; lane < count; ++lane)
                 if (flag[lane] != 0.0) exact_row(problem, rows[lane], Soft::exact_kind);
+        }
+        for (std::size_t lane = 0; lane < count; ++lane) {
+            if (flag[lane] == 0.0 || loss_flag[lane] != 0.0) continue;
+            problem.row_losses[rows[lane]] = kept_loss[lane];
+            if (problem.row_hard_losses != nullptr) problem.row_hard_losses[rows[lane]] = kept_hard_loss[lane];
         }
     }
 }

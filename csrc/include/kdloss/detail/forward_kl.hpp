@@ -53,7 +53,8 @@ struct ForwardKL {
         // student's, e^(ds/T).
         template <class Skipped>
         KDLOSS_INLINE Pack<T> add(std::size_t i, const Pack<T>& ds, const Pack<T>& ds_summed, const Pack<T>& dt,
-                                  Exp2Scale<T> soft, const Skipped& skipped, const RowBuffers<T>& row) noexcept {
+                                  const Pack<T>&, Exp2Scale<T> soft, const Skipped& skipped,
+                                  const RowBuffers<T>& row) noexcept {
             constexpr T minus_infinity = -std::numeric_limits<T>::infinity();
             const Pack<T> e_student = fast_exp2(ds, soft);
             const Pack<T> e_teacher = fast_exp2(dt, soft);
@@ -136,6 +137,9 @@ struct ForwardKL {
                                        const RowBuffers<T>& row) const noexcept {
             return q_scale * e_student - p_scale * Pack<T>::load(row.divergence_term + i);
         }
+
+        // GradientSize (terms.hpp): an entry's terms are at most q_scale and p_scale (the exponentials are at most 1).
+        KDLOSS_INLINE Pack<T> terms_bound(const Pack<T>&) const noexcept { return q_scale + p_scale; }
     };
 };
 

@@ -145,6 +145,7 @@ KDLOSS_NOINLINE LaneMaxima<T> exponentials(const T* student, const T* teacher, P
     typename Terms::SoftTerm::template Partials<T> soft_partials;
     typename Terms::HardTerm::template Partials<T> hard_partials;
     LaneMaximaScan<T, Terms::dense_teacher> scan{ahead.next.student, ahead.next.teacher};
+    const Pack<T> maxima_difference = teacher_max - student_max;
 
     // The block of `lanes` elements from i; `skipped` (a Mask, or EveryLaneSummed) marks lanes left out of
     // the sums.
@@ -159,13 +160,21 @@ KDLOSS_NOINLINE LaneMaxima<T> exponentials(const T* student, const T* teacher, P
                 if (ahead.fetched_gradient != nullptr) KDLOSS_PREFETCH_TO_WRITE(ahead.fetched_gradient + i + j);
             }
         }
-        const Pack<T> ds = Pack<T>::load(student + i) - student_max;
+        const Pack<T> s = Pack<T>::load(student + i);
+        const Pack<T> ds = s - student_max;
         const Pack<T> ds_summed = summed(ds, minus_infinity, skipped);
         Pack<T> e_student;
         if constexpr (Terms::soft) {
-            Pack<T> dt;
-            if constexpr (Terms::dense_teacher) dt = Pack<T>::load(teacher + i) - teacher_max;
-            e_student = soft_partials.add(i, ds, ds_summed, dt, soft, skipped, row);
+            // dt - ds, for the terms that keep it (reverse_kl.hpp, mixture.hpp), as t - s less the maxima's
+            // difference: without the rounding of dt and ds, each relative to itself (where the logits are close, t
+            // - s is exact, and all that is rounded is the maxima's difference, the same in every class).
+            Pack<T> dt, dt_minus_ds;
+            if constexpr (Terms::dense_teacher) {
+                const Pack<T> t = Pack<T>::load(teacher + i);
+                dt = t - teacher_max;
+                dt_minus_ds = (t - s) - maxima_difference;
+            }
+            e_student = soft_partials.add(i, ds, ds_summed, dt, dt_minus_ds, soft, skipped, row);
         }
         if constexpr (Terms::hard) hard_partials.add(i, ds, ds_summed, e_student, skipped, row);
     };
@@ -236,17 +245,24 @@ KDLOSS_NOINLINE void second_pass(const RowBuffers<T>& row, std::size_t n, Pass p
 // block reads its exponentials before it stores over them, and the last window, which reads some of the
 // block before's, is computed first and stored last.
 // Given the next row of as many classes (`next`, not null; see RowsAhead), it also returns that row's lane
-// maxima, found in the same loop.
+// maxima, found in the same loop. A soft term with exact rows (a dense teacher's) also leaves the soft gradient's
+// GradientSize in `size`, lane by lane.
 template <class T, class Terms>
 KDLOSS_NOINLINE LaneMaxima<T> write_gradient(T* gradient, const RowBuffers<T>& row,
                                              const GradientCoefficients<T, Terms>& coefficients, std::size_t n,
-                                             RowLogits<T> next) noexcept {
+                                             RowLogits<T> next, GradientSize<Pack<T>>* size = nullptr) noexcept {
     const GradientCoefficients<T, Terms> k = coefficients;  // local copies, which the stores below cannot alias
     const RowBuffers<T> buffers = row;
+    constexpr bool sized = Terms::soft && Terms::exact_rows;
+    Pack<T> largest;  // size's, kept apart from `size` itself, which the stores might alias
     auto at = [&](std::size_t i) KDLOSS_INLINE_LAMBDA {
         Pack<T> g;
         const Pack<T> e_student = Pack<T>::load(buffers.student_soft + i);
         if constexpr (Terms::soft) g = k.soft.gradient(i, e_student, buffers);
+        if constexpr (sized) {
+            const Pack<T> entry = magnitude(g);
+            largest = select(entry > largest, entry, largest);
+        }
         if constexpr (Terms::hard) k.hard.add_to_gradient(g, i, e_student, buffers);
         return g;
     };
@@ -267,6 +283,7 @@ KDLOSS_NOINLINE LaneMaxima<T> write_gradient(T* gradient, const RowBuffers<T>& r
         if (whole != n) scan.update(n - lanes);
     }
     if (whole != n) last.store(gradient + n - lanes);
+    if constexpr (sized) *size = {largest, k.soft.terms_bound(largest)};
     return scan.maxima;
 }
 

@@ -331,6 +331,12 @@ inline double from_bits(std::uint64_t bits) noexcept { return bits_as<double>(bi
 KDLOSS_INLINE Pack<float> from_bits(const Pack<std::uint32_t>& bits) noexcept { return reinterpret<float>(bits); }
 KDLOSS_INLINE Pack<double> from_bits(const Pack<std::uint64_t>& bits) noexcept { return reinterpret<double>(bits); }
 
+// |x| lane by lane, by its sign bit (NaN stays NaN).
+template <class T>
+KDLOSS_INLINE Pack<T> magnitude(const Pack<T>& x) noexcept {
+    return from_bits(to_bits(x) & (~BitsOf<T>(0) >> 1));
+}
+
 // condition ? if_true : if_false, without a branch: for scalars by bit masks, for Packs lane by lane.
 template <class T>
 inline T select(bool condition, T if_true, T if_false) noexcept {

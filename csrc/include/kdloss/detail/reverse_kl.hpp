@@ -51,24 +51,24 @@ struct ReverseKL {
     struct Partials {
         Pack<T> student_soft, difference, student_cross;
 
-        // The block at element i of a row, given its centred logits; stores e^(ds/T) and r = ds - dt, and
-        // returns e^(ds/T).
+        // The block at element i of a row, given its centred logits and dt - ds (exponentials in lane_math.hpp);
+        // stores e^(ds/T) and r = ds - dt, and returns e^(ds/T).
         template <class Skipped>
         KDLOSS_INLINE Pack<T> add(std::size_t i, const Pack<T>& ds, const Pack<T>& ds_summed, const Pack<T>& dt,
-                                  Exp2Scale<T> soft, const Skipped& skipped, const RowBuffers<T>& row) noexcept {
-            constexpr T minus_infinity = -std::numeric_limits<T>::infinity();
+                                  const Pack<T>& dt_minus_ds, Exp2Scale<T> soft, const Skipped& skipped,
+                                  const RowBuffers<T>& row) noexcept {
             const Pack<T> e_student = fast_exp2(ds, soft);
             const Pack<T> e_teacher = fast_exp2(dt, soft);
+            const Pack<T> r = T(0) - dt_minus_ds;
             e_student.store(row.student_soft + i);
-            Pack<T>(ds - dt).store(row.divergence_term + i);
-            const Pack<T> dt_summed = summed(dt, minus_infinity, skipped);
+            r.store(row.divergence_term + i);
             const Pack<T> e_student_summed = summed(e_student, T(0), skipped);
             student_soft += e_student_summed;
             difference += summed(Pack<T>(e_teacher - e_student), T(0), skipped);
             // Where the student's probability is 0 (flushed, or a skipped lane) the term is 0, even at a teacher
             // -inf: the comparison fast_exp2 makes for the same flush.
-            student_cross = select(ds_summed < Pack<T>(soft.lowest_x), student_cross,
-                                   student_cross + e_student_summed * (ds_summed - dt_summed));
+            student_cross =
+                select(ds_summed < Pack<T>(soft.lowest_x), student_cross, student_cross + e_student_summed * r);
             return e_student;
         }
 

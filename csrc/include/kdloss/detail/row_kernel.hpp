@@ -41,11 +41,13 @@ struct RowMaxima {
 
 // One long row. The rows ahead of it are touched on the way (RowsAhead): the next one's maxima are left
 // in `maxima` for its turn. `soft` is soft_exponent(T), worked out once per call: its two divisions would
-// otherwise hold up the start of every row's exponentials.
+// otherwise hold up the start of every row's exponentials. With a gradient, its soft part's GradientSize is left
+// in `size`.
 template <class T, class Terms>
 KDLOSS_NOINLINE RowSums<Terms> distill_row(const BatchProblem<T>& problem, Exp2Scale<T> soft, const T* student,
                                            const T* teacher, std::int64_t class_index, const T* target,
-                                           RowsAhead<T> ahead, T* scratch, T* gradient, RowMaxima<T>& maxima) noexcept {
+                                           RowsAhead<T> ahead, T* scratch, T* gradient, RowMaxima<T>& maxima,
+                                           GradientSize<double>& size) noexcept {
     const std::size_t n = problem.classes;
     // The student's exponentials in the gradient's row, where there is one: a row's passes then touch a fifth
     // less memory.
@@ -86,9 +88,11 @@ KDLOSS_NOINLINE RowSums<Terms> distill_row(const BatchProblem<T>& problem, Exp2S
 
     if constexpr (Terms::gradient) {
         const auto coefficients = GradientCoefficients<T, Terms>::from_sums(sums, problem);
-        const LaneMaxima<T> found = write_gradient<T, Terms>(gradient, row, coefficients, n,
-                                                             scan_in_exponentials ? RowLogits<T>{} : ahead.next);
+        GradientSize<Pack<T>> lane_size;
+        const LaneMaxima<T> found = write_gradient<T, Terms>(
+            gradient, row, coefficients, n, scan_in_exponentials ? RowLogits<T>{} : ahead.next, &lane_size);
         if constexpr (!scan_in_exponentials) maxima = {found, ahead.next};
+        size = {static_cast<double>(lane_size.largest.max()), static_cast<double>(lane_size.terms.max())};
         if constexpr (Terms::class_index) gradient[class_index] -= coefficients.hard.label_scale;
     }
     return sums;
@@ -155,9 +159,10 @@ KDLOSS_NOINLINE void distill_block(const BatchProblem<T>& problem, Exp2Scale<T> 
     if constexpr (Terms::class_index) Terms::HardTerm::at_label(sums.hard, Pack<double>::load(label_logits));
     const Pack<double> divergence = store_row_losses<Terms>(problem, sums, rows, count);
 
+    GradientSize<Pack<T>> size;
     if constexpr (Terms::gradient) {
         const auto coefficients = GradientCoefficients<T, Terms>::from_sums(sums, problem);
-        write_gradient<T, Terms>(gradient, row, coefficients, m, RowLogits<T>{});
+        write_gradient<T, Terms>(gradient, row, coefficients, m, RowLogits<T>{}, &size);
         if constexpr (Terms::class_index)
             for (std::size_t lane = 0; lane < count; ++lane)
                 gradient[static_cast<std::size_t>(class_index[lane]) * lanes + lane] -= coefficients.hard.label_scale;
@@ -166,7 +171,9 @@ KDLOSS_NOINLINE void distill_block(const BatchProblem<T>& problem, Exp2Scale<T> 
             gradient_rows[lane] = problem.gradient + static_cast<std::ptrdiff_t>(rows[lane]) * problem.gradient_stride;
         lanes_to_rows(gradient, n, gradient_rows, count);
     }
-    redo_inexact_rows<Terms>(problem, sums, divergence, rows, count, scratch + kernel_scratch_elements<T>(n));
+    const GradientSize<Pack<double>> wide_size{widen(size.largest), widen(size.terms)};
+    redo_inexact_rows<Terms>(problem, sums, divergence, rows, count, scratch + kernel_scratch_elements<T>(n),
+                             Terms::gradient ? &wide_size : nullptr);
 }
 
 }  // namespace KDLOSS_KERNEL_NAMESPACE

@@ -30,11 +30,12 @@ public:
     // `widened`: where rows computed again in double are (redo_inexact_rows), after the kernels' scratch.
     RowLosses(const BatchProblem<T>& problem, T* widened) noexcept : problem_(problem), widened_(widened) {
         const RowSums<Terms> neutral = RowSums<Terms>::neutral();
-        for (std::size_t k = 0; k < lanes; ++k) put(k, 0, neutral);
+        for (std::size_t k = 0; k < lanes; ++k) put(k, 0, neutral, GradientSize<double>{});
     }
 
-    void add(std::size_t row, const RowSums<Terms>& sums) noexcept {
-        put(count_, row, sums);
+    // A row's sums, and with a gradient its soft part's GradientSize.
+    void add(std::size_t row, const RowSums<Terms>& sums, const GradientSize<double>& size) noexcept {
+        put(count_, row, sums, size);
         if (++count_ == lanes) flush();
     }
 
@@ -46,16 +47,20 @@ public:
         for_each_sum<Terms>([](Pack<double>& sum, const Column& column) { sum = Pack<double>::load(column); }, sums,
                             columns_);
         const Pack<double> divergence = store_row_losses<Terms>(problem_, sums, rows_, count_);
-        redo_inexact_rows<Terms>(problem_, sums, divergence, rows_, count_, widened_);  // gradient rows written
+        const GradientSize<Pack<double>> size{Pack<double>::load(largest_), Pack<double>::load(terms_)};
+        redo_inexact_rows<Terms>(problem_, sums, divergence, rows_, count_, widened_,  // gradient rows written
+                                 Terms::gradient ? &size : nullptr);
         count_ = 0;
     }
 
 private:
     using Column = double[lanes];  // one sum of `lanes` rows, loaded as one Pack
 
-    void put(std::size_t k, std::size_t row, const RowSums<Terms>& sums) noexcept {
+    void put(std::size_t k, std::size_t row, const RowSums<Terms>& sums, const GradientSize<double>& size) noexcept {
         rows_[k] = row;
         for_each_sum<Terms>([k](Column& column, double sum) { column[k] = sum; }, columns_, sums);
+        largest_[k] = size.largest;
+        terms_[k] = size.terms;
     }
 
     const BatchProblem<T>& problem_;
@@ -63,6 +68,7 @@ private:
     std::size_t count_ = 0;
     std::size_t rows_[lanes];
     typename Terms::template Sums<Column> columns_;
+    Column largest_, terms_;  // the rows' GradientSize
 };
 
 template <class T, class Terms>
@@ -123,8 +129,10 @@ void run_rows_with(const BatchProblem<T>& problem, std::size_t begin, std::size_
         T* gradient = Terms::gradient ? problem.gradient + row * problem.gradient_stride : nullptr;
         const T* target = Terms::distribution ? problem.targets + row * problem.target_stride : nullptr;
         const RowLogits<T> here = logits(i);
-        losses.add(i, distill_row<T, Terms>(problem, soft, here.student, here.teacher, class_index, target, ahead,
-                                            scratch, gradient, maxima));
+        GradientSize<double> size{};
+        const RowSums<Terms> sums = distill_row<T, Terms>(problem, soft, here.student, here.teacher, class_index,
+                                                          target, ahead, scratch, gradient, maxima, size);
+        losses.add(i, sums, size);
     }
     losses.flush();
 }
