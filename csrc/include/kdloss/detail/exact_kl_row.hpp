@@ -46,6 +46,80 @@ KDLOSS_INLINE Pack<double> kl_term(const Pack<double>& u) noexcept {
     return select(magnitude < Pack<double>(0.125), u * u * series, closed);
 }
 
+// A row as the exact pass takes it: its logits, their maxima and the student's top class (its first, if several).
+template <class T>
+struct ExactRow {
+    const T* student;
+    const T* teacher;
+    double student_max, teacher_max;
+    double shift;     // max t - max s
+    std::size_t top;  // the student's top class
+    double top_gap;   // t - s there
+};
+
+template <class T>
+ExactRow<T> exact_row_logits(const BatchProblem<T>& problem, std::size_t row) noexcept {
+    using V = Pack<double>;
+    const std::size_t n = problem.classes;
+    const auto r = static_cast<std::ptrdiff_t>(row);
+    ExactRow<T> e{problem.student + r * problem.student_stride,
+                  problem.teacher + r * problem.teacher_stride,
+                  0.0,
+                  0.0,
+                  0.0,
+                  0,
+                  0.0};
+    V student_lane_max(-std::numeric_limits<double>::infinity()), teacher_lane_max(student_lane_max);
+    for (std::size_t c = 0; c < n; c += lanes) {
+        const V s = load_logits(e.student, c, n), t = load_logits(e.teacher, c, n);
+        student_lane_max = select(s > student_lane_max, s, student_lane_max);  // NaN is passed over, as by fmax
+        teacher_lane_max = select(t > teacher_lane_max, t, teacher_lane_max);
+    }
+    e.student_max = student_lane_max.max();
+    e.teacher_max = teacher_lane_max.max();
+    e.shift = e.teacher_max - e.student_max;
+    while (e.top + 1 < n && static_cast<double>(e.student[e.top]) != e.student_max) ++e.top;
+    e.top_gap = static_cast<double>(e.teacher[e.top]) - static_cast<double>(e.student[e.top]);
+    return e;
+}
+
+// L = log sum_c q_c e^(d_c) over q's support, from a row's chunks (`chunk(c)`: its ds, e^(ds/T), d and support from
+// class c on, as exact_kl_row's Chunk), the row's Z_s and its largest d, and p's mass outside q's support P0
+// (teacher_outside over Z_t): by log1p of sum_c q_c expm1(d_c), unless some d_c is too large for exp (a row that is
+// no near match; then as a log-sum-exp). P0 makes the true L larger by -log(1 - P0).
+template <class ChunkAt>
+double log_ratio_sum(const ChunkAt& chunk, std::size_t n, double student_sum, double largest_d, double teacher_outside,
+                     double teacher_sum, double temperature) noexcept {
+    using V = Pack<double>;
+    double log_ratio;
+    if (largest_d < 600.0) {
+        V sum(0.0);
+        for (std::size_t c = 0; c < n; c += lanes) {
+            const auto k = chunk(c);
+            sum += select(k.student_support, k.e_student / student_sum * fast_expm1(k.d), 0.0);
+        }
+        log_ratio = std::log1p(sum.sum());
+    } else {
+        const double log_student_soft = std::log(student_sum);
+        V lane_largest(-std::numeric_limits<double>::infinity());  // of log q_c + d_c
+        for (std::size_t c = 0; c < n; c += lanes) {
+            const auto k = chunk(c);
+            const V v = k.ds / temperature - log_student_soft + k.d;
+            lane_largest = select(k.student_support, select(v > lane_largest, v, lane_largest), lane_largest);
+        }
+        const double largest = lane_largest.max();
+        V sum(0.0);
+        for (std::size_t c = 0; c < n; c += lanes) {
+            const auto k = chunk(c);
+            const V v = k.ds / temperature - log_student_soft + k.d - largest;
+            sum += select(k.student_support, fast_exp2(v, exp2_scale<double>(log2e)), 0.0);
+        }
+        log_ratio = largest + std::log(sum.sum());
+    }
+    if (teacher_outside != 0.0) log_ratio -= std::log1p(-teacher_outside / teacher_sum);
+    return log_ratio;
+}
+
 // Row `row` of `problem` (a dense teacher, not ignored), its soft term forward KL (Forward) or reverse KL: writes
 // its loss (or its two parts) and, if the problem has one, its gradient row, over what the kernels wrote.
 template <bool Forward, class T>
@@ -54,23 +128,13 @@ void exact_kl_row(const BatchProblem<T>& problem, std::size_t row) noexcept {
     constexpr double minus_infinity = -std::numeric_limits<double>::infinity();
     const std::size_t n = problem.classes;
     const auto r = static_cast<std::ptrdiff_t>(row);
-    const T* student = problem.student + r * problem.student_stride;
-    const T* teacher = problem.teacher + r * problem.teacher_stride;
     const double temperature = problem.temperature;
     const Exp2Scale<double> soft = exp2_scale<double>(log2e / temperature), natural = exp2_scale<double>(log2e);
-
-    V student_lane_max(minus_infinity), teacher_lane_max(minus_infinity);
-    for (std::size_t c = 0; c < n; c += lanes) {
-        const V s = load_logits(student, c, n), t = load_logits(teacher, c, n);
-        student_lane_max = select(s > student_lane_max, s, student_lane_max);  // NaN is passed over, as by fmax
-        teacher_lane_max = select(t > teacher_lane_max, t, teacher_lane_max);
-    }
-    const double student_max = student_lane_max.max(), teacher_max = teacher_lane_max.max();
-    const double shift = teacher_max - student_max;
-    std::size_t top = 0;  // the student's top class (its first, if several)
-    while (top + 1 < n && static_cast<double>(student[top]) != student_max) ++top;
-    const double top_d =
-        ((static_cast<double>(teacher[top]) - static_cast<double>(student[top])) - shift) / temperature;
+    const ExactRow<T> e = exact_row_logits(problem, row);
+    const T* const student = e.student;
+    const T* const teacher = e.teacher;
+    const double student_max = e.student_max, teacher_max = e.teacher_max, shift = e.shift;
+    const double top_d = (e.top_gap - shift) / temperature;
 
     // Per chunk: ds = s - max s, e^(ds/T), and d = ((t - s) - shift) / T, formed from t - s first (see exact_row.hpp).
     struct Chunk {
@@ -101,36 +165,10 @@ void exact_kl_row(const BatchProblem<T>& problem, std::size_t row) noexcept {
         if (!Forward) mean_lanes += select(k.student_support, k.e_student * (k.d - top_d), 0.0);
     }
     const double student_sum = student_soft.sum(), teacher_sum = teacher_soft.sum();
-    const double log_student_soft = std::log(student_sum);
 
-    // L = log sum_c q_c e^(d_c): by log1p of sum_c q_c expm1(d_c), unless some d_c is too large for exp (a row
-    // that is no near match; then as a log-sum-exp). P0 makes the true L larger by -log(1 - P0).
-    double log_ratio_sum;
-    if (largest_d.max() < 600.0) {
-        V sum(0.0);
-        for (std::size_t c = 0; c < n; c += lanes) {
-            const Chunk k = chunk(c);
-            sum += select(k.student_support, k.e_student / student_sum * fast_expm1(k.d), 0.0);
-        }
-        log_ratio_sum = std::log1p(sum.sum());
-    } else {
-        V lane_largest(minus_infinity);  // of log q_c + d_c
-        for (std::size_t c = 0; c < n; c += lanes) {
-            const Chunk k = chunk(c);
-            const V v = k.ds / temperature - log_student_soft + k.d;
-            lane_largest = select(k.student_support, select(v > lane_largest, v, lane_largest), lane_largest);
-        }
-        const double largest = lane_largest.max();
-        V sum(0.0);
-        for (std::size_t c = 0; c < n; c += lanes) {
-            const Chunk k = chunk(c);
-            const V v = k.ds / temperature - log_student_soft + k.d - largest;
-            sum += select(k.student_support, fast_exp2(v, natural), 0.0);
-        }
-        log_ratio_sum = largest + std::log(sum.sum());
-    }
     const double teacher_mass_outside = outside.sum();
-    if (teacher_mass_outside != 0.0) log_ratio_sum -= std::log1p(-teacher_mass_outside / teacher_sum);
+    const double log_ratio =
+        log_ratio_sum(chunk, n, student_sum, largest_d.max(), teacher_mass_outside, teacher_sum, temperature);
     const double mean = mean_lanes.sum() / student_sum;
 
     const ExactHardTerm<T> labels = exact_hard_term(problem, r, student, student_max);
@@ -146,7 +184,7 @@ void exact_kl_row(const BatchProblem<T>& problem, std::size_t row) noexcept {
     V divergence_lanes(0.0);
     for (std::size_t c = 0; c < n; c += lanes) {
         const Chunk k = chunk(c);
-        const V q = k.e_student / student_sum, x = k.d - log_ratio_sum;
+        const V q = k.e_student / student_sum, x = k.d - log_ratio;
         const V exp_x = fast_exp2(x, natural), u = fast_expm1(x, exp_x), p = q * exp_x;
         const Mask<double> far = from_bits(to_bits(x) & (~std::uint64_t{0} >> 1)) > V(1.0);  // |x| > 1
         // (Forward, p = 0: q, not 0 (-inf) - (0 - q), where the teacher's logit is -inf.)

@@ -25,14 +25,15 @@
 // (q_k near 1, rows that saturate at a low T), x_k + KL is a difference of two numbers near x_k; this way it is
 // the small sum over the other classes, which keeps its relative precision.
 //
-// The KLs on Packs of doubles (exact_kl_row.hpp, with the kernels' exp2, log1p and fast_expm1: in a float64 call where
-// the student has all but caught up with the teacher every row comes here, and scalar libm made such a call 85 times an
-// ordinary one, now about 20); the mixtures here, in plain scalar double with libm. The hard term is computed again
-// too, since the gradient's row is written whole.
+// The mixtures' terms alike, from u (exact_mixture_row.hpp). Both on Packs of doubles, with the kernels' exp2, log1p
+// and fast_expm1: in a float64 call where the student has all but caught up with the teacher every row comes here,
+// and scalar libm made such a call 85 times an ordinary one for the KLs, 20-24 times for the mixtures. The hard term
+// is computed again too, since the gradient's row is written whole.
 
 #include "kdloss/detail/batch_problem.hpp"
 #include "kdloss/detail/exact_hard_term.hpp"
 #include "kdloss/detail/exact_kl_row.hpp"
+#include "kdloss/detail/exact_mixture_row.hpp"
 #include "kdloss/detail/forward_kl.hpp"
 #include "kdloss/detail/kernel_namespace.hpp"
 #include "kdloss/detail/mixture.hpp"
@@ -42,120 +43,6 @@
 
 namespace kdloss::detail {
 inline namespace KDLOSS_KERNEL_NAMESPACE {
-
-// psi(u) = u - log1p(u), u > -1 (skew reverse KL's series below; exact_kl_row.hpp's reverse KL term, there on
-// Packs). Near 0 by its series, psi(u) = u^2 sum_j (-u)^j / (j + 2), to |u|^21 (below 2^-53 of the first term for
-// |u| < 1/8); elsewhere no more than a factor 20 cancels.
-inline double reverse_term(double u) noexcept {
-    if (std::fabs(u) < 0.125) {
-        double series = 0.0;
-        for (int j = 19; j >= 0; --j) series = series * -u + 1.0 / (j + 2.0);
-        return u * u * series;
-    }
-    return u - std::log1p(u);
-}
-
-// log(e^a + e^b), either may be -inf.
-inline double log_add_exp(double a, double b) noexcept {
-    const double larger = std::fmax(a, b), smaller = std::fmin(a, b);
-    if (larger == -std::numeric_limits<double>::infinity()) return larger;
-    return larger + std::log1p(std::exp(smaller - larger));
-}
-
-// A mixture divergence's term of a class and its G = dD/dq (up to a constant; the gradient is T q (G - E_q[G]),
-// mixture.hpp), given p, q and x = log(p / q). With m = a p + b q = q (1 + a u), u = p / q - 1 = expm1(x):
-//   jsd (a = beta):           beta p log(p / m) + (1 - beta) q log(q / m),  G = (1 - beta) log(q / m)
-//   skew_forward_kl (a = l):  p log(p / m) - (1 - l)(p - q),              G = (1 - l)(1 - p / m)
-//   skew_reverse_kl (a = 1-l): q log(q / m) + a (p - q),                  G = log(q / m) + l (1 - q / m)
-// each term shifted by a multiple of p - q (which sums to 0 over the classes) and G by a constant, so that
-// both vanish with u, and then: log(q / m) = -log(a e^x + b) as a log-sum-exp of log a + x and log b (log1p of
-// tiny numbers where a e^x is small: exact however small a is), and log(p / m) = -log(a + b e^-x) alike. Where |u| <
-// 1/8 the terms, O(u^2), come from their series instead, without cancellation: sum_k c_k u^k with
-//   jsd:             c_k = (-1)^k beta (1 - beta^(k-1)) / (k (k - 1)),
-//   skew_forward_kl: c_k = (-1)^(k+1) ((1 - l^k) / k - (1 - l^(k-1)) / (k - 1)),
-//   skew_reverse_kl: q psi(a u) (reverse_term),
-// 1 - w^k taken as -expm1(k log w), exact for a weight w near 1; and G from u: -(1 - beta) log1p(beta u),
-// -(1 - l)^2 u / (1 + l u) and -log1p(a u) + l a u / (1 + a u), exact relative to themselves, where the
-// log-sum-exps would leave them an error of an ulp of log 2. Elsewhere no more than a factor of about 16
-// cancels (1 / (1 - l) more for the skew forward term, whose skew is below 1).
-struct MixtureClass {
-    double term, g;
-};
-
-// The formulas above for one problem: its weights, their logarithms and the series' coefficients, worked out
-// once (each coefficient costs an expm1), then `at` per class.
-class MixtureTerms {
-public:
-    MixtureTerms(Divergence kind, double beta, double skew) noexcept : kind_(kind), beta_(beta), skew_(skew) {
-        a_ = kind == Divergence::jsd ? beta : kind == Divergence::skew_forward_kl ? skew : 1.0 - skew;
-        log_a_ = kind == Divergence::skew_reverse_kl ? std::log1p(-skew) : std::log(a_);
-        log_b_ = kind == Divergence::skew_reverse_kl ? std::log(skew) : std::log1p(-a_);
-        const double weight = kind == Divergence::jsd ? beta : skew, log_weight = std::log(weight);
-        auto one_minus_power = [&](int k) { return k == 0 ? 0.0 : -std::expm1(k * log_weight); };  // 1 - w^k
-        for (int k = 2; k < terms; ++k) {
-            const double sign = k % 2 == 0 ? 1.0 : -1.0;
-            coefficient_[k] = kind == Divergence::jsd
-                                  ? sign * weight * one_minus_power(k - 1) / (k * (k - 1.0))
-                                  : -sign * (one_minus_power(k) / k - one_minus_power(k - 1) / (k - 1.0));
-        }
-    }
-
-    // Class terms given q, p and x = log(p / q); q = 0 (the student has no mass there, p > 0): m = a p, and G
-    // unused.
-    MixtureClass at(double q, double p, double x) const noexcept {
-        if (q == 0.0) {
-            if (kind_ == Divergence::jsd) return {-beta_ * p * log_a_, 0.0};
-            if (kind_ == Divergence::skew_forward_kl) return {-p * log_a_ - (1.0 - skew_) * p, 0.0};
-            return {a_ * p, 0.0};
-        }
-        const double u = std::expm1(x);
-        if (std::fabs(u) < 0.125) {
-            if (kind_ == Divergence::jsd) return {q * series(u), -(1.0 - beta_) * std::log1p(beta_ * u)};
-            if (kind_ == Divergence::skew_forward_kl)
-                return {q * series(u), -(1.0 - skew_) * (1.0 - skew_) * u / (1.0 + skew_ * u)};
-            const double au = a_ * u;
-            return {q * reverse_term(au), -std::log1p(au) + skew_ * au / (1.0 + au)};
-        }
-        const double log_q_over_m = -log_add_exp(log_a_ + x, log_b_);
-        const double log_p_over_m = -log_add_exp(log_a_, log_b_ - x);  // not x + log(q / m), which may cancel
-        if (kind_ == Divergence::jsd)
-            return {(p > 0.0 ? beta_ * p * log_p_over_m : 0.0) + (1.0 - beta_) * q * log_q_over_m,
-                    (1.0 - beta_) * log_q_over_m};
-        if (kind_ == Divergence::skew_forward_kl)
-            return {(p > 0.0 ? p * log_p_over_m : 0.0) - (1.0 - skew_) * (p - q),
-                    (1.0 - skew_) * (1.0 - std::exp(log_p_over_m))};
-        return {q * log_q_over_m + a_ * (p - q), log_q_over_m + skew_ * (1.0 - std::exp(log_q_over_m))};
-    }
-
-    // G at a class less G at the student's top class, given u at both and du = u - u_top (more exact than u less
-    // u_top): from G's definitions above, with v = a u and w = a du / (1 + v_top),
-    //   jsd: -(1 - beta) log1p(w),  skew_forward_kl: -(1 - l)^2 du / ((1 + l u)(1 + l u_top)),
-    //   skew_reverse_kl: -log1p(w) + l w / (1 + v), or psi(w) - w (1 - l + v) / (1 + v) where |w| < 1/2,
-    // each exact relative to itself but for the last's sum, which cancels only where G is flat (where the teacher
-    // has next to no mass, v near l - 1). (Its second form for a large w would cancel: psi(w) ~ w there.)
-    double less_top(double u, double u_top, double du) const noexcept {
-        if (kind_ == Divergence::skew_forward_kl)
-            return -(1.0 - skew_) * (1.0 - skew_) * (du / (1.0 + skew_ * u)) / (1.0 + skew_ * u_top);
-        const double w = a_ * du / (1.0 + a_ * u_top);
-        if (kind_ == Divergence::jsd) return -(1.0 - beta_) * std::log1p(w);
-        const double v = a_ * u;
-        if (std::fabs(w) < 0.5) return reverse_term(w) - w * ((1.0 - skew_) + v) / (1.0 + v);
-        return -std::log1p(w) + skew_ * w / (1.0 + v);
-    }
-
-private:
-    static constexpr int terms = 22;  // c_2 .. c_21
-
-    double series(double u) const noexcept {  // sum_k c_k u^k
-        double sum = 0.0;
-        for (int k = terms - 1; k >= 2; --k) sum = sum * u + coefficient_[k];
-        return u * u * sum;
-    }
-
-    Divergence kind_;
-    double beta_, skew_, a_ = 0.0, log_a_ = 0.0, log_b_ = 0.0;
-    double coefficient_[terms] = {};
-};
 
 // Rows rows[0 .. count) of a float problem computed again by the double kernels, in `widened`
 // (widened_elements(classes) doubles' worth of floats): run_rows.hpp, which defines it next to the kernels' table
@@ -168,153 +55,14 @@ void widened_rows(const BatchProblem<T>& problem, const std::size_t* rows, std::
 // (test_temperature_range.py), so every row is computed here.
 inline constexpr double kernels_max_temperature = 100.0;
 
-// Scalar by design (a row's terms in double, through libm). g++ 12's vectoriser for aarch64 fails on it at -O3
-// with an internal compiler error (in vect_transform_reduction), so it is told not to try there.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__aarch64__)
-#define KDLOSS_NO_VECTORISE __attribute__((optimize("no-tree-vectorize")))
-#else
-#define KDLOSS_NO_VECTORISE
-#endif
-
 // Row `row` of `problem` (a dense teacher, not ignored), its soft term `kind` (a KL, or the mixture
 // problem.divergence): writes its loss (or its two parts) and, if the problem has one, its gradient row, over
 // what the kernels wrote.
 template <class T>
-KDLOSS_NO_VECTORISE void exact_row(const BatchProblem<T>& problem, std::size_t row, ExactKind kind) noexcept {
-    if (kind != ExactKind::mixture) {
-        if (kind == ExactKind::forward_kl) exact_kl_row<true>(problem, row);
-        else exact_kl_row<false>(problem, row);
-        return;
-    }
-    const std::size_t n = problem.classes;
-    const auto r = static_cast<std::ptrdiff_t>(row);
-    const T* student = problem.student + r * problem.student_stride;
-    const T* teacher = problem.teacher + r * problem.teacher_stride;
-    const double temperature = problem.temperature;
-    constexpr double minus_infinity = -std::numeric_limits<double>::infinity();
-
-    double student_max = minus_infinity, teacher_max = minus_infinity;
-    for (std::size_t c = 0; c < n; ++c) {
-        student_max = std::fmax(student_max, static_cast<double>(student[c]));
-        teacher_max = std::fmax(teacher_max, static_cast<double>(teacher[c]));
-    }
-    const double shift = teacher_max - student_max;
-    // log q_c = ds_c / T - log Z_s; d_c as above; -inf logits leave q_c (or p_c) exactly 0.
-    const bool hard_term = problem.hard_weight != 0.0 && problem.label_kind != LabelKind::none;
-    double student_soft = 0.0, student_hard = 0.0, teacher_soft = 0.0;
-    for (std::size_t c = 0; c < n; ++c) {
-        const double ds = static_cast<double>(student[c]) - student_max;
-        student_soft += std::exp(ds / temperature);
-        if (hard_term) student_hard += std::exp(ds);
-        teacher_soft += std::exp((static_cast<double>(teacher[c]) - teacher_max) / temperature);
-    }
-    const double log_teacher_soft = std::log(teacher_soft);
-    const double log_student_soft = std::log(student_soft);
-    auto log_q = [&](std::size_t c) {
-        return (static_cast<double>(student[c]) - student_max) / temperature - log_student_soft;
-    };
-    auto d = [&](std::size_t c) {
-        return ((static_cast<double>(teacher[c]) - static_cast<double>(student[c])) - shift) / temperature;
-    };
-
-    // L = log sum_c q_c e^(d_c): by log1p of sum_c q_c expm1(d_c), unless some d_c is too large for exp (a row
-    // that is no near match; then as a log-sum-exp).
-    double largest_d = minus_infinity;
-    for (std::size_t c = 0; c < n; ++c)
-        if (student[c] != -std::numeric_limits<T>::infinity()) largest_d = std::fmax(largest_d, d(c));
-    double log_ratio_sum;
-    if (largest_d < 600.0) {
-        double sum = 0.0;
-        for (std::size_t c = 0; c < n; ++c)
-            if (student[c] != -std::numeric_limits<T>::infinity()) sum += std::exp(log_q(c)) * std::expm1(d(c));
-        log_ratio_sum = std::log1p(sum);
-    } else {
-        double largest = minus_infinity;  // of log q_c + d_c
-        for (std::size_t c = 0; c < n; ++c)
-            if (student[c] != -std::numeric_limits<T>::infinity()) largest = std::fmax(largest, log_q(c) + d(c));
-        double sum = 0.0;
-        for (std::size_t c = 0; c < n; ++c)
-            if (student[c] != -std::numeric_limits<T>::infinity()) sum += std::exp(log_q(c) + d(c) - largest);
-        log_ratio_sum = largest + std::log(sum);
-    }
-    // The sums above run over the student's support; p's mass outside it, P0, makes the true L = log(Z_t / Z_s) (up
-    // to the shift) larger by -log(1 - P0).
-    double teacher_mass_outside = 0.0;
-    for (std::size_t c = 0; c < n; ++c)
-        if (student[c] == -std::numeric_limits<T>::infinity())
-            teacher_mass_outside += std::exp((static_cast<double>(teacher[c]) - teacher_max) / temperature);
-    if (teacher_mass_outside != 0.0) log_ratio_sum -= std::log1p(-teacher_mass_outside / teacher_soft);
-
-    // The mixture's term and G at class c.
-    const MixtureTerms mixture_terms(problem.divergence, problem.beta, problem.skew);
-    auto mixture_at = [&](std::size_t c) {
-        if (student[c] == -std::numeric_limits<T>::infinity()) {
-            const double log_p = (static_cast<double>(teacher[c]) - teacher_max) / temperature - log_teacher_soft;
-            return mixture_terms.at(0.0, std::exp(log_p), 0.0);
-        }
-        const double x = d(c) - log_ratio_sum, lq = log_q(c);
-        return mixture_terms.at(std::exp(lq), std::exp(lq + x), x);
-    };
-
-    // The divergence and E_q[G]. G waits in the gradient's row for E_q[G], where computing it again would cost its
-    // logarithms twice: as G - G_top, G at the student's top class, rounded to T. That difference is what the
-    // gradient's G - E_q[G] is made of, so T's rounding is relative to it; G itself can be far larger (where one
-    // side rules out a class that the other gives mass, G is near a constant elsewhere: float32's rounding of G
-    // missed the gradient's tolerance by 1.3x). So G - G_top is not taken as a difference of the two either (which
-    // left float64 gradients 3e-12 of their largest entry off there), but from u_top and du = u_c - u_top =
-    // e^(x_top) expm1(d_c - d_top) (MixtureTerms::less_top), where d_c - d_top is formed from the two classes'
-    // t - s, and L and the shift cancel. e^(x_top) <= n (q_top >= 1 / n), and du is finite unless d_c - d_top is
-    // far too large for a near constant G; there, and where u_c is not finite, the difference of the two.
-    std::size_t top = 0;
-    while (top + 1 < n && static_cast<double>(student[top]) != student_max) ++top;
-    const double top_g = mixture_at(top).g;
-    const double x_top = d(top) - log_ratio_sum, u_top = std::expm1(x_top), e_top = std::exp(x_top);
-    const double top_gap = static_cast<double>(teacher[top]) - static_cast<double>(student[top]);
-    T* gradient = problem.gradient != nullptr ? problem.gradient + r * problem.gradient_stride : nullptr;
-    double divergence = 0.0, mean = 0.0;
-    for (std::size_t c = 0; c < n; ++c) {
-        MixtureClass at{0.0, top_g};
-        if (student[c] != -std::numeric_limits<T>::infinity() || teacher[c] != -std::numeric_limits<T>::infinity())
-            at = mixture_at(c);
-        divergence += at.term;
-        double g = at.g - top_g;
-        if (student[c] != -std::numeric_limits<T>::infinity()) {
-            const double apart =
-                ((static_cast<double>(teacher[c]) - static_cast<double>(student[c])) - top_gap) / temperature;
-            const double u = std::expm1(d(c) - log_ratio_sum);
-            if (apart < 700.0 && std::isfinite(u)) g = mixture_terms.less_top(u, u_top, e_top * std::expm1(apart));
-            mean += std::exp(log_q(c)) * g;
-        }
-        if (gradient != nullptr) gradient[c] = static_cast<T>(g);
-    }
-    const double soft = temperature * temperature * divergence;
-
-    const ExactHardTerm<T> labels = exact_hard_term(problem, r, student, student_max);
-    const double log_student_hard = std::log(student_hard);
-    const double hard = hard_term ? labels.loss(log_student_hard) : 0.0;
-
-    if (problem.row_hard_losses != nullptr) {
-        problem.row_losses[row] = soft;
-        problem.row_hard_losses[row] = hard;
-    } else {
-        problem.row_losses[row] = problem.soft_weight * soft + (hard_term ? problem.hard_weight * hard : 0.0);
-    }
-
-    if (gradient == nullptr) return;
-    const double soft_scale = problem.gradient_scale * problem.soft_weight * temperature;
-    const double hard_scale = problem.gradient_scale * problem.hard_weight;
-    for (std::size_t c = 0; c < n; ++c) {
-        double g = 0.0;
-        if (student[c] != -std::numeric_limits<T>::infinity()) {
-            g = soft_scale * std::exp(log_q(c)) * (static_cast<double>(gradient[c]) - mean);
-            if (hard_term) {
-                const double h = std::exp(static_cast<double>(student[c]) - student_max - log_student_hard);
-                g += hard_scale * h * labels.target_mass;
-            }
-        }
-        if (hard_term) g = labels.less_target(g, c, hard_scale);
-        gradient[c] = static_cast<T>(g);
-    }
+void exact_row(const BatchProblem<T>& problem, std::size_t row, ExactKind kind) noexcept {
+    if (kind == ExactKind::forward_kl) exact_kl_row<true>(problem, row);
+    else if (kind == ExactKind::reverse_kl) exact_kl_row<false>(problem, row);
+    else exact_mixture_row(problem, row);
 }
 
 // Once rows[0 .. count)'s losses and gradient rows are written (a block's, or RowLosses' rows), given their
@@ -382,8 +130,8 @@ void redo_inexact_rows(const BatchProblem<T>& problem, const typename Terms::tem
         }
         if constexpr (single) {
             // Float rows first in double, by the kernels (widened_rows): about 2.5 times a float row where the exact
-            // pass takes 18 (the KLs) to 65 (the mixtures), and good to float's tolerance but for the near matches
-            // that the double kernels send on to the exact pass themselves.
+            // pass takes about 20, and good to float's tolerance but for the near matches that the double kernels
+            // send on to the exact pass themselves.
             std::size_t inexact_rows[lanes] = {};
             std::size_t inexact_count = 0;
             for (std::size_t lane = 0; lane < count; ++lane)

@@ -194,7 +194,7 @@ void run_rows(const BatchProblem<T>& problem, std::size_t begin, std::size_t end
 // float's tolerance, whose losses are copied to the float rows' and whose gradient rows are narrowed into theirs.
 // The double kernels send the rows that need it on to the exact pass in double, as for a double call. Where float's
 // kernels lose to rounding about an ulp of float (D from 1e-3 to 0.1, or the mixtures' near matches), this costs
-// about 2.5 float rows instead of the exact pass's 18 to 65; short rows go as a block of rows, as the double kernels
+// about 2.5 float rows instead of the exact pass's 20 or so; short rows go as a block of rows, as the double kernels
 // take them.
 template <class T>
 void widened_rows(const BatchProblem<T>& problem, const std::size_t* rows, std::size_t count, T* widened) noexcept {
