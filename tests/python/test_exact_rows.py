@@ -176,6 +176,26 @@ def test_rows_with_one_class_ruled_out(dtype, divergence, side, by, closeness):
     assert np.array_equal(kd.compute_loss(student, teacher), loss)  # the loss alone is the same, bit for bit
 
 
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_rows_computed_again_for_their_gradient_among_many(divergence):
+    """float32 short rows, a few of which (scattered over blocks) are computed again in double for their gradient
+    alone, gathered across blocks (WidenedRows, exact_row.hpp): each row against the truth, its loss the kernels' (the
+    loss alone is the same, bit for bit), and the same rows one call each give the same results."""
+    mp.mp.dps = 30
+    rng = np.random.default_rng(27)
+    student, teacher = rows(rng, 70, 10, 1e-2, np.float32)
+    for row in range(3, 70, 9):
+        student[row, np.argmax(teacher[row])] -= 25  # the student all but rules out the teacher's top class
+    true_loss, true_gradient = true_rows(student, teacher, 1.0, divergence, None)
+    kd = DistillationLoss(1.0, reduction="none", divergence=divergence, beta=0.5, skew=0.1, num_threads=1)
+    loss, gradient = kd.loss_and_gradient(student, teacher)
+    assert_rows_close(loss, gradient, true_loss, true_gradient, np.float32, "70 rows")
+    assert np.array_equal(kd.compute_loss(student, teacher), loss)
+    for row in range(3, 70, 9):
+        one_loss, one_gradient = kd.loss_and_gradient(student[row : row + 1], teacher[row : row + 1])
+        assert np.array_equal(one_loss, loss[row : row + 1]) and np.array_equal(one_gradient[0], gradient[row])
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("temperature, closeness", [(1e3, None), (1e4, 1e-3)])
 def test_masked_forward_kl_rows(dtype, temperature, closeness):

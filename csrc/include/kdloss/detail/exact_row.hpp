@@ -50,6 +50,46 @@ inline namespace KDLOSS_KERNEL_NAMESPACE {
 template <class T>
 void widened_rows(const BatchProblem<T>& problem, const std::size_t* rows, std::size_t count, T* widened) noexcept;
 
+// Float rows that redo_inexact_rows sends to widened_rows, gathered until they make a group (widened_group): a
+// block of short rows costs the double kernels as much for one row as for sixteen, and where a row in fifty needs it
+// (short rows that saturate at T = 1), one at a time cost such a call half its time again. With each row, the loss to
+// put back once it is done (rows computed again for their gradient alone keep the kernels' loss). For a double
+// problem, nothing: its rows go to exact_row one by one.
+template <class T>
+class WidenedRows {
+public:
+    WidenedRows(T* scratch, std::size_t classes) noexcept : scratch_(scratch), group_(widened_group(classes)) {}
+
+    void add(const BatchProblem<T>& problem, std::size_t row, bool keep_loss) noexcept {
+        rows_[count_] = row;
+        keep_loss_[count_] = keep_loss;
+        if (keep_loss) {
+            kept_loss_[count_] = problem.row_losses[row];
+            if (problem.row_hard_losses != nullptr) kept_hard_loss_[count_] = problem.row_hard_losses[row];
+        }
+        if (++count_ == group_) flush(problem);
+    }
+
+    // Computes the rows added since the last flush: each caller of redo_inexact_rows flushes before it returns.
+    void flush(const BatchProblem<T>& problem) noexcept {
+        if (count_ == 0) return;
+        if constexpr (std::is_same_v<T, float>) widened_rows(problem, rows_, count_, scratch_);
+        for (std::size_t k = 0; k < count_; ++k) {
+            if (!keep_loss_[k]) continue;
+            problem.row_losses[rows_[k]] = kept_loss_[k];
+            if (problem.row_hard_losses != nullptr) problem.row_hard_losses[rows_[k]] = kept_hard_loss_[k];
+        }
+        count_ = 0;
+    }
+
+private:
+    T* scratch_;  // widened_elements(classes) doubles' worth of T, after the kernels' scratch
+    std::size_t group_, count_ = 0;
+    std::size_t rows_[lanes] = {};
+    bool keep_loss_[lanes] = {};
+    double kept_loss_[lanes] = {}, kept_hard_loss_[lanes] = {};
+};
+
 // The highest temperature at which the kernels' results are kept where redo_inexact_rows finds them accurate: above
 // it their terms are of order 1/T and D of 1/T^2, and the tests of their accuracy reach T = 100
 // (test_temperature_range.py), so every row is computed here.
@@ -91,8 +131,8 @@ void exact_row(const BatchProblem<T>& problem, std::size_t row, ExactKind kind) 
 // formula (its `exact_kind`).
 template <class Terms, class T>
 void redo_inexact_rows(const BatchProblem<T>& problem, const typename Terms::template Sums<Pack<double>>& sums,
-                       const Pack<double>& divergence, const std::size_t* rows, std::size_t count, T* widened,
-                       const GradientSize<Pack<double>>* gradient_size) noexcept {
+                       const Pack<double>& divergence, const std::size_t* rows, std::size_t count,
+                       WidenedRows<T>& widened, const GradientSize<Pack<double>>* gradient_size) noexcept {
     if constexpr (Terms::exact_rows) {
         using Soft = typename Terms::SoftTerm;
         constexpr bool single = std::is_same_v<T, float>;
@@ -122,29 +162,23 @@ void redo_inexact_rows(const BatchProblem<T>& problem, const typename Terms::tem
         const Pack<double> flags = select(inexact, Pack<double>(1.0), Pack<double>(0.0));
         if (flags.sum() == 0.0) return;
         flags.store(flag);
-        double kept_loss[lanes] = {}, kept_hard_loss[lanes] = {};
-        for (std::size_t lane = 0; lane < count; ++lane) {
-            if (flag[lane] == 0.0 || loss_flag[lane] != 0.0) continue;
-            kept_loss[lane] = problem.row_losses[rows[lane]];
-            if (problem.row_hard_losses != nullptr) kept_hard_loss[lane] = problem.row_hard_losses[rows[lane]];
-        }
         if constexpr (single) {
             // Float rows first in double, by the kernels (widened_rows): about 2.5 times a float row where the exact
             // pass takes about 20, and good to float's tolerance but for the near matches that the double kernels
             // send on to the exact pass themselves.
-            std::size_t inexact_rows[lanes] = {};
-            std::size_t inexact_count = 0;
             for (std::size_t lane = 0; lane < count; ++lane)
-                if (flag[lane] != 0.0) inexact_rows[inexact_count++] = rows[lane];
-            widened_rows(problem, inexact_rows, inexact_count, widened);
-        } else {
-            for (std::size_t lane = 0; lane < count; ++lane)
-                if (flag[lane] != 0.0) exact_row(problem, rows[lane], Soft::exact_kind);
+                if (flag[lane] != 0.0) widened.add(problem, rows[lane], loss_flag[lane] == 0.0);
+            return;
         }
         for (std::size_t lane = 0; lane < count; ++lane) {
-            if (flag[lane] == 0.0 || loss_flag[lane] != 0.0) continue;
-            problem.row_losses[rows[lane]] = kept_loss[lane];
-            if (problem.row_hard_losses != nullptr) problem.row_hard_losses[rows[lane]] = kept_hard_loss[lane];
+            if (flag[lane] == 0.0) continue;
+            const double kept_loss = problem.row_losses[rows[lane]];
+            const double kept_hard_loss =
+                problem.row_hard_losses != nullptr ? problem.row_hard_losses[rows[lane]] : 0.0;
+            exact_row(problem, rows[lane], Soft::exact_kind);
+            if (loss_flag[lane] != 0.0) continue;
+            problem.row_losses[rows[lane]] = kept_loss;
+            if (problem.row_hard_losses != nullptr) problem.row_hard_losses[rows[lane]] = kept_hard_loss;
         }
     }
 }

@@ -100,10 +100,11 @@ KDLOSS_NOINLINE RowSums<Terms> distill_row(const BatchProblem<T>& problem, Exp2S
 
 // The rows rows[0 .. count), count <= lanes, none of them ignored: a lane per row. `soft` as for distill_row.
 // `next`, if not null, is where the next block's logits start, lanes x classes contiguous elements of each
-// input, which the exponential pass fetches into cache on the way.
+// input, which the exponential pass fetches into cache on the way. Rows to be computed again in double wait in
+// `widened` (redo_inexact_rows).
 template <class T, class Terms>
 KDLOSS_NOINLINE void distill_block(const BatchProblem<T>& problem, Exp2Scale<T> soft, const std::size_t* rows,
-                                   std::size_t count, RowLogits<T> next, T* scratch) noexcept {
+                                   std::size_t count, RowLogits<T> next, T* scratch, WidenedRows<T>& widened) noexcept {
     const std::size_t n = problem.classes;
     const std::size_t m = lanes * n;
     // Each pass writes over what the one before read at the same place, so that a block takes as little
@@ -172,8 +173,7 @@ KDLOSS_NOINLINE void distill_block(const BatchProblem<T>& problem, Exp2Scale<T> 
         lanes_to_rows(gradient, n, gradient_rows, count);
     }
     const GradientSize<Pack<double>> wide_size{widen(size.largest), widen(size.terms)};
-    redo_inexact_rows<Terms>(problem, sums, divergence, rows, count, scratch + kernel_scratch_elements<T>(n),
-                             Terms::gradient ? &wide_size : nullptr);
+    redo_inexact_rows<Terms>(problem, sums, divergence, rows, count, widened, Terms::gradient ? &wide_size : nullptr);
 }
 
 }  // namespace KDLOSS_KERNEL_NAMESPACE

@@ -27,8 +27,8 @@ inline namespace KDLOSS_KERNEL_NAMESPACE {
 template <class T, class Terms>
 class RowLosses {
 public:
-    // `widened`: where rows computed again in double are (redo_inexact_rows), after the kernels' scratch.
-    RowLosses(const BatchProblem<T>& problem, T* widened) noexcept : problem_(problem), widened_(widened) {
+    // `widened`: where rows to be computed again in double wait (redo_inexact_rows).
+    RowLosses(const BatchProblem<T>& problem, WidenedRows<T>& widened) noexcept : problem_(problem), widened_(widened) {
         const RowSums<Terms> neutral = RowSums<Terms>::neutral();
         for (std::size_t k = 0; k < lanes; ++k) put(k, 0, neutral, GradientSize<double>{});
     }
@@ -64,7 +64,7 @@ private:
     }
 
     const BatchProblem<T>& problem_;
-    T* widened_;
+    WidenedRows<T>& widened_;
     std::size_t count_ = 0;
     std::size_t rows_[lanes];
     typename Terms::template Sums<Column> columns_;
@@ -74,6 +74,8 @@ private:
 template <class T, class Terms>
 void run_rows_with(const BatchProblem<T>& problem, std::size_t begin, std::size_t end, T* scratch) noexcept {
     const Exp2Scale<T> soft = soft_exponent<T>(problem.temperature);
+    // Rows computed again in double wait here, after the kernels' scratch, until a group of them is (exact_row.hpp).
+    WidenedRows<T> widened(scratch + kernel_scratch_elements<T>(problem.classes), problem.classes);
     if (problem.classes <= block_max_classes<T>) {
         // Short rows: gather up to `lanes` counted rows at a time into one block. A block reads its rows a
         // tile at a time, sixteen rows side by side, which the processor's own prefetching does not follow
@@ -95,11 +97,12 @@ void run_rows_with(const BatchProblem<T>& problem, std::size_t begin, std::size_
             }
             block_rows[count++] = i;
             if (count == lanes) {
-                distill_block<T, Terms>(problem, soft, block_rows, count, next_rows(i + 1), scratch);
+                distill_block<T, Terms>(problem, soft, block_rows, count, next_rows(i + 1), scratch, widened);
                 count = 0;
             }
         }
-        if (count > 0) distill_block<T, Terms>(problem, soft, block_rows, count, RowLogits<T>{}, scratch);
+        if (count > 0) distill_block<T, Terms>(problem, soft, block_rows, count, RowLogits<T>{}, scratch, widened);
+        widened.flush(problem);
         return;
     }
     // Longer rows stream in well enough by themselves, and fetching one more would push the first out of L2.
@@ -109,7 +112,7 @@ void run_rows_with(const BatchProblem<T>& problem, std::size_t begin, std::size_
         const auto row = static_cast<std::ptrdiff_t>(i);
         return {problem.student + row * problem.student_stride, problem.teacher + row * problem.teacher_stride};
     };
-    RowLosses<T, Terms> losses(problem, scratch + kernel_scratch_elements<T>(problem.classes));
+    RowLosses<T, Terms> losses(problem, widened);
     RowMaxima<T> maxima;
     for (std::size_t i = begin; i < end; ++i) {
         if (is_ignored(problem, i)) {
@@ -135,6 +138,7 @@ void run_rows_with(const BatchProblem<T>& problem, std::size_t begin, std::size_
         losses.add(i, sums, size);
     }
     losses.flush();
+    widened.flush(problem);
 }
 
 // The instantiation of each run-time choice, in one table: rows_kernel_table<T>[gradient][soft][hard], where
