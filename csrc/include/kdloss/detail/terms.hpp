@@ -223,8 +223,8 @@ struct CentredGradient {
     }
 
     // GradientSize (below), from the entries' largest magnitude alone: an entry's terms are scale e^(ds/T) |g| and
-    // scale e^(ds/T) |mean|, and since e^(ds/T) <= 1 and scale e^(ds/T) g = entry + scale e^(ds/T) mean, both are at
-    // most |entry| + scale |mean|.
+    // scale e^(ds/T) |mean|; since e^(ds/T) <= 1 and scale e^(ds/T) g = entry + scale e^(ds/T) mean, the first is at
+    // most |entry| + scale |mean| and the second at most scale |mean|.
     KDLOSS_INLINE Pack<T> terms_bound(const Pack<T>& largest) const noexcept {
         return largest + T(2) * scale * magnitude(mean);
     }
