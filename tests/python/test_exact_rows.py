@@ -239,6 +239,77 @@ def test_with_a_hard_term_and_ordinary_rows_beside(dtype, divergence, labels, cl
     np.testing.assert_allclose((1 - ALPHA) * soft + ALPHA * hard, loss, rtol=TOLERANCE[dtype])
 
 
+def confident_rows(rng, classes, rests, dtype):
+    """Students N(0, 1) but for a top class, whose softmax at T = 1 leaves the other classes rests[i] times its own
+    mass in row i (Z_h - 1 = rest), and that class's index."""
+    student = rng.normal(0, 1, (len(rests), classes))
+    top = rng.integers(0, classes, len(rests))
+    for row, (c, rest) in enumerate(zip(top, rests)):
+        others = np.delete(student[row], c)
+        student[row, c] = np.log(np.exp(others).sum()) - np.log(rest)
+    return student.astype(dtype), top
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("classes", [10, 300])
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+def test_confident_students_whose_label_is_their_top_class(dtype, divergence, classes, temperature):
+    """The student right and sure of it, late in training: the hard term's gradient at the label, h_y - 1, is minus
+    the small mass of the other classes. Taken as h_y less 1 in T's precision, it cancelled, and the row's gradient
+    (whose largest entry it is, or near it) missed float32's tolerance by up to 9x (rows of 10 classes at T = 1 and
+    logits N(0, 3^2), one in a thousand), and float64's alike where the rest is below ~1e-4."""
+    mp.mp.dps = 50
+    rng = np.random.default_rng(24)
+    rests = [0.3, 1e-2, 1e-3, 1e-4, 1e-6, 1e-9]
+    student, labels = confident_rows(rng, classes, rests, dtype)
+    teacher = rng.normal(0, 3, (len(rests), classes)).astype(dtype)
+    teacher[::2] = (student[::2] + rng.normal(0, 1e-2, (len(rests[::2]), classes))).astype(dtype)
+    true_loss, true_gradient = true_rows(student, teacher, temperature, divergence, labels)
+    kd = DistillationLoss(temperature, ALPHA, reduction="none", divergence=divergence, beta=0.5, skew=0.1)
+    loss, gradient = kd.loss_and_gradient(student, teacher, labels)
+    assert_rows_close(loss, gradient, true_loss, true_gradient, dtype, f"C={classes}, rests {rests}")
+
+
+def balanced_rows(rng, classes, divergence, temperature, closeness):
+    """Students where the soft and hard terms' gradients all but cancel, as training leaves them: float64 gradient
+    descent on alpha CE + (1 - alpha) T^2 D from N(0, 1) logits, against teachers N(0, 3^2) and random labels, until
+    each row's gradient is `closeness` of its starting size. Returns students, teachers and labels in float64."""
+    student = rng.normal(0, 1, (len(closeness), classes))
+    teacher = rng.normal(0, 3, (len(closeness), classes))
+    labels = rng.integers(0, classes, len(closeness))
+    kd = DistillationLoss(temperature, ALPHA, reduction="none", divergence=divergence, beta=0.5, skew=0.1)
+    for row, wanted in enumerate(closeness):
+        s, t, y = student[row : row + 1], teacher[row : row + 1], labels[row : row + 1]
+        start = np.abs(kd.loss_and_gradient(s, t, y)[1]).max()
+        for _ in range(20000):
+            gradient = kd.loss_and_gradient(s, t, y)[1]
+            if np.abs(gradient).max() <= wanted * start:
+                break
+            s = s - 2.0 * gradient
+        student[row] = s[0]
+    return student, teacher, labels
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("classes", [10, 300])
+def test_rows_where_the_soft_and_hard_terms_all_but_balance(dtype, divergence, classes):
+    """Each entry a sum of a soft and a hard part that cancel: the gradient pass judges a row by its whole largest
+    entry against both parts' terms. float32 rows were off by up to 2x their tolerance (4096x10 at T = 1, a few a
+    call). float64 keeps its tolerance while the entries are 1e-3 of their parts; closer, it cannot (each part is
+    rounded to 2^-53 of itself), and is not tested."""
+    mp.mp.dps = 50
+    rng = np.random.default_rng(25)
+    closeness = [1e-2, 1e-3, 1e-4, 1e-5] if dtype == np.float32 else [1e-2, 1e-3]
+    student, teacher, labels = balanced_rows(rng, classes, divergence, 1.0, closeness)
+    student, teacher = student.astype(dtype), teacher.astype(dtype)
+    true_loss, true_gradient = true_rows(student, teacher, 1.0, divergence, labels)
+    kd = DistillationLoss(1.0, ALPHA, reduction="none", divergence=divergence, beta=0.5, skew=0.1)
+    loss, gradient = kd.loss_and_gradient(student, teacher, labels)
+    assert_rows_close(loss, gradient, true_loss, true_gradient, dtype, f"C={classes}, closeness {closeness}")
+
+
 @pytest.mark.parametrize("classes", [10, 1000])
 def test_recomputed_rows_do_not_depend_on_threads_or_batching(classes):
     rng = np.random.default_rng(23)
@@ -365,3 +436,36 @@ def check_sparse_rows(student, teacher, k, temperature, tail, dtype, what):
     gradient = DistillationLoss(temperature, tail=tail, reduction="sum", num_threads=1).compute_gradient(student, cache)
     true_loss, true_gradient = true_sparse_rows(student, indices, logprobs, temperature, tail)
     assert_rows_close(loss, gradient, true_loss, true_gradient, dtype, what)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("teacher_kind", ["close", "independent"])
+def test_sparse_teacher_rows_of_confident_students_with_labels(dtype, teacher_kind):
+    """test_confident_students_whose_label_is_their_top_class against a top-k cache: the label among the listed
+    classes (a teacher close to the student, whose top classes are the student's) or, mostly, not."""
+    mp.mp.dps = 50
+    rng = np.random.default_rng(26)
+    rests = [0.3, 1e-2, 1e-4, 1e-6, 1e-9]
+    student, labels = confident_rows(rng, 40, rests, np.float64)
+    teacher = (
+        student + rng.normal(0, 1e-2, student.shape) if teacher_kind == "close" else rng.normal(0, 3, student.shape)
+    )
+    indices = np.argsort(-teacher, axis=-1)[:, :8].astype(np.int32)
+    log_softmax = teacher - teacher.max(-1, keepdims=True)
+    log_softmax -= np.log(np.exp(log_softmax).sum(-1, keepdims=True))
+    logprobs = np.take_along_axis(log_softmax, indices, -1).astype(dtype)
+    student = student.astype(dtype)
+    soft_loss, soft_gradient = true_sparse_rows(student, indices, logprobs, 1.0, "bucket")
+    hard_loss, hard_gradient = [], np.zeros(student.shape)
+    for row, s_row in enumerate(student):
+        h = _softmax([mp.mpf(float(x)) for x in s_row], mp.mpf(1))
+        hard_loss.append(float(-mp.log(h[labels[row]])))
+        hard_gradient[row] = [float(hc - (c == labels[row])) for c, hc in enumerate(h)]
+    true_loss = (1 - ALPHA) * soft_loss + ALPHA * np.array(hard_loss)
+    true_gradient = (1 - ALPHA) * soft_gradient + ALPHA * hard_gradient
+    kd = DistillationLoss(1.0, ALPHA, reduction="none", num_threads=1)
+    loss = kd.compute_loss(student, SparseTeacher(indices, logprobs), labels)
+    gradient = DistillationLoss(1.0, ALPHA, reduction="sum", num_threads=1).compute_gradient(
+        student, SparseTeacher(indices, logprobs), labels
+    )
+    assert_rows_close(loss, gradient, true_loss, true_gradient, dtype, f"{teacher_kind}, rests {rests}")

@@ -3,7 +3,10 @@
 // The hard term, the cross-entropy of softmax(s) against the labels, as a policy of terms.hpp. For a target
 // distribution y (a class index is the one-hot y of its class), centred logits ds = s - max s, h = softmax(s):
 //   hard = -sum_c y_c log h_c = sum(y) log Z_h - sum_c y_c ds_c,   d hard / d s = h sum(y) - y,
-// where Z_h is the sum of exp(ds).
+// where Z_h is the sum of exp(ds). Z_h is summed as its maxima's terms (ds = 0, each exactly 1) and the rest apart:
+// where the student is sure of its top class, the rest is all of what both the loss and the gradient at that class
+// are made of (log Z_h = log1p(rest), h - 1 = -rest / Z_h), and a sum with the 1 in it rounds the rest to T's
+// resolution at 1.
 
 #include <cmath>
 #include <cstddef>
@@ -37,18 +40,35 @@ struct CrossEntropy {
 
     template <class V>
     struct Sums {
-        V student_hard;  // Z_h
+        V maxima;        // the number of classes at the student's largest logit (ds = 0)
+        V rest;          // Z_h less them: the sum of exp(ds) over the other classes
         V target_mass;   // sum_c y_c; 1 for a class index (set by at_label)
         V target_cross;  // sum_c y_c ds_c; ds at the label for a class index (set by at_label)
 
-        static Sums neutral() noexcept { return {1.0, 1.0, 0.0}; }
+        static Sums neutral() noexcept { return {1.0, 0.0, 1.0, 0.0}; }
     };
 
     template <class F, class... S>
     static KDLOSS_INLINE void for_each_sum(F&& f, S&&... sums) noexcept {
-        f(sums.student_hard...);
+        f(sums.maxima...);
+        f(sums.rest...);
         f(sums.target_mass...);
         f(sums.target_cross...);
+    }
+
+    // Z_h
+    template <class V>
+    static KDLOSS_INLINE V student_hard(const Sums<V>& sums) noexcept {
+        return sums.maxima + sums.rest;
+    }
+
+    // A class index that is the student's only top class, with less than half its mass elsewhere (so that no other
+    // class's e^(ds) rounds to 1): the gradient's hard term there, h_y - 1, is -rest / Z_h.
+    template <class V>
+    static KDLOSS_INLINE auto alone_at_top(const Sums<V>& sums) noexcept {
+        // All three at once, in one comparison: ds <= 0, so that this sum of terms >= 0 is 0 only where each is.
+        const V off_top = (sums.maxima - 1.0) * (sums.maxima - 1.0) - sums.target_cross;
+        return off_top + select(sums.rest < V(0.5), V(0.0), V(1.0)) == V(0.0);
     }
 
     // A class index's sums, which the exponential pass does not add up: ds at the label.
@@ -61,9 +81,10 @@ struct CrossEntropy {
 
     template <class T>
     struct Partials {
-        // The cross-entropy needs log Z_h, where Z_h is 1 (the maximum's term, ds = 0) plus the rest, and a
-        // float sum would round that rest to float's resolution at 1, which is all of a confident row's
-        // cross-entropy; so in float the maxima's terms are counted apart, exactly, and only the rest is summed.
+        // Float counts the maxima apart in every row: its sum would round the rest to float's resolution at 1, which
+        // is all of a confident row's cross-entropy. Double sums Z_h whole here (maxima 0, rest Z_h: counting them
+        // apart cost float64 calls 5-8%), and apart only for the rows whose label may be alone at the top
+        // (count_maxima_apart, below), where the rest is what the loss and the label's entry are made of.
         static constexpr bool count_maxima = std::is_same_v<T, float>;
         Pack<T> rest, maxima, target_mass, target_cross;
         const Exp2Scale<T> natural = exp2_scale<T>(log2e);  // e^(ds), when it is no power of e^(ds/T)
@@ -82,9 +103,12 @@ struct CrossEntropy {
                 e_hard = soft_power(e_student, row.hard_power);
             }
             const Pack<T> e_hard_summed = summed(e_hard, T(0), skipped);
-            if constexpr (count_maxima) rest = select(at_max, rest, rest + e_hard_summed);
-            else rest += e_hard_summed;
-            if constexpr (count_maxima) maxima = select(at_max, maxima + T(1), maxima);
+            if constexpr (count_maxima) {
+                rest = select(at_max, rest, rest + e_hard_summed);
+                maxima = select(at_max, maxima + T(1), maxima);
+            } else {
+                rest += e_hard_summed;
+            }
             if constexpr (Distribution) {
                 const Pack<T> y = summed(Pack<T>::load(row.target + i), T(0), skipped);
                 target_mass += y;
@@ -94,7 +118,8 @@ struct CrossEntropy {
         }
 
         KDLOSS_INLINE void flush_into(Sums<Pack<double>>& totals) noexcept {
-            totals.student_hard += widen(maxima) + widen(rest);
+            totals.maxima += widen(maxima);
+            totals.rest += widen(rest);
             if constexpr (Distribution) {
                 totals.target_mass += widen(target_mass);
                 totals.target_cross += widen(target_cross);
@@ -103,33 +128,94 @@ struct CrossEntropy {
         }
     };
 
-    template <class V>
-    static KDLOSS_INLINE V loss(const Sums<V>& sums) noexcept {
-        if constexpr (Distribution) return sums.target_mass * fast_log(sums.student_hard) - sums.target_cross;
-        else return fast_log(sums.student_hard) - sums.target_cross;
+    // Double's maxima and rest apart, once at_label has set a class index's ds (the row's sums, V = double; or a
+    // block's, lanes apart), for the rows whose label is at the top (ds 0) with Z_h < 1.5: from the e^(ds) the
+    // exponential pass left in `row` (n of them; a block's lanes x classes), a pass over those rows alone.
+    template <class T, class V>
+    static void count_maxima_apart(Sums<V>& sums, const RowBuffers<T>& row, std::size_t n) noexcept {
+        static_assert(std::is_same_v<T, double> && !Distribution);
+        const auto wanted = select(sums.rest < V(1.5), V(0.0), V(1.0)) - sums.target_cross == V(0.0);
+        if constexpr (std::is_same_v<V, double>) {
+            if (!wanted) return;
+        } else {
+            if (select(wanted, V(1.0), V(0.0)).sum() == 0.0) return;
+        }
+        auto e_hard = [&](std::size_t i) KDLOSS_INLINE_LAMBDA {  // e^(ds) at i .. i + lanes
+            if constexpr (Powered) return soft_power(Pack<T>::load(row.student_soft + i), row.hard_power);
+            else return Pack<T>::load(row.student_hard + i);
+        };
+        Pack<T> rest, maxima;
+        const std::size_t whole = n - n % lanes;
+        for (std::size_t i = 0; i < whole; i += lanes) {
+            const Pack<T> e = e_hard(i);
+            const Mask<T> at_max = e == Pack<T>(1.0);
+            rest = select(at_max, rest, rest + e);
+            maxima = select(at_max, maxima + 1.0, maxima);
+        }
+        if constexpr (std::is_same_v<V, double>) {
+            double tail_rest = 0.0, tail_maxima = 0.0;
+            for (std::size_t i = whole; i < n; ++i) {
+                const double e = Powered ? soft_power(row.student_soft[i], row.hard_power) : row.student_hard[i];
+                if (e == 1.0) tail_maxima += 1.0;
+                else tail_rest += e;
+            }
+            sums.rest = rest.sum() + tail_rest;
+            sums.maxima = maxima.sum() + tail_maxima;
+        } else {
+            sums.rest = select(wanted, rest, sums.rest);
+            sums.maxima = select(wanted, maxima, sums.maxima);
+        }
     }
 
-    // The gradient's hard term: h_scale e^(ds) - y_scale y.
+    // log Z_h = log1p((maxima - 1) + rest)
+    template <class V>
+    static KDLOSS_INLINE V loss(const Sums<V>& sums) noexcept {
+        const V log_student_hard = fast_log1p((sums.maxima - 1.0) + sums.rest);
+        if constexpr (Distribution) return sums.target_mass * log_student_hard - sums.target_cross;
+        else return log_student_hard - sums.target_cross;
+    }
+
+    // The gradient's hard term: h_scale e^(ds) - y_scale y. A class index's y is subtracted at its class after the
+    // gradient pass (label_scale, per lane), but where the label is the student's only top class (alone_at_top):
+    // there the pass adds at_top, -scale rest / Z_h, where e^(ds) is 1, and label_scale is 0. Taken as h_y less 1,
+    // that entry kept T's rounding of 1 (float: 6e-8 times the scale), and for a student sure of its label (rest of
+    // 1e-4, say) it is the row's largest entry or near it: float32 rows missed their tolerance by up to 9x.
     template <class T>
     struct Coefficients {
-        Pack<T> h_scale, y_scale;
-        // y_scale's value, which a class index's gradient entry subtracts. Rounded once, here: computed again
-        // where it is subtracted, the compiler may fuse its product into the subtraction, which rounds
-        // differently.
-        T label_scale;
+        Pack<T> h_scale, y_scale, at_top;
+        // A bound on the hard term's entries as the gradient pass adds them, for GradientSize (lane_math.hpp's
+        // write_gradient): the scale times sum(y) (h sum(y) and y are at most that); for a class index h_scale (the
+        // pass adds h, at most 1 / Z_h, and the label's 1 comes after it: largest_after_label), or rest / Z_h
+        // where it is alone at the top.
+        Pack<T> size;
+        // What a class index's gradient entry subtracts, per lane (a block's rows; a row's, in every lane). Rounded
+        // once, here: computed again where it is subtracted, the compiler may fuse its product into the
+        // subtraction, which rounds differently.
+        T label_scale[lanes];
 
         template <class V>
         static Coefficients from_sums(const Sums<V>& sums, double scale) noexcept {
-            return {narrow<T>(scale * sums.target_mass / sums.student_hard), Pack<T>(static_cast<T>(scale)),
-                    static_cast<T>(scale)};
+            const V h_scale = scale * sums.target_mass / student_hard(sums);
+            Coefficients k{narrow<T>(h_scale), Pack<T>(static_cast<T>(scale)), Pack<T>(), Pack<T>(), {}};
+            if constexpr (Distribution) {
+                k.size = narrow<T>(scale * absolute(sums.target_mass));
+                return k;
+            }
+            const auto alone = alone_at_top(sums);
+            const V top = (0.0 - scale) * sums.rest / student_hard(sums);
+            k.at_top = narrow<T>(select(alone, top, h_scale));
+            k.size = narrow<T>(select(alone, 0.0 - top, h_scale));
+            narrow<T>(select(alone, V(0.0), V(scale))).store(k.label_scale);
+            return k;
         }
 
         // Adds the term at element i to g, given e^(ds/T) there.
         KDLOSS_INLINE void add_to_gradient(Pack<T>& g, std::size_t i, const Pack<T>& e_student,
                                            const RowBuffers<T>& row) const noexcept {
-            if constexpr (!Powered) g += h_scale * Pack<T>::load(row.student_hard + i);
-            else g += h_scale * soft_power(e_student, row.hard_power);
-            if constexpr (Distribution) g = g - y_scale * Pack<T>::load(row.target + i);
+            const Pack<T> e_hard =
+                Powered ? soft_power(e_student, row.hard_power) : Pack<T>::load(row.student_hard + i);
+            if constexpr (Distribution) g = (g + h_scale * e_hard) - y_scale * Pack<T>::load(row.target + i);
+            else g += select(e_hard == Pack<T>(T(1)), at_top, h_scale * e_hard);
         }
     };
 };

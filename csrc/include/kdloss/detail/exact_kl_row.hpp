@@ -148,14 +148,18 @@ void exact_kl_row(const BatchProblem<T>& problem, std::size_t row) noexcept {
     };
 
     const bool hard_term = problem.hard_weight != 0.0 && problem.label_kind != LabelKind::none;
-    V student_soft(0.0), student_hard(0.0), teacher_soft(0.0), outside(0.0), outside_classes(0.0);
+    V student_soft(0.0), hard_maxima(0.0), hard_rest(0.0), teacher_soft(0.0), outside(0.0), outside_classes(0.0);
     V largest_d(minus_infinity), mean_lanes(0.0);
     for (std::size_t c = 0; c < n; c += lanes) {
         const Chunk k = chunk(c);
         const V t = load_logits(teacher, c, n);
         const V e_teacher = fast_exp2(t - teacher_max, soft);
         student_soft += k.e_student;
-        if (hard_term) student_hard += fast_exp2(k.ds, natural);
+        if (hard_term) {
+            const Mask<double> at_max = k.ds == V(0.0);
+            hard_rest += select(at_max, 0.0, fast_exp2(k.ds, natural));
+            hard_maxima += select(at_max, 1.0, 0.0);
+        }
         teacher_soft += e_teacher;
         // p's mass outside q's support, P0, and whether there is any (however small its exponential).
         outside += select(k.student_support, 0.0, e_teacher);
@@ -171,9 +175,9 @@ void exact_kl_row(const BatchProblem<T>& problem, std::size_t row) noexcept {
         log_ratio_sum(chunk, n, student_sum, largest_d.max(), teacher_mass_outside, teacher_sum, temperature);
     const double mean = mean_lanes.sum() / student_sum;
 
-    const ExactHardTerm<T> labels = exact_hard_term(problem, r, student, student_max);
-    const double hard_sum = student_hard.sum();
-    const double hard = hard_term ? labels.loss(std::log(hard_sum)) : 0.0;
+    ExactHardTerm<T> labels = exact_hard_term(problem, r, student, student_max);
+    labels.set_sums(hard_maxima.sum(), hard_rest.sum());
+    const double hard = hard_term ? labels.loss() : 0.0;
 
     // The divergence and the gradient row in one pass, per class over q's support from q, x = d - L = log(p / q),
     // e^x and u = expm1(x): the terms q phi(u) or q psi(u), or where |x| > 1, in the log domain with p = q e^x;
@@ -193,7 +197,7 @@ void exact_kl_row(const BatchProblem<T>& problem, std::size_t row) noexcept {
         if (gradient == nullptr) continue;
         V g = Forward ? select(far, soft_scale * (q - p), (0.0 - soft_scale) * q * u)
                       : (0.0 - soft_scale) * q * ((k.d - top_d) - mean);
-        if (hard_term) g += hard_scale * labels.target_mass * (fast_exp2(k.ds, natural) / hard_sum);
+        if (hard_term) g += labels.gradient(fast_exp2(k.ds, natural), k.ds, hard_scale);
         g = select(k.student_support, g, 0.0);
         double values[lanes];
         g.store(values);

@@ -182,11 +182,16 @@ void exact_mixture_row(const BatchProblem<T>& problem, std::size_t row) noexcept
     };
 
     const bool hard_term = problem.hard_weight != 0.0 && problem.label_kind != LabelKind::none;
-    V student_soft(0.0), student_hard(0.0), teacher_soft(0.0), outside(0.0), largest_d(minus_infinity);
+    V student_soft(0.0), hard_maxima(0.0), hard_rest(0.0), teacher_soft(0.0), outside(0.0);
+    V largest_d(minus_infinity);
     for (std::size_t c = 0; c < n; c += lanes) {
         const Chunk k = chunk(c);
         student_soft += k.e_student;
-        if (hard_term) student_hard += fast_exp2(k.ds, natural);
+        if (hard_term) {
+            const Mask<double> at_max = k.ds == V(0.0);
+            hard_rest += select(at_max, 0.0, fast_exp2(k.ds, natural));
+            hard_maxima += select(at_max, 1.0, 0.0);
+        }
         teacher_soft += k.e_teacher;
         outside += select(k.student_support, 0.0, k.e_teacher);  // p's mass outside q's support, P0
         largest_d = select(k.student_support, select(k.d > largest_d, k.d, largest_d), largest_d);
@@ -238,9 +243,9 @@ void exact_mixture_row(const BatchProblem<T>& problem, std::size_t row) noexcept
     }
     const double soft_loss = temperature * temperature * divergence_lanes.sum(), mean = mean_lanes.sum();
 
-    const ExactHardTerm<T> labels = exact_hard_term(problem, r, student, student_max);
-    const double hard_sum = student_hard.sum();
-    const double hard = hard_term ? labels.loss(std::log(hard_sum)) : 0.0;
+    ExactHardTerm<T> labels = exact_hard_term(problem, r, student, student_max);
+    labels.set_sums(hard_maxima.sum(), hard_rest.sum());
+    const double hard = hard_term ? labels.loss() : 0.0;
     if (problem.row_hard_losses != nullptr) {
         problem.row_losses[row] = soft_loss;
         problem.row_hard_losses[row] = hard;
@@ -256,7 +261,7 @@ void exact_mixture_row(const BatchProblem<T>& problem, std::size_t row) noexcept
         double values[lanes];
         for (std::size_t i = 0; i < lanes; ++i) values[i] = c + i < n ? static_cast<double>(gradient[c + i]) : 0.0;
         V g = soft_scale * (k.e_student / student_sum) * (V::load(values) - mean);
-        if (hard_term) g += hard_scale * labels.target_mass * (fast_exp2(k.ds, natural) / hard_sum);
+        if (hard_term) g += labels.gradient(fast_exp2(k.ds, natural), k.ds, hard_scale);
         select(k.student_support, g, 0.0).store(values);
         for (std::size_t i = 0; i < lanes && c + i < n; ++i)
             gradient[c + i] = static_cast<T>(hard_term ? labels.less_target(values[i], c + i, hard_scale) : values[i]);

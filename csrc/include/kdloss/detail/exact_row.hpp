@@ -120,8 +120,9 @@ void exact_row(const BatchProblem<T>& problem, std::size_t row, ExactKind kind) 
 // and rows with D below 1e-3 (float; 1e-6 for double) are computed again whatever else. These keep the loss within
 // 0.6 of the tolerances the library promises (float 1e-5, double 1e-12) on every kept row measured. The gradient
 // (with one; gradient_size, null for the loss alone): each soft entry is a difference of terms (q and p, or q G and
-// q E_q[G]), rounded relative to them, so a row is computed again where its largest soft entry is below 4 ulps over
-// the tolerance of the largest such terms (GradientSize, found by the gradient pass). D does not say so: where the
+// q E_q[G]), rounded relative to them, and the hard term's added to it, so a row is computed again where its largest
+// entry is below 4 ulps over the tolerance of the largest such terms (GradientSize, found by the gradient pass; where
+// the two terms all but balance, as training makes them, their sum cancels too). D does not say so: where the
 // student rules out (or all but) a class that the teacher gives mass, D is about that mass, and every other entry a
 // small difference of two numbers near a constant; the kernels' gradient missed by up to 1e3 times float's
 // tolerance there, and 170 times double's. Such a row keeps the kernels' loss, which is accurate, so that the loss
@@ -154,8 +155,8 @@ void redo_inexact_rows(const BatchProblem<T>& problem, const typename Terms::tem
         inexact = inexact | Soft::template saturated<T>(sums.soft);
         double loss_flag[lanes], flag[lanes];
         select(inexact, Pack<double>(1.0), Pack<double>(0.0)).store(loss_flag);
-        // The gradient: a row whose soft part's largest entry is within 4 ulps over the tolerance of the terms its
-        // entries are differences of (GradientSize). Its loss is kept: it is accurate, and the loss alone is then
+        // The gradient: a row whose largest entry is within 4 ulps over the tolerance of the terms its entries are
+        // differences and sums of (GradientSize). Its loss is kept: it is accurate, and the loss alone is then
         // that of loss_and_gradient, bit for bit.
         if (gradient_size != nullptr)
             inexact = inexact | (gradient_size->largest < rounding_floor * gradient_size->terms);

@@ -245,8 +245,10 @@ KDLOSS_NOINLINE void second_pass(const RowBuffers<T>& row, std::size_t n, Pass p
 // block reads its exponentials before it stores over them, and the last window, which reads some of the
 // block before's, is computed first and stored last.
 // Given the next row of as many classes (`next`, not null; see RowsAhead), it also returns that row's lane
-// maxima, found in the same loop. A soft term with exact rows (a dense teacher's) also leaves the soft gradient's
-// GradientSize in `size`, lane by lane.
+// maxima, found in the same loop. A soft term with exact rows (a dense teacher's) also leaves the gradient's
+// GradientSize in `size`, lane by lane: its largest entry, and the terms of the soft and the hard parts' entries,
+// each entry's rounding relative to them. (The largest is the whole entry's, soft and hard: at a student that all but
+// balances the two, as training does, the sum cancels. Each soft entry is then at most it plus the hard term's size.)
 template <class T, class Terms>
 KDLOSS_NOINLINE LaneMaxima<T> write_gradient(T* gradient, const RowBuffers<T>& row,
                                              const GradientCoefficients<T, Terms>& coefficients, std::size_t n,
@@ -259,11 +261,11 @@ KDLOSS_NOINLINE LaneMaxima<T> write_gradient(T* gradient, const RowBuffers<T>& r
         Pack<T> g;
         const Pack<T> e_student = Pack<T>::load(buffers.student_soft + i);
         if constexpr (Terms::soft) g = k.soft.gradient(i, e_student, buffers);
+        if constexpr (Terms::hard) k.hard.add_to_gradient(g, i, e_student, buffers);
         if constexpr (sized) {
             const Pack<T> entry = magnitude(g);
             largest = select(entry > largest, entry, largest);
         }
-        if constexpr (Terms::hard) k.hard.add_to_gradient(g, i, e_student, buffers);
         return g;
     };
     const std::size_t whole = n - n % lanes;
@@ -283,7 +285,10 @@ KDLOSS_NOINLINE LaneMaxima<T> write_gradient(T* gradient, const RowBuffers<T>& r
         if (whole != n) scan.update(n - lanes);
     }
     if (whole != n) last.store(gradient + n - lanes);
-    if constexpr (sized) *size = {largest, k.soft.terms_bound(largest)};
+    if constexpr (sized) {
+        if constexpr (Terms::hard) *size = {largest, k.soft.terms_bound(largest + k.hard.size) + k.hard.size};
+        else *size = {largest, k.soft.terms_bound(largest)};
+    }
     return scan.maxima;
 }
 

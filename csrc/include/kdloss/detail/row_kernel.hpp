@@ -77,6 +77,7 @@ KDLOSS_NOINLINE RowSums<Terms> distill_row(const BatchProblem<T>& problem, Exp2S
     if constexpr (Terms::class_index) {
         Terms::HardTerm::at_label(sums.hard,
                                   static_cast<double>(student[class_index]) - static_cast<double>(row_student_max));
+        if constexpr (std::is_same_v<T, double>) Terms::HardTerm::count_maxima_apart(sums.hard, row, n);
     }
     if constexpr (Terms::second_pass) {
         using Soft = typename Terms::SoftTerm;
@@ -93,7 +94,17 @@ KDLOSS_NOINLINE RowSums<Terms> distill_row(const BatchProblem<T>& problem, Exp2S
             gradient, row, coefficients, n, scan_in_exponentials ? RowLogits<T>{} : ahead.next, &lane_size);
         if constexpr (!scan_in_exponentials) maxima = {found, ahead.next};
         size = {static_cast<double>(lane_size.largest.max()), static_cast<double>(lane_size.terms.max())};
-        if constexpr (Terms::class_index) gradient[class_index] -= coefficients.hard.label_scale;
+        if constexpr (Terms::class_index) {
+            // The pass saw the label's entry before its y: where it was the largest, the others' is needed.
+            const T before = gradient[class_index];
+            gradient[class_index] -= coefficients.hard.label_scale[0];
+            if constexpr (Terms::soft && Terms::exact_rows) {
+                const double after = std::fabs(static_cast<double>(gradient[class_index]));
+                size.largest = std::fabs(before) >= size.largest
+                                   ? static_cast<double>(largest_magnitude(gradient, n, false).max())
+                                   : std::fmax(size.largest, after);
+            }
+        }
     }
     return sums;
 }
@@ -157,16 +168,31 @@ KDLOSS_NOINLINE void distill_block(const BatchProblem<T>& problem, Exp2Scale<T> 
             second_pass<T, Soft, Terms::gradient>(row, m, pass, sums.soft);
         });
     }
-    if constexpr (Terms::class_index) Terms::HardTerm::at_label(sums.hard, Pack<double>::load(label_logits));
+    if constexpr (Terms::class_index) {
+        Terms::HardTerm::at_label(sums.hard, Pack<double>::load(label_logits));
+        if constexpr (std::is_same_v<T, double>) Terms::HardTerm::count_maxima_apart(sums.hard, row, m);
+    }
     const Pack<double> divergence = store_row_losses<Terms>(problem, sums, rows, count);
 
     GradientSize<Pack<T>> size;
     if constexpr (Terms::gradient) {
         const auto coefficients = GradientCoefficients<T, Terms>::from_sums(sums, problem);
         write_gradient<T, Terms>(gradient, row, coefficients, m, RowLogits<T>{}, &size);
-        if constexpr (Terms::class_index)
-            for (std::size_t lane = 0; lane < count; ++lane)
-                gradient[static_cast<std::size_t>(class_index[lane]) * lanes + lane] -= coefficients.hard.label_scale;
+        if constexpr (Terms::class_index) {
+            // The pass saw the labels' entries before their y: where one was its row's largest, each row's largest
+            // entry again, from its lane (the others' take their label's entry after).
+            T largest[lanes];
+            size.largest.store(largest);
+            bool label_largest = false;
+            for (std::size_t lane = 0; lane < count; ++lane) {
+                T& entry = gradient[static_cast<std::size_t>(class_index[lane]) * lanes + lane];
+                label_largest = label_largest || std::fabs(entry) >= largest[lane];
+                entry -= coefficients.hard.label_scale[lane];
+                largest[lane] = std::fmax(largest[lane], std::fabs(entry));
+            }
+            if constexpr (Terms::soft && Terms::exact_rows)
+                size.largest = label_largest ? largest_magnitude(gradient, m, true) : Pack<T>::load(largest);
+        }
         T* gradient_rows[lanes] = {};
         for (std::size_t lane = 0; lane < count; ++lane)
             gradient_rows[lane] = problem.gradient + static_cast<std::ptrdiff_t>(rows[lane]) * problem.gradient_stride;

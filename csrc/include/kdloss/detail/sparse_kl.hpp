@@ -468,16 +468,18 @@ ListedSummary listed_classes(const BatchProblem<T>& problem, std::size_t row, co
 
 // The gradient at the listed classes of a row whose other classes write_gradient has written, before the
 // label's term is subtracted: soft_scale T (P q_j - pi_j) and the hard term's h_scale e^(ds_j) - y_scale y_j,
-// in double.
+// in double; at a class index `label` that is the student's only top class, its h - 1 (cross_entropy.hpp's at_top).
 template <class T, class Terms>
-void write_listed(const BatchProblem<T>& problem, const T* student, T row_max, const T* target,
+void write_listed(const BatchProblem<T>& problem, const T* student, T row_max, const T* target, std::int64_t label,
                   const typename Terms::template Sums<double>& sums, const ListedClass* listed, ListedSummary summary,
                   T* gradient) noexcept {
     const double soft_scale = problem.gradient_scale * problem.soft_weight * problem.temperature;
     double hard_scale = 0.0, target_scale = 0.0;
+    bool label_alone_at_top = false;
     if constexpr (Terms::hard) {
         target_scale = hard_gradient_scale(problem);
-        hard_scale = target_scale * sums.hard.target_mass / sums.hard.student_hard;
+        hard_scale = target_scale * sums.hard.target_mass / Terms::HardTerm::student_hard(sums.hard);
+        if constexpr (Terms::class_index) label_alone_at_top = Terms::HardTerm::alone_at_top(sums.hard);
     }
     for (std::size_t j = 0; j < summary.count; ++j) {
         const std::size_t c = listed[j].index;
@@ -486,7 +488,9 @@ void write_listed(const BatchProblem<T>& problem, const T* student, T row_max, c
         double g = soft_scale * (summary.relative ? q * (summary.total_excess - listed[j].excess)
                                                   : summary.total * q - listed[j].pi);
         if constexpr (Terms::hard) {
-            g += hard_scale * std::exp(static_cast<double>(student[c]) - static_cast<double>(row_max));
+            if (label_alone_at_top && static_cast<std::int64_t>(c) == label)
+                g -= target_scale * sums.hard.rest / Terms::HardTerm::student_hard(sums.hard);
+            else g += hard_scale * std::exp(static_cast<double>(student[c]) - static_cast<double>(row_max));
             if constexpr (Terms::distribution) g -= target_scale * static_cast<double>(target[c]);
         }
         gradient[c] = static_cast<T>(g);
@@ -580,6 +584,8 @@ void run_sparse_rows_with(const BatchProblem<T>& problem, std::size_t begin, std
             class_index = problem.class_indices[row_offset * problem.class_index_stride];
             Terms::HardTerm::at_label(sums.hard,
                                       static_cast<double>(student[class_index]) - static_cast<double>(row_max));
+            // (Before listed_classes, which sets the listed classes' exponentials to 0.)
+            if constexpr (std::is_same_v<T, double>) Terms::HardTerm::count_maxima_apart(sums.hard, row, n);
         }
         const ListedSummary summary = listed_classes(problem, i, student, row_max, student_soft, n, listed, sums.soft);
 
@@ -601,9 +607,9 @@ void run_sparse_rows_with(const BatchProblem<T>& problem, std::size_t begin, std
                     problem, student, row_max, soft,
                     problem.gradient_scale * problem.soft_weight * problem.temperature * sums.soft.unlisted,
                     std::launder(listed), summary, row_gradient);
-            write_listed<T, Terms>(problem, student, row_max, target, sums, std::launder(listed), summary,
+            write_listed<T, Terms>(problem, student, row_max, target, class_index, sums, std::launder(listed), summary,
                                    row_gradient);
-            if constexpr (Terms::class_index) row_gradient[class_index] -= coefficients.hard.label_scale;
+            if constexpr (Terms::class_index) row_gradient[class_index] -= coefficients.hard.label_scale[0];
             if (padded) std::copy(row_gradient, row_gradient + classes, gradient);
         }
     }

@@ -14,6 +14,7 @@
 // V is Pack<double> while a pass adds the sums up a lane at a time, double for one long row, and Pack<double>
 // again when `lanes` rows' losses are computed at once.
 
+#include <cmath>
 #include <cstddef>
 #include <type_traits>
 
@@ -239,6 +240,28 @@ template <class V>
 struct GradientSize {
     V largest, terms;
 };
+
+// The largest magnitude of x[0 .. n) (NaN passed over): GradientSize's largest entry for a row whose label's entry,
+// which a class index's y is subtracted from after the gradient pass, was the largest the pass saw (lanes =
+// lanes_apart, a block's rows) or one row's (lanes_apart = 1, n >= lanes).
+template <class T>
+Pack<T> largest_magnitude(const T* x, std::size_t n, bool lanes_apart) noexcept {
+    Pack<T> largest;
+    if (n < lanes) {
+        T scalar = 0;
+        for (std::size_t i = 0; i < n; ++i) scalar = std::fabs(x[i]) > scalar ? std::fabs(x[i]) : scalar;
+        return Pack<T>(scalar);
+    }
+    auto update = [&](std::size_t i) KDLOSS_INLINE_LAMBDA {
+        const Pack<T> entry = magnitude(Pack<T>::load(x + i));
+        largest = select(entry > largest, entry, largest);
+    };
+    const std::size_t whole = n - n % lanes;
+    for (std::size_t i = 0; i < whole; i += lanes) update(i);
+    if (whole != n) update(n - lanes);  // (a window over the last block: an entry seen twice does no harm)
+    if (!lanes_apart) largest = Pack<T>(largest.max());
+    return largest;
+}
 
 // Rows whose class-index label is ignore_index: no loss, a zero gradient row.
 template <class T>
