@@ -79,6 +79,14 @@ struct CrossEntropy {
         sums.target_cross = label_logit;
     }
 
+    // Adds e to the rest, or 1 to the maxima where at_max.
+    template <class T>
+    static KDLOSS_INLINE void add_apart(const Mask<T>& at_max, const Pack<T>& e, Pack<T>& rest,
+                                        Pack<T>& maxima) noexcept {
+        rest = select(at_max, rest, rest + e);
+        maxima = select(at_max, maxima + T(1), maxima);
+    }
+
     template <class T>
     struct Partials {
         // Float counts the maxima apart in every row: its sum would round the rest to float's resolution at 1, which
@@ -103,12 +111,8 @@ struct CrossEntropy {
                 e_hard = soft_power(e_student, row.hard_power);
             }
             const Pack<T> e_hard_summed = summed(e_hard, T(0), skipped);
-            if constexpr (count_maxima) {
-                rest = select(at_max, rest, rest + e_hard_summed);
-                maxima = select(at_max, maxima + T(1), maxima);
-            } else {
-                rest += e_hard_summed;
-            }
+            if constexpr (count_maxima) add_apart(at_max, e_hard_summed, rest, maxima);
+            else rest += e_hard_summed;
             if constexpr (Distribution) {
                 const Pack<T> y = summed(Pack<T>::load(row.target + i), T(0), skipped);
                 target_mass += y;
@@ -148,9 +152,7 @@ struct CrossEntropy {
         const std::size_t whole = n - n % lanes;
         for (std::size_t i = 0; i < whole; i += lanes) {
             const Pack<T> e = e_hard(i);
-            const Mask<T> at_max = e == Pack<T>(1.0);
-            rest = select(at_max, rest, rest + e);
-            maxima = select(at_max, maxima + 1.0, maxima);
+            add_apart(e == Pack<T>(1.0), e, rest, maxima);
         }
         if constexpr (std::is_same_v<V, double>) {
             double tail_rest = 0.0, tail_maxima = 0.0;
@@ -185,8 +187,8 @@ struct CrossEntropy {
         Pack<T> h_scale, y_scale, at_top;
         // A bound on the hard term's entries as the gradient pass adds them, for GradientSize (lane_math.hpp's
         // write_gradient): the scale times sum(y) (h sum(y) and y are at most that); for a class index h_scale (the
-        // pass adds h, at most 1 / Z_h, and the label's 1 comes after it: largest_after_label), or rest / Z_h
-        // where it is alone at the top.
+        // pass adds h, at most 1 / Z_h, and the label's 1 comes after it: row_kernel.hpp), or rest / Z_h where it
+        // is alone at the top.
         Pack<T> size;
         // What a class index's gradient entry subtracts, per lane (a block's rows; a row's, in every lane). Rounded
         // once, here: computed again where it is subtracted, the compiler may fuse its product into the

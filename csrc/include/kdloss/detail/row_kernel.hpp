@@ -101,7 +101,7 @@ KDLOSS_NOINLINE RowSums<Terms> distill_row(const BatchProblem<T>& problem, Exp2S
             if constexpr (Terms::soft && Terms::exact_rows) {
                 const double after = std::fabs(static_cast<double>(gradient[class_index]));
                 size.largest = std::fabs(before) >= size.largest
-                                   ? static_cast<double>(largest_magnitude(gradient, n, false).max())
+                                   ? static_cast<double>(largest_magnitude(gradient, n).max())
                                    : std::fmax(size.largest, after);
             }
         }
@@ -191,7 +191,7 @@ KDLOSS_NOINLINE void distill_block(const BatchProblem<T>& problem, Exp2Scale<T> 
                 largest[lane] = std::fmax(largest[lane], std::fabs(entry));
             }
             if constexpr (Terms::soft && Terms::exact_rows)
-                size.largest = label_largest ? largest_magnitude(gradient, m, true) : Pack<T>::load(largest);
+                size.largest = label_largest ? largest_magnitude(gradient, m) : Pack<T>::load(largest);
         }
         T* gradient_rows[lanes] = {};
         for (std::size_t lane = 0; lane < count; ++lane)

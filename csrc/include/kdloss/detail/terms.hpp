@@ -241,11 +241,11 @@ struct GradientSize {
     V largest, terms;
 };
 
-// The largest magnitude of x[0 .. n) (NaN passed over): GradientSize's largest entry for a row whose label's entry,
-// which a class index's y is subtracted from after the gradient pass, was the largest the pass saw (lanes =
-// lanes_apart, a block's rows) or one row's (lanes_apart = 1, n >= lanes).
+// The largest magnitude of x[0 .. n), lane by lane (NaN passed over): GradientSize's largest entry for a row whose
+// label's entry, which a class index's y is subtracted from after the gradient pass, was the largest the pass saw
+// (a block's rows, one a lane; or one row's, whose lanes' max() it is).
 template <class T>
-Pack<T> largest_magnitude(const T* x, std::size_t n, bool lanes_apart) noexcept {
+Pack<T> largest_magnitude(const T* x, std::size_t n) noexcept {
     Pack<T> largest;
     if (n < lanes) {
         T scalar = 0;
@@ -259,7 +259,6 @@ Pack<T> largest_magnitude(const T* x, std::size_t n, bool lanes_apart) noexcept 
     const std::size_t whole = n - n % lanes;
     for (std::size_t i = 0; i < whole; i += lanes) update(i);
     if (whole != n) update(n - lanes);  // (a window over the last block: an entry seen twice does no harm)
-    if (!lanes_apart) largest = Pack<T>(largest.max());
     return largest;
 }
 
