@@ -353,6 +353,52 @@ def test_saturated_rows(dtype, divergence, classes):
     assert np.array_equal(kd.compute_loss(student, teacher), loss)  # the loss alone is the same, bit for bit
 
 
+def one_hot_students(rng, count, classes, rests, temperature):
+    """Students N(0, 1) but for a top class at a random index, whose tempered softmax leaves the other classes rests[i]
+    of its own mass (Z_s - 1 = rest at T), in rows i, i + len(rests), ... of `count` rows that are otherwise
+    ordinary (N(0, 3^2)), so that a block of rows holds some of each."""
+    student = rng.normal(0, 3, (count, classes))
+    for row in range(0, count, 2):
+        rest = rests[(row // 2) % len(rests)]
+        top = rng.integers(0, classes)
+        others = np.delete(rng.normal(0, 1, classes), top)
+        student[row] = np.insert(others, top, 0.0)
+        student[row, top] = temperature * (np.log(np.exp(others / temperature).sum()) - np.log(rest))
+    return student
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("classes", [10, 300])
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+@pytest.mark.parametrize("labels", [None, "indices", "distributions"])
+def test_nearly_one_hot_students_among_ordinary_rows(dtype, divergence, classes, temperature, labels):
+    """Every other row's student nearly one-hot (Z_s - 1 from 1/20 down to 1e-9), its teacher independent, close to it
+    or sure of another class. Reverse KL's gradient at the top class, q_k (r_k - E_q[r]), is a difference of two
+    numbers near r_k there: it is taken as minus the sum of the row's other entries (top_entry.hpp), which float32
+    rows of 10 classes at T = 1 had instead gone to the double kernels for, a tenth of such a call's rows."""
+    mp.mp.dps = 50
+    rng = np.random.default_rng(26)
+    rests = [1 / 20, 1e-2, 1e-3, 1e-5, 1e-7, 1e-9]
+    student = one_hot_students(rng, 2 * len(rests), classes, rests, temperature)
+    teacher = rng.normal(0, 3, student.shape)
+    teacher[2::6] = student[2::6] + rng.normal(0, 1e-2, student[2::6].shape)
+    teacher[4::6, 0] += 30.0
+    student, teacher = student.astype(dtype), teacher.astype(dtype)
+    if labels == "indices":
+        targets = rng.integers(0, classes, len(student))
+        targets[::4] = student[::4].argmax(axis=1)  # the student right, and sure of it
+    elif labels == "distributions":
+        targets = rng.dirichlet(np.ones(classes), len(student)).astype(dtype)
+    else:
+        targets = None
+    true_loss, true_gradient = true_rows(student, teacher, temperature, divergence, targets)
+    kd = DistillationLoss(temperature, ALPHA, reduction="none", divergence=divergence, beta=0.5, skew=0.1)
+    loss, gradient = kd.loss_and_gradient(student, teacher, targets)
+    assert_rows_close(loss, gradient, true_loss, true_gradient, dtype, f"C={classes}, T={temperature}, {labels}")
+    assert np.array_equal(kd.compute_loss(student, teacher, targets), loss)  # the loss alone, bit for bit
+
+
 @mp.workdps(50)
 def true_sparse_rows(student, indices, logprobs, temperature, tail):
     """Per row: T^2 D against a sparse teacher, bucket or renormalised (docs/math.md, "Sparse teachers"), and its

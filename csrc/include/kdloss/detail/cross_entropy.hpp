@@ -204,7 +204,7 @@ struct CrossEntropy {
                 return k;
             }
             const auto alone = alone_at_top(sums);
-            const V top = (0.0 - scale) * sums.rest / student_hard(sums);
+            const V top = (0.0 - h_scale) * sums.rest;  // a class index's target_mass is 1
             k.at_top = narrow<T>(select(alone, top, h_scale));
             k.size = narrow<T>(select(alone, 0.0 - top, h_scale));
             narrow<T>(select(alone, V(0.0), V(scale))).store(k.label_scale);

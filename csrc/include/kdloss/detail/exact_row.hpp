@@ -52,7 +52,8 @@ void widened_rows(const BatchProblem<T>& problem, const std::size_t* rows, std::
 
 // Float rows that redo_inexact_rows sends to widened_rows, gathered until they make a group (widened_group): a
 // block of short rows costs the double kernels as much for one row as for sixteen, and where a row in fifty needs it
-// (short rows that saturate at T = 1), one at a time cost such a call half its time again. With each row, the loss to
+// (short rows whose gradient is small against its terms at T = 1), one at a time cost such a call half its time
+// again. With each row, the loss to
 // put back once it is done (rows computed again for their gradient alone keep the kernels' loss). For a double
 // problem, nothing: its rows go to exact_row one by one.
 template <class T>
@@ -106,16 +107,17 @@ void exact_row(const BatchProblem<T>& problem, std::size_t row, ExactKind kind) 
 }
 
 // Once rows[0 .. count)'s losses and gradient rows are written (a block's, or RowLosses' rows), given their
-// divergences as the kernels computed them: those whose results cancellation or rounding may have spoilt (and
-// reverse KL's rows whose student is nearly one-hot, below), computed again: a float row by the double kernels
+// divergences as the kernels computed them: those whose results cancellation or rounding may have spoilt, computed
+// again: a float row by the double kernels
 // (widened_rows, in `widened`), which judge it by float's tolerance and send it on here if they must; a double row
 // by exact_row. The kernels' error in D, measured
 // against a high-precision truth over rows from near matches to independent logits (issue 20), has two parts:
 // - some ulps of T's precision times the size of the terms D is the difference of (its soft term's terms_size): a
 //   row is computed again where D is below its redo_fraction of that size;
 // - a floor from the rounding of each exponential, about an ulp times sqrt(sum p^2) <= sqrt(max p) of the
-//   distribution D's sums are weighted by (the soft term's largest_probability), whatever the terms' size: a row is
-//   computed again where D is below 4 ulps times that over the tolerance, D^2 < rounding_floor^2 max p. (Float32 rows
+//   distribution D's sums are weighted by (one over the soft term's inverse_largest_probability), whatever the terms'
+//   size: a row is computed again where D is below 4 ulps times that over the tolerance, D^2 / max p < rounding_floor^2
+//   (a D of 0 is the small D's below, where 1 / max p is infinite and their product NaN). (Float32 rows
 //   with D from 1e-3 to 1e-2 and few classes missed the tolerance by up to 4x before this part.)
 // and rows with D below 1e-3 (float; 1e-6 for double) are computed again whatever else. These keep the loss within
 // 0.6 of the tolerances the library promises (float 1e-5, double 1e-12) on every kept row measured. The gradient
@@ -127,13 +129,44 @@ void exact_row(const BatchProblem<T>& problem, std::size_t row, ExactKind kind) 
 // small difference of two numbers near a constant; the kernels' gradient missed by up to 1e3 times float's
 // tolerance there, and 170 times double's. Such a row keeps the kernels' loss, which is accurate, so that the loss
 // alone stays that of loss_and_gradient, bit for bit. Ordinary rows (T of 1 to 4, student and teacher apart) are far
-// from all of these, and pay for two maxima in the gradient pass and a comparison per block of rows. Above
-// kernels_max_temperature every row is computed again. A soft term may name more rows (its `saturated`) and names the
-// formula (its `exact_kind`).
+// from all of these, and pay for two maxima in the gradient pass and a comparison per block of rows. (A nearly
+// one-hot student's entry at its top class is taken from the others' before this, top_entry.hpp, and its
+// GradientSize with it.) Above kernels_max_temperature every row is computed again. A soft term names the formula
+// (its `exact_kind`).
+// redo_inexact_rows' rows, once found: flags[lane] != 0 for each row to compute again, loss_flags[lane] != 0 where its
+// loss is too (else kept). Out of line: most blocks of rows have none.
+template <class Soft, class T>
+KDLOSS_NOINLINE void redo_rows(const BatchProblem<T>& problem, const Pack<double>& loss_flags,
+                               const Pack<double>& flags, const std::size_t* rows, std::size_t count,
+                               WidenedRows<T>& widened) noexcept {
+    double loss_flag[lanes], flag[lanes];
+    loss_flags.store(loss_flag);
+    flags.store(flag);
+    if constexpr (std::is_same_v<T, float>) {
+        // Float rows first in double, by the kernels (widened_rows): about 2.5 times a float row where the exact
+        // pass takes about 20, and good to float's tolerance but for the near matches that the double kernels
+        // send on to the exact pass themselves.
+        for (std::size_t lane = 0; lane < count; ++lane)
+            if (flag[lane] != 0.0) widened.add(problem, rows[lane], loss_flag[lane] == 0.0);
+        return;
+    }
+    for (std::size_t lane = 0; lane < count; ++lane) {
+        if (flag[lane] == 0.0) continue;
+        const double kept_loss = problem.row_losses[rows[lane]];
+        const double kept_hard_loss = problem.row_hard_losses != nullptr ? problem.row_hard_losses[rows[lane]] : 0.0;
+        exact_row(problem, rows[lane], Soft::exact_kind);
+        if (loss_flag[lane] != 0.0) continue;
+        problem.row_losses[rows[lane]] = kept_loss;
+        if (problem.row_hard_losses != nullptr) problem.row_hard_losses[rows[lane]] = kept_hard_loss;
+    }
+}
+
 template <class Terms, class T>
-void redo_inexact_rows(const BatchProblem<T>& problem, const typename Terms::template Sums<Pack<double>>& sums,
-                       const Pack<double>& divergence, const std::size_t* rows, std::size_t count,
-                       WidenedRows<T>& widened, const GradientSize<Pack<double>>* gradient_size) noexcept {
+KDLOSS_INLINE void redo_inexact_rows(const BatchProblem<T>& problem,
+                                     const typename Terms::template Sums<Pack<double>>& sums,
+                                     const Pack<double>& divergence, const std::size_t* rows, std::size_t count,
+                                     WidenedRows<T>& widened,
+                                     const GradientSize<Pack<double>>* gradient_size) noexcept {
     if constexpr (Terms::exact_rows) {
         using Soft = typename Terms::SoftTerm;
         constexpr bool single = std::is_same_v<T, float>;
@@ -150,37 +183,16 @@ void redo_inexact_rows(const BatchProblem<T>& problem, const typename Terms::tem
         const Pack<double> size = relative * Soft::terms_size_numerator(sums.soft, problem.temperature);
         const Pack<double> scaled = divergence * Soft::terms_size_denominator(sums.soft, problem.temperature);
         Mask<double> inexact = (scaled < size) | (divergence < Pack<double>(small));
-        inexact = inexact |
-                  (divergence * divergence < (rounding_floor * rounding_floor) * Soft::largest_probability(sums.soft));
-        inexact = inexact | Soft::template saturated<T>(sums.soft);
-        double loss_flag[lanes], flag[lanes];
-        select(inexact, Pack<double>(1.0), Pack<double>(0.0)).store(loss_flag);
+        inexact = inexact | (divergence * divergence * Soft::inverse_largest_probability(sums.soft) <
+                             Pack<double>(rounding_floor * rounding_floor));
+        const Pack<double> loss_flags = select(inexact, Pack<double>(1.0), Pack<double>(0.0));
         // The gradient: a row whose largest entry is within 4 ulps over the tolerance of the terms its entries are
         // differences and sums of (GradientSize). Its loss is kept: it is accurate, and the loss alone is then
         // that of loss_and_gradient, bit for bit.
         if (gradient_size != nullptr)
             inexact = inexact | (gradient_size->largest < rounding_floor * gradient_size->terms);
         const Pack<double> flags = select(inexact, Pack<double>(1.0), Pack<double>(0.0));
-        if (flags.sum() == 0.0) return;
-        flags.store(flag);
-        if constexpr (single) {
-            // Float rows first in double, by the kernels (widened_rows): about 2.5 times a float row where the exact
-            // pass takes about 20, and good to float's tolerance but for the near matches that the double kernels
-            // send on to the exact pass themselves.
-            for (std::size_t lane = 0; lane < count; ++lane)
-                if (flag[lane] != 0.0) widened.add(problem, rows[lane], loss_flag[lane] == 0.0);
-            return;
-        }
-        for (std::size_t lane = 0; lane < count; ++lane) {
-            if (flag[lane] == 0.0) continue;
-            const double kept_loss = problem.row_losses[rows[lane]];
-            const double kept_hard_loss =
-                problem.row_hard_losses != nullptr ? problem.row_hard_losses[rows[lane]] : 0.0;
-            exact_row(problem, rows[lane], Soft::exact_kind);
-            if (loss_flag[lane] != 0.0) continue;
-            problem.row_losses[rows[lane]] = kept_loss;
-            if (problem.row_hard_losses != nullptr) problem.row_hard_losses[rows[lane]] = kept_hard_loss;
-        }
+        if (flags.sum() != 0.0) redo_rows<Soft>(problem, loss_flags, flags, rows, count, widened);
     }
 }
 

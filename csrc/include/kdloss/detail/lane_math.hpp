@@ -249,12 +249,20 @@ KDLOSS_NOINLINE void second_pass(const RowBuffers<T>& row, std::size_t n, Pass p
 // GradientSize in `size`, lane by lane: its largest entry, and the terms of the soft and the hard parts' entries,
 // each entry's rounding relative to them. (The largest is the whole entry's, soft and hard: at a student that all but
 // balances the two, as training does, the sum cancels. Each soft entry is then at most it plus the hard term's size.)
-template <class T, class Terms>
+// A block's rows (BlockLabels) have their class indices' y subtracted here, `labels` holding each lane's class (as T):
+// after the pass, the label's entry was a scalar store into what the Packs of GradientSize had seen.
+template <class T, class Terms, bool BlockLabels = false>
 KDLOSS_NOINLINE LaneMaxima<T> write_gradient(T* gradient, const RowBuffers<T>& row,
                                              const GradientCoefficients<T, Terms>& coefficients, std::size_t n,
-                                             RowLogits<T> next, GradientSize<Pack<T>>* size = nullptr) noexcept {
+                                             RowLogits<T> next, GradientSize<Pack<T>>* size = nullptr,
+                                             const T* labels = nullptr) noexcept {
     const GradientCoefficients<T, Terms> k = coefficients;  // local copies, which the stores below cannot alias
     const RowBuffers<T> buffers = row;
+    Pack<T> label_classes, label_scale;
+    if constexpr (BlockLabels) {
+        label_classes = Pack<T>::load(labels);
+        label_scale = Pack<T>::load(k.hard.label_scale);
+    }
     constexpr bool sized = Terms::soft && Terms::exact_rows;
     Pack<T> largest;  // size's, kept apart from `size` itself, which the stores might alias
     auto at = [&](std::size_t i) KDLOSS_INLINE_LAMBDA {
@@ -262,6 +270,8 @@ KDLOSS_NOINLINE LaneMaxima<T> write_gradient(T* gradient, const RowBuffers<T>& r
         const Pack<T> e_student = Pack<T>::load(buffers.student_soft + i);
         if constexpr (Terms::soft) g = k.soft.gradient(i, e_student, buffers);
         if constexpr (Terms::hard) k.hard.add_to_gradient(g, i, e_student, buffers);
+        if constexpr (BlockLabels)
+            g = g - select(label_classes == Pack<T>(static_cast<T>(i / lanes)), label_scale, T(0));
         if constexpr (sized) {
             const Pack<T> entry = magnitude(g);
             largest = select(entry > largest, entry, largest);

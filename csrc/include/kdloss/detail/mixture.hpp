@@ -353,13 +353,10 @@ struct Mixture {
         return sums.divergence;
     }
 
-    // redo_inexact_rows' formula for these terms, and no rows that it computes again whatever their divergence
-    // (G is centred on the student's dominant class already, see the top of this file).
+    // redo_inexact_rows' formula for these terms, and no top entry from the others (top_entry.hpp): G is centred on
+    // the student's dominant class already, see the top of this file.
     static constexpr ExactKind exact_kind = ExactKind::mixture;
-    template <class T>
-    static KDLOSS_INLINE Mask<double> saturated(const Sums<Pack<double>>&) noexcept {
-        return Pack<double>() != Pack<double>();  // none
-    }
+    static constexpr bool top_from_others = false;
 
     // D is a sum of terms here, not a difference of two: only its own size says whether redo_inexact_rows
     // (exact_row.hpp) computes it again. Each term's logarithm is good to a few ulps of its size, the logits'
@@ -376,12 +373,12 @@ struct Mixture {
     }
 
     // For redo_inexact_rows: the fractions the size above is taken with, and no floor from the exponentials' rounding
-    // (a largest probability of 0): each of D's terms is rounded relative to itself.
+    // (a largest probability of 0, one over it infinite): each of D's terms is rounded relative to itself.
     template <class T>
     static constexpr double redo_fraction = std::is_same_v<T, float> ? 1.0 / 64 : 1.0 / 1024;
     template <class V>
-    static KDLOSS_INLINE V largest_probability(const Sums<V>&) noexcept {
-        return V(0.0);
+    static KDLOSS_INLINE V inverse_largest_probability(const Sums<V>&) noexcept {
+        return V(std::numeric_limits<double>::infinity());
     }
 
     // The gradient's soft term: weight T q (G - E_q[G]) = scale e^(ds/T) (G - mean) (CentredGradient).

@@ -87,16 +87,26 @@ struct ReverseKL {
                fast_log1p(sums.soft_difference / sums.student_soft);
     }
 
-    // Rows that redo_inexact_rows computes again whatever their divergence: a nearly one-hot student. Its top
-    // class's e^0 = 1 is all but the whole of Z_s, and the kernels' gradient there, q (r - E_q[r]), a difference
-    // of two numbers near r_top (exact_row centres it). The loss alone takes the same rows, so that it is the loss
-    // of loss_and_gradient, bit for bit. Float's 2^-24 of r_top is then 1e-5 of the gradient below Z_s - 1 ~ 1/16;
-    // double's 2^-53, 1e-12 of it below ~1e-4 (a margin of 10 below each).
     static constexpr ExactKind exact_kind = ExactKind::reverse_kl;
-    template <class T>
-    static KDLOSS_INLINE Mask<double> saturated(const Sums<Pack<double>>& sums) noexcept {
-        constexpr double margin = std::is_same_v<T, float> ? 1.0 / 16 : 1e-5;
-        return sums.student_soft < Pack<double>(1.0 + margin);
+
+    // Rows whose gradient entry at the student's top class k is taken from the others' (top_entry.hpp): a nearly
+    // one-hot student. Its e^0 = 1 at k is all but the whole of Z_s, and the kernels' entry there, q (r - E_q[r]), a
+    // difference of two numbers near r_k. Float's 2^-24 of r_k is 1e-5 of that entry below Z_s - 1 ~ 1/160; double's
+    // 2^-53, 1e-12 of it below ~1e-4 (a margin of 10 over each).
+    static constexpr bool top_from_others = true;
+    template <class T, class V>
+    static KDLOSS_INLINE auto nearly_one_hot(const Sums<V>& sums) noexcept {
+        constexpr double margin = std::is_same_v<T, float> ? 1.0 / 16 : 1e-3;
+        return sums.student_soft < V(1.0 + margin);
+    }
+    // What the other entries share (top_entry.hpp): E_q[r]'s rounding, with terms_bound's 2 |mean|, times the
+    // coefficients' scale and the others' mass Z_s - 1. A float Z_s is summed in float, which leaves its Z_s - 1 some
+    // ulps of 1 (2^-20 more, for them).
+    template <class T, class V>
+    static KDLOSS_INLINE Pack<T> shared_terms(const Sums<V>& sums, const CentredGradient<T>& k) noexcept {
+        constexpr double rounding = std::is_same_v<T, float> ? 0x1p-20 : 0x1p-49;
+        const V rest = sums.student_soft - 1.0;
+        return T(2) * k.scale * magnitude(k.mean) * narrow<T>(select(rest < V(0.0), V(0.0), rest) + rounding);
     }
 
     // The size of the two terms `divergence` is the difference of, for redo_inexact_rows (exact_row.hpp), as a
@@ -112,12 +122,12 @@ struct ReverseKL {
         return sums.student_soft * temperature;
     }
 
-    // For redo_inexact_rows, as forward_kl.hpp's, with max q = 1 / Z_s.
+    // For redo_inexact_rows, as forward_kl.hpp's, with 1 / max q = Z_s.
     template <class T>
     static constexpr double redo_fraction = std::is_same_v<T, float> ? 1.0 / 16 : 1.0 / 1024;
     template <class V>
-    static KDLOSS_INLINE V largest_probability(const Sums<V>& sums) noexcept {
-        return 1.0 / sums.student_soft;
+    static KDLOSS_INLINE V inverse_largest_probability(const Sums<V>& sums) noexcept {
+        return sums.student_soft;
     }
 
     // The gradient's soft term: weight q (r - E_q[r]) = scale e^(ds/T) (r - mean) (CentredGradient).

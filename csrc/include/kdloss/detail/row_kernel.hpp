@@ -22,6 +22,7 @@
 #include "kdloss/detail/kernel_namespace.hpp"
 #include "kdloss/detail/lane_math.hpp"
 #include "kdloss/detail/simd_math.hpp"
+#include "kdloss/detail/top_entry.hpp"
 #include "kdloss/detail/transpose.hpp"
 
 namespace kdloss::detail {
@@ -31,6 +32,46 @@ inline namespace KDLOSS_KERNEL_NAMESPACE {
 // its logarithms and divisions cost as much for one row as for sixteen.
 template <class Terms>
 using RowSums = typename Terms::template Sums<double>;
+
+// What a nearly one-hot row's top entry, taken from the others (top_entry.hpp), is rounded relative to beyond their
+// magnitudes: what the soft term's entries share, and the hard term's largest (the labels' y among them); lane by
+// lane for a block's rows, in every lane for one row's (V = double).
+template <class T, class Terms, class V>
+KDLOSS_INLINE Pack<T> shared_terms(const typename Terms::template Sums<V>& sums,
+                                   const GradientCoefficients<T, Terms>& k) noexcept {
+    const Pack<T> soft = Terms::SoftTerm::template shared_terms<T>(sums.soft, k.soft);
+    if constexpr (Terms::hard) return soft + k.hard.size;
+    else return soft;
+}
+
+// A block's nearly one-hot rows' top entries (top_entry.hpp), once the block's gradient rows[0 .. count) are written:
+// each is then a scalar store that no Pack load waits for. Their GradientSize in `size`.
+template <class T, class Terms>
+void set_block_top_entries(const BatchProblem<T>& problem, const typename Terms::template Sums<Pack<double>>& sums,
+                           const GradientCoefficients<T, Terms>& k, const T* const* student_rows,
+                           const Pack<T>& student_max, T* const* gradient_rows, std::size_t count,
+                           GradientSize<Pack<double>>& size) noexcept {
+    double one_hot[lanes];
+    select(Terms::SoftTerm::template nearly_one_hot<T>(sums.soft), Pack<double>(1.0), Pack<double>(0.0)).store(one_hot);
+    bool any = false;
+    for (std::size_t lane = 0; lane < count; ++lane) any = any || one_hot[lane] != 0.0;
+    if (!any) return;
+    double largest[lanes], terms[lanes];
+    T shared[lanes], maxima[lanes];
+    shared_terms<T, Terms>(sums, k).store(shared);
+    size.largest.store(largest);
+    size.terms.store(terms);
+    student_max.store(maxima);
+    const std::size_t n = problem.classes;
+    for (std::size_t lane = 0; lane < count; ++lane) {
+        if (one_hot[lane] == 0.0) continue;
+        GradientSize<double> row_size;
+        set_top_entry(gradient_rows[lane], n, top_class(student_rows[lane], n, maxima[lane]), shared[lane], row_size);
+        largest[lane] = row_size.largest;
+        terms[lane] = row_size.terms;
+    }
+    size = {Pack<double>::load(largest), Pack<double>::load(terms)};
+}
 
 // Lane maxima found ahead of their row (by a pass of the row before), and the row they are of.
 template <class T>
@@ -105,6 +146,11 @@ KDLOSS_NOINLINE RowSums<Terms> distill_row(const BatchProblem<T>& problem, Exp2S
                                    : std::fmax(size.largest, after);
             }
         }
+        if constexpr (Terms::top_from_others) {
+            if (Terms::SoftTerm::template nearly_one_hot<T>(sums.soft))
+                set_top_entry(gradient, n, top_class(student, n, row_student_max),
+                              static_cast<double>(shared_terms<T, Terms>(sums, coefficients)[0]), size);
+        }
     }
     return sums;
 }
@@ -175,30 +221,21 @@ KDLOSS_NOINLINE void distill_block(const BatchProblem<T>& problem, Exp2Scale<T> 
     const Pack<double> divergence = store_row_losses<Terms>(problem, sums, rows, count);
 
     GradientSize<Pack<T>> size;
+    GradientSize<Pack<double>> wide_size;
     if constexpr (Terms::gradient) {
         const auto coefficients = GradientCoefficients<T, Terms>::from_sums(sums, problem);
-        write_gradient<T, Terms>(gradient, row, coefficients, m, RowLogits<T>{}, &size);
-        if constexpr (Terms::class_index) {
-            // The pass saw the labels' entries before their y: where one was its row's largest, each row's largest
-            // entry again, from its lane (the others' take their label's entry after).
-            T largest[lanes];
-            size.largest.store(largest);
-            bool label_largest = false;
-            for (std::size_t lane = 0; lane < count; ++lane) {
-                T& entry = gradient[static_cast<std::size_t>(class_index[lane]) * lanes + lane];
-                label_largest = label_largest || std::fabs(entry) >= largest[lane];
-                entry -= coefficients.hard.label_scale[lane];
-                largest[lane] = std::fmax(largest[lane], std::fabs(entry));
-            }
-            if constexpr (Terms::soft && Terms::exact_rows)
-                size.largest = label_largest ? largest_magnitude(gradient, m) : Pack<T>::load(largest);
-        }
+        T labels[lanes];
+        for (std::size_t lane = 0; lane < lanes; ++lane) labels[lane] = static_cast<T>(class_index[lane]);
+        write_gradient<T, Terms, Terms::class_index>(gradient, row, coefficients, m, RowLogits<T>{}, &size, labels);
         T* gradient_rows[lanes] = {};
         for (std::size_t lane = 0; lane < count; ++lane)
             gradient_rows[lane] = problem.gradient + static_cast<std::ptrdiff_t>(rows[lane]) * problem.gradient_stride;
         lanes_to_rows(gradient, n, gradient_rows, count);
+        wide_size = {widen(size.largest), widen(size.terms)};
+        if constexpr (Terms::top_from_others)
+            set_block_top_entries<T, Terms>(problem, sums, coefficients, student_rows, student_max, gradient_rows,
+                                            count, wide_size);
     }
-    const GradientSize<Pack<double>> wide_size{widen(size.largest), widen(size.terms)};
     redo_inexact_rows<Terms>(problem, sums, divergence, rows, count, widened, Terms::gradient ? &wide_size : nullptr);
 }
 

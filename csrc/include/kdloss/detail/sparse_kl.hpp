@@ -44,6 +44,7 @@ struct SparseKL {
     static constexpr bool second_pass = false;
     static constexpr bool exact_rows = false;
     static constexpr bool dense_teacher = false;
+    static constexpr bool top_from_others = false;
 
     template <class V>
     struct Sums {

@@ -43,6 +43,7 @@ struct Absent {
     static constexpr bool second_pass = false;
     static constexpr bool exact_rows = false;
     static constexpr bool dense_teacher = false;
+    static constexpr bool top_from_others = false;
     template <class V>
     struct Sums {
         static Sums neutral() noexcept { return {}; }
@@ -118,6 +119,8 @@ struct Terms {
     // Rows that cancellation would spoil are computed again (exact_row.hpp); Soft says how it recognises them.
     static constexpr bool exact_rows = Soft::exact_rows;
     static constexpr bool dense_teacher = Soft::dense_teacher;  // teacher logits, not a SparseTeacherView
+    // A nearly one-hot student's gradient at its top class is minus the sum of the others' (top_entry.hpp).
+    static constexpr bool top_from_others = Gradient && Soft::top_from_others;
     using without_gradient = Terms<Soft, Hard, false>;
     template <class V>
     using Sums = TermSums<Soft, Hard, V>;
@@ -241,17 +244,12 @@ struct GradientSize {
     V largest, terms;
 };
 
-// The largest magnitude of x[0 .. n), lane by lane (NaN passed over): GradientSize's largest entry for a row whose
-// label's entry, which a class index's y is subtracted from after the gradient pass, was the largest the pass saw
-// (a block's rows, one a lane; or one row's, whose lanes' max() it is).
+// The largest magnitude of x[0 .. n), lane by lane (NaN passed over; n >= lanes): GradientSize's largest entry for a
+// long row whose label's entry, which a class index's y is subtracted from after the gradient pass, was the largest
+// the pass saw (the row's is their max()).
 template <class T>
 Pack<T> largest_magnitude(const T* x, std::size_t n) noexcept {
     Pack<T> largest;
-    if (n < lanes) {
-        T scalar = 0;
-        for (std::size_t i = 0; i < n; ++i) scalar = std::fabs(x[i]) > scalar ? std::fabs(x[i]) : scalar;
-        return Pack<T>(scalar);
-    }
     auto update = [&](std::size_t i) KDLOSS_INLINE_LAMBDA {
         const Pack<T> entry = magnitude(Pack<T>::load(x + i));
         largest = select(entry > largest, entry, largest);
