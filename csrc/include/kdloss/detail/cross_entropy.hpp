@@ -133,12 +133,15 @@ struct CrossEntropy {
     };
 
     // Double's maxima and rest apart, once at_label has set a class index's ds (the row's sums, V = double; or a
-    // block's, lanes apart), for the rows whose label is at the top (ds 0) with Z_h < 1.5: from the e^(ds) the
-    // exponential pass left in `row` (n of them; a block's lanes x classes), a pass over those rows alone.
+    // block's, lanes apart), for the rows whose label is at the top (ds 0) with Z_h < 1 + 2^-6: from the e^(ds) the
+    // exponential pass left in `row` (n of them; a block's lanes x classes), a pass over those rows alone. Where the
+    // rest is larger, Z_h summed whole leaves it 2^-53 Z_h / rest <= 1e-14 of itself, and the label's entry
+    // h_y - 1 = -rest / Z_h (taken as h_y less 1 there) as much: far inside double's 1e-12. (The bound was 1.5 at
+    // first: half the blocks of random rows of 10 classes then took this pass, 4% of a float64 call.)
     template <class T, class V>
     static void count_maxima_apart(Sums<V>& sums, const RowBuffers<T>& row, std::size_t n) noexcept {
         static_assert(std::is_same_v<T, double> && !Distribution);
-        const auto wanted = select(sums.rest < V(1.5), V(0.0), V(1.0)) - sums.target_cross == V(0.0);
+        const auto wanted = select(sums.rest < V(1.0 + 0x1p-6), V(0.0), V(1.0)) - sums.target_cross == V(0.0);
         if constexpr (std::is_same_v<V, double>) {
             if (!wanted) return;
         } else {
@@ -169,6 +172,23 @@ struct CrossEntropy {
         }
     }
 
+    // e^(ds) at elements i .. i + lanes, given e^(ds/T) there.
+    template <class T>
+    static KDLOSS_INLINE Pack<T> hard_exponential(std::size_t i, const Pack<T>& e_student,
+                                                  const RowBuffers<T>& row) noexcept {
+        if constexpr (Powered) return soft_power(e_student, row.hard_power);
+        else return Pack<T>::load(row.student_hard + i);
+    }
+    // e^(ds) at one element of each lane's row of a block (`at[lane]`, in its buffers).
+    template <class T>
+    static KDLOSS_INLINE Pack<T> hard_exponentials_at(const RowBuffers<T>& row, const std::size_t* at) noexcept {
+        const T* source = Powered ? row.student_soft : row.student_hard;
+        T gathered[lanes];
+        for (std::size_t lane = 0; lane < lanes; ++lane) gathered[lane] = source[at[lane]];
+        if constexpr (Powered) return soft_power(Pack<T>::load(gathered), row.hard_power);
+        else return Pack<T>::load(gathered);
+    }
+
     // log Z_h = log1p((maxima - 1) + rest)
     template <class V>
     static KDLOSS_INLINE V loss(const Sums<V>& sums) noexcept {
@@ -177,18 +197,20 @@ struct CrossEntropy {
         else return log_student_hard - sums.target_cross;
     }
 
-    // The gradient's hard term: h_scale e^(ds) - y_scale y. A class index's y is subtracted at its class after the
-    // gradient pass (label_scale, per lane), but where the label is the student's only top class (alone_at_top):
-    // there the pass adds at_top, -scale rest / Z_h, where e^(ds) is 1, and label_scale is 0. Taken as h_y less 1,
-    // that entry kept T's rounding of 1 (float: 6e-8 times the scale), and for a student sure of its label (rest of
-    // 1e-4, say) it is the row's largest entry or near it: float32 rows missed their tolerance by up to 9x.
+    // The gradient's hard term: h_scale e^(ds) - y_scale y. A class index's y is subtracted at its class (label_scale,
+    // per lane: after a long row's gradient pass, in a block's, label_entries), but where the label is the student's
+    // only top class (alone_at_top): there the entry is at_top, -scale rest / Z_h, where e^(ds) is 1, and label_scale
+    // is 0. Taken as h_y less 1, that entry kept T's rounding of 1 (float: 6e-8 times the scale), and for a student
+    // sure of its label (rest of 1e-4, say) it is the row's largest entry or near it: float32 rows missed their
+    // tolerance by up to 9x.
     template <class T>
     struct Coefficients {
         Pack<T> h_scale, y_scale, at_top;
-        // A bound on the hard term's entries as the gradient pass adds them, for GradientSize (lane_math.hpp's
-        // write_gradient): the scale times sum(y) (h sum(y) and y are at most that); for a class index h_scale (the
-        // pass adds h, at most 1 / Z_h, and the label's 1 comes after it: row_kernel.hpp), or rest / Z_h where it
-        // is alone at the top.
+        // A bound on the hard term's entries, for GradientSize (lane_math.hpp's write_gradient): the scale times
+        // sum(y) (h sum(y) and y are at most that); for a class index the scale too (h - 1 at the label, whose entry
+        // is then rounded relative to it: where the soft term all but balances it, the row's largest entry is far
+        // smaller; h_scale, the others', left float64 rows of such entries 1.06x their tolerance), or rest / Z_h
+        // where it is alone at the top.
         Pack<T> size;
         // What a class index's gradient entry subtracts, per lane (a block's rows; a row's, in every lane). Rounded
         // once, here: computed again where it is subtracted, the compiler may fuse its product into the
@@ -206,7 +228,7 @@ struct CrossEntropy {
             const auto alone = alone_at_top(sums);
             const V top = (0.0 - h_scale) * sums.rest;  // a class index's target_mass is 1
             k.at_top = narrow<T>(select(alone, top, h_scale));
-            k.size = narrow<T>(select(alone, 0.0 - top, h_scale));
+            k.size = narrow<T>(select(alone, 0.0 - top, V(scale)));
             narrow<T>(select(alone, V(0.0), V(scale))).store(k.label_scale);
             return k;
         }
@@ -214,10 +236,22 @@ struct CrossEntropy {
         // Adds the term at element i to g, given e^(ds/T) there.
         KDLOSS_INLINE void add_to_gradient(Pack<T>& g, std::size_t i, const Pack<T>& e_student,
                                            const RowBuffers<T>& row) const noexcept {
-            const Pack<T> e_hard =
-                Powered ? soft_power(e_student, row.hard_power) : Pack<T>::load(row.student_hard + i);
+            const Pack<T> e_hard = hard_exponential(i, e_student, row);
             if constexpr (Distribution) g = (g + h_scale * e_hard) - y_scale * Pack<T>::load(row.target + i);
             else g += select(e_hard == Pack<T>(T(1)), at_top, h_scale * e_hard);
+        }
+
+        // A block's hard term (row_kernel.hpp's distill_block), whose lanes' label classes are known before the
+        // gradient pass: h_scale e^(ds) but at each lane's label, where the whole entry is found beforehand from
+        // e^(ds) there (`e_at_labels`), at_top where the label is alone at the top, else h_scale e^(ds) less
+        // label_scale. One selection an element, by the label, where the rows' pass had two (at the top, at the label).
+        KDLOSS_INLINE Pack<T> label_entries(const Pack<T>& e_at_labels) const noexcept {
+            const Pack<T> scale = Pack<T>::load(label_scale);
+            return select(scale == Pack<T>(), at_top, h_scale * e_at_labels - scale);
+        }
+        KDLOSS_INLINE Pack<T> off_labels(std::size_t i, const Pack<T>& e_student,
+                                         const RowBuffers<T>& row) const noexcept {
+            return h_scale * hard_exponential(i, e_student, row);
         }
     };
 };

@@ -133,15 +133,18 @@ void exact_row(const BatchProblem<T>& problem, std::size_t row, ExactKind kind) 
 // one-hot student's entry at its top class is taken from the others' before this, top_entry.hpp, and its
 // GradientSize with it.) Above kernels_max_temperature every row is computed again. A soft term names the formula
 // (its `exact_kind`).
-// redo_inexact_rows' rows, once found: flags[lane] != 0 for each row to compute again, loss_flags[lane] != 0 where its
-// loss is too (else kept). Out of line: most blocks of rows have none.
-template <class Soft, class T>
+// redo_inexact_rows' rows, once found: a row is computed again where loss_flags[lane] != 0 (its loss, and its
+// gradient row) or gradient_flags[lane] != 0 (its gradient row alone, its loss kept). Out of line: most blocks of rows
+// have none.
+template <class Soft, class T, class S>
 KDLOSS_NOINLINE void redo_rows(const BatchProblem<T>& problem, const Pack<double>& loss_flags,
-                               const Pack<double>& flags, const std::size_t* rows, std::size_t count,
+                               const Pack<S>& gradient_flags, const std::size_t* rows, std::size_t count,
                                WidenedRows<T>& widened) noexcept {
     double loss_flag[lanes], flag[lanes];
+    S gradient_flag[lanes];
     loss_flags.store(loss_flag);
-    flags.store(flag);
+    gradient_flags.store(gradient_flag);
+    for (std::size_t lane = 0; lane < lanes; ++lane) flag[lane] = loss_flag[lane] + gradient_flag[lane];
     if constexpr (std::is_same_v<T, float>) {
         // Float rows first in double, by the kernels (widened_rows): about 2.5 times a float row where the exact
         // pass takes about 20, and good to float's tolerance but for the near matches that the double kernels
@@ -161,12 +164,11 @@ KDLOSS_NOINLINE void redo_rows(const BatchProblem<T>& problem, const Pack<double
     }
 }
 
-template <class Terms, class T>
+template <class Terms, class T, class S>
 KDLOSS_INLINE void redo_inexact_rows(const BatchProblem<T>& problem,
                                      const typename Terms::template Sums<Pack<double>>& sums,
                                      const Pack<double>& divergence, const std::size_t* rows, std::size_t count,
-                                     WidenedRows<T>& widened,
-                                     const GradientSize<Pack<double>>* gradient_size) noexcept {
+                                     WidenedRows<T>& widened, const GradientSize<Pack<S>>* gradient_size) noexcept {
     if constexpr (Terms::exact_rows) {
         using Soft = typename Terms::SoftTerm;
         constexpr bool single = std::is_same_v<T, float>;
@@ -187,12 +189,18 @@ KDLOSS_INLINE void redo_inexact_rows(const BatchProblem<T>& problem,
                              Pack<double>(rounding_floor * rounding_floor));
         const Pack<double> loss_flags = select(inexact, Pack<double>(1.0), Pack<double>(0.0));
         // The gradient: a row whose largest entry is within 4 ulps over the tolerance of the terms its entries are
-        // differences and sums of (GradientSize). Its loss is kept: it is accurate, and the loss alone is then
-        // that of loss_and_gradient, bit for bit.
-        if (gradient_size != nullptr)
-            inexact = inexact | (gradient_size->largest < rounding_floor * gradient_size->terms);
-        const Pack<double> flags = select(inexact, Pack<double>(1.0), Pack<double>(0.0));
-        if (flags.sum() != 0.0) redo_rows<Soft>(problem, loss_flags, flags, rows, count, widened);
+        // differences and sums of (GradientSize), compared in the gradient's own type S (a float block's two Packs
+        // widened to double were a quarter of this check's time). Its loss is kept: it is accurate, and the loss alone
+        // is then that of loss_and_gradient, bit for bit.
+        Pack<S> gradient_flags;
+        bool gradient_inexact = false;
+        if constexpr (Terms::gradient) {
+            gradient_flags = select(gradient_size->largest < static_cast<S>(rounding_floor) * gradient_size->terms,
+                                    Pack<S>(1), Pack<S>(0));
+            gradient_inexact = gradient_flags.sum() != 0;
+        }
+        if (loss_flags.sum() != 0.0 || gradient_inexact)
+            redo_rows<Soft>(problem, loss_flags, gradient_flags, rows, count, widened);
     }
 }
 

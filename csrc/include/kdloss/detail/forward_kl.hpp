@@ -80,13 +80,14 @@ struct ForwardKL {
         }
     };
 
-    // KL(p || q). log Z_s - log Z_t = log(1 + (Z_s - Z_t) / Z_t), one logarithm instead of two, and exact to
-    // the last bits of the difference however small it is (fast_log1p). Not std::log1p: fast_log costs a few
-    // cycles, which matters for short rows, and it runs on all lanes of a block at once.
-    template <class V>
+    // KL(p || q), in a problem of T. log Z_s - log Z_t = log(1 + (Z_s - Z_t) / Z_t), one logarithm instead of two,
+    // and exact to the last bits of the difference however small it is where T's tolerance needs it
+    // (log1p_to_tolerance). Not std::log1p: fast_log costs a few cycles, which matters for short rows, and it runs on
+    // all lanes of a block at once.
+    template <class T, class V>
     static KDLOSS_INLINE V divergence(const Sums<V>& sums, double temperature) noexcept {
         return sums.teacher_cross / (sums.teacher_soft * temperature) +
-               fast_log1p(sums.soft_difference / sums.teacher_soft);
+               log1p_to_tolerance<T>(sums.soft_difference / sums.teacher_soft);
     }
 
     // redo_inexact_rows' formula for this term. Its gradient q - p needs no top entry from the others

@@ -239,6 +239,14 @@ KDLOSS_NOINLINE void second_pass(const RowBuffers<T>& row, std::size_t n, Pass p
         if (whole != n) last.store(row.divergence_term + n - lanes);
 }
 
+// A block's class-index labels, for its gradient pass (write_gradient): each lane's class, as T, and the whole hard
+// entry there (CrossEntropy's label_entries).
+template <class T>
+struct BlockLabels {
+    T classes[lanes];
+    Pack<T> entries;
+};
+
 // gradient[i] for i < n, n >= lanes. A last partial block is computed as the window of the last `lanes`
 // elements: its lanes that overlap the block before compute and store the same values again.
 // `row.student_soft` may be `gradient` itself (distill_row keeps the student's exponentials there): each
@@ -249,19 +257,21 @@ KDLOSS_NOINLINE void second_pass(const RowBuffers<T>& row, std::size_t n, Pass p
 // GradientSize in `size`, lane by lane: its largest entry, and the terms of the soft and the hard parts' entries,
 // each entry's rounding relative to them. (The largest is the whole entry's, soft and hard: at a student that all but
 // balances the two, as training does, the sum cancels. Each soft entry is then at most it plus the hard term's size.)
-// A block's rows (BlockLabels) have their class indices' y subtracted here, `labels` holding each lane's class (as T):
+// A block's rows with class indices (Labelled, `labels`) have their whole hard entries at the labels put in here:
 // after the pass, the label's entry was a scalar store into what the Packs of GradientSize had seen.
-template <class T, class Terms, bool BlockLabels = false>
+template <class T, class Terms, bool Labelled = false>
 KDLOSS_NOINLINE LaneMaxima<T> write_gradient(T* gradient, const RowBuffers<T>& row,
                                              const GradientCoefficients<T, Terms>& coefficients, std::size_t n,
                                              RowLogits<T> next, GradientSize<Pack<T>>* size = nullptr,
-                                             const T* labels = nullptr) noexcept {
+                                             const BlockLabels<T>* labels = nullptr) noexcept {
     const GradientCoefficients<T, Terms> k = coefficients;  // local copies, which the stores below cannot alias
     const RowBuffers<T> buffers = row;
-    Pack<T> label_classes, label_scale;
-    if constexpr (BlockLabels) {
-        label_classes = Pack<T>::load(labels);
-        label_scale = Pack<T>::load(k.hard.label_scale);
+    // A block's rows are n = lanes x classes elements, a multiple of lanes, and run forwards from 0 (a block is far
+    // shorter than long_row_bytes): `column`, each lane's class at i, counts the blocks of lanes.
+    Pack<T> label_classes, label_entries, column;
+    if constexpr (Labelled) {
+        label_classes = Pack<T>::load(labels->classes);
+        label_entries = labels->entries;
     }
     constexpr bool sized = Terms::soft && Terms::exact_rows;
     Pack<T> largest;  // size's, kept apart from `size` itself, which the stores might alias
@@ -269,9 +279,12 @@ KDLOSS_NOINLINE LaneMaxima<T> write_gradient(T* gradient, const RowBuffers<T>& r
         Pack<T> g;
         const Pack<T> e_student = Pack<T>::load(buffers.student_soft + i);
         if constexpr (Terms::soft) g = k.soft.gradient(i, e_student, buffers);
-        if constexpr (Terms::hard) k.hard.add_to_gradient(g, i, e_student, buffers);
-        if constexpr (BlockLabels)
-            g = g - select(label_classes == Pack<T>(static_cast<T>(i / lanes)), label_scale, T(0));
+        if constexpr (Labelled) {
+            g += select(label_classes == column, label_entries, k.hard.off_labels(i, e_student, buffers));
+            column += T(1);
+        } else if constexpr (Terms::hard) {
+            k.hard.add_to_gradient(g, i, e_student, buffers);
+        }
         if constexpr (sized) {
             const Pack<T> entry = magnitude(g);
             largest = select(entry > largest, entry, largest);

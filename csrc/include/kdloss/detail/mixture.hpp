@@ -348,7 +348,7 @@ struct Mixture {
         }
     }
 
-    template <class V>
+    template <class T, class V>
     static KDLOSS_INLINE V divergence(const Sums<V>& sums, double) noexcept {
         return sums.divergence;
     }

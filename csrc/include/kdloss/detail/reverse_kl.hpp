@@ -81,10 +81,10 @@ struct ReverseKL {
     };
 
     // KL(q || p), with log Z_s - log Z_t = -log(1 + (Z_t - Z_s) / Z_s) as in forward_kl.hpp.
-    template <class V>
+    template <class T, class V>
     static KDLOSS_INLINE V divergence(const Sums<V>& sums, double temperature) noexcept {
         return sums.student_cross / (sums.student_soft * temperature) +
-               fast_log1p(sums.soft_difference / sums.student_soft);
+               log1p_to_tolerance<T>(sums.soft_difference / sums.student_soft);
     }
 
     static constexpr ExactKind exact_kind = ExactKind::reverse_kl;

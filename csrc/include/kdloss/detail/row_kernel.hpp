@@ -50,14 +50,13 @@ template <class T, class Terms>
 void set_block_top_entries(const BatchProblem<T>& problem, const typename Terms::template Sums<Pack<double>>& sums,
                            const GradientCoefficients<T, Terms>& k, const T* const* student_rows,
                            const Pack<T>& student_max, T* const* gradient_rows, std::size_t count,
-                           GradientSize<Pack<double>>& size) noexcept {
+                           GradientSize<Pack<T>>& size) noexcept {
     double one_hot[lanes];
     select(Terms::SoftTerm::template nearly_one_hot<T>(sums.soft), Pack<double>(1.0), Pack<double>(0.0)).store(one_hot);
     bool any = false;
     for (std::size_t lane = 0; lane < count; ++lane) any = any || one_hot[lane] != 0.0;
     if (!any) return;
-    double largest[lanes], terms[lanes];
-    T shared[lanes], maxima[lanes];
+    T largest[lanes], terms[lanes], shared[lanes], maxima[lanes];
     shared_terms<T, Terms>(sums, k).store(shared);
     size.largest.store(largest);
     size.terms.store(terms);
@@ -67,10 +66,10 @@ void set_block_top_entries(const BatchProblem<T>& problem, const typename Terms:
         if (one_hot[lane] == 0.0) continue;
         GradientSize<double> row_size;
         set_top_entry(gradient_rows[lane], n, top_class(student_rows[lane], n, maxima[lane]), shared[lane], row_size);
-        largest[lane] = row_size.largest;
-        terms[lane] = row_size.terms;
+        largest[lane] = static_cast<T>(row_size.largest);
+        terms[lane] = static_cast<T>(row_size.terms);
     }
-    size = {Pack<double>::load(largest), Pack<double>::load(terms)};
+    size = {Pack<T>::load(largest), Pack<T>::load(terms)};
 }
 
 // Lane maxima found ahead of their row (by a pass of the row before), and the row they are of.
@@ -197,13 +196,16 @@ KDLOSS_NOINLINE void distill_block(const BatchProblem<T>& problem, Exp2Scale<T> 
     if constexpr (Terms::distribution) rows_to_lanes(target_rows, n, target);
 
     double label_logits[lanes] = {};
+    std::size_t label_at[lanes] = {};  // each lane's label's element in the block
+    BlockLabels<T> labels;
     if constexpr (Terms::class_index) {
         T maxima[lanes];
         student_max.store(maxima);
-        for (std::size_t lane = 0; lane < lanes; ++lane)
-            label_logits[lane] =
-                static_cast<double>(student[static_cast<std::size_t>(class_index[lane]) * lanes + lane]) -
-                static_cast<double>(maxima[lane]);
+        for (std::size_t lane = 0; lane < lanes; ++lane) {
+            label_at[lane] = static_cast<std::size_t>(class_index[lane]) * lanes + lane;
+            label_logits[lane] = static_cast<double>(student[label_at[lane]]) - static_cast<double>(maxima[lane]);
+            labels.classes[lane] = static_cast<T>(class_index[lane]);
+        }
     }
     typename Terms::template Sums<Pack<double>> sums;
     exponentials<T, typename Terms::without_gradient>(student, teacher, student_max, teacher_max, soft, row, m,
@@ -221,22 +223,20 @@ KDLOSS_NOINLINE void distill_block(const BatchProblem<T>& problem, Exp2Scale<T> 
     const Pack<double> divergence = store_row_losses<Terms>(problem, sums, rows, count);
 
     GradientSize<Pack<T>> size;
-    GradientSize<Pack<double>> wide_size;
     if constexpr (Terms::gradient) {
         const auto coefficients = GradientCoefficients<T, Terms>::from_sums(sums, problem);
-        T labels[lanes];
-        for (std::size_t lane = 0; lane < lanes; ++lane) labels[lane] = static_cast<T>(class_index[lane]);
-        write_gradient<T, Terms, Terms::class_index>(gradient, row, coefficients, m, RowLogits<T>{}, &size, labels);
+        if constexpr (Terms::class_index)
+            labels.entries = coefficients.hard.label_entries(Terms::HardTerm::hard_exponentials_at(row, label_at));
+        write_gradient<T, Terms, Terms::class_index>(gradient, row, coefficients, m, RowLogits<T>{}, &size, &labels);
         T* gradient_rows[lanes] = {};
         for (std::size_t lane = 0; lane < count; ++lane)
             gradient_rows[lane] = problem.gradient + static_cast<std::ptrdiff_t>(rows[lane]) * problem.gradient_stride;
         lanes_to_rows(gradient, n, gradient_rows, count);
-        wide_size = {widen(size.largest), widen(size.terms)};
         if constexpr (Terms::top_from_others)
             set_block_top_entries<T, Terms>(problem, sums, coefficients, student_rows, student_max, gradient_rows,
-                                            count, wide_size);
+                                            count, size);
     }
-    redo_inexact_rows<Terms>(problem, sums, divergence, rows, count, widened, Terms::gradient ? &wide_size : nullptr);
+    redo_inexact_rows<Terms>(problem, sums, divergence, rows, count, widened, Terms::gradient ? &size : nullptr);
 }
 
 }  // namespace KDLOSS_KERNEL_NAMESPACE

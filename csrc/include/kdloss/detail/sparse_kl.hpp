@@ -81,7 +81,7 @@ struct SparseKL {
         }
     };
 
-    template <class V>
+    template <class T, class V>
     static KDLOSS_INLINE V divergence(const Sums<V>& sums, double) noexcept {
         return sums.divergence;
     }
@@ -590,7 +590,7 @@ void run_sparse_rows_with(const BatchProblem<T>& problem, std::size_t begin, std
         }
         const ListedSummary summary = listed_classes(problem, i, student, row_max, student_soft, n, listed, sums.soft);
 
-        const double divergence = soft_divergence<Terms>(sums, problem.temperature);
+        const double divergence = soft_divergence<T, Terms>(sums, problem.temperature);
         if (problem.row_hard_losses == nullptr) {
             problem.row_losses[i] =
                 loss_from_sums<Terms>(sums, divergence, problem.temperature, problem.soft_weight, problem.hard_weight);
