@@ -53,7 +53,7 @@ struct ForwardKL {
         // student's, e^(ds/T).
         template <class Skipped>
         KDLOSS_INLINE Pack<T> add(std::size_t i, const Pack<T>& ds, const Pack<T>& ds_summed, const Pack<T>& dt,
-                                  const Pack<T>&, Exp2Scale<T> soft, const Skipped& skipped,
+                                  const LogitDifference<T>&, Exp2Scale<T> soft, const Skipped& skipped,
                                   const RowBuffers<T>& row) noexcept {
             constexpr T minus_infinity = -std::numeric_limits<T>::infinity();
             const Pack<T> e_student = fast_exp2(ds, soft);

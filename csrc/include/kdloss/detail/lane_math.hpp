@@ -165,16 +165,14 @@ KDLOSS_NOINLINE LaneMaxima<T> exponentials(const T* student, const T* teacher, P
         const Pack<T> ds_summed = summed(ds, minus_infinity, skipped);
         Pack<T> e_student;
         if constexpr (Terms::soft) {
-            // dt - ds, for the terms that keep it (reverse_kl.hpp, mixture.hpp), as t - s less the maxima's
-            // difference: without the rounding of dt and ds, each relative to itself (where the logits are close, t
-            // - s is exact, and all that is rounded is the maxima's difference, the same in every class).
-            Pack<T> dt, dt_minus_ds;
+            Pack<T> dt;
+            LogitDifference<T> difference{Pack<T>(), maxima_difference};
             if constexpr (Terms::dense_teacher) {
                 const Pack<T> t = Pack<T>::load(teacher + i);
                 dt = t - teacher_max;
-                dt_minus_ds = (t - s) - maxima_difference;
+                difference.t_minus_s = t - s;
             }
-            e_student = soft_partials.add(i, ds, ds_summed, dt, dt_minus_ds, soft, skipped, row);
+            e_student = soft_partials.add(i, ds, ds_summed, dt, difference, soft, skipped, row);
         }
         if constexpr (Terms::hard) hard_partials.add(i, ds, ds_summed, e_student, skipped, row);
     };
@@ -258,8 +256,9 @@ struct BlockLabels {
 // each entry's rounding relative to them. (The largest is the whole entry's, soft and hard: at a student that all but
 // balances the two, as training does, the sum cancels. Each soft entry is then at most it plus the hard term's size.)
 // A block's rows with class indices (Labelled, `labels`) have their whole hard entries at the labels put in here:
-// after the pass, the label's entry was a scalar store into what the Packs of GradientSize had seen.
-template <class T, class Terms, bool Labelled = false>
+// after the pass, the label's entry was a scalar store into what the Packs of GradientSize had seen. A long row whose
+// class index is not alone at its top needs no at_top (cross_entropy.hpp): AtTop false leaves out its selection.
+template <class T, class Terms, bool Labelled = false, bool AtTop = true>
 KDLOSS_NOINLINE LaneMaxima<T> write_gradient(T* gradient, const RowBuffers<T>& row,
                                              const GradientCoefficients<T, Terms>& coefficients, std::size_t n,
                                              RowLogits<T> next, GradientSize<Pack<T>>* size = nullptr,
@@ -282,6 +281,8 @@ KDLOSS_NOINLINE LaneMaxima<T> write_gradient(T* gradient, const RowBuffers<T>& r
         if constexpr (Labelled) {
             g += select(label_classes == column, label_entries, k.hard.off_labels(i, e_student, buffers));
             column += T(1);
+        } else if constexpr (Terms::class_index && !AtTop) {
+            g += k.hard.off_labels(i, e_student, buffers);
         } else if constexpr (Terms::hard) {
             k.hard.add_to_gradient(g, i, e_student, buffers);
         }

@@ -167,13 +167,13 @@ struct Mixture {
 
         template <class Skipped>
         KDLOSS_INLINE Pack<T> add(std::size_t i, const Pack<T>& ds, const Pack<T>&, const Pack<T>& dt,
-                                  const Pack<T>& dt_minus_ds, Exp2Scale<T> soft, const Skipped& skipped,
+                                  const LogitDifference<T>& logits, Exp2Scale<T> soft, const Skipped& skipped,
                                   const RowBuffers<T>& row) noexcept {
             const Pack<T> e_student = fast_exp2(ds, soft);
             const Pack<T> e_teacher = fast_exp2(dt, soft);
             e_student.store(row.student_soft + i);
             e_teacher.store(row.divergence_term + i);
-            if (row.logit_difference != nullptr) dt_minus_ds.store(row.logit_difference + i);
+            if (row.logit_difference != nullptr) logits.teacher_less_student().store(row.logit_difference + i);
             student_soft += summed(e_student, T(0), skipped);
             teacher_soft += summed(e_teacher, T(0), skipped);
             return e_student;

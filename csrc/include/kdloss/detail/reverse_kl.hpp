@@ -51,15 +51,15 @@ struct ReverseKL {
     struct Partials {
         Pack<T> student_soft, difference, student_cross;
 
-        // The block at element i of a row, given its centred logits and dt - ds (exponentials in lane_math.hpp);
-        // stores e^(ds/T) and r = ds - dt, and returns e^(ds/T).
+        // The block at element i of a row, given its centred logits and their difference (exponentials in
+        // lane_math.hpp); stores e^(ds/T) and r = ds - dt, and returns e^(ds/T).
         template <class Skipped>
         KDLOSS_INLINE Pack<T> add(std::size_t i, const Pack<T>& ds, const Pack<T>& ds_summed, const Pack<T>& dt,
-                                  const Pack<T>& dt_minus_ds, Exp2Scale<T> soft, const Skipped& skipped,
+                                  const LogitDifference<T>& logits, Exp2Scale<T> soft, const Skipped& skipped,
                                   const RowBuffers<T>& row) noexcept {
             const Pack<T> e_student = fast_exp2(ds, soft);
             const Pack<T> e_teacher = fast_exp2(dt, soft);
-            const Pack<T> r = T(0) - dt_minus_ds;
+            const Pack<T> r = logits.student_less_teacher();
             e_student.store(row.student_soft + i);
             r.store(row.divergence_term + i);
             const Pack<T> e_student_summed = summed(e_student, T(0), skipped);

@@ -130,8 +130,14 @@ KDLOSS_NOINLINE RowSums<Terms> distill_row(const BatchProblem<T>& problem, Exp2S
     if constexpr (Terms::gradient) {
         const auto coefficients = GradientCoefficients<T, Terms>::from_sums(sums, problem);
         GradientSize<Pack<T>> lane_size;
-        const LaneMaxima<T> found = write_gradient<T, Terms>(
-            gradient, row, coefficients, n, scan_in_exponentials ? RowLogits<T>{} : ahead.next, &lane_size);
+        const RowLogits<T> next = scan_in_exponentials ? RowLogits<T>{} : ahead.next;
+        // A class index alone at the student's top (label_scale 0) needs the pass's at_top; elsewhere it is h_scale,
+        // and a pass without its selection is 2-3% faster on long rows.
+        bool at_top = true;
+        if constexpr (Terms::class_index) at_top = coefficients.hard.label_scale[0] == T(0);
+        const LaneMaxima<T> found =
+            at_top ? write_gradient<T, Terms>(gradient, row, coefficients, n, next, &lane_size)
+                   : write_gradient<T, Terms, false, false>(gradient, row, coefficients, n, next, &lane_size);
         if constexpr (!scan_in_exponentials) maxima = {found, ahead.next};
         size = {static_cast<double>(lane_size.largest.max()), static_cast<double>(lane_size.terms.max())};
         if constexpr (Terms::class_index) {

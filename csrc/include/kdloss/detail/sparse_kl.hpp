@@ -67,8 +67,9 @@ struct SparseKL {
         Pack<T> student_soft;
 
         template <class Skipped>
-        KDLOSS_INLINE Pack<T> add(std::size_t i, const Pack<T>& ds, const Pack<T>&, const Pack<T>&, const Pack<T>&,
-                                  Exp2Scale<T> soft, const Skipped& skipped, const RowBuffers<T>& row) noexcept {
+        KDLOSS_INLINE Pack<T> add(std::size_t i, const Pack<T>& ds, const Pack<T>&, const Pack<T>&,
+                                  const LogitDifference<T>&, Exp2Scale<T> soft, const Skipped& skipped,
+                                  const RowBuffers<T>& row) noexcept {
             const Pack<T> e_student = fast_exp2(ds, soft);
             e_student.store(row.student_soft + i);
             student_soft += summed(e_student, T(0), skipped);

@@ -83,6 +83,18 @@ struct RowBuffers {
     T* logit_difference = nullptr;  // dt - ds, where keeps_logit_difference: null elsewhere
 };
 
+// dt - ds and ds - dt at an element, for the terms that keep one (reverse_kl.hpp, mixture.hpp), each from t - s and
+// the maxima's difference max t - max s: without the rounding of dt and ds, each relative to itself (where the logits
+// are close, t - s is exact, and all that is rounded is the maxima's difference, the same in every class). Each is
+// one subtraction: ds - dt as 0 less dt - ds took a second.
+template <class T>
+struct LogitDifference {
+    Pack<T> t_minus_s, maxima_difference;
+
+    KDLOSS_INLINE Pack<T> teacher_less_student() const noexcept { return t_minus_s - maxima_difference; }
+    KDLOSS_INLINE Pack<T> student_less_teacher() const noexcept { return maxima_difference - t_minus_s; }
+};
+
 // Whether the first pass also keeps dt - ds, for jsd's second pass (mixture.hpp). Only jsd: the others would
 // pay for a stream of stores and loads they do not read (a quarter more memory per long row, measured slower).
 template <class T>
