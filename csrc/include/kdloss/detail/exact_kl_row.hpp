@@ -17,6 +17,7 @@
 #include "kdloss/detail/pack.hpp"
 #include "kdloss/detail/simd_math.hpp"
 #include "kdloss/detail/terms.hpp"
+#include "kdloss/detail/top_entry.hpp"
 
 namespace kdloss::detail {
 inline namespace KDLOSS_KERNEL_NAMESPACE {
@@ -78,7 +79,7 @@ ExactRow<T> exact_row_logits(const BatchProblem<T>& problem, std::size_t row) no
     e.student_max = student_lane_max.max();
     e.teacher_max = teacher_lane_max.max();
     e.shift = e.teacher_max - e.student_max;
-    while (e.top + 1 < n && static_cast<double>(e.student[e.top]) != e.student_max) ++e.top;
+    e.top = top_class(e.student, n, static_cast<T>(e.student_max));
     e.top_gap = static_cast<double>(e.teacher[e.top]) - static_cast<double>(e.student[e.top]);
     return e;
 }

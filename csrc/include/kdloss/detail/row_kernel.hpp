@@ -51,11 +51,12 @@ void set_block_top_entries(const BatchProblem<T>& problem, const typename Terms:
                            const GradientCoefficients<T, Terms>& k, const T* const* student_rows,
                            const Pack<T>& student_max, T* const* gradient_rows, std::size_t count,
                            GradientSize<Pack<T>>& size) noexcept {
+    // (Lanes past `count` repeat the first row: one of them is one-hot only where a row is.)
+    const Pack<double> one_hot_lanes =
+        select(Terms::SoftTerm::template nearly_one_hot<T>(sums.soft), Pack<double>(1.0), Pack<double>(0.0));
+    if (one_hot_lanes.sum() == 0.0) return;
     double one_hot[lanes];
-    select(Terms::SoftTerm::template nearly_one_hot<T>(sums.soft), Pack<double>(1.0), Pack<double>(0.0)).store(one_hot);
-    bool any = false;
-    for (std::size_t lane = 0; lane < count; ++lane) any = any || one_hot[lane] != 0.0;
-    if (!any) return;
+    one_hot_lanes.store(one_hot);
     T largest[lanes], terms[lanes], shared[lanes], maxima[lanes];
     shared_terms<T, Terms>(sums, k).store(shared);
     size.largest.store(largest);
