@@ -148,8 +148,7 @@ struct CrossEntropy {
             if (select(wanted, V(1.0), V(0.0)).sum() == 0.0) return;
         }
         auto e_hard = [&](std::size_t i) KDLOSS_INLINE_LAMBDA {  // e^(ds) at i .. i + lanes
-            if constexpr (Powered) return soft_power(Pack<T>::load(row.student_soft + i), row.hard_power);
-            else return Pack<T>::load(row.student_hard + i);
+            return hard_exponential(i, Pack<T>::load(row.student_soft + i), row);
         };
         Pack<T> rest, maxima;
         const std::size_t whole = n - n % lanes;
