@@ -245,9 +245,12 @@ struct CrossEntropy {
         // e^(ds) there (`e_at_labels`), at_top where the label is alone at the top, else h_scale e^(ds) less
         // label_scale. One selection an element, by the label, where the rows' pass had two (at the top, at the label).
         KDLOSS_INLINE Pack<T> label_entries(const Pack<T>& e_at_labels) const noexcept {
-            const Pack<T> scale = Pack<T>::load(label_scale);
-            return select(scale == Pack<T>(), at_top, h_scale * e_at_labels - scale);
+            return select(labels_alone_at_top(), at_top, h_scale * e_at_labels - Pack<T>::load(label_scale));
         }
+        // Where each lane's class index is alone at its student's top (alone_at_top), which from_sums marks with a
+        // label_scale of 0; a long row's, whose sums are in every lane, is lane 0's.
+        KDLOSS_INLINE Mask<T> labels_alone_at_top() const noexcept { return Pack<T>::load(label_scale) == Pack<T>(); }
+        KDLOSS_INLINE bool row_label_alone_at_top() const noexcept { return label_scale[0] == T(0); }
         KDLOSS_INLINE Pack<T> off_labels(std::size_t i, const Pack<T>& e_student,
                                          const RowBuffers<T>& row) const noexcept {
             return h_scale * hard_exponential(i, e_student, row);

@@ -119,17 +119,17 @@ void exact_row(const BatchProblem<T>& problem, std::size_t row, ExactKind kind) 
 //   size: a row is computed again where D is below 4 ulps times that over the tolerance, D^2 / max p < rounding_floor^2
 //   (a D of 0 is the small D's below, where 1 / max p is infinite and their product NaN). (Float32 rows
 //   with D from 1e-3 to 1e-2 and few classes missed the tolerance by up to 4x before this part.)
-// and rows with D below 1e-3 (float; 1e-6 for double) are computed again whatever else. These keep the loss within
-// 0.6 of the tolerances the library promises (float 1e-5, double 1e-12) on every kept row measured. The gradient
-// (with one; gradient_size, null for the loss alone): each soft entry is a difference of terms (q and p, or q G and
-// q E_q[G]), rounded relative to them, and the hard term's added to it, so a row is computed again where its largest
-// entry is below 4 ulps over the tolerance of the largest such terms (GradientSize, found by the gradient pass; where
-// the two terms all but balance, as training makes them, their sum cancels too). D does not say so: where the
-// student rules out (or all but) a class that the teacher gives mass, D is about that mass, and every other entry a
-// small difference of two numbers near a constant; the kernels' gradient missed by up to 1e3 times float's
-// tolerance there, and 170 times double's. Such a row keeps the kernels' loss, which is accurate, so that the loss
-// alone stays that of loss_and_gradient, bit for bit. Ordinary rows (T of 1 to 4, student and teacher apart) are far
-// from all of these, and pay for two maxima in the gradient pass and a comparison per block of rows. (A nearly
+// and rows with D below redo_below_divergence (terms.hpp: float 1e-3, double 1e-6) are computed again whatever else.
+// These keep the loss within 0.6 of the tolerances the library promises (float 1e-5, double 1e-12) on every kept row
+// measured. The gradient (with one; gradient_size, null for the loss alone): each soft entry is a difference of terms
+// (q and p, or q G and q E_q[G]), rounded relative to them, and the hard term's added to it, so a row is computed again
+// where its largest entry is below 4 ulps over the tolerance of the largest such terms (GradientSize, found by the
+// gradient pass; where the two terms all but balance, as training makes them, their sum cancels too). D does not say
+// so: where the student rules out (or all but) a class that the teacher gives mass, D is about that mass, and every
+// other entry a small difference of two numbers near a constant; the kernels' gradient missed by up to 1e3 times
+// float's tolerance there, and 170 times double's. Such a row keeps the kernels' loss, which is accurate, so that the
+// loss alone stays that of loss_and_gradient, bit for bit. Ordinary rows (T of 1 to 4, student and teacher apart) are
+// far from all of these, and pay for two maxima in the gradient pass and a comparison per block of rows. (A nearly
 // one-hot student's entry at its top class is taken from the others' before this, top_entry.hpp, and its
 // GradientSize with it.) Above kernels_max_temperature every row is computed again. A soft term names the formula
 // (its `exact_kind`).
@@ -179,7 +179,7 @@ KDLOSS_INLINE void redo_inexact_rows(const BatchProblem<T>& problem,
         // Each threshold is a number of ulps of T over the tolerance: a double problem that recomputes a float row
         // (float_tolerance) needs 1e-12 / 1e-5 as many.
         const double scale = problem.float_tolerance ? 1e-7 : 1.0;
-        const double relative = scale * Soft::template redo_fraction<T>, small = scale * (single ? 1e-3 : 1e-6);
+        const double relative = scale * Soft::template redo_fraction<T>, small = scale * redo_below_divergence<T>;
         const double rounding_floor = scale * (single ? 4 * 0x1p-24 / 1e-5 : 4 * 0x1p-53 / 1e-12);
         // NaN and +inf divergences compare false: such rows keep what the kernels made of them.
         const Pack<double> size = relative * Soft::terms_size_numerator(sums.soft, problem.temperature);

@@ -35,11 +35,15 @@ KDLOSS_INLINE V absolute(const V& x) noexcept {
     return select(x < V(0.0), V(0.0) - x, x);
 }
 
+// The divergence D below which redo_inexact_rows (exact_row.hpp) computes a dense row of T again, whatever else.
+template <class T>
+constexpr double redo_below_divergence = std::is_same_v<T, float> ? 1e-3 : 1e-6;
+
 // log(1 + r) as the KL divergences of a problem of T take it (forward_kl.hpp, reverse_kl.hpp; r the relative
 // difference of Z_s and Z_t). A double row needs fast_log1p: rounding 1 + r leaves 2^-53 of 1, and such rows are kept
-// down to D = 1e-6 (redo_inexact_rows, exact_row.hpp), where that is 1e-10 of D. A float row with D below 1e-3 is
-// computed again whatever else, and above it the rounding is 1e-13 of D against a tolerance of 1e-5: fast_log(1 + r),
-// without the correction's division and select (1.5% of a float32 call of 4096 rows of 10 classes).
+// down to D = redo_below_divergence = 1e-6, where that is 1e-10 of D. A float row is kept only above 1e-3, where the
+// rounding is 1e-13 of D against a tolerance of 1e-5: fast_log(1 + r), without the correction's division and select
+// (1.5% of a float32 call of 4096 rows of 10 classes).
 template <class T, class V>
 KDLOSS_INLINE V log1p_to_tolerance(const V& r) noexcept {
     if constexpr (std::is_same_v<T, float>) return fast_log(1.0 + r);
